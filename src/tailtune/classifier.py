@@ -1,0 +1,409 @@
+"""Text classifiers with a scikit-learn face: ``fit`` / ``predict`` / ``predict_proba`` / ``save`` / ``load``.
+
+:class:`PooledClassifier` is the torch module: backbone -> pooling -> linear head ``score``.
+Pooling reads positions from the attention mask, never from token ids, so it is right for
+left or right padding and when the pad token equals the eos token (transformers#35909,
+#35352). :class:`TextClassifier` wraps it with a tokenizer, a method and a training recipe;
+:class:`ProbeClassifier` is the frozen-feature baseline (balanced logistic regression).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from tailtune import backbones, methods
+from tailtune.config import BackboneConfig, MethodConfig, TrainConfig
+from tailtune.errors import TailtuneError
+
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def _mean(hidden, mask):
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
+
+
+def _cls(hidden, mask):
+    import torch
+
+    first = mask.int().argmax(dim=1)  # (B,) first real token: 0 unless padded on the left
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+
+
+def _last(hidden, mask):
+    import torch
+
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask.int() * positions).argmax(dim=1)  # (B,) index of the last real token
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+POOLERS: dict[str, Callable] = {"mean": _mean, "cls": _cls, "last": _last}
+
+
+def _module():
+    import torch
+    from torch import nn
+
+    class PooledClassifier(nn.Module):
+        """backbone -> pool(hidden, mask) -> ``score`` (linear). Returns {"loss", "logits"}."""
+
+        def __init__(self, backbone, n_classes: int, pooling: str, is_decoder: bool, class_weights=None):
+            super().__init__()
+            self.backbone = backbone
+            self.pooling = pooling
+            self.is_decoder = is_decoder
+            self.score = nn.Linear(backbone.config.hidden_size, n_classes)
+            weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+            self.register_buffer("class_weights", weights, persistent=False)
+
+        def forward(self, input_ids, attention_mask, labels=None):
+            extra = {}
+            if self.is_decoder:
+                # Positions count real tokens only, so left padding does not shift them.
+                extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            pooled = POOLERS[self.pooling](hidden.last_hidden_state, attention_mask)  # (B, H)
+            logits = self.score(pooled.to(self.score.weight.dtype))  # (B, C)
+            loss = None
+            if labels is not None:
+                loss = nn.functional.cross_entropy(logits.float(), labels, weight=self.class_weights)
+            return {"loss": loss, "logits": logits}
+
+    return PooledClassifier
+
+
+def count_params(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to ``max_length``, unpadded."""
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def length_sorted_batches(tokenizer, ids: list[list[int]], batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
+    """Yield (row indices, padded tensors) in descending length, so batches hold little padding."""
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
+        yield rows, batch
+
+
+def autocast(precision: str, device):
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def run_forward(model, tokenizer, ids, batch_size: int, precision: str, out: str, progress=None) -> np.ndarray:
+    """Forward ``ids`` through ``model`` in length-sorted batches; return logits or pooled features.
+
+    ``out`` is "logits" (N, C) or "features" (N, H) (the pooled vector before the head).
+    Rows come back in the input order.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    result = None
+    with torch.inference_mode(), autocast(precision, device):
+        for rows, batch in length_sorted_batches(tokenizer, ids, batch_size):
+            input_ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            if out == "logits":
+                values = model(input_ids=input_ids, attention_mask=mask)["logits"]
+            else:
+                extra = {}
+                if model.is_decoder:
+                    extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+                hidden = model.backbone(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
+                values = POOLERS[model.pooling](hidden, mask)
+            values = values.float().cpu().numpy()
+            if result is None:
+                result = np.empty((len(ids), values.shape[1]), dtype=np.float32)
+            result[rows] = values
+            if progress is not None:
+                progress(len(rows))
+    return result
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- fine-tuned
+
+
+class TextClassifier:
+    """A backbone + method + head, trained end to end.
+
+    Fitted attributes end in ``_``: ``classes_``, ``model_``, ``tokenizer_``, ``backbone_``,
+    ``targets_`` (adapted module names), ``history_``, ``train_seconds_``.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneConfig | str = "bundled:minilm",
+        method: str = "lora",
+        method_config: MethodConfig | None = None,
+        train: TrainConfig | None = None,
+        weighting: str = "none",
+    ):
+        self.backbone = BackboneConfig(name=backbone) if isinstance(backbone, str) else backbone
+        self.method = method
+        self.method_config = method_config or MethodConfig()
+        self.train = train or TrainConfig()
+        self.weighting = weighting
+        methods.get(method)
+
+    # -- building
+
+    def _build(self, classes: list[str], class_weights=None, backbone: backbones.Backbone | None = None):
+        import torch
+
+        self.backbone_ = backbone or backbones.resolve(self.backbone.name)
+        self.pooling_ = self.backbone.pooling if self.backbone.pooling != "auto" else self.backbone_.pooling
+        self.tokenizer_ = backbones.load_tokenizer(self.backbone_)
+        torch.manual_seed(self.train.seed)
+        base = backbones.load_model(self.backbone_, self.tokenizer_)
+        return base, _module()(
+            base, len(classes), self.pooling_, self.backbone_.is_decoder, class_weights
+        )
+
+    def fit(
+        self,
+        texts: list[str],
+        labels: list[str],
+        *,
+        val_texts: list[str] | None = None,
+        val_labels: list[str] | None = None,
+        classes: list[str] | None = None,
+        head_init: tuple[np.ndarray, np.ndarray] | None = None,
+        backbone: backbones.Backbone | None = None,
+        work_dir: str | Path | None = None,
+        console=None,
+    ) -> TextClassifier:
+        """Train on ``texts``/``labels`` (strings); select the best epoch on validation macro-F1.
+
+        ``head_init`` = (W (C, H), b (C,)) starts the head from a linear probe (LP-FT).
+        """
+        import torch
+
+        from tailtune import train as train_lib
+        from tailtune import weighting
+
+        self.classes_ = list(classes) if classes is not None else sorted(set(labels))
+        index = {c: i for i, c in enumerate(self.classes_)}
+        y = np.array([index[label] for label in labels])
+        counts = np.bincount(y, minlength=len(self.classes_))
+        weights = None if self.weighting == "none" else weighting.class_weights(counts, self.weighting)
+        self.class_weights_ = weights
+        base, model = self._build(self.classes_, weights, backbone)
+        method = methods.get(self.method)
+        model.backbone, self.targets_ = method.apply(base, self.backbone_, self.method_config)
+        if head_init is not None:
+            with torch.no_grad():
+                model.score.weight.copy_(torch.as_tensor(head_init[0]))
+                model.score.bias.copy_(torch.as_tensor(head_init[1]))
+        self.model_ = model
+        self.trainable_params_, self.total_params_ = count_params(model)
+        if val_texts is None:
+            val_texts, val_labels = texts, labels
+        val_y = np.array([index[label] for label in val_labels])
+        started = time.perf_counter()
+        self.history_ = train_lib.fit(
+            model,
+            self.tokenizer_,
+            tokenize(self.tokenizer_, texts, self.backbone.max_length),
+            y,
+            tokenize(self.tokenizer_, val_texts, self.backbone.max_length),
+            val_y,
+            train=self.train,
+            backbone=self.backbone,
+            work_dir=work_dir,
+            console=console,
+        )
+        self.precision_ = self.history_["precision"]
+        self.train_seconds_ = time.perf_counter() - started
+        return self
+
+    # -- inference
+
+    def predict_logits(self, texts: list[str], progress=None) -> np.ndarray:
+        ids = tokenize(self.tokenizer_, texts, self.backbone.max_length)
+        return run_forward(
+            self.model_, self.tokenizer_, ids, self.backbone.eval_batch_size, self.precision_, "logits", progress
+        )
+
+    def predict_proba(self, texts: list[str], progress=None) -> np.ndarray:
+        """(N, C) class probabilities, columns in ``classes_`` order."""
+        return softmax(self.predict_logits(texts, progress))
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return [self.classes_[i] for i in self.predict_proba(texts).argmax(axis=1)]
+
+    # -- persistence
+
+    def save(self, path: str | Path) -> Path:
+        """Write everything needed to reload: method weights, head, tokenizer, label map."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        methods.get(self.method).save(self.model_.backbone, path)
+        head = {k: v.detach().cpu().contiguous() for k, v in self.model_.score.state_dict().items()}
+        save_file(head, str(path / "head.safetensors"))
+        self.tokenizer_.save_pretrained(path / "tokenizer")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "classes": self.classes_,
+            "backbone": {**vars(self.backbone), **self.backbone_.describe()},
+            "pooling": self.pooling_,
+            "method": self.method,
+            "method_config": vars(self.method_config),
+            "weighting": self.weighting,
+            "precision": self.precision_,
+            "targets": self.targets_,
+            "padding_side": self.tokenizer_.padding_side,
+            "pad_token": self.tokenizer_.pad_token,
+        }
+        (path / "tailtune.json").write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TextClassifier:
+        """Reload a saved classifier; the head comes from ``head.safetensors``, never re-initialised."""
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        meta_file = path / "tailtune.json"
+        if not meta_file.exists():
+            raise TailtuneError(f"{path} is not a saved tailtune model (no tailtune.json)")
+        meta = json.loads(meta_file.read_text())
+        bb = meta["backbone"]
+        config = BackboneConfig(
+            **{k: bb[k] for k in ("name", "max_length", "batch_size", "eval_batch_size", "lr")}
+        )
+        config.pooling = meta["pooling"]
+        self = cls(config, meta["method"], MethodConfig(**meta["method_config"]), weighting=meta["weighting"])
+        self.classes_ = meta["classes"]
+        self.backbone_ = backbones.Backbone(
+            spec=bb["spec"], path=bb["path"], model_type=bb["model_type"],
+            is_decoder=bb["kind"] == "decoder", pooling=meta["pooling"],
+        )
+        if not Path(self.backbone_.path).exists():
+            self.backbone_ = backbones.resolve(bb["spec"])
+        self.pooling_ = meta["pooling"]
+        self.precision_ = meta["precision"]
+        self.targets_ = meta["targets"]
+        self.tokenizer_ = AutoTokenizer.from_pretrained(path / "tokenizer")
+        self.tokenizer_.padding_side = meta["padding_side"]
+        base = backbones.load_model(self.backbone_, self.tokenizer_)
+        model = _module()(base, len(self.classes_), self.pooling_, self.backbone_.is_decoder)
+        model.backbone = methods.get(self.method).load(base, path)
+        head = load_file(str(path / "head.safetensors"))
+        model.score.load_state_dict(head)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model_ = model
+        self.trainable_params_, self.total_params_ = 0, count_params(model)[1]
+        return self
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def fit_logreg(features: np.ndarray, y: np.ndarray, n_classes: int, class_weight="balanced", C: float = 1.0, seed: int = 0):
+    """Standardised multinomial logistic regression; returns (pipeline, W (C, H), b (C,)).
+
+    W and b fold the standardisation in, so ``features @ W.T + b`` gives the pipeline's logits
+    and can initialise a linear head directly (LP-FT). Classes with no training row get a
+    very negative bias.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pipe = make_pipeline(
+        StandardScaler(),
+        LogisticRegression(C=C, max_iter=2000, class_weight=class_weight, random_state=seed),
+    )
+    pipe.fit(features, y)
+    scaler, lr = pipe[0], pipe[-1]
+    W = np.zeros((n_classes, features.shape[1]), dtype=np.float32)
+    b = np.full(n_classes, -30.0, dtype=np.float32)
+    coef = lr.coef_ / scaler.scale_
+    W[lr.classes_] = coef
+    b[lr.classes_] = lr.intercept_ - coef @ scaler.mean_
+    return pipe, W, b
+
+
+class ProbeClassifier:
+    """Frozen backbone features (pooled as the checkpoint was trained) + balanced logistic regression."""
+
+    def __init__(self, backbone: BackboneConfig | str = "bundled:minilm", C: float = 1.0, seed: int = 0):
+        self.backbone = BackboneConfig(name=backbone) if isinstance(backbone, str) else backbone
+        self.C = C
+        self.seed = seed
+
+    def load_encoder(self, backbone: backbones.Backbone | None = None) -> ProbeClassifier:
+        self.backbone_ = backbone or backbones.resolve(self.backbone.name)
+        self.pooling_ = self.backbone.pooling if self.backbone.pooling != "auto" else self.backbone_.pooling
+        self.tokenizer_ = backbones.load_tokenizer(self.backbone_)
+        base = backbones.load_model(self.backbone_, self.tokenizer_)
+        self.model_ = _module()(base, 1, self.pooling_, self.backbone_.is_decoder)
+        from tailtune.train import resolve_precision
+
+        self.precision_ = resolve_precision("auto")
+        return self
+
+    def features(self, texts: list[str], progress=None) -> np.ndarray:
+        """(N, H) pooled features of the frozen backbone."""
+        if not hasattr(self, "model_"):
+            self.load_encoder()
+        ids = tokenize(self.tokenizer_, texts, self.backbone.max_length)
+        return run_forward(self.model_, self.tokenizer_, ids, self.backbone.eval_batch_size, self.precision_, "features", progress)
+
+    def fit_features(self, features: np.ndarray, y: np.ndarray, classes: list[str]) -> ProbeClassifier:
+        self.classes_ = list(classes)
+        self.pipeline_, self.W_, self.b_ = fit_logreg(features, y, len(classes), C=self.C, seed=self.seed)
+        return self
+
+    def fit(self, texts: list[str], labels: list[str], classes: list[str] | None = None) -> ProbeClassifier:
+        classes = list(classes) if classes is not None else sorted(set(labels))
+        index = {c: i for i, c in enumerate(classes)}
+        return self.fit_features(self.features(texts), np.array([index[c] for c in labels]), classes)
+
+    def proba_from_features(self, features: np.ndarray) -> np.ndarray:
+        return softmax(features @ self.W_.T + self.b_)
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        return self.proba_from_features(self.features(texts))
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return [self.classes_[i] for i in self.predict_proba(texts).argmax(axis=1)]

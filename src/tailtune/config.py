@@ -1,0 +1,312 @@
+"""Typed run configuration: dataclasses, YAML presets and dotted ``key=value`` overrides.
+
+A run is described by one :class:`Config`. Presets live in ``configs/*.yaml`` (shipped inside
+the package); a user passes a preset name or a YAML path plus overrides such as
+``train.epochs=3 data.path=complaints.csv``. Every value is validated at load time so a typo
+fails before any model is loaded, and the resolved config is written into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tailtune.errors import TailtuneError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "demo"
+
+
+@dataclass
+class DemoConfig:
+    """Size of the built-in synthetic corpus (see :mod:`tailtune.demo`)."""
+
+    n_classes: int = 100
+    max_count: int = 1100
+    min_count: int = 4
+    exponent: float = 1.3
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the labelled texts come from and how they are cleaned and split."""
+
+    path: str | None = None  # CSV / JSONL / Parquet; None = the built-in synthetic demo corpus
+    text_column: str = "Consumer complaint narrative"
+    # A column name, or columns joined with "+" (e.g. "Product+Issue") for a combined label.
+    label_column: str = "Issue"
+    id_column: str = "Complaint ID"  # used when present, else the row number
+    min_class_count: int = 2  # classes with fewer rows are dropped (and reported)
+    val_size: float = 0.15
+    test_size: float = 0.15
+    seed: int = 0
+    max_rows: int | None = None  # keep a seeded random subset of this many rows after cleaning
+    # Tier edges are inclusive upper bounds on a class's training count, rare -> common.
+    tier_edges: list[int] = field(default_factory=lambda: [27, 99, 999])
+    tier_names: list[str] = field(default_factory=lambda: ["rare", "uncommon", "common", "head"])
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+@dataclass
+class BackboneConfig:
+    """One pretrained backbone and how it reads text.
+
+    ``name`` is ``bundled:minilm`` / ``bundled:smollm2`` (the offline defaults), a local model
+    folder, a ``.gguf`` file, a hub id such as ``answerdotai/ModernBERT-base``, or
+    ``tiny:<bert|modernbert|qwen2|llama>`` (random weights, for tests).
+    """
+
+    name: str = "bundled:minilm"
+    pooling: str = "auto"  # auto | mean | cls | last
+    max_length: int = 256
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float | None = None  # overrides train.lr for this backbone
+
+
+@dataclass
+class MethodConfig:
+    """The parameter-efficient method applied to a backbone (see :mod:`tailtune.methods`)."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["attention", "ffn"])
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe shared by every fine-tuned system of a run."""
+
+    epochs: float = 3
+    lr: float = 2e-4  # backbone / adapter learning rate
+    head_lr: float = 2e-3  # the freshly initialised classification head learns faster
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_accum: int = 1
+    weighting: str = "sqrt_inverse"  # scheme used by the "-weighted" systems
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    head_init: str = "probe"  # probe (LP-FT: start from the probe's logistic regression) | random
+    early_stopping_patience: int = 2  # evaluations without val macro-F1 gain before stopping
+    eval_per_epoch: int = 1
+    seed: int = 0
+
+
+@dataclass
+class TfidfConfig:
+    """The TF-IDF + logistic regression baseline of the reference study."""
+
+    max_features: int = 50000
+    ngram_max: int = 2
+    C: float = 10.0
+    class_weight: str | None = None  # None reproduces the reference; "balanced" for the probe-style variant
+
+
+@dataclass
+class EvalConfig:
+    n_boot: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """Everything one ``tailtune run`` needs."""
+
+    out: str = "runs/demo"
+    systems: list[str] = field(
+        default_factory=lambda: ["tfidf-logreg", "encoder-probe", "encoder-lora", "decoder-lora"]
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: BackboneConfig = field(default_factory=BackboneConfig)
+    decoder: BackboneConfig = field(
+        default_factory=lambda: BackboneConfig(name="bundled:smollm2", max_length=128, batch_size=8)
+    )
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tfidf: TfidfConfig = field(default_factory=TfidfConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+POOLINGS = ("auto", "mean", "cls", "last")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+HEAD_INITS = ("probe", "random")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _preset_path(source: str | None) -> Path:
+    if source is None:
+        return PRESET_DIR / f"{DEFAULT_PRESET}.yaml"
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise TailtuneError(f"config '{source}' is a directory, expected a YAML file or preset name")
+    stem = path.stem if path.suffix in (".yaml", ".yml") else source
+    if (PRESET_DIR / f"{stem}.yaml").is_file():
+        return PRESET_DIR / f"{stem}.yaml"
+    hint = _suggest(stem, available_presets())
+    raise TailtuneError(
+        f"unknown preset or missing config file '{source}'{hint} "
+        f"(presets: {', '.join(available_presets())})"
+    )
+
+
+def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a preset name or YAML path (None = the demo preset), then apply ``key=value`` overrides."""
+    path = _preset_path(source)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise TailtuneError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise TailtuneError(f"config {path} must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TailtuneError(f"override '{item}' must look like key=value (e.g. train.epochs=3)")
+        _set_dotted(raw, key.strip(), _parse_value(value))
+    cfg = from_dict(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise TailtuneError(f"override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise TailtuneError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise TailtuneError(f"unknown config key '{prefix}{key}'{_suggest(str(key), names)}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value or {}, f"{key}.")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise TailtuneError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, key) for v in value]
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise TailtuneError(f"config key '{key}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Check cross-field rules; raise :class:`TailtuneError` naming the first problem."""
+    from tailtune import methods, systems, weighting
+
+    if not cfg.systems:
+        raise TailtuneError("config 'systems' is empty: name at least one system (e.g. tfidf-logreg)")
+    for name in cfg.systems:
+        systems.parse_system(name)
+    if len(set(cfg.systems)) != len(cfg.systems):
+        raise TailtuneError("config 'systems' lists a system twice")
+    d = cfg.data
+    if not (0 < d.val_size < 1 and 0 < d.test_size < 1 and d.val_size + d.test_size < 1):
+        raise TailtuneError("data.val_size and data.test_size must be in (0, 1) and sum below 1")
+    if d.min_class_count < 2:
+        raise TailtuneError("data.min_class_count must be >= 2 so every class can be split")
+    if list(d.tier_edges) != sorted(set(d.tier_edges)) or any(e < 1 for e in d.tier_edges):
+        raise TailtuneError("data.tier_edges must be strictly increasing positive counts")
+    if len(d.tier_names) != len(d.tier_edges) + 1:
+        raise TailtuneError(
+            f"data.tier_names needs {len(d.tier_edges) + 1} names for {len(d.tier_edges)} edges"
+        )
+    for slot in ("encoder", "decoder"):
+        bb: BackboneConfig = getattr(cfg, slot)
+        if bb.pooling not in POOLINGS:
+            raise TailtuneError(f"{slot}.pooling must be one of {', '.join(POOLINGS)}")
+        if bb.max_length < 8 or bb.batch_size < 1 or bb.eval_batch_size < 1:
+            raise TailtuneError(f"{slot}: max_length >= 8 and batch sizes >= 1 are required")
+    if cfg.method.rank < 1 or cfg.method.alpha <= 0:
+        raise TailtuneError("method.rank must be >= 1 and method.alpha > 0")
+    for role in cfg.method.targets:
+        if role not in methods.ROLES:
+            raise TailtuneError(
+                f"unknown target role '{role}'{_suggest(role, list(methods.ROLES))} "
+                f"(roles: {', '.join(methods.ROLES)})"
+            )
+    t = cfg.train
+    if t.precision not in PRECISIONS:
+        raise TailtuneError(f"train.precision must be one of {', '.join(PRECISIONS)}")
+    if t.head_init not in HEAD_INITS:
+        raise TailtuneError(f"train.head_init must be one of {', '.join(HEAD_INITS)}")
+    weighting.get(t.weighting)
+    if t.epochs <= 0 or t.lr < 0 or t.head_lr < 0 or t.grad_accum < 1 or t.eval_per_epoch < 1:
+        raise TailtuneError("train: epochs > 0, lr >= 0, grad_accum >= 1, eval_per_epoch >= 1")
+    if not 0 <= t.warmup_ratio < 1:
+        raise TailtuneError("train.warmup_ratio must be in [0, 1)")
+    if cfg.tfidf.class_weight not in (None, "balanced"):
+        raise TailtuneError("tfidf.class_weight must be null or 'balanced'")
+    if cfg.eval.n_boot < 10:
+        raise TailtuneError("eval.n_boot must be >= 10")

@@ -1,0 +1,350 @@
+"""Read labelled texts, clean them with a count of every dropped row, split, and assign tiers.
+
+The output is a :class:`Prepared` dataset: one frame with ``id, text, label, y, split`` plus the
+class list, training counts and frequency tier of every class. Every decision that removes rows
+is counted in :attr:`Prepared.summary`, which the run writes to ``data.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tailtune.config import DataConfig
+from tailtune.errors import TailtuneError
+
+READERS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+@dataclass
+class Prepared:
+    """A cleaned, split dataset. ``frame`` columns: id, text, label, y (class index), split."""
+
+    frame: pd.DataFrame
+    classes: list[str]
+    train_counts: np.ndarray  # (C,) training rows per class
+    tiers: list[str]  # (C,) tier name per class
+    tier_names: list[str]
+    summary: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == name]
+
+    def texts(self, name: str) -> list[str]:
+        return self.split(name)["text"].tolist()
+
+    def y(self, name: str) -> np.ndarray:
+        return self.split(name)["y"].to_numpy()
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read CSV / TSV / JSONL / JSON / Parquet into strings-as-objects, with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise TailtuneError(f"data file not found: {path}")
+    if path.is_dir():
+        raise TailtuneError(f"data path is a directory, expected a file: {path}")
+    kind = READERS.get(path.suffix.lower())
+    if kind is None:
+        raise TailtuneError(
+            f"unsupported data file type '{path.suffix}' for {path} (use .csv, .tsv, .jsonl, .json or .parquet)"
+        )
+    if path.stat().st_size == 0:
+        raise TailtuneError(f"data file is empty: {path}")
+    try:
+        if kind in ("csv", "tsv"):
+            return _read_delimited(path, "\t" if kind == "tsv" else ",")
+        if kind == "jsonl":
+            return pd.read_json(path, lines=True, dtype=False)
+        if kind == "json":
+            return pd.read_json(path, dtype=False)
+        return pd.read_parquet(path)
+    except TailtuneError:
+        raise
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TailtuneError(f"could not read {path} as {kind}: {first}") from None
+
+
+def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
+    # utf-8-sig strips a BOM; files that are not UTF-8 (often cp1252 exports) are reported,
+    # never silently decoded into mojibake.
+    try:
+        return pd.read_csv(
+            path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig"
+        )
+    except UnicodeDecodeError as exc:
+        raise TailtuneError(
+            f"{path} is not valid UTF-8 (byte {exc.object[exc.start]:#x} at offset {exc.start}); "
+            "re-save it as UTF-8"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise TailtuneError(f"data file has no rows or header: {path}") from None
+
+
+def _label_series(df: pd.DataFrame, label_column: str) -> pd.Series:
+    parts = [c.strip() for c in label_column.split("+")]
+    for col in parts:
+        _require_column(df, col, "label")
+    labels = df[parts[0]].astype("string")
+    for col in parts[1:]:
+        labels = labels.str.cat(df[col].astype("string"), sep=" / ")
+    return labels
+
+
+def _require_column(df: pd.DataFrame, column: str, role: str) -> None:
+    if column not in df.columns:
+        import difflib
+
+        close = difflib.get_close_matches(column, [str(c) for c in df.columns], n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        cols = ", ".join(map(str, list(df.columns)[:12]))
+        raise TailtuneError(f"{role} column '{column}' not found{hint}; columns are: {cols}")
+
+
+def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
+    """The raw table for ``cfg`` (the demo corpus when ``cfg.path`` is None) and its source name."""
+    if cfg.path is None:
+        from tailtune.demo import make_demo_corpus
+
+        d = cfg.demo
+        frame = make_demo_corpus(
+            n_classes=d.n_classes,
+            max_count=d.max_count,
+            min_count=d.min_count,
+            exponent=d.exponent,
+            seed=d.seed,
+        )
+        return frame, "built-in synthetic demo corpus (tailtune.demo)"
+    return read_table(cfg.path), str(cfg.path)
+
+
+# ----------------------------------------------------------------------------- cleaning
+
+
+def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
+    """Return ``(frame with id/text/label, report)`` after dropping unusable rows.
+
+    Order: empty text -> empty label -> exact duplicate texts (first kept when labels agree,
+    all copies dropped when they conflict) -> classes below ``min_class_count``.
+    """
+    _require_column(df, cfg.text_column, "text")
+    labels = _label_series(df, cfg.label_column)
+    if len(df) == 0:
+        raise TailtuneError("data file has a header but no rows")
+    ids = df[cfg.id_column].astype(str) if cfg.id_column in df.columns else pd.Series(
+        np.arange(len(df)).astype(str), index=df.index
+    )
+    out = pd.DataFrame(
+        {"id": ids.to_numpy(), "text": df[cfg.text_column].astype("string").to_numpy(), "label": labels.to_numpy()}
+    )
+    report: dict = {"rows_read": int(len(out)), "dropped": {}}
+    dropped = report["dropped"]
+
+    text = out["text"].fillna("").str.strip()
+    keep = text.str.len() > 0
+    dropped["empty_text"] = int((~keep).sum())
+    out = out[keep].assign(text=text[keep])
+
+    label = out["label"].fillna("")
+    keep = label.str.strip().str.len() > 0
+    dropped["empty_label"] = int((~keep).sum())
+    out = out[keep]
+
+    # Labels that differ only by case or surrounding spaces are almost always one class typed
+    # twice; they are reported, never silently merged.
+    norm = out["label"].str.strip().str.casefold()
+    variants = out.groupby(norm)["label"].unique()
+    report["label_variants"] = [sorted(map(str, v)) for v in variants if len(v) > 1]
+
+    n_labels = out.groupby("text")["label"].transform("nunique")
+    conflicting = n_labels > 1
+    report["conflicting_duplicate_texts"] = int(out.loc[conflicting, "text"].nunique())
+    dropped["conflicting_duplicates"] = int(conflicting.sum())
+    out = out[~conflicting]
+    dup = out.duplicated("text", keep="first")
+    dropped["duplicate_text"] = int(dup.sum())
+    out = out[~dup]
+
+    counts = out["label"].value_counts()
+    too_few = counts[counts < cfg.min_class_count]
+    dropped["rare_class_rows"] = int(too_few.sum())
+    report["dropped_classes"] = sorted(map(str, too_few.index))
+    out = out[~out["label"].isin(too_few.index)]
+
+    if cfg.max_rows is not None and len(out) > cfg.max_rows:
+        out = out.sample(n=cfg.max_rows, random_state=cfg.seed)
+        dropped["max_rows_subsample"] = int(report["rows_read"] - sum(dropped.values()) - len(out))
+
+    if len(out) == 0:
+        raise TailtuneError("no usable rows left after cleaning (all texts or labels empty?)")
+    n_classes = out["label"].nunique()
+    if n_classes < 2:
+        raise TailtuneError(
+            f"only {n_classes} class left after cleaning; a classifier needs at least 2 "
+            f"(classes need >= {cfg.min_class_count} rows)"
+        )
+    report["rows_kept"] = int(len(out))
+    return out.reset_index(drop=True), report
+
+
+# ----------------------------------------------------------------------------- split and tiers
+
+
+def stratified_split(labels: pd.Series, val_size: float, test_size: float, seed: int) -> np.ndarray:
+    """Assign 'train' / 'val' / 'test' per class, so every class keeps its share in each split.
+
+    Per class of n rows: test gets round(n * test_size) and val round(n * val_size), each at
+    least 1 when the class has enough rows (n >= 2 for test, n >= 3 for val), and train keeps
+    the rest (always >= 1). Tiny classes therefore still appear in the test set, which is
+    where long-tail evaluation needs them.
+    """
+    rng = np.random.default_rng(seed)
+    split = np.empty(len(labels), dtype=object)
+    codes, uniques = pd.factorize(labels, sort=True)
+    for c in range(len(uniques)):
+        idx = np.flatnonzero(codes == c)
+        rng.shuffle(idx)
+        n = len(idx)
+        n_test = max(1, round(n * test_size)) if n >= 2 else 0
+        n_val = max(1, round(n * val_size)) if n >= 3 else 0
+        while n - n_test - n_val < 1:
+            if n_val > 0 and n_val >= n_test:
+                n_val -= 1
+            else:
+                n_test -= 1
+        split[idx[:n_test]] = "test"
+        split[idx[n_test : n_test + n_val]] = "val"
+        split[idx[n_test + n_val :]] = "train"
+    return split
+
+
+def assign_tiers(train_counts, edges: list[int], names: list[str]) -> list[str]:
+    """Tier name per class: the first tier whose inclusive upper edge holds its training count."""
+    positions = np.searchsorted(np.asarray(edges), np.asarray(train_counts), side="left")
+    return [names[i] for i in positions]
+
+
+def tier_ranges(edges: list[int], names: list[str]) -> dict[str, str]:
+    """Human-readable training-count range of each tier, e.g. {'rare': '<=27', 'head': '>=1000'}."""
+    lows = [1] + [e + 1 for e in edges]
+    out = {}
+    for i, name in enumerate(names):
+        out[name] = f">={lows[i]}" if i == len(edges) else (
+            f"<={edges[i]}" if i == 0 else f"{lows[i]}-{edges[i]}"
+        )
+    return out
+
+
+def prepare(cfg: DataConfig, frame: pd.DataFrame | None = None, source: str | None = None) -> Prepared:
+    """Read (unless ``frame`` is given), clean, split and tier the data described by ``cfg``."""
+    if frame is None:
+        frame, source = load_frame(cfg)
+    out, report = clean(frame, cfg)
+    out["split"] = stratified_split(out["label"], cfg.val_size, cfg.test_size, cfg.seed)
+    classes = sorted(out["label"].unique().tolist())
+    index = {c: i for i, c in enumerate(classes)}
+    out["y"] = out["label"].map(index).astype(int)
+    train_counts = np.bincount(out.loc[out["split"] == "train", "y"], minlength=len(classes))
+    tiers = assign_tiers(train_counts, cfg.tier_edges, cfg.tier_names)
+    report.update(
+        {
+            "source": source,
+            "text_column": cfg.text_column,
+            "label_column": cfg.label_column,
+            "n_classes": len(classes),
+            "classes": classes,
+            "train_counts": {c: int(n) for c, n in zip(classes, train_counts, strict=True)},
+            "tiers": {
+                "edges": list(cfg.tier_edges),
+                "names": list(cfg.tier_names),
+                "ranges": tier_ranges(cfg.tier_edges, cfg.tier_names),
+                "classes": {
+                    t: [c for c, ct in zip(classes, tiers, strict=True) if ct == t] for t in cfg.tier_names
+                },
+            },
+            "splits": {s: int((out["split"] == s).sum()) for s in ("train", "val", "test")},
+            "text_words": _length_summary(out["text"]),
+            "seed": cfg.seed,
+        }
+    )
+    return Prepared(
+        frame=out[["id", "text", "label", "y", "split"]],
+        classes=classes,
+        train_counts=train_counts,
+        tiers=tiers,
+        tier_names=list(cfg.tier_names),
+        summary=report,
+    )
+
+
+def _length_summary(texts: pd.Series) -> dict:
+    words = texts.str.split().str.len()
+    return {
+        "mean": round(float(words.mean()), 1),
+        "p50": int(words.quantile(0.5)),
+        "p95": int(words.quantile(0.95)),
+        "max": int(words.max()),
+    }
+
+
+def inspect_data(cfg: DataConfig, console) -> Prepared:
+    """Print class counts, tiers and problems found in ``cfg.path``; return the prepared data."""
+    from rich.table import Table
+
+    prepared = prepare(cfg)
+    s = prepared.summary
+    console.print(f"[bold]{s['source']}[/]: {s['rows_read']} rows read, {s['rows_kept']} kept")
+    for reason, n in s["dropped"].items():
+        if n:
+            console.print(f"  dropped {n} rows: {reason.replace('_', ' ')}")
+    words = s["text_words"]
+    console.print(f"  words per text: mean {words['mean']}, median {words['p50']}, p95 {words['p95']}, max {words['max']}")
+    console.print(
+        f"  {s['n_classes']} classes; split train/val/test = "
+        f"{s['splits']['train']}/{s['splits']['val']}/{s['splits']['test']} (seed {s['seed']})"
+    )
+    tiers = Table(title="frequency tiers (by training rows per class)")
+    for col in ("tier", "range", "classes", "train rows"):
+        tiers.add_column(col, justify="left" if col == "tier" else "right")
+    counts = dict(zip(prepared.classes, prepared.train_counts, strict=True))
+    for name in prepared.tier_names:
+        members = s["tiers"]["classes"][name]
+        tiers.add_row(name, s["tiers"]["ranges"][name], str(len(members)), str(sum(counts[c] for c in members)))
+    console.print(tiers)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    table = Table(title="classes, most to least frequent (train rows)")
+    table.add_column("class")
+    table.add_column("train", justify="right")
+    table.add_column("tier")
+    shown = ranked if len(ranked) <= 30 else ranked[:15] + [("...", None)] + ranked[-15:]
+    tier_of = dict(zip(prepared.classes, prepared.tiers, strict=True))
+    for label, n in shown:
+        table.add_row(label, "" if n is None else str(n), tier_of.get(label, ""))
+    console.print(table)
+    problems = []
+    if s["dropped_classes"]:
+        problems.append(f"{len(s['dropped_classes'])} classes below {cfg.min_class_count} rows dropped: "
+                        + ", ".join(s["dropped_classes"][:5]))
+    if s["conflicting_duplicate_texts"]:
+        problems.append(f"{s['conflicting_duplicate_texts']} texts appear with conflicting labels (all copies dropped)")
+    for variants in s["label_variants"]:
+        problems.append(f"labels differ only by case/spaces (kept apart): {variants}")
+    console.print("[bold]problems found:[/] " + ("none" if not problems else ""))
+    for p in problems:
+        console.print(f"  - {p}")
+    return prepared

@@ -1,0 +1,249 @@
+"""``tailtune run``: prepare data, train every system, evaluate class by class, write the run directory.
+
+Run directory contract (other commands and users build on it)::
+
+    <out>/config.yaml                    resolved config
+    <out>/data.json                      rows read/kept/dropped by reason, classes, tiers, split sizes
+    <out>/comparison.csv                 one row per system
+    <out>/systems/<name>/metrics.json    aggregate, CI and per-tier metrics + system description
+    <out>/systems/<name>/per_class.csv   label, tier, train_count, support, precision, recall, f1
+    <out>/systems/<name>/predictions.csv id, label, prediction, confidence
+    <out>/systems/<name>/model/          everything needed to reload and predict
+
+Nothing is written before the data and backbones pass their checks. A system's folder
+appears only when all its files are complete, so a finished system is skipped on re-run
+and a killed one is simply trained again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tailtune import rundir
+from tailtune.config import Config, dump
+from tailtune.errors import TailtuneError
+
+COMPARISON_COLUMNS = [
+    "system", "status", "accuracy", "macro_f1", "weighted_f1", "zero_f1_classes",
+    "trainable_params", "total_params", "train_seconds", "note",
+]
+
+
+def _preflight(cfg: Config, console):
+    """Everything that can be checked before anything is written. Returns the prepared data."""
+    from tailtune import data as data_lib
+    from tailtune.systems import parse_system
+    from tailtune.train import resolve_precision
+
+    specs = [parse_system(name) for name in cfg.systems]
+    with console.status("reading and cleaning data..."):
+        prepared = data_lib.prepare(cfg.data)
+    if any(s.kind == "finetune" for s in specs):
+        resolve_precision(cfg.train.precision)
+    return specs, prepared
+
+
+def _check_run_dir(out: Path, resolved: str) -> bool:
+    """True when ``out`` holds this same run (resume); error when it holds something else."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise TailtuneError(f"output path exists and is not a directory: {out}")
+    config_file = out / "config.yaml"
+    if config_file.exists():
+        if config_file.read_text(encoding="utf-8") != resolved:
+            raise TailtuneError(
+                f"{out} holds a run with a different config; choose another --out or delete it"
+            )
+        return True
+    if any(out.iterdir()):
+        raise TailtuneError(f"{out} exists, is not empty and is not a tailtune run directory")
+    return False
+
+
+def _finished(system_dir: Path, n_test: int) -> bool:
+    try:
+        metrics = rundir.read_json(system_dir / "metrics.json")
+        preds = pd.read_csv(system_dir / "predictions.csv")
+    except (OSError, ValueError):
+        return False
+    return "macro_f1" in metrics and len(preds) == n_test and (system_dir / "model" / "tailtune.json").exists()
+
+
+def run(cfg: Config, console=None, report: bool = True) -> Path:
+    """Run every system of ``cfg`` and return the run directory."""
+    from rich.console import Console
+
+    from tailtune import metrics as metrics_lib
+    from tailtune.systems import Context, GuardFailure, run_system
+
+    console = console or Console()
+    out = Path(cfg.out)
+    resolved = dump(cfg)
+    resuming = _check_run_dir(out, resolved)
+    started = time.perf_counter()
+    specs, data = _preflight(cfg, console)
+    _print_data(console, data)
+
+    ctx = Context(cfg, data, console, out / "cache")
+    for spec in specs:
+        if spec.slot:
+            ctx.backbone(spec.slot)  # resolve (and convert GGUF) before the directory exists
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "config.yaml").exists():
+        rundir.write_text(out / "config.yaml", resolved)
+    rundir.write_json(out / "data.json", data.summary)
+    if resuming:
+        console.print(f"[dim]resuming {out}: finished systems are kept[/]")
+
+    test = data.split("test")
+    y_test = test["y"].to_numpy()
+    rows = []
+    for i, spec in enumerate(specs, 1):
+        system_dir = out / "systems" / spec.name
+        console.rule(f"[bold]{spec.name}[/] ({i}/{len(specs)})")
+        if _finished(system_dir, len(test)):
+            m = rundir.read_json(system_dir / "metrics.json")
+            console.print(f"  done already: macro-F1 {m['macro_f1']:.3f} (skipped)")
+            rows.append(_row(spec.name, "ok", m, "; ".join(m.get("warnings", []))))
+            continue
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{spec.name}."))
+        try:
+            outcome = run_system(spec, ctx, tmp / "model")
+            pred = outcome.proba.argmax(axis=1)
+            metrics, per_class = metrics_lib.evaluate(
+                y_test, pred, labels=data.classes, train_counts=data.train_counts,
+                tiers=data.tiers, tier_names=data.tier_names, n_boot=cfg.eval.n_boot, seed=cfg.eval.seed,
+            )
+            metrics.update(
+                trainable_params=int(outcome.trainable_params),
+                total_params=int(outcome.total_params),
+                train_seconds=round(outcome.train_seconds, 2),
+                system=_describe(spec, cfg, outcome),
+                warnings=outcome.warnings,
+            )
+            rundir.write_json(tmp / "metrics.json", metrics)
+            rundir.write_csv(tmp / "per_class.csv", per_class)
+            rundir.write_csv(
+                tmp / "predictions.csv",
+                pd.DataFrame({
+                    "id": test["id"].to_numpy(),
+                    "label": test["label"].to_numpy(),
+                    "prediction": np.asarray(data.classes)[pred],
+                    "confidence": outcome.proba.max(axis=1).round(6),
+                }),
+            )
+            system_dir.parent.mkdir(parents=True, exist_ok=True)
+            rundir.replace_dir(tmp, system_dir)
+            shutil.rmtree(out / "systems" / f".{spec.name}.failed", ignore_errors=True)
+            for w in outcome.warnings:
+                console.print(f"  [yellow]warning:[/] {w}")
+            console.print(
+                f"  accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}  "
+                f"zero-F1 classes {metrics['zero_f1_classes']}/{metrics['n_classes']}  "
+                f"({outcome.train_seconds:.0f} s)"
+            )
+            rows.append(_row(spec.name, "ok", metrics, "; ".join(outcome.warnings)))
+        except (GuardFailure, TailtuneError, RuntimeError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            _record_failure(out, spec.name, exc)
+            console.print(f"  [red]failed:[/] {reason}")
+            rows.append(_row(spec.name, "failed", {}, reason))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    comparison = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    rundir.write_csv(out / "comparison.csv", comparison)
+    _print_comparison(console, comparison)
+    if report:
+        from tailtune.report import build_report
+
+        path = build_report(out)
+        console.print(f"report: {path}")
+    console.print(f"run directory: {out}  ({time.perf_counter() - started:.0f} s)")
+    return out
+
+
+def _record_failure(out: Path, name: str, exc: BaseException) -> None:
+    """Keep the traceback for the developer; the terminal gets one line."""
+    where = out / "systems" / f".{name}.failed"
+    where.mkdir(parents=True, exist_ok=True)
+    rundir.write_text(where / "error.txt", "".join(traceback.format_exception(exc)))
+
+
+def _describe(spec, cfg: Config, outcome) -> dict:
+    info = dict(outcome.info)
+    info.pop("history", None)
+    weighting = cfg.train.weighting if spec.weighting == "config" else spec.weighting
+    backbone_cfg = getattr(cfg, spec.slot) if spec.slot else None
+    return {
+        "name": spec.name,
+        "kind": spec.kind,
+        "backbone": spec.slot,
+        "backbone_name": backbone_cfg.name if backbone_cfg else None,
+        "method": spec.method,
+        "weighting": weighting if spec.kind == "finetune" else (
+            "balanced" if spec.kind == "probe" else (cfg.tfidf.class_weight or "none")
+        ),
+        "pooling": info.pop("pooling", None),
+        "architecture": info.pop("architecture", None),
+        "adapter_bytes": info.pop("adapter_bytes", None),
+        **info,
+        "training": outcome.info.get("history"),
+    }
+
+
+def _row(name: str, status: str, m: dict, note: str) -> dict:
+    return {
+        "system": name,
+        "status": status,
+        **{k: m.get(k) for k in ("accuracy", "macro_f1", "weighted_f1", "zero_f1_classes",
+                                 "trainable_params", "total_params", "train_seconds")},
+        "note": note,
+    }
+
+
+def _print_data(console, data) -> None:
+    s = data.summary
+    dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items() if v) or "none"
+    console.print(
+        f"data: {s['source']}\n  {s['rows_read']} rows read, {s['rows_kept']} kept (dropped: {dropped}); "
+        f"{s['n_classes']} classes; split {s['splits']['train']}/{s['splits']['val']}/{s['splits']['test']}"
+    )
+    tiers = s["tiers"]
+    parts = [f"{t} {tiers['ranges'][t]}: {len(tiers['classes'][t])}" for t in tiers["names"]]
+    console.print("  tiers (training rows per class): " + "; ".join(parts))
+    if s["dropped_classes"]:
+        console.print(f"  [yellow]dropped {len(s['dropped_classes'])} classes below min_class_count[/]")
+    for variants in s["label_variants"][:5]:
+        console.print(f"  [yellow]labels differ only by case/spaces (kept apart):[/] {variants}")
+
+
+def _print_comparison(console, comparison: pd.DataFrame) -> None:
+    from rich.table import Table
+
+    table = Table(title="systems compared on the test split")
+    for col in ("system", "accuracy", "macro-F1", "weighted-F1", "zero-F1", "trainable", "train s"):
+        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
+    notes = []
+    for r in comparison.itertuples():
+        if isinstance(r.note, str) and r.note:
+            notes.append(f"[{'red' if r.status != 'ok' else 'yellow'}]{r.system}:[/] {r.note}")
+        if r.status != "ok":
+            table.add_row(r.system, *["[red]failed[/]"] + ["-"] * 5)
+            continue
+        table.add_row(
+            r.system, f"{r.accuracy:.3f}", f"{r.macro_f1:.3f}", f"{r.weighted_f1:.3f}",
+            str(int(r.zero_f1_classes)), f"{int(r.trainable_params):,}", f"{r.train_seconds:.0f}",
+        )
+    console.print(table)
+    for note in notes:
+        console.print("  " + note)

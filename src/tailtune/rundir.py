@@ -1,0 +1,74 @@
+"""Atomic writes for the run directory: a kill at any moment leaves the old file or the new one.
+
+Each file is written to a temporary sibling, flushed and fsynced, then renamed over the
+target (rename is atomic on POSIX). A system's outputs are written into a temporary folder
+that is renamed into place only when every file is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def atomic_write(path: Path, write: Callable, binary: bool = False) -> Path:
+    """Call ``write(fileobj)`` on a temp file next to ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: Path, data) -> Path:
+    return atomic_write(path, lambda f: json.dump(data, f, indent=2, default=_json_default))
+
+
+def write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text))
+
+
+def write_csv(path: Path, frame) -> Path:
+    return atomic_write(path, lambda f: frame.to_csv(f, index=False))
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move the complete folder ``tmp`` to ``target``, replacing an older one."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))

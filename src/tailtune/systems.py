@@ -1,0 +1,327 @@
+"""Systems: the things a run compares, looked up by name.
+
+Names follow one grammar:
+
+- ``tfidf-logreg`` — the reference baseline (TF-IDF + logistic regression);
+- ``<encoder|decoder>-probe`` — frozen backbone features + class-balanced logistic regression;
+- ``<encoder|decoder>-<method>[-weighted|-<scheme>]`` — fine-tuned with a method from
+  :mod:`tailtune.methods`; ``-weighted`` uses ``train.weighting`` (sqrt-inverse by default),
+  ``-<scheme>`` names a scheme from :mod:`tailtune.weighting` directly.
+
+Each runner trains, saves its model under the folder it is given, and returns test-set
+probabilities plus what the comparison needs (parameters, time, warnings).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tailtune.errors import TailtuneError
+
+SLOTS = ("encoder", "decoder")
+BASELINES = ("tfidf-logreg",)
+# A fine-tuned system that reaches fewer than this share of the classes on test is flagged.
+COVERAGE_WARNING = 0.5
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    kind: str  # baseline | probe | finetune
+    slot: str | None = None  # encoder | decoder
+    method: str | None = None
+    weighting: str = "none"  # a scheme name, or "config" for train.weighting
+
+
+@dataclass
+class Outcome:
+    proba: np.ndarray  # (N_test, C)
+    train_seconds: float
+    trainable_params: int
+    total_params: int
+    info: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_system(name: str) -> SystemSpec:
+    from tailtune import methods, weighting
+
+    if name in BASELINES:
+        return SystemSpec(name, "baseline")
+    slot, _, rest = name.partition("-")
+    if slot in SLOTS and rest == "probe":
+        return SystemSpec(name, "probe", slot)
+    if slot in SLOTS and rest:
+        method, _, suffix = rest.partition("-")
+        if method in methods.METHODS:
+            if not suffix:
+                return SystemSpec(name, "finetune", slot, method, "none")
+            if suffix == "weighted":
+                return SystemSpec(name, "finetune", slot, method, "config")
+            if suffix in weighting.SCHEMES:
+                return SystemSpec(name, "finetune", slot, method, suffix)
+    raise TailtuneError(
+        f"unknown system '{name}': use tfidf-logreg, <encoder|decoder>-probe or "
+        f"<encoder|decoder>-<{'|'.join(methods.METHODS)}>[-weighted]"
+    )
+
+
+# ----------------------------------------------------------------------------- shared context
+
+
+class Context:
+    """What the systems of one run share: config, data, resolved backbones, frozen features."""
+
+    def __init__(self, cfg, data, console, cache_dir: Path):
+        self.cfg = cfg
+        self.data = data
+        self.console = console
+        self.cache_dir = cache_dir
+        self._backbones: dict = {}
+        self._probes: dict = {}
+
+    def backbone(self, slot: str):
+        from tailtune import backbones
+
+        if slot not in self._backbones:
+            self._backbones[slot] = backbones.resolve(getattr(self.cfg, slot).name)
+        return self._backbones[slot]
+
+    def probe(self, slot: str):
+        """The fitted probe of ``slot`` and its val/test features (computed once, cached on disk)."""
+        if slot in self._probes:
+            return self._probes[slot]
+        from tailtune.classifier import ProbeClassifier
+
+        bb_cfg = getattr(self.cfg, slot)
+        probe = ProbeClassifier(bb_cfg, seed=self.cfg.train.seed)
+        cache = self.cache_dir / f"{slot}-features.npz"
+        key = json.dumps([vars(bb_cfg), self.data.summary["splits"], self.cfg.data.seed], sort_keys=True)
+        started = time.perf_counter()
+        feats = None
+        if cache.exists():
+            stored = np.load(cache, allow_pickle=False)
+            if str(stored["key"]) == key:
+                feats = {s: stored[s] for s in ("train", "val", "test")}
+        if feats is None:
+            probe.load_encoder(self.backbone(slot))
+            feats = {}
+            for split in ("train", "val", "test"):
+                texts = self.data.texts(split)
+                with _bar(self.console, f"  {slot} features ({split})", len(texts)) as advance:
+                    feats[split] = probe.features(texts, progress=advance)
+            from tailtune.rundir import atomic_write
+
+            atomic_write(cache, lambda f: np.savez(f, key=np.array(key), **feats), binary=True)
+        feature_seconds = time.perf_counter() - started
+        probe.fit_features(feats["train"], self.data.y("train"), self.data.classes)
+        probe.backbone_ = self.backbone(slot)
+        if not hasattr(probe, "pooling_"):
+            probe.pooling_ = bb_cfg.pooling if bb_cfg.pooling != "auto" else probe.backbone_.pooling
+        result = {"probe": probe, "features": feats, "seconds": time.perf_counter() - started,
+                  "feature_seconds": feature_seconds}
+        self._probes[slot] = result
+        return result
+
+
+class _bar:
+    """``with _bar(console, label, total) as advance:`` a rich progress bar (no-op without console)."""
+
+    def __init__(self, console, label: str, total: int):
+        self.console, self.label, self.total = console, label, total
+
+    def __enter__(self):
+        if self.console is None:
+            return lambda n: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.progress.start()
+        task = self.progress.add_task(self.label, total=self.total)
+        return lambda n: self.progress.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.console is not None:
+            self.progress.stop()
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def run_system(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
+    return RUNNERS[spec.kind](spec, ctx, model_dir)
+
+
+def _run_tfidf(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
+    import joblib
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    t = ctx.cfg.tfidf
+    data = ctx.data
+    started = time.perf_counter()
+    pipe = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, t.ngram_max), sublinear_tf=True, max_features=t.max_features),
+        LogisticRegression(C=t.C, max_iter=2000, class_weight=t.class_weight, random_state=ctx.cfg.train.seed),
+    )
+    pipe.fit(data.texts("train"), data.y("train"))
+    seconds = time.perf_counter() - started
+    proba = np.zeros((len(data.split("test")), len(data.classes)))
+    proba[:, pipe[-1].classes_] = pipe.predict_proba(data.texts("test"))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    joblib.dump(pipe, model_dir / "pipeline.joblib")
+    (model_dir / "tailtune.json").write_text(json.dumps({"kind": "tfidf", "classes": data.classes}, indent=2))
+    n = pipe[-1].coef_.size + pipe[-1].intercept_.size
+    return Outcome(proba, seconds, n, n, {"architecture": "tf-idf + logistic regression"})
+
+
+def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
+    import joblib
+
+    from tailtune.classifier import count_params
+
+    started = time.perf_counter()
+    result = ctx.probe(spec.slot)
+    probe = result["probe"]
+    proba = probe.proba_from_features(result["features"]["test"])
+    model_dir.mkdir(parents=True, exist_ok=True)
+    joblib.dump(probe.pipeline_, model_dir / "probe.joblib")
+    (model_dir / "tailtune.json").write_text(
+        json.dumps(
+            {"kind": "probe", "classes": ctx.data.classes, "backbone": probe.backbone_.describe(),
+             "pooling": probe.pooling_, "max_length": probe.backbone.max_length},
+            indent=2,
+        )
+    )
+    head = probe.W_.size + probe.b_.size
+    total = head + (count_params(probe.model_)[1] if hasattr(probe, "model_") else 0)
+    seconds = result["seconds"] if result["seconds"] > 0 else time.perf_counter() - started
+    return Outcome(
+        proba, seconds, head, total,
+        {"architecture": probe.backbone_.model_type, "pooling": probe.pooling_,
+         "backbone_name": probe.backbone_.spec},
+    )
+
+
+def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
+    from tailtune.classifier import TextClassifier
+    from tailtune.metrics import per_class_f1
+
+    cfg, data = ctx.cfg, ctx.data
+    bb_cfg = getattr(cfg, spec.slot)
+    scheme = cfg.train.weighting if spec.weighting == "config" else spec.weighting
+    head_init = None
+    probe_val_f1 = None
+    if cfg.train.head_init == "probe":
+        result = ctx.probe(spec.slot)
+        probe = result["probe"]
+        head_init = (probe.W_, probe.b_)
+        val_pred = probe.proba_from_features(result["features"]["val"]).argmax(axis=1)
+        probe_val_f1 = float(np.nanmean(per_class_f1(data.y("val"), val_pred, len(data.classes))))
+    clf = TextClassifier(bb_cfg, spec.method, cfg.method, cfg.train, weighting=scheme)
+    if ctx.console is not None:
+        ctx.console.print(f"  backbone {bb_cfg.name} ({ctx.backbone(spec.slot).model_type}), method {spec.method}, weighting {scheme}")
+    clf.fit(
+        data.texts("train"),
+        data.split("train")["label"].tolist(),
+        val_texts=data.texts("val"),
+        val_labels=data.split("val")["label"].tolist(),
+        classes=data.classes,
+        head_init=head_init,
+        backbone=ctx.backbone(spec.slot),
+        console=ctx.console,
+    )
+    if ctx.console is not None:
+        pct = 100 * clf.trainable_params_ / clf.total_params_
+        ctx.console.print(
+            f"  trainable {clf.trainable_params_:,} / {clf.total_params_:,} ({pct:.2f}%), "
+            f"{len(clf.targets_) if clf.targets_ != ['*'] else 'all'} modules adapted, precision {clf.precision_}"
+        )
+    texts = data.texts("test")
+    with _bar(ctx.console, "  evaluating (test)", len(texts)) as advance:
+        logits = clf.predict_logits(texts, progress=advance)
+    clf.save(model_dir)
+    warnings = _guards(clf, logits, model_dir, data, probe_val_f1)
+    if scheme != "none":
+        (model_dir / "class_weights.json").write_text(
+            json.dumps(dict(zip(data.classes, map(float, clf.class_weights_), strict=True)), indent=2)
+        )
+    from tailtune.classifier import softmax
+
+    adapter_bytes = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file() and "tokenizer" not in f.parts)
+    return Outcome(
+        softmax(logits),
+        clf.train_seconds_,
+        clf.trainable_params_,
+        clf.total_params_,
+        {
+            "architecture": clf.backbone_.model_type,
+            "backbone_name": bb_cfg.name,
+            "pooling": clf.pooling_,
+            "precision": clf.precision_,
+            "targets": clf.targets_,
+            "adapter_bytes": adapter_bytes,
+            "history": clf.history_,
+            "probe_val_macro_f1": probe_val_f1,
+        },
+        warnings,
+    )
+
+
+class GuardFailure(Exception):
+    """A trained system is wrong in a way that makes its numbers meaningless."""
+
+
+def _guards(clf, test_logits: np.ndarray, model_dir: Path, data, probe_val_f1) -> list[str]:
+    """Post-training checks. Fatal ones raise :class:`GuardFailure`; others return warnings."""
+    from tailtune.classifier import TextClassifier
+
+    warnings = []
+    pred = test_logits.argmax(axis=1)
+    n_pred = len(np.unique(pred))
+    if n_pred == 1 and len(data.classes) > 1:
+        raise GuardFailure(
+            f"collapsed: predicts one class ('{data.classes[pred[0]]}') for every test row; "
+            "likely cause: learning rate too high or too few steps"
+        )
+    coverage = n_pred / len(data.classes)
+    if coverage < COVERAGE_WARNING:
+        warnings.append(
+            f"predicts only {n_pred} of {len(data.classes)} classes on test; "
+            "likely cause: too few epochs for the tail, or try class weighting"
+        )
+    losses = [e["loss"] for e in clf.history_["losses"]]
+    if len(losses) >= 2 and not losses[-1] < losses[0]:
+        warnings.append(f"training loss did not decrease ({losses[0]:.3f} -> {losses[-1]:.3f})")
+    best = clf.history_["best_val_macro_f1"]
+    if probe_val_f1 is not None and best < probe_val_f1 - 1e-9:
+        warnings.append(
+            f"val macro-F1 {best:.3f} below its own probe's {probe_val_f1:.3f}: fine-tuning hurt"
+        )
+    # Reload from disk and compare: catches a head or adapter that was not saved (peft#310).
+    texts = data.texts("val")[:16]
+    reloaded = TextClassifier.load(model_dir)
+    diff = np.abs(reloaded.predict_logits(texts) - clf.predict_logits(texts)).max()
+    tol = 1e-3 if clf.precision_ == "fp32" else 5e-2
+    if not diff <= tol:
+        raise GuardFailure(f"reloaded model disagrees with the trained one (max logit diff {diff:.2e})")
+    clf.history_["reload_max_logit_diff"] = float(diff)
+    return warnings
+
+
+RUNNERS = {"baseline": _run_tfidf, "probe": _run_probe, "finetune": _run_finetune}

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from tailtune import backbones
+from tailtune.errors import TailtuneError
+
+EXPECTED = {
+    # (role, one layer's adapted modules)
+    "bert": {
+        "attention": ["attention.output.dense", "attention.self.key", "attention.self.query", "attention.self.value"],
+        "ffn": ["intermediate.dense", "output.dense"],
+    },
+    "modernbert": {"attention": ["attn.Wo", "attn.Wqkv"], "ffn": ["mlp.Wi", "mlp.Wo"]},
+    "qwen2": {
+        "attention": ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"],
+        "ffn": ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"],
+    },
+}
+EXPECTED["llama"] = EXPECTED["qwen2"]
+
+
+def _layer0(names):
+    out = []
+    for n in names:
+        parts = n.split(".")
+        i = parts.index("0")  # ...layer(s).0.<rest>
+        out.append(".".join(parts[i + 1 :]))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("arch", backbones.TINY_ARCHS)
+@pytest.mark.parametrize("role", ["attention", "ffn"])
+def test_roles_map_to_the_right_modules(arch, role):
+    bb = backbones.resolve(f"tiny:{arch}")
+    model = backbones.load_model(bb, backbones.load_tokenizer(bb))
+    names = backbones.target_modules(model, bb.model_type, [role])
+    assert _layer0([n for n in names if ".0." in n]) == EXPECTED[arch][role]
+    assert len(names) == 2 * len(EXPECTED[arch][role])  # two layers
+    both = backbones.target_modules(model, bb.model_type, ["attention", "ffn"])
+    assert both == backbones.target_modules(model, bb.model_type, ["all"])
+    assert set(names) < set(both)
+
+
+def test_kind_and_trained_pooling_per_checkpoint(tmp_path):
+    assert backbones.resolve("tiny:qwen2").is_decoder
+    assert backbones.resolve("tiny:llama").pooling == "last"
+    assert backbones.resolve("tiny:modernbert").pooling == "mean"  # from classifier_pooling
+    assert backbones.resolve("tiny:bert").pooling == "cls"
+    # a sentence-transformers folder declares mean pooling in 1_Pooling/config.json
+    folder = tmp_path / "st"
+    folder.mkdir()
+    src = backbones.resolve("tiny:bert").path
+    for f in ("config.json",):
+        (folder / f).write_text((backbones.Path(src) / f).read_text())
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    assert backbones.resolve(str(folder)).pooling == "mean"
+
+
+def test_decoder_tokenizer_is_set_up_for_classification():
+    bb = backbones.resolve("tiny:qwen2")
+    tok = backbones.load_tokenizer(bb)
+    assert tok.padding_side == "left"
+    assert tok.pad_token == tok.eos_token  # the tiny decoder ships without a pad token
+    model = backbones.load_model(bb, tok)
+    assert model.config.pad_token_id == tok.pad_token_id
+
+
+def test_unknown_backbones_fail_clearly(tmp_path):
+    with pytest.raises(TailtuneError, match="unknown bundled backbone"):
+        backbones.resolve("bundled:gpt5")
+    with pytest.raises(TailtuneError, match="backbone folder not found"):
+        backbones.resolve("./nope/model")
+    with pytest.raises(TailtuneError, match="unknown tiny architecture"):
+        backbones.resolve("tiny:t5")
+    bad = tmp_path / "weights.bin"
+    bad.write_text("x")
+    with pytest.raises(TailtuneError, match="not a .gguf model"):
+        backbones.resolve(str(bad))
+
+
+def test_role_that_matches_nothing_is_an_error():
+    bb = backbones.resolve("tiny:bert")
+    model = backbones.load_model(bb, backbones.load_tokenizer(bb))
+    with pytest.raises(TailtuneError, match="no role map"):
+        backbones.target_modules(model, "t5", ["attention"])

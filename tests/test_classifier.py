@@ -1,0 +1,126 @@
+"""Invariants of the model wrapper, checked on tiny random-weight backbones of every family."""
+
+import numpy as np
+import pytest
+import torch
+
+from tailtune import backbones, methods
+from tailtune.classifier import POOLERS, TextClassifier, _module, count_params, run_forward, tokenize
+from tailtune.config import BackboneConfig, MethodConfig, TrainConfig
+
+TEXTS = [
+    "I was charged a fee for a convenience check I never ordered",
+    "debt collector keeps calling",
+    "my mortgage servicer lost my payment in XX/XX/XXXX and reported me late",
+    "wrong balance",
+]
+
+
+def _build(arch: str, method: str = "lora", rank: int = 4):
+    bb = backbones.resolve(f"tiny:{arch}")
+    tok = backbones.load_tokenizer(bb)
+    torch.manual_seed(0)
+    base = backbones.load_model(bb, tok)
+    model = _module()(base, 5, bb.pooling, bb.is_decoder)
+    model.backbone, targets = methods.get(method).apply(base, bb, MethodConfig(rank=rank, alpha=2 * rank))
+    return bb, tok, model, targets
+
+
+def _logits(model, tok, texts=TEXTS, batch_size=4):
+    return run_forward(model, tok, tokenize(tok, texts, 64), batch_size, "fp32", "logits")
+
+
+@pytest.mark.parametrize("arch", backbones.TINY_ARCHS)
+def test_lora_with_b_zero_equals_the_base_model(arch):
+    bb, tok, lora_model, targets = _build(arch)
+    assert targets
+    head_only = _module()(backbones.load_model(bb, tok), 5, bb.pooling, bb.is_decoder)
+    head_only.score.load_state_dict(lora_model.score.state_dict())
+    # peft initialises B to zero, so the adapted model starts exactly at the base model
+    np.testing.assert_allclose(_logits(lora_model, tok), _logits(head_only, tok), atol=1e-5)
+    with torch.no_grad():
+        for name, p in lora_model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+    assert np.abs(_logits(lora_model, tok) - _logits(head_only, tok)).max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", backbones.TINY_ARCHS)
+@pytest.mark.parametrize("method", ["lora", "head", "full"])
+def test_only_the_method_parameters_and_head_train(arch, method):
+    _, _, model, _ = _build(arch, method)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"score.weight", "score.bias"} <= trainable
+    if method == "lora":
+        assert all("lora_" in n or n.startswith("score.") for n in trainable)
+        assert any("lora_A" in n for n in trainable)
+    elif method == "head":
+        assert trainable == {"score.weight", "score.bias"}
+    else:
+        assert trainable == {n for n, _ in model.named_parameters()}
+    n_trainable, n_total = count_params(model)
+    assert 0 < n_trainable <= n_total
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_decoder_prediction_ignores_extra_left_padding(arch):
+    _, tok, model, _ = _build(arch)
+    ids = tokenize(tok, TEXTS[:1], 64)[0]
+    short = tok.pad({"input_ids": [ids]}, return_tensors="pt")
+    # the same text padded with 20 extra pad tokens on the left
+    padded = tok.pad({"input_ids": [ids]}, padding="max_length", max_length=len(ids) + 20, return_tensors="pt")
+    assert padded["input_ids"][0, 0] == tok.pad_token_id and padded["attention_mask"][0, 0] == 0
+    with torch.no_grad():
+        a = model(**short)["logits"]
+        b = model(**padded)["logits"]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # batched with a longer text (so the short one is left-padded) gives the same answer too
+    np.testing.assert_allclose(_logits(model, tok, TEXTS[:2], 2)[0], a[0].numpy(), atol=1e-4)
+
+
+def test_poolers_read_real_tokens_only():
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)  # (B=2, T=4, H=1)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert POOLERS["mean"](hidden, right).squeeze(-1).tolist() == [0.5, 5.5]
+    assert POOLERS["cls"](hidden, right).squeeze(-1).tolist() == [0.0, 4.0]
+    assert POOLERS["last"](hidden, right).squeeze(-1).tolist() == [1.0, 7.0]
+    assert POOLERS["last"](hidden, left).squeeze(-1).tolist() == [3.0, 7.0]
+    assert POOLERS["cls"](hidden, left).squeeze(-1).tolist() == [2.0, 4.0]
+
+
+@pytest.mark.parametrize("arch", backbones.TINY_ARCHS)
+@pytest.mark.parametrize("method", ["lora", "full", "head"])
+def test_fit_save_load_gives_identical_predictions(tmp_path, arch, method):
+    labels = ["fees", "collection", "mortgage", "fees"]
+    clf = TextClassifier(
+        BackboneConfig(name=f"tiny:{arch}", max_length=32, batch_size=2, eval_batch_size=4),
+        method,
+        MethodConfig(rank=2, alpha=4),
+        TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32", head_init="random"),
+        weighting="sqrt_inverse",
+    ).fit(TEXTS, labels)
+    before = clf.predict_logits(TEXTS)
+    clf.save(tmp_path / "model")
+    files = {p.name for p in (tmp_path / "model").rglob("*")}
+    assert "head.safetensors" in files and "tailtune.json" in files
+    loaded = TextClassifier.load(tmp_path / "model")
+    np.testing.assert_allclose(loaded.predict_logits(TEXTS), before, atol=1e-5)
+    assert loaded.classes_ == ["collection", "fees", "mortgage"]
+    assert loaded.predict(TEXTS) == clf.predict(TEXTS)
+    if arch in ("qwen2", "llama"):
+        assert loaded.tokenizer_.padding_side == "left"
+        assert loaded.tokenizer_.pad_token is not None
+
+
+def test_head_is_trained_and_saved_not_reinitialised(tmp_path):
+    clf = TextClassifier(
+        BackboneConfig(name="tiny:qwen2", max_length=32, batch_size=2),
+        "lora",
+        MethodConfig(rank=2, alpha=4),
+        TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32", head_init="random"),
+    ).fit(TEXTS, ["a", "b", "a", "b"])
+    clf.save(tmp_path / "m")
+    # a fresh model with a new random head would not match: prove the saved head is what loads
+    loaded = TextClassifier.load(tmp_path / "m")
+    torch.testing.assert_close(loaded.model_.score.weight, clf.model_.score.weight)

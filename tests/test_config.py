@@ -1,0 +1,70 @@
+import pytest
+
+from tailtune.config import Config, available_presets, dump, load_config
+from tailtune.errors import TailtuneError
+
+
+@pytest.mark.parametrize("name", available_presets())
+def test_every_preset_validates(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, Config)
+    assert cfg.systems
+
+
+def test_presets_include_the_documented_ones():
+    assert {"demo", "smoke", "cpu-real", "cfpb-paper"} <= set(available_presets())
+
+
+def test_paper_preset_matches_the_reference_study():
+    cfg = load_config("cfpb-paper")
+    assert (cfg.method.rank, cfg.method.alpha, cfg.train.epochs) == (16, 32, 3)
+    assert cfg.method.targets == ["attention", "ffn"]
+    assert cfg.encoder.name == "answerdotai/ModernBERT-base"
+    assert cfg.decoder.name == "Qwen/Qwen2.5-0.5B"
+    assert cfg.data.tier_edges[0] == 27
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("demo", ["train.epochs=3", "method.rank=8", "data.path=x.csv", "systems=tfidf-logreg,encoder-lora"])
+    assert cfg.train.epochs == 3.0 and isinstance(cfg.train.epochs, float)
+    assert cfg.method.rank == 8
+    assert cfg.data.path == "x.csv"
+    assert cfg.systems == ["tfidf-logreg", "encoder-lora"]
+
+
+def test_yaml_file_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("out: somewhere\ntrain: {epochs: 2}\n")
+    cfg = load_config(str(path))
+    assert cfg.out == "somewhere" and cfg.train.epochs == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.epoch=3"], "did you mean 'epochs'"),
+        (["trian.epochs=3"], "did you mean 'train'"),
+        (["train.epochs=abc"], "must be float"),
+        (["method.targets=[attn]"], "unknown target role 'attn'"),
+        (["systems=encoder-lorax"], "unknown system 'encoder-lorax'"),
+        (["train.weighting=sqrt"], "unknown class weighting"),
+        (["data.tier_names=[a,b]"], "tier_names needs 4 names"),
+        (["train.precision=fp8"], "precision must be one of"),
+        (["noequals"], "must look like key=value"),
+    ],
+)
+def test_bad_config_is_one_clear_error(overrides, message):
+    with pytest.raises(TailtuneError, match=message):
+        load_config("demo", overrides)
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(TailtuneError, match="did you mean 'demo'"):
+        load_config("dmeo")
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config("smoke", ["train.epochs=1"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump(cfg))
+    assert load_config(str(path)) == cfg

@@ -1,0 +1,126 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from tailtune.config import DataConfig
+from tailtune.data import assign_tiers, clean, prepare, read_table, stratified_split, tier_ranges
+from tailtune.errors import TailtuneError
+
+TEXT = "Consumer complaint narrative"
+
+
+def test_reads_csv_jsonl_parquet_alike(tmp_path, small_frame):
+    small_frame.to_csv(tmp_path / "a.csv", index=False)
+    small_frame.to_json(tmp_path / "a.jsonl", orient="records", lines=True)
+    small_frame.to_parquet(tmp_path / "a.parquet")
+    frames = [prepare(DataConfig(path=str(tmp_path / f"a.{ext}"))).frame for ext in ("csv", "jsonl", "parquet")]
+    for other in frames[1:]:
+        pd.testing.assert_frame_equal(frames[0], other)
+
+
+def test_cleaning_counts_every_dropped_row():
+    df = pd.DataFrame(
+        {
+            TEXT: ["a b", "  ", "dup text", "dup text", "conflict", "conflict", "x", "y", "z", "w", None, "lonely"],
+            "Issue": ["A", "A", "A", "A", "A", "B", "B", "B", "A", "", "A", "C"],
+        }
+    )
+    out, report = clean(df, DataConfig(min_class_count=2))
+    d = report["dropped"]
+    assert d["empty_text"] == 2  # "  " and None
+    assert d["empty_label"] == 1
+    assert d["conflicting_duplicates"] == 2 and report["conflicting_duplicate_texts"] == 1
+    assert d["duplicate_text"] == 1
+    assert d["rare_class_rows"] == 1 and report["dropped_classes"] == ["C"]
+    assert report["rows_read"] == 12
+    assert report["rows_kept"] == len(out) == 12 - sum(d.values())
+    assert set(out["label"]) == {"A", "B"}
+
+
+def test_label_case_variants_are_reported_not_merged():
+    df = pd.DataFrame({TEXT: list("abcdef"), "Issue": ["Fees", "fees ", "Fees", "fees ", "X", "X"]})
+    out, report = clean(df, DataConfig())
+    assert report["label_variants"] == [["Fees", "fees "]]
+    assert out["label"].nunique() == 3
+
+
+def test_combined_label_scheme():
+    df = pd.DataFrame({TEXT: list("abcd"), "Product": ["P", "P", "Q", "Q"], "Issue": ["i", "i", "i", "i"]})
+    out, _ = clean(df, DataConfig(label_column="Product+Issue"))
+    assert sorted(out["label"].unique()) == ["P / i", "Q / i"]
+
+
+def test_split_is_stratified_seeded_and_keeps_tiny_classes_in_test():
+    labels = pd.Series(["big"] * 200 + ["mid"] * 20 + ["tiny"] * 3 + ["two"] * 2)
+    a = stratified_split(labels, 0.15, 0.15, seed=0)
+    b = stratified_split(labels, 0.15, 0.15, seed=0)
+    c = stratified_split(labels, 0.15, 0.15, seed=1)
+    assert (a == b).all() and not (a == c).all()
+    table = pd.crosstab(labels, a)
+    assert table.loc["big", "test"] == 30 and table.loc["big", "val"] == 30
+    assert table.loc["mid", "test"] == 3
+    assert (table.loc["tiny"] == 1).all()  # 1 train, 1 val, 1 test
+    assert table.loc["two", "train"] == 1 and table.loc["two", "test"] == 1
+    assert (table["train"] >= 1).all()
+
+
+def test_tiers_use_inclusive_upper_edges():
+    names = ["rare", "uncommon", "common", "head"]
+    assert assign_tiers([4, 27, 28, 99, 100, 999, 1000], [27, 99, 999], names) == [
+        "rare", "rare", "uncommon", "uncommon", "common", "common", "head"
+    ]
+    assert tier_ranges([27, 99, 999], names) == {
+        "rare": "<=27", "uncommon": "28-99", "common": "100-999", "head": ">=1000"
+    }
+
+
+def test_prepare_saves_tiers_with_class_lists(small_csv):
+    p = prepare(DataConfig(path=str(small_csv), tier_edges=[10, 30], tier_names=["rare", "mid", "head"]))
+    s = p.summary
+    assert sum(len(v) for v in s["tiers"]["classes"].values()) == s["n_classes"] == len(p.classes)
+    for cls, tier in zip(p.classes, p.tiers, strict=True):
+        assert cls in s["tiers"]["classes"][tier]
+    assert np.array_equal(p.train_counts, np.bincount(p.y("train"), minlength=len(p.classes)))
+    assert set(p.frame["split"]) == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize(
+    ("content", "kwargs", "message"),
+    [
+        (None, {}, "data file not found"),
+        ("", {}, "data file is empty"),
+        ("a,b\n", {}, "text column 'Consumer complaint narrative' not found"),
+        (f"{TEXT},Issu\nx,A\n", {}, "did you mean 'Issu'"),
+        (f"{TEXT},Issue\n", {}, "header but no rows"),
+        (f"{TEXT},Issue\nx,A\ny,A\nz,A\n", {}, "only 1 class"),
+        (f"{TEXT},Issue\n ,A\n ,B\n", {}, "no usable rows"),
+    ],
+)
+def test_bad_files_raise_one_line_errors(tmp_path, content, kwargs, message):
+    path = tmp_path / "bad.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(TailtuneError, match=message) as err:
+        prepare(DataConfig(path=str(path), **kwargs))
+    assert "\n" not in str(err.value)
+
+
+def test_non_utf8_and_directory(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes(f"{TEXT},Issue\ncaf\xe9,A\n".encode("latin-1"))
+    with pytest.raises(TailtuneError, match="not valid UTF-8"):
+        read_table(path)
+    with pytest.raises(TailtuneError, match="is a directory"):
+        read_table(tmp_path)
+    with pytest.raises(TailtuneError, match="unsupported data file type"):
+        (tmp_path / "x.xlsx").write_text("x")
+        read_table(tmp_path / "x.xlsx")
+
+
+def test_bom_and_crlf_and_quoted_newlines(tmp_path):
+    path = tmp_path / "win.csv"
+    body = f'{TEXT},Issue\r\n"line one\r\nline two",A\r\nsecond,A\r\nthird,B\r\nfourth,B\r\n'
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    out = read_table(path)
+    assert list(out.columns) == [TEXT, "Issue"]
+    assert len(out) == 4 and "line two" in out[TEXT][0]

@@ -1,0 +1,534 @@
+"""The HTML report, built from a fake but internally consistent run directory.
+
+``write_fake_run`` writes every file of the run-directory contract from seeded random
+predictions; metrics.json and per_class.csv come from :func:`tailtune.metrics.evaluate`, so the
+numbers agree with each other exactly as they do in a real run.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tailtune.errors import TailtuneError
+from tailtune.report import build_report, fmt_boot, fmt_ci, fmt_metric, pareto_frontier
+
+ISSUES = [
+    "Incorrect information on your report",
+    "Problem with a credit reporting company's investigation into an existing problem",
+    "Improper use of your report",
+    "Attempts to collect debt not owed",
+    "Managing an account",
+    "Trouble during payment process",
+    "Written notification about debt",
+    "Struggling to pay mortgage",
+    "Dealing with your lender or servicer",
+    "Fees or interest",
+    "Problem with a purchase shown on your statement",
+    "Closing an account",
+    "Opening an account",
+    "Getting a credit card",
+    "Took or threatened to take negative or legal action",
+    "False statements or representation",
+    "Applying for a mortgage or refinancing an existing mortgage",
+    "Unable to get your credit report or credit score",
+    "Credit monitoring or identity theft protection services",
+    "Problem with fraud alerts or security freezes",
+    "Closing on a mortgage",
+    "Advertising and marketing, including promotional offers",
+    "Money was not available when promised",
+    "Unexpected or other fees",
+    "Lost or stolen check",
+    "Overdraft, savings, or rewards features",
+    "Convenience checks",
+    "Problem adding money",
+    "Vehicle was repossessed or sold the vehicle",
+    "Can't stop withdrawals from your bank account",
+]
+TIER_EDGES = [27, 99]
+TIER_NAMES = ["rare", "medium", "common"]
+
+# name -> system block of metrics.json, plus the fake system's skill: P(correct) for the rarest
+# and for the most common class (interpolated in log training count), and its bench speed.
+SYSTEMS = {
+    "tfidf-logreg": {
+        "system": {"kind": "baseline", "backbone": None, "method": None, "weighting": "none"},
+        "skill": (0.02, 0.80),
+        "params": (2_000_000, 2_000_000),
+        "ms": 0.04,
+    },
+    "encoder-probe": {
+        "system": {"kind": "probe", "backbone": "encoder", "method": "probe", "weighting": "none"},
+        "skill": (0.05, 0.70),
+        "params": (149_000_000, 15_000),
+        "ms": 2.0,
+    },
+    "encoder-lora": {
+        "system": {
+            "kind": "finetune",
+            "backbone": "encoder",
+            "method": "lora",
+            "weighting": "none",
+        },
+        "skill": (0.08, 0.88),
+        "params": (149_000_000, 3_500_000),
+        "ms": 2.1,
+    },
+    "encoder-lora-weighted": {
+        "system": {
+            "kind": "finetune",
+            "backbone": "encoder",
+            "method": "lora",
+            "weighting": "sqrt_inverse",
+        },
+        "skill": (0.35, 0.82),
+        "params": (149_000_000, 3_500_000),
+        "ms": 2.1,
+    },
+    "decoder-lora": {
+        "system": {
+            "kind": "finetune",
+            "backbone": "decoder",
+            "method": "lora",
+            "weighting": "none",
+        },
+        "skill": (0.45, 0.90),
+        "params": (494_000_000, 2_300_000),
+        "ms": 6.3,
+    },
+    "decoder-lora-weighted": {
+        "system": {
+            "kind": "finetune",
+            "backbone": "decoder",
+            "method": "lora",
+            "weighting": "sqrt_inverse",
+        },
+        "skill": (0.47, 0.89),
+        "params": (494_000_000, 2_300_000),
+        "ms": 6.3,
+    },
+}
+DEFAULT_SYSTEMS = ("tfidf-logreg", "encoder-lora", "encoder-lora-weighted", "decoder-lora")
+BACKBONES = {
+    "encoder": ("answerdotai/ModernBERT-base", "ModernBertForSequenceClassification", "mean"),
+    "decoder": ("Qwen/Qwen2.5-0.5B", "Qwen2ForSequenceClassification", "last"),
+}
+FAILURE = "CUDA out of memory while allocating 2.0 GiB (batch_size=16)"
+N_BOOT = 200
+
+
+def _fake_classes(n_classes: int) -> tuple[list[str], np.ndarray, list[str]]:
+    """Names, training counts (4 .. 2000, geometric, descending) and tier of each class."""
+    names = [ISSUES[i] if i < len(ISSUES) else f"Other issue {i}" for i in range(n_classes)]
+    counts = np.round(2000 * (4 / 2000) ** (np.arange(n_classes) / (n_classes - 1))).astype(int)
+    tiers = [
+        next((t for t, e in zip(TIER_NAMES, TIER_EDGES, strict=False) if c <= e), TIER_NAMES[-1])
+        for c in counts
+    ]
+    return names, counts, tiers
+
+
+def write_fake_run(
+    path: Path,
+    systems: tuple[str, ...] = DEFAULT_SYSTEMS,
+    with_bench: bool = True,
+    *,
+    failed: tuple[str, ...] = (),
+    n_classes: int = 20,
+    seed: int = 0,
+) -> Path:
+    """Write a complete run directory at ``path``; ``failed`` systems get a comparison row only."""
+    from tailtune.metrics import evaluate
+
+    path = Path(path)
+    (path / "systems").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names, counts, tiers = _fake_classes(n_classes)
+    # Test support ~15% of training rows: the rarest classes get 0 test rows (NaN F1).
+    support = np.floor(counts * 0.15).astype(int)
+    y_true = rng.permutation(np.repeat(np.arange(n_classes), support))
+    n_test = y_true.size
+    partner = (np.arange(n_classes) + 1) % n_classes  # the class each one is confused with
+    prior = counts / counts.sum()
+
+    config = {
+        "out": str(path),
+        "systems": [*systems, *failed],
+        "data": {"path": "complaints.csv", "tier_edges": TIER_EDGES, "tier_names": TIER_NAMES},
+        "method": {"rank": 16, "alpha": 32, "targets": ["attention", "ffn"]},
+        "train": {"epochs": 3, "lr": 2.0e-4, "weighting": "sqrt_inverse"},
+        "eval": {"n_boot": N_BOOT, "seed": 0},
+    }
+    text = "# resolved config; <b>not html</b> & not a tag\n" + yaml.safe_dump(config)
+    (path / "config.yaml").write_text(text)
+    data = {
+        "source": "complaints.csv",
+        "text_column": "Consumer complaint narrative",
+        "label_column": "Issue",
+        "rows_read": int(counts.sum() / 0.7) + 1234,
+        "rows_kept": int(counts.sum() / 0.7),
+        "dropped": {"empty text": 1100, "duplicate": 120, "class below min_class_count": 14},
+        "dropped_classes": ["Problem with an overdraft", "Incorrect exchange rate"],
+        "n_classes": n_classes,
+        "tiers": {
+            "edges": TIER_EDGES,
+            "names": TIER_NAMES,
+            "classes": {
+                t: [n for n, tt in zip(names, tiers, strict=True) if tt == t] for t in TIER_NAMES
+            },
+        },
+        "train_counts": {n: int(c) for n, c in zip(names, counts, strict=True)},
+        "splits": {"train": int(counts.sum()), "val": n_test, "test": n_test},
+        "seed": seed,
+    }
+    (path / "data.json").write_text(json.dumps(data, indent=2))
+
+    rows, bench = [], {}
+    for name in systems:
+        spec = SYSTEMS[name]
+        lo, hi = spec["skill"]
+        logc = np.log10(counts)
+        p_correct = lo + (hi - lo) * (logc - logc.min()) / (logc.max() - logc.min())
+        correct = rng.random(n_test) < p_correct[y_true]
+        other = np.where(
+            rng.random(n_test) < 0.6, partner[y_true], rng.choice(n_classes, n_test, p=prior)
+        )
+        y_pred = np.where(correct, y_true, other)
+        confidence = np.where(correct, rng.beta(6, 2, n_test), rng.beta(2, 3, n_test))
+        metrics, per_class = evaluate(
+            y_true,
+            y_pred,
+            labels=names,
+            train_counts=counts,
+            tiers=tiers,
+            tier_names=TIER_NAMES,
+            n_boot=N_BOOT,
+            seed=0,
+        )
+        total, trainable = spec["params"]
+        backbone = spec["system"]["backbone"]
+        backbone_name, architecture, pooling = BACKBONES.get(backbone, (None, None, None))
+        metrics.update(
+            trainable_params=trainable,
+            total_params=total,
+            train_seconds=float(30 + rng.random() * 600),
+            system={
+                "name": name,
+                **spec["system"],
+                "backbone_name": backbone_name,
+                "pooling": pooling,
+                "architecture": architecture,
+                "adapter_bytes": trainable * 4 if spec["system"]["kind"] == "finetune" else None,
+            },
+            warnings=["early stopping after 2 epochs"] if name == "decoder-lora" else [],
+        )
+        folder = path / "systems" / name
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        per_class.to_csv(folder / "per_class.csv", index=False)
+        pd.DataFrame(
+            {
+                "id": np.arange(n_test) + 1000,
+                "label": np.asarray(names, dtype=object)[y_true],
+                "prediction": np.asarray(names, dtype=object)[y_pred],
+                "confidence": confidence.round(4),
+            }
+        ).to_csv(folder / "predictions.csv", index=False)
+        rows.append(
+            {
+                "system": name,
+                "status": "ok",
+                **{
+                    k: metrics[k]
+                    for k in ("accuracy", "macro_f1", "weighted_f1", "zero_f1_classes")
+                },
+                "trainable_params": trainable,
+                "total_params": total,
+                "train_seconds": metrics["train_seconds"],
+                "note": "; ".join(metrics["warnings"]),
+            }
+        )
+        ms = spec["ms"]
+        variants = [
+            {
+                "variant": v,
+                "batch_size": b,
+                "ms_per_example": ms * f,
+                "p50_ms": ms * f * b,
+                "p95_ms": ms * f * b * 1.3,
+                "examples_per_s": 1000 / (ms * f),
+            }
+            for v, b, f in (("merged", 32, 1.0), ("unmerged", 32, 1.15))
+        ]
+        bench[name] = {
+            "ms_per_example": ms,
+            "examples_per_s": 1000 / ms,
+            "peak_mem_mb": 300 + total / 1e6 * 4,
+            "time_64k_s": ms * 64,
+            "cost_64k": ms * 64 / 3600 * 2.5,
+            "variant": "merged",
+            "variants": variants,
+        }
+    for name in failed:
+        rows.append({"system": name, "status": "failed", "note": FAILURE})
+    columns = ["system", "status", "accuracy", "macro_f1", "weighted_f1", "zero_f1_classes",
+               "trainable_params", "total_params", "train_seconds", "note"]  # fmt: skip
+    pd.DataFrame(rows, columns=columns).to_csv(path / "comparison.csv", index=False)
+    if with_bench:
+        machine = {
+            "cpu": "AMD EPYC 7R13",
+            "threads": 16,
+            "gpu": "NVIDIA H100 80GB",
+            "torch": "2.9.0",
+        }
+        (path / "bench.json").write_text(
+            json.dumps(
+                {"machine": machine, "price_per_hour": 2.5, "batch_size": 32, "systems": bench}
+            )
+        )
+    return path
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _html(path: Path) -> str:
+    return build_report(path).read_text(encoding="utf-8")
+
+
+def _rows(html: str, system: str) -> list[str]:
+    """Table rows that start with the system's bold name, in document order."""
+    rows = re.findall(rf"<tr><td><strong>{re.escape(system)}</strong>.*?</tr>", html, re.S)
+    assert rows, f"no table row for {system}"
+    return rows
+
+
+def _row(html: str, system: str) -> str:
+    """The system's row of table 1 (systems comparison)."""
+    return _rows(html, system)[0]
+
+
+def _metrics(path: Path, system: str) -> dict:
+    return json.loads((path / "systems" / system / "metrics.json").read_text())
+
+
+def _indices(path: Path, system: str, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    frame = pd.read_csv(path / "systems" / system / "predictions.csv")
+    index = {n: i for i, n in enumerate(labels)}
+    return frame["label"].map(index).to_numpy(), frame["prediction"].map(index).to_numpy()
+
+
+class _TagBalance(HTMLParser):
+    VOID = {"meta", "img", "br", "hr", "input", "link", "wbr"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[Path, str]:
+    path = write_fake_run(tmp_path_factory.mktemp("run") / "run")
+    return path, _html(path)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_report_is_written_atomically_where_asked(tmp_path, full_run):
+    path, _ = full_run
+    assert (path / "report.html").is_file()
+    assert not list(path.glob(".report-*"))
+    elsewhere = build_report(path, out=tmp_path / "copy" / "memo.html")
+    assert elsewhere == tmp_path / "copy" / "memo.html"
+    (tmp_path / "plain.txt").touch()
+    assert elsewhere.stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+    assert elsewhere.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_every_section_and_figure_is_present(full_run):
+    _, html = full_run
+    for heading in (
+        "At a glance",
+        "How to read this",
+        "<h2>Data</h2>",
+        "1. Systems comparison",
+        "2. Class weighting",
+        "3. Per-class analysis",
+        "4. Latency and deployment",
+        "5. Next steps",
+        "Machine and versions",
+        "Appendix: resolved config",
+    ):
+        assert heading in html, heading
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', html)
+    # long tail, tier bars, weighting deltas, encoder/decoder scatter, F1 vs count, Pareto
+    assert len(images) == 6
+    for data in images:
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert html.count("<img") == len(images)
+
+
+def test_html_is_well_formed(full_run):
+    _, html = full_run
+    parser = _TagBalance()
+    parser.feed(html)
+    assert parser.errors == []
+    assert parser.stack == []
+
+
+def test_comparison_numbers_are_the_run_files_numbers(full_run):
+    path, html = full_run
+    for system in DEFAULT_SYSTEMS:
+        m = _metrics(path, system)
+        row = _row(html, system)
+        for key in ("accuracy", "macro_f1", "weighted_f1"):
+            assert f">{fmt_metric(m[key])}<" in row, (system, key)
+        assert fmt_ci(m["ci"]["macro_f1"]) in row
+        assert fmt_ci(m["ci"]["accuracy"]) in row
+        assert f">{m['zero_f1_classes']}<" in row
+
+
+def test_tier_numbers_are_the_run_files_numbers(full_run):
+    path, html = full_run
+    for system in ("encoder-lora", "decoder-lora"):
+        for tier, stats in _metrics(path, system)["tiers"].items():
+            if stats["macro_f1"] is not None:
+                assert f">{fmt_metric(stats['macro_f1'])}<" in html, (system, tier)
+
+
+def test_bench_numbers_are_shown(full_run):
+    path, html = full_run
+    bench = json.loads((path / "bench.json").read_text())
+    for system, b in bench["systems"].items():
+        row = _rows(html, system)[1]  # the latency table comes after table 1
+        assert f">{b['ms_per_example']:.2f}<" in row
+        assert f">${b['cost_64k']:,.2f}<" in row
+    assert bench["machine"]["gpu"] in html
+
+
+def test_paired_bootstraps_match_metrics_module(full_run):
+    from tailtune.metrics import paired_bootstrap
+
+    path, html = full_run
+    labels = list(json.loads((path / "data.json").read_text())["train_counts"])
+    tiers = json.loads((path / "data.json").read_text())["tiers"]["classes"]
+    y, enc = _indices(path, "encoder-lora", labels)
+    _, dec = _indices(path, "decoder-lora", labels)
+    _, enc_w = _indices(path, "encoder-lora-weighted", labels)
+    best_enc = max(
+        ("encoder-lora", "encoder-lora-weighted"), key=lambda s: _metrics(path, s)["macro_f1"]
+    )
+    rare = [labels.index(c) for c in tiers["rare"] if labels.index(c) in set(y)]
+    enc_best = enc if best_enc == "encoder-lora" else enc_w
+    res = paired_bootstrap(y, dec, enc_best, classes=rare, n_boot=N_BOOT, seed=0)
+    assert fmt_boot(res) in html
+    weighting = paired_bootstrap(y, enc_w, enc, n_boot=N_BOOT, seed=0)
+    assert fmt_boot(weighting) in html
+    word = "helped" if weighting["lo"] > 0 else "hurt" if weighting["hi"] < 0 else "within noise"
+    assert re.search(rf"encoder backbone[^.]*{word}|{word}[^.]*encoder backbone", html)
+
+
+def test_report_is_self_contained(full_run):
+    _, html = full_run
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert not re.search(r"https?://", html)
+    for tag in ("<script", "<link", "@import", "url("):
+        assert tag not in html
+
+
+def test_config_is_shown_verbatim_and_escaped(full_run):
+    path, html = full_run
+    assert "&lt;b&gt;not html&lt;/b&gt; &amp; not a tag" in html
+    assert "<b>not html</b>" not in html
+    assert "sqrt_inverse" in html
+
+
+def test_without_bench_the_report_says_so(tmp_path):
+    path = write_fake_run(tmp_path / "run", with_bench=False)
+    html = _html(path)
+    assert "bench.json is missing" in html
+    assert f"tailtune bench {path}" in html
+    assert "Provisional" in html
+    assert html.count("<img") == 5  # no Pareto plot
+
+
+def test_one_system_run_says_what_is_missing(tmp_path):
+    path = write_fake_run(tmp_path / "run", systems=("encoder-lora",), with_bench=False)
+    html = _html(path)
+    assert "Only one system" in html
+    assert "<code>encoder-lora-weighted</code>" in html
+    assert "no fine-tuned decoder" in html
+    assert f">{fmt_metric(_metrics(path, 'encoder-lora')['macro_f1'])}<" in _row(
+        html, "encoder-lora"
+    )
+
+
+def test_failed_system_is_listed_with_its_reason(tmp_path):
+    path = write_fake_run(tmp_path / "run", failed=("decoder-lora-weighted",))
+    assert not (path / "systems" / "decoder-lora-weighted").exists()
+    html = _html(path)
+    row = _row(html, "decoder-lora-weighted")
+    assert "failed" in row
+    assert FAILURE in row
+    assert "Failed: decoder-lora-weighted" in html
+
+
+def test_run_where_every_system_failed(tmp_path):
+    path = write_fake_run(tmp_path / "run", systems=(), failed=("encoder-lora", "decoder-lora"))
+    html = _html(path)
+    assert html.count(FAILURE) >= 2
+    assert "No system finished" in html
+    assert "<img" in html  # the data summary still has its long-tail figure
+
+
+def test_probe_and_second_weighting_pair(tmp_path):
+    systems = (*DEFAULT_SYSTEMS, "encoder-probe", "decoder-lora-weighted")
+    html = _html(write_fake_run(tmp_path / "run", systems=systems))
+    assert "frozen encoder probe" in html
+    assert "Does the effect transfer from encoder to decoder?" in html
+
+
+def test_missing_run_files_are_a_clear_error(tmp_path):
+    with pytest.raises(TailtuneError, match="does not exist"):
+        build_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TailtuneError, match="data.json is missing"):
+        build_report(tmp_path / "empty")
+
+
+def test_pareto_frontier_keeps_only_undominated_points():
+    points = [
+        {"name": "fast", "ms": 1.0, "f1": 0.3},
+        {"name": "slow-worse", "ms": 5.0, "f1": 0.25},
+        {"name": "slow-better", "ms": 6.0, "f1": 0.4},
+        {"name": "tie-slower", "ms": 2.0, "f1": 0.3},
+    ]
+    assert pareto_frontier(points) == ["fast", "slow-better"]
+
+
+def test_importing_report_is_cheap():
+    code = "import sys, tailtune.report; print(sorted({'matplotlib', 'pandas'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
