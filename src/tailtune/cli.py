@@ -25,8 +25,13 @@ def friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import warnings
+
         from tailtune.errors import TailtuneError
 
+        # Deprecation chatter from dependencies is for their developers, not for our users.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
             return fn(*args, **kwargs)
         except TailtuneError as exc:
@@ -130,3 +135,7 @@ def presets():
 
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -70,7 +70,7 @@ class _Product:
 _PRODUCTS = (
     _Product(
         "Credit reporting, credit repair services, or other personal consumer reports",
-        3.0,
+        5.0,
         "my credit report",
         "Credit reporting|Other personal consumer report|Credit repair services",
         "Equifax|Experian|TransUnion|the credit bureau|XXXX, a consumer reporting agency|"

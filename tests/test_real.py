@@ -1,0 +1,58 @@
+"""The bundled pretrained models end to end (marked ``real``: slower, needs scripts/setup.sh)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tailtune import backbones
+from tailtune.classifier import ProbeClassifier, TextClassifier
+from tailtune.config import BackboneConfig, MethodConfig, TrainConfig
+
+pytestmark = pytest.mark.real
+
+TEXTS = [
+    "I was charged an overdraft fee twice on my checking account",
+    "The debt collector keeps calling me about a debt I do not owe",
+    "My credit report shows an account that is not mine",
+    "The bank charged me a monthly maintenance fee without notice",
+    "A collection agency threatened to sue me over a medical bill",
+    "There is incorrect information on my credit report from XXXX",
+] * 2
+LABELS = ["fees", "collection", "report", "fees", "collection", "report"] * 2
+
+
+def test_bundled_encoder_is_a_mean_pooled_sentence_transformer():
+    bb = backbones.resolve("bundled:minilm")
+    assert (bb.model_type, bb.is_decoder, bb.pooling) == ("bert", False, "mean")
+
+
+def test_bundled_decoder_gguf_converts_to_a_plain_llama_folder():
+    bb = backbones.resolve("bundled:smollm2")
+    assert (bb.model_type, bb.is_decoder, bb.pooling) == ("llama", True, "last")
+    config = json.loads((Path(bb.path) / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (Path(bb.path) / "model.safetensors").exists()
+    tok = backbones.load_tokenizer(bb)
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    assert backbones.resolve("bundled:smollm2").path == bb.path  # converted once, then cached
+
+
+def test_minilm_probe_separates_obvious_classes():
+    probe = ProbeClassifier("bundled:minilm").fit(TEXTS, LABELS)
+    assert probe.predict(TEXTS) == LABELS
+
+
+@pytest.mark.parametrize("name", ["bundled:minilm", "bundled:smollm2"])
+def test_lora_on_bundled_models_trains_saves_and_reloads(tmp_path, name):
+    clf = TextClassifier(
+        BackboneConfig(name=name, max_length=32, batch_size=4, eval_batch_size=12),
+        "lora",
+        MethodConfig(rank=4, alpha=8),
+        TrainConfig(epochs=1, lr=5e-4, head_lr=5e-3, head_init="random"),
+    ).fit(TEXTS, LABELS)
+    assert 0 < clf.trainable_params_ < 0.05 * clf.total_params_
+    before = clf.predict_logits(TEXTS)
+    clf.save(tmp_path / "m")
+    np.testing.assert_allclose(TextClassifier.load(tmp_path / "m").predict_logits(TEXTS), before, atol=1e-4)
