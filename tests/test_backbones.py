@@ -85,3 +85,11 @@ def test_role_that_matches_nothing_is_an_error():
     model = backbones.load_model(bb, backbones.load_tokenizer(bb))
     with pytest.raises(TailtuneError, match="no role map"):
         backbones.target_modules(model, "t5", ["attention"])
+
+
+def test_top_layers_keeps_only_the_last_layers():
+    bb = backbones.resolve("tiny:qwen2")
+    model = backbones.load_model(bb, backbones.load_tokenizer(bb))
+    top = backbones.target_modules(model, bb.model_type, ["attention", "ffn"], top_layers=1)
+    assert top and all(".1." in n for n in top)
+    assert backbones.describe_targets(top) == "1 layers x [mlp.down_proj, mlp.gate_proj, mlp.up_proj, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, self_attn.v_proj]"

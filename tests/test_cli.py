@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -151,3 +152,20 @@ def test_metrics_differ_between_weighted_and_unweighted_class_weights_saved(smok
     counts = np.array([data["train_counts"][c] for c in w])
     values = np.array(list(w.values()))
     assert np.corrcoef(counts, values)[0, 1] < 0  # rarer classes weigh more
+
+
+def test_report_numbers_equal_metrics_json(smoke_run):
+    out, _ = smoke_run
+    html = (out / "report.html").read_text() if (out / "report.html").exists() else ""
+    if not html:
+        tailtune("report", out, check=True)
+        html = (out / "report.html").read_text()
+    for heading in ("Systems comparison", "Class weighting", "Per-class analysis", "Latency", "Next steps"):
+        assert heading.lower() in html.lower(), heading
+    assert html.count("<img") >= 4
+    comparison = pd.read_csv(out / "comparison.csv")
+    for name in comparison.loc[comparison["status"] == "ok", "system"]:
+        m = json.loads((out / "systems" / name / "metrics.json").read_text())
+        for key in ("accuracy", "macro_f1", "weighted_f1"):
+            assert f"{m[key]:.3f}" in html, (name, key)
+    assert not re.findall(r'(?:src|href)=["\']https?://', html)  # self-contained, offline

@@ -343,8 +343,14 @@ def load_model(backbone: Backbone, tokenizer):
     return model
 
 
-def target_modules(model, model_type: str, roles: list[str]) -> list[str]:
-    """Full names of the linear modules that play ``roles`` in ``model``; error if none."""
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def target_modules(model, model_type: str, roles: list[str], top_layers: int | None = None) -> list[str]:
+    """Full names of the linear modules that play ``roles`` in ``model``; error if none.
+
+    ``top_layers`` keeps only modules in the last N transformer layers.
+    """
     import torch
 
     if model_type not in ROLE_PATTERNS:
@@ -367,4 +373,14 @@ def target_modules(model, model_type: str, roles: list[str]) -> list[str]:
                 re.search(p, n) for p in table.values()
             )
         ]
+    if top_layers is not None:
+        depth = 1 + max(int(LAYER_INDEX.search(n).group(1)) for n in names)
+        names = [n for n in names if int(LAYER_INDEX.search(n).group(1)) >= depth - top_layers]
     return sorted(set(names))
+
+
+def describe_targets(names: list[str]) -> str:
+    """'6 layers x [attention.self.query, ...]' — the adapted modules with layer numbers folded."""
+    layers = {m.group(1) for n in names if (m := LAYER_INDEX.search(n))}
+    kinds = sorted({LAYER_INDEX.split(n, maxsplit=1)[-1] for n in names})
+    return f"{len(layers)} layers x [{', '.join(kinds)}]"

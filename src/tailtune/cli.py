@@ -133,6 +133,96 @@ def presets():
         typer.echo(f"{name:12s} {first}")
 
 
+@app.command()
+@friendly
+def export(
+    system_dir: Path = typer.Argument(..., help="A fine-tuned system: <run>/systems/<name>."),
+    merged: Path = typer.Option(..., "--merged", help="Folder to write the merged model to (new or empty)."),
+    format: str = typer.Option("hf", "--format", help="hf (stock transformers class) or tailtune (TextClassifier.load)."),
+    tolerance: float = typer.Option(1e-4, help="Largest |merged - unmerged| fp32 logit difference accepted."),
+):
+    """Merge a system's adapter into the base weights and save it; checked against the unmerged model."""
+    from tailtune.deploy import export_merged
+
+    record = export_merged(system_dir, merged, fmt=format, tolerance=tolerance)
+    check = record["check"]
+    typer.echo(
+        f"{merged}: {record['class']}, max |merged - unmerged| logit {check['max_abs_logit_diff']:.2e} "
+        f"on {check['texts']} texts (tolerance {check['tolerance']:g})"
+    )
+
+
+@app.command()
+@friendly
+def predict(
+    system_dir: Path = typer.Argument(..., help="<run>/systems/<name>, its model/ folder, or an export."),
+    input: Path = typer.Option(..., "--input", help="CSV / TSV / JSONL / Parquet file to classify."),
+    output: Path = typer.Option(..., "--output", help="Predictions file (.csv, .jsonl or .parquet)."),
+    top_k: int = typer.Option(1, "--top-k", help="Also write label_2, confidence_2, ... up to k."),
+    text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative, else text)."),
+    id_column: str = typer.Option(None, help="Id column copied to the output (default: Complaint ID, else id)."),
+    chunk_size: int = typer.Option(4096, help="Rows read at a time; memory does not grow with the file."),
+    batch_size: int = typer.Option(None, help="Texts per forward pass (default: the system's eval batch size)."),
+):
+    """Classify a file of any size, streaming, in the input's order."""
+    from rich.console import Console
+
+    from tailtune.deploy import predict_file
+
+    done = predict_file(
+        system_dir, input, output, text_column=text_column, id_column=id_column, k=top_k,
+        chunk_size=chunk_size, batch_size=batch_size, console=Console(stderr=True),
+    )
+    typer.echo(f"{done['rows']:,} rows -> {done['output']} ({done['seconds']:.1f} s)")
+
+
+@app.command()
+@friendly
+def bench(
+    run_dir: Path = typer.Argument(..., help="A run directory written by tailtune run."),
+    batch_sizes: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
+    repeats: int = typer.Option(3, help="Timed passes over the texts, after a warm-up."),
+    max_texts: int = typer.Option(256, help="Test texts timed (a seeded sample)."),
+    price_per_hour: float = typer.Option(0.10, help="USD per hour of the machine, for the 64k-complaint cost."),
+    systems: str = typer.Option(None, help="Comma-separated subset of the run's systems."),
+):
+    """Latency, throughput, memory and cost of every finished system; writes <run>/bench.json."""
+    from rich.console import Console
+
+    from tailtune.bench import bench as run_bench
+    from tailtune.bench import print_bench
+    from tailtune.errors import TailtuneError
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise TailtuneError(f"--batch-sizes must be integers separated by commas, got '{batch_sizes}'") from None
+    console = Console()
+    result = run_bench(
+        run_dir, batch_sizes=sizes, repeats=repeats, max_texts=max_texts, price_per_hour=price_per_hour,
+        systems=systems.split(",") if systems else None, console=console,
+    )
+    print_bench(result, console)
+    console.print(f"written: {run_dir / 'bench.json'}")
+
+
+@app.command()
+@friendly
+def serve(
+    run_dir: Path = typer.Argument(..., help="A run directory written by tailtune run."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 for all)."),
+    systems: str = typer.Option(None, help="Comma-separated subset of the run's systems."),
+    max_batch: int = typer.Option(256, help="Most texts per request."),
+    max_chars: int = typer.Option(20000, help="Longest text accepted, in characters."),
+):
+    """Serve the run's systems over HTTP: POST /predict, GET /systems, GET /health."""
+    from tailtune.serve import serve as run_server
+
+    run_server(run_dir, host=host, port=port, systems=systems.split(",") if systems else None,
+               max_batch=max_batch, max_chars=max_chars)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
 

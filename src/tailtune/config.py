@@ -70,6 +70,10 @@ class BackboneConfig:
     batch_size: int = 16
     eval_batch_size: int = 64
     lr: float | None = None  # overrides train.lr for this backbone
+    epochs: float | None = None  # overrides train.epochs for this backbone (CPU budgets)
+    # Adapt only the top N transformer layers (None = all). Backpropagation then stops at the
+    # lowest adapted layer, which is what makes a 30-layer decoder trainable on a small CPU.
+    adapt_layers: int | None = None
 
 
 @dataclass
@@ -106,7 +110,7 @@ class TfidfConfig:
 
     max_features: int = 50000
     ngram_max: int = 2
-    C: float = 10.0
+    C: float = 1.0  # scikit-learn default, as in the reference baseline
     class_weight: str | None = None  # None reproduces the reference; "balanced" for the probe-style variant
 
 
@@ -288,8 +292,13 @@ def validate(cfg: Config) -> None:
             raise TailtuneError(f"{slot}.pooling must be one of {', '.join(POOLINGS)}")
         if bb.max_length < 8 or bb.batch_size < 1 or bb.eval_batch_size < 1:
             raise TailtuneError(f"{slot}: max_length >= 8 and batch sizes >= 1 are required")
+        if bb.epochs is not None and bb.epochs <= 0:
+            raise TailtuneError(f"{slot}.epochs must be > 0 (or null for train.epochs)")
+        if bb.adapt_layers is not None and bb.adapt_layers < 1:
+            raise TailtuneError(f"{slot}.adapt_layers must be >= 1 (or null for all layers)")
     if cfg.method.rank < 1 or cfg.method.alpha <= 0:
         raise TailtuneError("method.rank must be >= 1 and method.alpha > 0")
+
     for role in cfg.method.targets:
         if role not in methods.ROLES:
             raise TailtuneError(

@@ -18,10 +18,13 @@ How it is built:
 * **Text.** Each narrative is assembled from phrase pools: a first-person opener, product
   context shared by every issue of that product, timeline sentences with ``XX/XX/XXXX`` dates,
   amounts like ``{$1200.00}``, redacted names ``XXXX XXXX``, what they did, what I want and
-  generic boilerplate. Only some narratives state a cue of their own issue (1-3 cues), and a few
-  state a cue of a sibling issue instead or as well (label noise at the text level). Siblings
-  therefore share most of their vocabulary, rare classes are hard, and a TF-IDF + logistic
-  regression baseline lands well above chance but far from saturation.
+  generic boilerplate. Only some narratives state cues of their own issue (1-3 of them): few
+  in the broad head classes, nearly all in the niche tail classes. Some borrow a cue of a
+  sibling issue (label noise at the text level) or a context sentence of another product.
+  Siblings therefore share most of their vocabulary, rare classes are hard (too few examples,
+  not too little signal), and a TF-IDF + logistic regression baseline lands well above chance
+  but far from saturation: on the defaults, accuracy ~0.7 and macro-F1 ~0.21-0.25, with ~70 of the
+  100 classes at zero F1.
 * **Noise and length.** Most narratives are 20-90 words, some 8-15, a few up to ~200 (mean
   ~50, kept short because decoder backbones pay for every token); a small share is lowercased,
   carries a letter-swap typo, or lost the space after a full stop.
@@ -41,14 +44,19 @@ from tailtune.errors import TailtuneError
 
 TEXT_COLUMN = "Consumer complaint narrative"
 
-# Tuned so that TF-IDF + LogisticRegression on the default corpus scores roughly like the real
-# task (accuracy ~0.6, macro-F1 ~0.35, many tail classes at zero F1); see the module tests.
-# Chance that a narrative states at least one cue of its own issue, from the head class to the
-# tail class (interpolated in log count): broad head issues are described vaguely, niche ones
-# ("Convenience checks") are nearly always named, as in the real data.
-_P_OWN_CUE_HEAD, _P_OWN_CUE_TAIL = 0.5, 0.9
-_OWN_CUE_COUNT_P = (0.6, 0.3, 0.1)  # 1, 2 or 3 own cues, given at least one
-_P_SIBLING_CUE = 0.15  # a narrative also states a cue of a sibling issue
+# Text-level difficulty, tuned so that TF-IDF + LogisticRegression on the default corpus lands
+# near accuracy 0.7 and macro-F1 0.21-0.25, with most tail classes at zero F1.
+# The chance that a narrative states its own issue's cues goes from the tail value (x = 0) to
+# the head value (x = 1) along x**2, x the class's log count scaled to [0, 1]: broad head
+# issues are described vaguely, niche ones ("Convenience checks") nearly always say what
+# they are about, and mid-sized classes stay learnable.
+_P_OWN_CUE_HEAD, _P_OWN_CUE_TAIL = 0.2, 0.95
+_OWN_CUE_COUNT_P = (0.1, 0.2, 0.7)  # 1, 2 or 3 own cues, given at least one
+# A cue borrowed from a sibling issue: label noise at the text level.
+_P_SIBLING_CUE = 0.1
+# One context sentence from another product, picked by row share: debt collection complaints
+# talk about credit reports, card complaints about bank accounts.
+_P_FOREIGN_CONTEXT = 0.4
 _MODE_P = (0.12, 0.84, 0.04)  # short (8-15 words), normal (20-90), long (up to ~200)
 _P_LOWER, _P_TYPO, _P_NO_SPACE = 0.05, 0.08, 0.03
 
@@ -70,7 +78,7 @@ class _Product:
 _PRODUCTS = (
     _Product(
         "Credit reporting, credit repair services, or other personal consumer reports",
-        5.0,
+        8.0,
         "my credit report",
         "Credit reporting|Other personal consumer report|Credit repair services",
         "Equifax|Experian|TransUnion|the credit bureau|XXXX, a consumer reporting agency|"
@@ -619,9 +627,10 @@ def make_demo_corpus(
 
     Returns:
         One row per complaint, shuffled, with columns ``Complaint ID`` (unique int),
-        ``Product``, ``Sub-product``, ``Issue``, ``Sub-issue`` (missing for most issues) and
-        ``Consumer complaint narrative``. With the defaults: ~3,600 rows, the head class 1,100
-        rows, the last ~17 classes ``min_count`` rows each, mean ~50 words per narrative.
+        ``Product``, ``Sub-product``, ``Issue``, ``Sub-issue`` (missing for issues without
+        listed sub-issues) and ``Consumer complaint narrative``. With the defaults: 3,424 rows,
+        the head class 1,100 rows, the last 32 classes ``min_count`` rows each, ~50 words per
+        narrative on average.
     """
     catalogue = _interleaved_issues()
     if not 1 <= n_classes <= len(catalogue):
@@ -674,6 +683,9 @@ def make_demo_corpus(
         )
         for p in np.unique(product_of)
     }
+    present_products = np.unique(product_of)
+    product_rows = np.array([counts[product_of == p].sum() for p in present_products])
+    product_cdf = np.cumsum(product_rows) / product_rows.sum()
     openers, timeline, they_did = _pool(_OPENERS), _pool(_TIMELINE), _pool(_THEY_DID)
     amount_lines, wants, boilerplate = _pool(_AMOUNT), _pool(_WANT), _pool(_BOILERPLATE)
     cue_frames, context_frames = _pool(_CUE_FRAMES), _pool(_CONTEXT_FRAMES)
@@ -683,15 +695,18 @@ def make_demo_corpus(
     mode = rng.choice(3, size=n, p=_MODE_P)  # 0 short, 1 normal, 2 long
     log_counts = np.log(counts)
     spread = max(log_counts.max() - log_counts.min(), 1e-9)
-    p_own = _P_OWN_CUE_TAIL + (_P_OWN_CUE_HEAD - _P_OWN_CUE_TAIL) * (
-        (log_counts - log_counts.min()) / spread
+    p_own = (
+        _P_OWN_CUE_TAIL
+        + (_P_OWN_CUE_HEAD - _P_OWN_CUE_TAIL) * ((log_counts - log_counts.min()) / spread) ** 2
     )
     n_own = np.where(
         rng.random(n) < p_own[labels], 1 + rng.choice(3, size=n, p=_OWN_CUE_COUNT_P), 0
     )
     has_sibling = rng.random(n) < _P_SIBLING_CUE
-    pick = rng.integers(0, 1 << 30, size=(n, 32))  # pool indices, reduced modulo pool size
-    coin = rng.random((n, 8))  # optional-sentence coins (normal mode) and noise coins
+    # pick[i, slot] % len(pool) chooses from a pool; each slot serves one choice only, so
+    # editing one pool or choice leaves every other draw of the corpus unchanged.
+    pick = rng.integers(0, 1 << 30, size=(n, 25))
+    coin = rng.random((n, 10))  # optional-sentence coins (normal mode) and noise coins
     order_keys = rng.random((n, 24))  # shuffles the middle sentences
     n_context = np.where(mode == 2, 4, 1 + (rng.random(n) < 0.6))
     amounts = _amounts(rng, n)
@@ -729,6 +744,10 @@ def make_demo_corpus(
             )
             for j in range(n_context[i])
         ]
+        if mode[i] != 0 and coin[i, 8] < _P_FOREIGN_CONTEXT:
+            foreign = present_products[np.searchsorted(product_cdf, coin[i, 9], side="right")]
+            foreign_context = product_pools[foreign][0]
+            context_lines[-1] = foreign_context[k[24] % len(foreign_context)] + "."
 
         if mode[i] == 0:
             # One sentence, the cue when there is one: short complaints are often all point.
@@ -756,6 +775,8 @@ def make_demo_corpus(
                 sentences.append(boilerplate[k[22] % len(boilerplate)])
             if long:
                 sentences.append(boilerplate[(k[22] + 1) % len(boilerplate)])
+        if sum(len(s.split()) for s in sentences) < 8:
+            sentences.append(wants[k[21] % len(wants)])
         text = " ".join(_capitalise(s.format_map(fill)) for s in sentences)
 
         noise = coin[i, 6]

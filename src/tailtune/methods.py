@@ -22,7 +22,7 @@ ROLES = ("attention", "ffn", "all")
 class Method:
     name: str
     mergeable: bool  # can be folded into the base weights (no added inference latency)
-    apply: Callable  # (model, backbone, cfg) -> (model, targeted module names)
+    apply: Callable  # (model, backbone, cfg, top_layers) -> (model, targeted module names)
     save: Callable  # (model, folder) -> None
     load: Callable  # (base model, folder) -> model
 
@@ -44,10 +44,10 @@ def get(name: str) -> Method:
 # ----------------------------------------------------------------------------- lora
 
 
-def _lora_apply(model, backbone: Backbone, cfg: MethodConfig):
+def _lora_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
     from peft import LoraConfig, get_peft_model
 
-    names = target_modules(model, backbone.model_type, cfg.targets)
+    names = target_modules(model, backbone.model_type, cfg.targets, top_layers)
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names)
     return get_peft_model(model, config), names
 
@@ -68,7 +68,7 @@ register(Method("lora", True, _lora_apply, _lora_save, _lora_load))
 # ----------------------------------------------------------------------------- full
 
 
-def _full_apply(model, backbone: Backbone, cfg: MethodConfig):
+def _full_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
     for p in model.parameters():
         p.requires_grad_(True)
     return model, ["*"]
@@ -90,7 +90,7 @@ register(Method("full", True, _full_apply, _full_save, _full_load))
 # ----------------------------------------------------------------------------- head only
 
 
-def _head_apply(model, backbone: Backbone, cfg: MethodConfig):
+def _head_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
     for p in model.parameters():
         p.requires_grad_(False)
     return model, []

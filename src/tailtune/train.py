@@ -67,8 +67,12 @@ def fit(
     backbone: BackboneConfig,
     work_dir: str | Path | None = None,
     console=None,
+    start_val_f1: float | None = None,
 ) -> dict:
     """Train ``model`` in place and leave the best validation state loaded. Returns the history.
+
+    ``start_val_f1`` is the validation macro-F1 of the starting point when it is already known
+    (LP-FT: the probe's), so the start competes for "best" without another validation pass.
 
     History keys: precision, steps, epochs_run, best_val_macro_f1, best_step, evals
     [{step, epoch, val_macro_f1, val_accuracy}], losses [{step, loss}], stopped_early.
@@ -89,7 +93,8 @@ def fit(
 
     per_step = backbone.batch_size * train.grad_accum
     steps_per_epoch = max(1, math.ceil(len(train_set) / per_step))
-    total_steps = max(1, math.ceil(steps_per_epoch * train.epochs))
+    epochs = backbone.epochs if backbone.epochs is not None else train.epochs
+    total_steps = max(1, math.ceil(steps_per_epoch * epochs))
     eval_steps = max(1, steps_per_epoch // train.eval_per_epoch)
 
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("score.")]
@@ -110,6 +115,10 @@ def fit(
 
     def snapshot() -> dict:
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    if start_val_f1 is not None:
+        best.update(f1=start_val_f1, state=snapshot())
+        history["evals"].append({"step": 0, "epoch": 0.0, "val_macro_f1": start_val_f1, "val_accuracy": None})
 
     def compute_metrics(pred) -> dict:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
@@ -150,7 +159,7 @@ def fit(
             per_device_train_batch_size=backbone.batch_size,
             per_device_eval_batch_size=backbone.eval_batch_size,
             gradient_accumulation_steps=train.grad_accum,
-            num_train_epochs=train.epochs,
+            num_train_epochs=epochs,
             max_steps=total_steps,
             eval_strategy="steps",
             eval_steps=eval_steps,
@@ -181,8 +190,6 @@ def fit(
             callbacks=callbacks,
         )
         trainer.remove_callback(PrinterCallback)  # rich progress replaces the raw log dicts
-        if train.head_init == "probe" and any(n.startswith("score.") for n, _ in model.named_parameters()):
-            trainer.evaluate()  # the LP-FT starting point competes for "best" too
         trainer.train()
     if best["state"] is not None:
         with torch.no_grad():

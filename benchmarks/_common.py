@@ -1,0 +1,59 @@
+"""What the benchmark scripts share: finding the systems and texts to time, and printing results."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def locate(
+    path: str, system: str | None, wanted: Callable[[dict], bool]
+) -> tuple[list[Path], Path | None]:
+    """(system folders to benchmark, run directory or None) for a run dir or a system folder.
+
+    In a run directory, ``system`` picks one; otherwise every finished system whose
+    ``tailtune.json`` satisfies ``wanted`` is returned.
+    """
+    from tailtune import deploy
+    from tailtune.errors import TailtuneError
+
+    path = Path(path)
+    if (path / "comparison.csv").exists():
+        names = deploy.finished_systems(path, [system] if system else None)
+        folders = [path / "systems" / n for n in names]
+        chosen = [f for f in folders if wanted(_meta(f))]
+        if not chosen:
+            raise TailtuneError(f"no suitable system in {path} (finished: {', '.join(names)})")
+        return chosen, path
+    run_dir = next((p for p in path.resolve().parents if (p / "config.yaml").exists()), None)
+    return [path], run_dir
+
+
+def _meta(system_dir: Path) -> dict:
+    from tailtune import deploy
+
+    kind, folder = deploy.resolve_system(system_dir)
+    return {"kind": kind, **(deploy.load_meta(folder) if kind != "export" else {})}
+
+
+def texts_for(run_dir: Path | None, n: int) -> list[str]:
+    """``n`` texts of the run's data at their real lengths (all splits), else the export check texts."""
+    from tailtune import bench, deploy
+
+    if run_dir is None:
+        return deploy.check_texts()
+    return bench.sample_texts(run_dir, n, split=None)[0]
+
+
+def report(seconds: dict[str, np.ndarray], n_texts: int, reference: str) -> None:
+    """Median and p95 ms per example of every contender, and each one's ratio to ``reference``."""
+    ref = np.median(seconds[reference])
+    print(f"{'contender':<12} {'median ms/ex':>13} {'p95 ms/ex':>10} {'vs ' + reference:>14}")
+    for name, s in seconds.items():
+        per_example = s * 1000 / n_texts
+        print(
+            f"{name:<12} {np.median(per_example):13.4f} {np.percentile(per_example, 95):10.4f} "
+            f"{np.median(s) / ref:13.3f}x"
+        )

@@ -1,0 +1,113 @@
+"""tailtune's predictor vs a plain ``transformers.pipeline("text-classification")``.
+
+Both sides run the same stock ``...ForSequenceClassification`` holding a system's merged
+weights (saved to a folder and loaded back, as ``tailtune export`` does), on the same texts
+(sampled from the run's data, at their real lengths), at the same batch size. What differs is
+how texts reach the model: tailtune sorts them by length so batches carry little padding,
+and autocasts to bf16 where the device computes it natively; the pipeline pads each batch in
+arrival order. Target: tailtune >= 2x faster on CPU.
+
+Usage::
+
+    python benchmarks/predict_vs_pipeline.py RUN_DIR [--system decoder-lora] [--texts 512]
+        [--batch-size 32] [--repeats 5]
+    python benchmarks/predict_vs_pipeline.py RUN_DIR/systems/decoder-lora
+    python benchmarks/predict_vs_pipeline.py EXPORTED_FOLDER      # written by tailtune export
+
+Only decoder systems have a stock class that pools like tailtune (see ``tailtune.deploy``).
+The stock class has no head bias; when the system's head has one, both sides run without it
+(timing is unaffected, and ``tailtune export`` would refuse such a system) and the script
+says so. Prints median and p95 ms per example over passes and the pipeline/tailtune ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from _common import locate, report, texts_for
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="run directory, system folder or exported folder")
+    parser.add_argument(
+        "--system", help="system of the run (default: its first decoder LoRA system)"
+    )
+    parser.add_argument("--texts", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from tailtune import deploy
+    from tailtune.backbones import quiet_transformers
+    from tailtune.classifier import TextClassifier
+
+    quiet_transformers()
+    folders, run_dir = locate(
+        args.path,
+        args.system,
+        lambda m: m["kind"] == "finetune" and m["backbone"]["kind"] == "decoder",
+    )
+    system_dir = folders[0]
+    kind, folder = deploy.resolve_system(system_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind != "export":
+            clf = TextClassifier.load(folder)
+            model, bias = deploy.hf_classifier(clf)
+            if np.abs(bias).max() > deploy.MERGE_TOLERANCE:
+                print(
+                    f"note: {system_dir.name}'s head bias (max |b| {np.abs(bias).max():.3g}) does not fit the "
+                    "stock class; both sides run without it (timing only)"
+                )
+            deploy.save_hf(model, clf, Path(tmp))
+            folder = Path(tmp)
+        hf = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    device = deploy.pick_device("auto")
+    hf.to(device)
+    classes = [hf.config.id2label[i] for i in range(hf.config.num_labels)]
+    ours = deploy.TorchPredictor(
+        hf,
+        tokenizer,
+        classes,
+        kind="export",
+        max_length=tokenizer.model_max_length,
+        batch_size=args.batch_size,
+        precision=deploy.pick_precision("auto", device),
+    )
+    pipe = pipeline("text-classification", model=hf, tokenizer=tokenizer, device=device)
+    texts = texts_for(run_dir, args.texts)
+
+    def run_pipeline():
+        return pipe(texts, batch_size=args.batch_size, truncation=True)
+
+    def run_tailtune():
+        return ours.predict_proba(texts)
+
+    agree = np.mean(
+        np.asarray(ours.predict(texts)) == np.asarray([r["label"] for r in run_pipeline()])
+    )
+    print(
+        f"{system_dir}: {type(hf).__name__}, {len(texts)} texts, batch {args.batch_size}, "
+        f"{device.type}, tailtune precision {ours.precision}, {torch.get_num_threads()} threads"
+    )
+    print(f"same predictions on {agree:.1%} of texts")
+    from tailtune.bench import compare
+
+    seconds = compare({"pipeline": run_pipeline, "tailtune": run_tailtune}, args.repeats)
+    report(seconds, len(texts), "tailtune")
+    ratio = np.median(seconds["pipeline"]) / np.median(seconds["tailtune"])
+    print(f"tailtune is {ratio:.2f}x faster than the pipeline (median pass; target >= 2x on CPU)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""``tailtune bench``: latency, throughput, memory and cost of every trained system of a run.
+
+Each system that finished (``comparison.csv`` status ok) is loaded the way ``tailtune
+predict`` loads it and timed on the run's own test texts, at their real lengths, in
+deployment variants side by side:
+
+- fine-tuned: ``merged-fp32``, ``merged-bf16``, ``merged-int8`` and, for LoRA,
+  ``unmerged-fp32`` (adapter applied at run time, as during training);
+- probes: ``fp32``, ``bf16``, ``int8``; ``tfidf-logreg``: ``sklearn``.
+
+bf16 runs only where the device computes it natively (CUDA with bf16, or a CPU with
+AVX512-BF16/AMX); elsewhere it is recorded as skipped with the reason. int8 is PyTorch
+dynamic quantisation of every ``nn.Linear`` (CPU only). Each variant's accuracy on the timed
+texts sits next to its speed, as a change from the fp32 reference of the same system.
+
+How it is measured: texts are sorted by length and cut into batches, as ``predict`` does
+inside a chunk; a few of the longest batches warm up first; then every batch is timed
+``repeats`` times, tokenisation included. ``p50_ms``/``p95_ms`` are per-*batch* latencies in
+milliseconds; ``ms_per_example`` is the median over repeats of (pass time / texts) and
+``examples_per_s`` its inverse. ``peak_mem_mb`` is the peak RSS growth of this process
+while loading the system and classifying the texts once (peak allocated GPU memory on CUDA);
+systems are measured one after another, so memory the allocator kept from an earlier system
+can hide part of a later one's (bench one system with ``systems=[...]`` for a clean number).
+``time_64k_s``/``cost_64k`` extrapolate the headline numbers to 64,000 complaints at
+``price_per_hour``. The headline is the variant ``predict`` uses by default (merged, bf16
+where native else fp32) at ``HEADLINE_BATCH``.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from tailtune.errors import TailtuneError
+
+DEFAULT_BATCH_SIZES = (1, 8, 32)
+HEADLINE_BATCH = 32
+JOB_SIZE = 64_000  # complaints in the cost estimate
+# USD per hour of a small CPU machine: roughly an on-demand 2-vCPU x86 cloud VM. An assumption,
+# not a quote; pass your own price.
+DEFAULT_PRICE_PER_HOUR = 0.10
+WARMUP_BATCHES = 3
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def machine() -> dict:
+    """CPU model, torch threads, GPU name (or None) and torch version."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__}
+
+
+def length_batches(texts: list[str], batch_size: int) -> list[list[str]]:
+    """``texts`` sorted longest first (characters) and cut into batches, as predict batches a chunk."""
+    ordered = sorted(texts, key=len, reverse=True)
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def time_batches(predict: Callable, texts: list[str], batch_size: int, repeats: int) -> dict:
+    """Time ``predict(batch)`` over length-sorted batches of ``texts``, after a warm-up.
+
+    Returns ms_per_example (median over repeats of pass time / texts), examples_per_s, and
+    p50_ms / p95_ms of the per-batch latency in milliseconds.
+    """
+    batches = length_batches(texts, batch_size)
+    for batch in batches[:WARMUP_BATCHES]:
+        predict(batch)
+    per_batch, per_example = [], []
+    for _ in range(max(repeats, 1)):
+        total = 0.0
+        for batch in batches:
+            started = time.perf_counter()
+            predict(batch)
+            elapsed = time.perf_counter() - started
+            per_batch.append(elapsed * 1000)
+            total += elapsed
+        per_example.append(total * 1000 / len(texts))
+    ms = float(np.median(per_example))
+    return {
+        "ms_per_example": ms,
+        "p50_ms": float(np.percentile(per_batch, 50)),
+        "p95_ms": float(np.percentile(per_batch, 95)),
+        "examples_per_s": 1000.0 / ms if ms > 0 else float("inf"),
+    }
+
+
+def compare(
+    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, np.ndarray]:
+    """Seconds per call of each contender, side by side: all warm up, then the calls interleave.
+
+    Interleaving spreads drift in machine load (other processes, clock changes) over every
+    contender instead of charging it to whichever ran last.
+    """
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            started = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: np.asarray(values) for name, values in seconds.items()}
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as mem: ...`` then ``mem.mb``: peak growth in MiB during the block.
+
+    CPU: resident set size sampled by a background thread (psutil). CUDA: peak allocated.
+    """
+
+    def __init__(self, device, interval_s: float = 0.002):
+        self.device, self.interval_s, self.mb = device, interval_s, 0.0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        self.process = psutil.Process()
+        self.base = self.peak = self.process.memory_info().rss
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            self.stop.set()
+            self.thread.join()
+            peak = max(self.peak, self.process.memory_info().rss)
+        self.mb = max(peak - self.base, 0) / 2**20
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def bf16_support(device) -> str | None:
+    """None when bf16 is native on ``device``, else why it is skipped."""
+    import torch
+
+    from tailtune.train import cpu_has_fast_bf16
+
+    if device.type == "cuda":
+        return None if torch.cuda.is_bf16_supported() else "this GPU has no bf16"
+    if cpu_has_fast_bf16():
+        return None
+    return "this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 runs slower than fp32"
+
+
+def _variants(
+    system_dir: Path, device
+) -> tuple[list[tuple[str, Callable | None, str | None]], str, str]:
+    """([(variant, build() -> predictor, skip reason)], headline variant, reference variant)."""
+    import copy
+
+    from tailtune import deploy
+
+    kind, folder = deploy.resolve_system(system_dir)
+    if kind == "tfidf":
+        return [("sklearn", lambda: deploy.load_predictor(folder), None)], "sklearn", "sklearn"
+    prefix = "merged-" if kind == "finetune" else ""
+    loaded: dict = {}
+
+    def fp32():
+        # One merged fp32 load serves the fp32, bf16 and int8 variants.
+        if "fp32" not in loaded:
+            loaded["fp32"] = deploy.load_predictor(folder, precision="fp32", device=str(device))
+        return loaded["fp32"]
+
+    def bf16():
+        predictor = copy.copy(fp32())
+        predictor.precision = "bf16"
+        return predictor
+
+    no_bf16 = bf16_support(device)
+    no_int8 = None if device.type == "cpu" else "dynamic int8 quantisation runs on CPU only"
+    variants = [
+        (f"{prefix}fp32", fp32, None),
+        (f"{prefix}bf16", bf16, no_bf16),
+        (f"{prefix}int8", lambda: deploy.quantize_int8(fp32()), no_int8),
+    ]
+    meta_method = deploy.load_meta(folder).get("method") if kind == "finetune" else None
+    if meta_method == "lora":
+        variants.insert(
+            0,
+            (
+                "unmerged-fp32",
+                lambda: deploy.load_predictor(
+                    folder, merged=False, precision="fp32", device=str(device)
+                ),
+                None,
+            ),
+        )
+    headline = f"{prefix}{'fp32' if no_bf16 else 'bf16'}"
+    # Headline first: its load is the one whose memory is measured.
+    variants.sort(key=lambda v: v[0] != headline)
+    return variants, headline, f"{prefix}fp32"
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def sample_texts(
+    run_dir: Path, max_texts: int, split: str | None = "test", seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """(texts, labels) of a split of the run's data (None: all splits), a seeded sample of at most ``max_texts``."""
+    from tailtune.config import load_config
+    from tailtune.data import prepare
+
+    cfg = load_config(str(Path(run_dir) / "config.yaml"))
+    prepared = prepare(cfg.data)
+    frame = prepared.frame if split is None else prepared.split(split)
+    if len(frame) > max_texts:
+        frame = frame.sample(n=max_texts, random_state=seed)
+    return frame["text"].tolist(), frame["label"].tolist()
+
+
+def bench(
+    run_dir: str | Path,
+    *,
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    repeats: int = 3,
+    max_texts: int = 256,
+    price_per_hour: float = DEFAULT_PRICE_PER_HOUR,
+    systems: list[str] | None = None,
+    device: str = "auto",
+    console=None,
+) -> dict:
+    """Benchmark every finished system of ``run_dir``; write ``<run>/bench.json`` and return it."""
+    import torch
+
+    from tailtune import rundir
+    from tailtune.deploy import finished_systems, pick_device
+
+    run_dir = Path(run_dir)
+    if not batch_sizes or min(batch_sizes) < 1 or repeats < 1 or max_texts < 1:
+        raise TailtuneError("batch sizes, --repeats and --max-texts must be at least 1")
+    names = finished_systems(run_dir, systems)
+    texts, labels = sample_texts(run_dir, max_texts)
+    gold = np.asarray(labels, dtype=object)
+    device = pick_device(device)
+    headline_batch = HEADLINE_BATCH if HEADLINE_BATCH in batch_sizes else max(batch_sizes)
+    result = {
+        "machine": machine(),
+        "price_per_hour": float(price_per_hour),
+        "batch_size": headline_batch,
+        "systems": {},
+        "ratios": {"decoder_vs_encoder": None, "unmerged_vs_merged": {}},
+        "texts": len(texts),
+        "repeats": repeats,
+    }
+    for name in names:
+        if console is not None:
+            console.print(f"[bold]{name}[/]")
+        variants, headline, reference = _variants(run_dir / "systems" / name, device)
+        rows, skipped, accuracy = [], [], {}
+        memory_mb, params = 0.0, 0
+        for variant, build, reason in variants:
+            if reason is not None:
+                skipped.append({"variant": variant, "reason": reason})
+                continue
+            if variant == headline:
+                with PeakMemory(device) as mem:
+                    predictor = build()
+                    proba = predictor.predict_proba(texts)
+                memory_mb, params = mem.mb, predictor.params
+            else:
+                predictor = build()
+                proba = predictor.predict_proba(texts)
+            accuracy[variant] = float(
+                np.mean(np.asarray(predictor.classes_, dtype=object)[proba.argmax(1)] == gold)
+            )
+            for b in batch_sizes:
+                predictor.batch_size = b
+                timing = time_batches(predictor.predict_proba, texts, b, repeats)
+                rows.append({"variant": variant, "batch_size": b, **timing})
+                if console is not None:
+                    console.print(
+                        f"  {variant:14s} batch {b:3d}: {timing['ms_per_example']:8.3f} ms/example"
+                    )
+            del predictor
+        for row in rows:
+            row["accuracy"] = accuracy[row["variant"]]
+            row["accuracy_change"] = (
+                accuracy[row["variant"]] - accuracy[reference] if reference in accuracy else None
+            )
+        top = next(
+            r for r in rows if r["variant"] == headline and r["batch_size"] == headline_batch
+        )
+        seconds = JOB_SIZE * top["ms_per_example"] / 1000
+        result["systems"][name] = {
+            "ms_per_example": top["ms_per_example"],
+            "examples_per_s": top["examples_per_s"],
+            "peak_mem_mb": memory_mb,
+            "time_64k_s": seconds,
+            "cost_64k": seconds / 3600 * price_per_hour,
+            "variant": headline,
+            "variants": rows,
+            "params": int(params),
+            "skipped": skipped,
+        }
+        by = {(r["variant"], r["batch_size"]): r["ms_per_example"] for r in rows}
+        if ("unmerged-fp32", headline_batch) in by:
+            result["ratios"]["unmerged_vs_merged"][name] = (
+                by[("unmerged-fp32", headline_batch)] / by[("merged-fp32", headline_batch)]
+            )
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result["ratios"]["decoder_vs_encoder"] = decoder_vs_encoder(result["systems"])
+    rundir.write_json(run_dir / "bench.json", result)
+    return result
+
+
+def decoder_vs_encoder(systems: dict) -> float | None:
+    """Median of decoder/encoder headline ms per example over systems that differ only in slot."""
+    ratios = [
+        entry["ms_per_example"]
+        / systems["encoder-" + name.removeprefix("decoder-")]["ms_per_example"]
+        for name, entry in systems.items()
+        if name.startswith("decoder-") and "encoder-" + name.removeprefix("decoder-") in systems
+    ]
+    return float(np.median(ratios)) if ratios else None
+
+
+def print_bench(result: dict, console) -> None:
+    """Every variant and batch size, then the headline per system."""
+    from rich.table import Table
+
+    table = Table(title=f"latency on {result['texts']} test texts (p50/p95: ms per batch)")
+    for col in (
+        "system",
+        "variant",
+        "batch",
+        "ms/example",
+        "p50 ms",
+        "p95 ms",
+        "examples/s",
+        "accuracy",
+        "change",
+    ):
+        table.add_column(
+            col, justify="left" if col in ("system", "variant") else "right", no_wrap=True
+        )
+    for name, entry in result["systems"].items():
+        for r in entry["variants"]:
+            change = "" if r["accuracy_change"] is None else f"{r['accuracy_change']:+.3f}"
+            table.add_row(
+                name,
+                r["variant"],
+                str(r["batch_size"]),
+                f"{r['ms_per_example']:.3f}",
+                f"{r['p50_ms']:.2f}",
+                f"{r['p95_ms']:.2f}",
+                f"{r['examples_per_s']:,.0f}",
+                f"{r['accuracy']:.3f}",
+                change,
+            )
+    console.print(table)
+    summary = Table(
+        title=f"deployment headline (batch {result['batch_size']}, {result['price_per_hour']:.2f} USD/hour)"
+    )
+    for col in (
+        "system",
+        "variant",
+        "ms/example",
+        "examples/s",
+        "peak MiB",
+        "params",
+        "64k time",
+        "64k cost",
+    ):
+        summary.add_column(
+            col, justify="left" if col in ("system", "variant") else "right", no_wrap=True
+        )
+    for name, e in result["systems"].items():
+        summary.add_row(
+            name,
+            e["variant"],
+            f"{e['ms_per_example']:.3f}",
+            f"{e['examples_per_s']:,.0f}",
+            f"{e['peak_mem_mb']:.0f}",
+            f"{e['params']:,}",
+            f"{e['time_64k_s']:.1f} s",
+            f"${e['cost_64k']:.5f}",
+        )
+    console.print(summary)
+    ratios = result["ratios"]
+    if ratios["decoder_vs_encoder"] is not None:
+        console.print(f"decoder / encoder latency: {ratios['decoder_vs_encoder']:.2f}x")
+    for name, ratio in ratios["unmerged_vs_merged"].items():
+        console.print(f"{name}: unmerged / merged latency {ratio:.2f}x")
+    for name, e in result["systems"].items():
+        for s in e["skipped"]:
+            console.print(f"[dim]{name} {s['variant']} skipped: {s['reason']}[/]")
+    m = result["machine"]
+    console.print(
+        f"[dim]machine: {m['cpu']}, {m['threads']} threads, GPU {m['gpu'] or 'none'}, torch {m['torch']}[/]"
+    )

@@ -1,0 +1,886 @@
+"""Deploy trained systems: load any system folder as a predictor, export merged weights, stream predictions.
+
+- :func:`load_predictor` turns any system folder of a run (fine-tuned, ``tfidf-logreg``,
+  probe) or a folder written by :func:`export_merged` into a :class:`Predictor` with
+  ``classes_`` and ``predict_proba(texts) -> (N, C)``. LoRA adapters are merged into the base
+  weights on load (``merged=False`` keeps them apart, for comparisons).
+- :func:`export_merged` writes a fine-tuned system with its adapter merged in, either as an
+  ordinary transformers folder (``format="hf"``: loads with
+  ``AutoModelForSequenceClassification.from_pretrained`` and nothing from tailtune) or in
+  tailtune's own layout (``format="tailtune"``: merged backbone + head, read by
+  ``TextClassifier.load`` without peft). Every export is reloaded and its logits compared with
+  the unmerged system before the folder appears.
+- :func:`predict_file` classifies a CSV / JSONL / Parquet file of any size in constant
+  memory and writes predictions in the input's order.
+
+A stock transformers class is used only where it computes exactly what tailtune computes.
+Decoders map onto ``<Family>ForSequenceClassification``, which pools the last token that is
+not ``pad_token_id`` and applies a bias-free linear ``score``; tailtune pools the last real
+token from the attention mask and its head has a bias. The two agree when (1) the system
+pools "last", (2) the head's bias is zero and (3) no text ends in the pad token. Decoders pad
+with eos when they have no pad token; transformers would then pool one token early on a
+text that itself ends in eos, which tailtune's tokenizers never append. BERT-style heads
+(tanh pooler) and ModernBERT's (dense + activation + LayerNorm before the classifier) have no
+exact equivalent of a linear head on the pooled vector, so those exports are refused with
+``format="tailtune"`` as the alternative.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from tailtune.errors import TailtuneError
+
+# Largest |merged - unmerged| logit allowed on export, in fp32. Merging reorders float sums
+# (W x + B A x s vs (W + B A s) x), which moves logits by ~1e-6 on real models.
+MERGE_TOLERANCE = 1e-4
+EXPORT_INFO = "tailtune_export.json"
+
+
+# ----------------------------------------------------------------------------- predictors
+
+
+class Predictor:
+    """Anything that classifies texts. ``kind``: finetune | probe | tfidf | export.
+
+    ``predict_proba(texts)`` returns (N, C) probabilities, columns in ``classes_`` order.
+    ``info`` describes the system (backbone, method, ...), ``params`` counts its parameters.
+    """
+
+    kind: str
+    classes_: list[str]
+    info: dict
+    params: int
+
+    def predict_proba(self, texts: list[str], progress: Callable | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return [self.classes_[i] for i in self.predict_proba(texts).argmax(axis=1)]
+
+
+class TorchPredictor(Predictor):
+    """A torch model run in length-sorted batches (``classifier.run_forward``).
+
+    ``model`` returns logits (a tailtune ``PooledClassifier`` or a transformers
+    ``...ForSequenceClassification``); with ``head`` (a scikit-learn pipeline, for probes) the
+    pooled features go through the head instead.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        classes,
+        *,
+        kind,
+        max_length,
+        batch_size,
+        precision,
+        head=None,
+        info=None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.classes_ = list(classes)
+        self.kind = kind
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.precision = precision
+        self.head = head
+        self.info = info or {}
+
+    @property
+    def params(self) -> int:
+        from tailtune.classifier import count_params
+
+        head = 0 if self.head is None else self.head[-1].coef_.size + self.head[-1].intercept_.size
+        return count_params(self.model)[1] + head
+
+    def logits(self, texts: list[str], progress: Callable | None = None) -> np.ndarray:
+        """(N, C) logits in input order."""
+        from tailtune.classifier import run_forward, tokenize
+
+        ids = tokenize(self.tokenizer, texts, self.max_length)
+        return run_forward(
+            self.model, self.tokenizer, ids, self.batch_size, self.precision, "logits", progress
+        )
+
+    def predict_proba(self, texts: list[str], progress: Callable | None = None) -> np.ndarray:
+        from tailtune.classifier import run_forward, softmax, tokenize
+
+        if self.head is None:
+            return softmax(self.logits(texts, progress))
+        ids = tokenize(self.tokenizer, texts, self.max_length)
+        features = run_forward(
+            self.model, self.tokenizer, ids, self.batch_size, self.precision, "features", progress
+        )
+        return _pipeline_proba(self.head, features, len(self.classes_))
+
+
+class SklearnPredictor(Predictor):
+    """A scikit-learn text pipeline (the TF-IDF baseline)."""
+
+    def __init__(self, pipeline, classes, info=None):
+        self.pipeline = pipeline
+        self.classes_ = list(classes)
+        self.kind = "tfidf"
+        self.info = info or {}
+
+    @property
+    def params(self) -> int:
+        return self.pipeline[-1].coef_.size + self.pipeline[-1].intercept_.size
+
+    def predict_proba(self, texts: list[str], progress: Callable | None = None) -> np.ndarray:
+        proba = _pipeline_proba(self.pipeline, texts, len(self.classes_))
+        if progress is not None:
+            progress(len(texts))
+        return proba
+
+
+def _pipeline_proba(pipeline, inputs, n_classes: int) -> np.ndarray:
+    # The pipeline only knows the classes it saw in training (its classes_ are class indices).
+    proba = np.zeros((len(inputs), n_classes))
+    proba[:, pipeline[-1].classes_] = pipeline.predict_proba(inputs)
+    return proba
+
+
+def load_meta(folder: Path) -> dict:
+    """The ``tailtune.json`` of a model folder."""
+    return json.loads((Path(folder) / "tailtune.json").read_text())
+
+
+def resolve_system(path: str | Path) -> tuple[str, Path]:
+    """(kind, folder holding the model files) for ``<run>/systems/<name>``, its ``model/`` or an export."""
+    path = Path(path)
+    if not path.exists():
+        raise TailtuneError(f"system folder not found: {path}")
+    for folder in (path / "model", path):
+        meta = folder / "tailtune.json"
+        if meta.is_file():
+            return load_meta(folder).get("kind", "finetune"), folder
+    if (path / EXPORT_INFO).is_file() and (path / "config.json").is_file():
+        return "export", path
+    raise TailtuneError(
+        f"{path} is not a tailtune system folder (expected <run>/systems/<name>, its model/ "
+        "folder, or a folder written by tailtune export)"
+    )
+
+
+def load_predictor(
+    path: str | Path,
+    *,
+    merged: bool = True,
+    precision: str = "auto",
+    device: str = "auto",
+    batch_size: int | None = None,
+) -> Predictor:
+    """Load any system folder as a :class:`Predictor`.
+
+    ``merged`` folds LoRA adapters into the base weights (no added latency); ``precision``
+    is auto | fp32 | bf16 | fp16 (auto: bf16 only where the device computes it natively);
+    ``device`` is auto | cpu | cuda; ``batch_size`` defaults to the system's eval batch size.
+    """
+    kind, folder = resolve_system(path)
+    if kind not in LOADERS:
+        raise TailtuneError(f"{folder} holds a system of unknown kind '{kind}'")
+    return LOADERS[kind](
+        folder,
+        merged=merged,
+        precision=precision,
+        device=pick_device(device),
+        batch_size=batch_size,
+    )
+
+
+def finished_systems(run_dir: str | Path, only: list[str] | None = None) -> list[str]:
+    """Names of the run's systems with status ok, in comparison order (``only``: a subset)."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    comparison_file = run_dir / "comparison.csv"
+    if not comparison_file.exists():
+        raise TailtuneError(f"{run_dir} is not a finished tailtune run (no comparison.csv)")
+    comparison = pd.read_csv(comparison_file)
+    names = comparison.loc[comparison["status"] == "ok", "system"].tolist()
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise TailtuneError(
+                f"no finished system named {', '.join(unknown)} in {run_dir} (finished: {', '.join(names)})"
+            )
+        names = [n for n in names if n in only]
+    if not names:
+        raise TailtuneError(f"{run_dir} has no system with status ok")
+    return names
+
+
+def pick_device(device: str):
+    """torch.device for auto | cpu | cuda (auto: CUDA when there is one)."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_precision(precision: str, device) -> str:
+    """fp32 | bf16 | fp16 for ``precision`` on ``device``; auto = what the device does natively."""
+    from tailtune.train import cpu_has_fast_bf16, resolve_precision
+
+    if precision == "auto" and device.type == "cpu":  # a CUDA machine may still run on its CPU
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return resolve_precision(precision)
+
+
+def merge_backbone(backbone):
+    """The backbone with its LoRA adapter folded into the base weights (peft ``merge_and_unload``)."""
+    return backbone.merge_and_unload() if hasattr(backbone, "merge_and_unload") else backbone
+
+
+def _load_finetuned(folder: Path, *, merged, precision, device, batch_size) -> Predictor:
+    from tailtune import methods
+    from tailtune.classifier import TextClassifier
+
+    clf = TextClassifier.load(folder)
+    model = clf.model_
+    is_merged = merged and methods.get(clf.method).mergeable
+    if is_merged:
+        model.backbone = merge_backbone(model.backbone)
+    meta = load_meta(folder)
+    info = {
+        "backbone": clf.backbone.name,
+        "model_type": clf.backbone_.model_type,
+        "is_decoder": clf.backbone_.is_decoder,
+        "pooling": clf.pooling_,
+        "method": meta.get("merged_from", clf.method),
+        "merged": is_merged or clf.method != "lora",
+    }
+    return TorchPredictor(
+        model.to(device),
+        clf.tokenizer_,
+        clf.classes_,
+        kind="finetune",
+        max_length=clf.backbone.max_length,
+        batch_size=batch_size or clf.backbone.eval_batch_size,
+        precision=pick_precision(precision, device),
+        info=info,
+    )
+
+
+def _load_probe(folder: Path, *, merged, precision, device, batch_size) -> Predictor:
+    import joblib
+
+    from tailtune import backbones
+    from tailtune.classifier import ProbeClassifier
+    from tailtune.config import BackboneConfig
+
+    meta = load_meta(folder)
+    bb = meta["backbone"]
+    backbone = backbones.Backbone(
+        spec=bb["spec"],
+        path=bb["path"],
+        model_type=bb["model_type"],
+        is_decoder=bb["kind"] == "decoder",
+        pooling=meta["pooling"],
+    )
+    if not Path(backbone.path).exists():
+        backbone = backbones.resolve(bb["spec"])
+    probe = ProbeClassifier(
+        BackboneConfig(name=bb["spec"], pooling=meta["pooling"], max_length=meta["max_length"])
+    )
+    probe.load_encoder(backbone)
+    info = {
+        "backbone": bb["spec"],
+        "model_type": bb["model_type"],
+        "is_decoder": backbone.is_decoder,
+        "pooling": meta["pooling"],
+        "method": "probe",
+        "merged": True,
+    }
+    return TorchPredictor(
+        probe.model_.to(device),
+        probe.tokenizer_,
+        meta["classes"],
+        kind="probe",
+        max_length=meta["max_length"],
+        batch_size=batch_size or probe.backbone.eval_batch_size,
+        precision=pick_precision(precision, device),
+        head=joblib.load(folder / "probe.joblib"),
+        info=info,
+    )
+
+
+def _load_tfidf(folder: Path, **_) -> Predictor:
+    import joblib
+
+    meta = load_meta(folder)
+    info = {
+        "backbone": None,
+        "model_type": "tfidf",
+        "is_decoder": False,
+        "pooling": None,
+        "method": "logreg",
+        "merged": True,
+    }
+    return SklearnPredictor(joblib.load(folder / "pipeline.joblib"), meta["classes"], info)
+
+
+def _load_export(folder: Path, *, merged, precision, device, batch_size) -> Predictor:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tailtune.backbones import quiet_transformers
+
+    quiet_transformers()
+    meta = json.loads((folder / EXPORT_INFO).read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    info = {
+        "backbone": meta["backbone"],
+        "model_type": model.config.model_type,
+        "is_decoder": meta["is_decoder"],
+        "pooling": meta["pooling"],
+        "method": meta["method"],
+        "merged": True,
+    }
+    return TorchPredictor(
+        model.to(device),
+        tokenizer,
+        classes,
+        kind="export",
+        max_length=meta["max_length"],
+        batch_size=batch_size or 64,
+        precision=pick_precision(precision, device),
+        info=info,
+    )
+
+
+LOADERS: dict[str, Callable[..., Predictor]] = {
+    "finetune": _load_finetuned,
+    "probe": _load_probe,
+    "tfidf": _load_tfidf,
+    "export": _load_export,
+}
+
+
+def quantize_int8(predictor: TorchPredictor) -> TorchPredictor:
+    """A CPU copy of ``predictor`` with the backbone's ``nn.Linear`` layers dynamically quantised to int8.
+
+    The head stays fp32: it is small, and tailtune's forward reads its weight dtype.
+    """
+    import copy
+    import warnings
+
+    import torch
+
+    model = copy.deepcopy(predictor.model).cpu()
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, which is not a dependency.
+        warnings.simplefilter("ignore")
+        torch.ao.quantization.quantize_dynamic(
+            getattr(model, "backbone", model), {torch.nn.Linear}, dtype=torch.qint8, inplace=True
+        )
+    return TorchPredictor(
+        model,
+        predictor.tokenizer,
+        predictor.classes_,
+        kind=predictor.kind,
+        max_length=predictor.max_length,
+        batch_size=predictor.batch_size,
+        precision="fp32",
+        head=predictor.head,
+        info=predictor.info,
+    )
+
+
+# ----------------------------------------------------------------------------- export
+
+# Why a family's stock ...ForSequenceClassification cannot hold a linear head on tailtune's
+# pooled vector exactly (decoders can: see the module docstring).
+NO_STOCK_HEAD = {
+    "bert": "BertForSequenceClassification classifies tanh(dense(CLS)) from its pooler, not the "
+    "{pooling}-pooled hidden state that this head reads",
+    "roberta": "RobertaForSequenceClassification classifies dense + tanh of the first token, not the "
+    "{pooling}-pooled hidden state that this head reads",
+    "modernbert": "ModernBertForSequenceClassification puts dense + activation + LayerNorm between the "
+    "pooled vector and the classifier, and the LayerNorm's input-dependent scaling has no exact identity",
+}
+NO_STOCK_HEAD["xlm-roberta"] = NO_STOCK_HEAD["roberta"]
+
+
+def hf_classifier(clf):
+    """The stock transformers classifier equal to ``clf`` (merged in place), and the bias it cannot hold.
+
+    Returns ``(model, bias)``: ``model`` is a ``<Family>ForSequenceClassification`` with the
+    merged backbone and the head's weight; ``bias`` (C,) is what the bias-free stock ``score``
+    leaves out (the logits differ by exactly it). Raises :class:`TailtuneError` where no stock
+    class pools the way ``clf`` does.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    backbone = clf.backbone_
+    if not backbone.is_decoder:
+        reason = NO_STOCK_HEAD.get(
+            backbone.model_type,
+            f"no stock {backbone.model_type} sequence classifier is known to pool like tailtune",
+        )
+        raise TailtuneError(f"{reason.format(pooling=clf.pooling_)}; use --format tailtune")
+    if clf.pooling_ != "last":
+        raise TailtuneError(
+            f"stock {backbone.model_type} sequence classifiers pool the last token, but this system "
+            f"pools with '{clf.pooling_}'; use --format tailtune"
+        )
+    tokenizer = clf.tokenizer_
+    config = AutoConfig.from_pretrained(backbone.path)
+    config.num_labels = len(clf.classes_)
+    config.id2label = dict(enumerate(clf.classes_))
+    config.label2id = {c: i for i, c in enumerate(clf.classes_)}
+    config.pad_token_id = tokenizer.pad_token_id
+    config.architectures = None
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    clf.model_.backbone = merge_backbone(clf.model_.backbone)
+    head = clf.model_.score
+    with torch.no_grad():
+        getattr(model, model.base_model_prefix).load_state_dict(clf.model_.backbone.state_dict())
+        model.score.weight.copy_(head.weight)
+    return model.eval(), head.bias.detach().cpu().numpy()
+
+
+def save_hf(model, clf, out: Path) -> None:
+    """Save stock ``model`` (from :func:`hf_classifier`) with ``clf``'s tokenizer, set up as tailtune runs it."""
+    model.save_pretrained(out)
+    tokenizer = clf.tokenizer_
+    tokenizer.model_max_length = (
+        clf.backbone.max_length
+    )  # so truncation=True cuts where tailtune does
+    tokenizer.save_pretrained(out)
+    # save_pretrained keeps the padding side the tokenizer was created with, not the one set later.
+    config_file = out / "tokenizer_config.json"
+    saved = json.loads(config_file.read_text())
+    saved["padding_side"] = tokenizer.padding_side
+    config_file.write_text(json.dumps(saved, indent=2))
+
+
+def _write_hf(clf, out: Path, tolerance: float) -> dict:
+    model, bias = hf_classifier(clf)
+    if np.abs(bias).max() > tolerance:
+        raise TailtuneError(
+            f"the stock {type(model).__name__} has no bias in its score layer, and this head's "
+            f"per-class bias (max |b| {np.abs(bias).max():.3g}) cannot be folded into the weights "
+            "exactly; use --format tailtune"
+        )
+    save_hf(model, clf, out)
+    tokenizer = clf.tokenizer_
+    return {
+        "class": type(model).__name__,
+        "pad_token_id": tokenizer.pad_token_id,
+        "pad_is_eos": tokenizer.pad_token_id == tokenizer.eos_token_id,
+    }
+
+
+def _write_tailtune(clf, out: Path, tolerance: float) -> dict:
+    # Saved as a "full" system: TextClassifier.load reads the merged backbone from backbone/.
+    merged_from = clf.method
+    clf.model_.backbone = merge_backbone(clf.model_.backbone)
+    clf.method = "full"
+    clf.save(out)
+    meta = load_meta(out)
+    meta["merged_from"] = merged_from
+    (out / "tailtune.json").write_text(json.dumps(meta, indent=2))
+    return {"class": "tailtune TextClassifier (method full)"}
+
+
+EXPORT_FORMATS: dict[str, Callable] = {"hf": _write_hf, "tailtune": _write_tailtune}
+
+
+def check_texts() -> list[str]:
+    """Texts for export checks: complaint-like, of varied lengths, one beyond any max_length."""
+    from tailtune.demo import make_demo_corpus
+
+    texts = make_demo_corpus(n_classes=6, max_count=3, min_count=2, seed=11)[
+        "Consumer complaint narrative"
+    ].tolist()
+    return [*texts[:14], "refund", " ".join(texts) * 4]
+
+
+def _reloaded_logits(fmt: str, folder: Path, texts: list[str]) -> np.ndarray:
+    """Logits of the exported folder, loaded the way its users will load it."""
+    import torch
+
+    if fmt == "hf":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=torch.float32
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        with torch.inference_mode():
+            return model(**batch).logits.float().numpy()
+    from tailtune.classifier import TextClassifier
+
+    clf = TextClassifier.load(folder)
+    clf.precision_ = "fp32"
+    return clf.predict_logits(texts)
+
+
+def export_merged(
+    system_dir: str | Path,
+    outdir: str | Path,
+    *,
+    fmt: str = "hf",
+    tolerance: float = MERGE_TOLERANCE,
+    texts: list[str] | None = None,
+) -> dict:
+    """Write fine-tuned ``system_dir`` with its adapter merged into ``outdir``; return the record.
+
+    The export is reloaded from disk and its fp32 logits compared with the unmerged system on
+    ``texts`` (default :func:`check_texts`); above ``tolerance`` nothing is written. The record,
+    with the measured ``max_abs_logit_diff``, is saved as ``<outdir>/tailtune_export.json``.
+    """
+    from tailtune import methods, rundir
+    from tailtune.backbones import quiet_transformers
+    from tailtune.classifier import TextClassifier
+
+    if fmt not in EXPORT_FORMATS:
+        raise TailtuneError(f"unknown export format '{fmt}' (formats: {', '.join(EXPORT_FORMATS)})")
+    kind, folder = resolve_system(system_dir)
+    if kind != "finetune":
+        raise TailtuneError(
+            f"{system_dir} is a {kind} system: there is no adapter to merge; use tailtune predict on it directly"
+        )
+    outdir = Path(outdir)
+    if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
+        raise TailtuneError(f"export folder {outdir} already exists and is not empty")
+    quiet_transformers()
+    clf = TextClassifier.load(folder)
+    if not methods.get(clf.method).mergeable:
+        raise TailtuneError(
+            f"method '{clf.method}' cannot be merged into the base weights; serve the system as it is "
+            "(tailtune predict / serve)"
+        )
+    texts = texts or check_texts()
+    clf.precision_ = "fp32"
+    reference = clf.predict_logits(texts)  # (N, C) unmerged
+    source_method = clf.method
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}."))
+    try:
+        written = EXPORT_FORMATS[fmt](clf, tmp, tolerance)
+        diff = float(np.abs(_reloaded_logits(fmt, tmp, texts) - reference).max())
+        if not diff <= tolerance:
+            raise TailtuneError(
+                f"merged export disagrees with the unmerged system: max |logit diff| {diff:.2e} > tolerance {tolerance:g}"
+            )
+        record = {
+            "format": fmt,
+            "source": str(Path(system_dir).resolve()),
+            "method": source_method,
+            "backbone": clf.backbone.name,
+            "model_type": clf.backbone_.model_type,
+            "is_decoder": clf.backbone_.is_decoder,
+            "pooling": clf.pooling_,
+            "max_length": clf.backbone.max_length,
+            "classes": len(clf.classes_),
+            **written,
+            "check": {
+                "texts": len(texts),
+                "precision": "fp32",
+                "tolerance": tolerance,
+                "max_abs_logit_diff": diff,
+            },
+        }
+        rundir.write_json(tmp / EXPORT_INFO, record)
+        if outdir.exists():
+            outdir.rmdir()
+        os.rename(tmp, outdir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+# ----------------------------------------------------------------------------- streaming predict
+
+STREAMABLE = ("csv", "tsv", "jsonl", "parquet")
+
+
+def _open_table(path: Path, chunk_size: int) -> tuple[Iterator, int]:
+    """(iterator of (frame, progress position), progress total) for a data file.
+
+    Positions are bytes read for text files and rows for Parquet, so the bar has a total
+    without a pass over the file.
+    """
+    from tailtune.data import READERS
+
+    if not path.exists():
+        raise TailtuneError(f"input file not found: {path}")
+    if path.is_dir():
+        raise TailtuneError(f"input path is a directory, expected a file: {path}")
+    kind = READERS.get(path.suffix.lower())
+    if kind not in STREAMABLE:
+        raise TailtuneError(
+            f"cannot stream '{path.suffix}' files ({path}); use .csv, .tsv, .jsonl or .parquet"
+        )
+    if path.stat().st_size == 0:
+        raise TailtuneError(f"input file is empty: {path}")
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises its own error types for a corrupt file
+            raise TailtuneError(
+                f"could not read {path} as parquet: {str(exc).splitlines()[0]}"
+            ) from None
+
+        def batches():
+            done = 0
+            for batch in parquet.iter_batches(batch_size=chunk_size):
+                done += batch.num_rows
+                yield batch.to_pandas(), done
+
+        return batches(), parquet.metadata.num_rows
+
+    import pandas as pd
+
+    raw = open(path, "rb")  # noqa: SIM115 - closed when the iterator finishes
+    text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+    if kind == "jsonl":
+        reader = pd.read_json(text, lines=True, dtype=False, chunksize=chunk_size)
+    else:
+        reader = pd.read_csv(
+            text,
+            sep="\t" if kind == "tsv" else ",",
+            dtype=str,
+            keep_default_na=False,
+            chunksize=chunk_size,
+        )
+
+    def frames():
+        try:
+            for frame in reader:
+                yield frame, raw.tell()
+        except UnicodeDecodeError as exc:
+            raise TailtuneError(
+                f"{path} is not valid UTF-8 (byte offset {exc.start} of a block)"
+            ) from None
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise TailtuneError(
+                f"could not read {path} as {kind}: {str(exc).strip().splitlines()[0]}"
+            ) from None
+        finally:
+            raw.close()
+
+    return frames(), path.stat().st_size
+
+
+class _Sink:
+    """Appends prediction frames to an open binary file as CSV, JSON lines or Parquet."""
+
+    KINDS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+    def __init__(self, f, kind: str):
+        self.f, self.kind, self.first, self.writer = f, kind, True, None
+
+    def write(self, frame) -> None:
+        if self.kind == "csv":
+            self.f.write(frame.to_csv(index=False, header=self.first).encode("utf-8"))
+        elif self.kind == "jsonl":
+            self.f.write(
+                frame.to_json(orient="records", lines=True, force_ascii=False)
+                .rstrip("\n")
+                .encode("utf-8")
+                + b"\n"
+            )
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.f, table.schema)
+            self.writer.write_table(table.cast(self.writer.schema))
+        self.first = False
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _pick_column(
+    columns, requested: str | None, defaults: tuple[str, ...], role: str
+) -> str | None:
+    import pandas as pd
+
+    from tailtune.data import _require_column
+
+    if requested is not None:
+        _require_column(pd.DataFrame(columns=columns), requested, role)
+        return requested
+    found = [c for c in defaults if c in columns]
+    if found:
+        return found[0]
+    if role == "text":
+        _require_column(pd.DataFrame(columns=columns), defaults[0], role)
+    return None
+
+
+def top_k(proba: np.ndarray, classes: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N, k), confidences (N, k)), best first."""
+    order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    return np.asarray(classes, dtype=object)[order], np.take_along_axis(proba, order, axis=1)
+
+
+def prediction_columns(k: int) -> list[str]:
+    """label, confidence, then label_2, confidence_2, ... up to k."""
+    cols = ["label", "confidence"]
+    for i in range(2, k + 1):
+        cols += [f"label_{i}", f"confidence_{i}"]
+    return cols
+
+
+def predict_file(
+    system_dir: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    text_column: str | None = None,
+    id_column: str | None = None,
+    k: int = 1,
+    chunk_size: int = 4096,
+    batch_size: int | None = None,
+    console=None,
+) -> dict:
+    """Classify every row of ``input_path`` with the system in ``system_dir``; write ``output_path``.
+
+    Reads ``chunk_size`` rows at a time, so memory does not grow with the file. Output rows
+    follow the input's order: the id column (when the input has one), ``label``,
+    ``confidence`` and, for ``k`` > 1, ``label_2, confidence_2, ...``. Rows with an empty text
+    get an empty label and no confidence. The output (.csv, .jsonl or .parquet) appears only
+    when complete. Returns {"rows", "seconds", "output", "text_column", "id_column"}.
+    """
+    import pandas as pd
+
+    from tailtune.config import DataConfig
+    from tailtune.rundir import atomic_write
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    resolve_system(system_dir)  # a bad folder fails before any data is read
+    out_kind = _Sink.KINDS.get(output_path.suffix.lower())
+    if out_kind is None:
+        raise TailtuneError(f"output must end in {', '.join(_Sink.KINDS)}: {output_path}")
+    if chunk_size < 1 or k < 1:
+        raise TailtuneError("--chunk-size and --top-k must be at least 1")
+    frames, total = _open_table(input_path, chunk_size)
+    first = next(frames, None)
+    if first is None or len(first[0]) == 0:
+        raise TailtuneError(f"input file has no rows: {input_path}")
+    columns = [str(c) for c in first[0].columns]
+    defaults = DataConfig()
+    text_col = _pick_column(columns, text_column, (defaults.text_column, "text"), "text")
+    id_col = _pick_column(columns, id_column, (defaults.id_column, "id"), "id")
+    predictor = load_predictor(system_dir, batch_size=batch_size)
+    if k > len(predictor.classes_):
+        raise TailtuneError(
+            f"--top-k {k} is more than the system's {len(predictor.classes_)} classes"
+        )
+    started = time.perf_counter()
+    rows = 0
+
+    def write(f) -> None:
+        nonlocal rows
+        sink = _Sink(f, out_kind)
+        with _progress(console, total) as advance:
+            position = 0
+            for frame, new_position in _chain(first, frames):
+                texts = frame[text_col].astype("string").fillna("")
+                real = (texts.str.strip().str.len() > 0).to_numpy()
+                step = (new_position - position) / max(len(frame), 1)
+                labels = np.full((len(frame), k), "", dtype=object)
+                conf = np.full((len(frame), k), np.nan)
+                if real.any():
+                    proba = predictor.predict_proba(
+                        texts[real].tolist(), progress=lambda n, step=step: advance(n * step, n)
+                    )
+                    labels[real], conf[real] = top_k(proba, predictor.classes_, k)
+                out = pd.DataFrame(index=range(len(frame)))
+                if id_col is not None:
+                    out[id_col] = frame[id_col].astype("string").to_numpy()
+                for i in range(k):
+                    suffix = "" if i == 0 else f"_{i + 1}"
+                    out[f"label{suffix}"] = labels[:, i]
+                    out[f"confidence{suffix}"] = conf[:, i].round(6)
+                sink.write(out)
+                advance((~real).sum() * step, int((~real).sum()))
+                position = new_position
+                rows += len(frame)
+        sink.close()
+
+    atomic_write(output_path, write, binary=True)
+    return {
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+        "output": str(output_path),
+        "text_column": text_col,
+        "id_column": id_col,
+    }
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+class _progress:
+    """``with _progress(console, total) as advance: advance(units, rows)``; silent without a console."""
+
+    def __init__(self, console, total: float):
+        self.console, self.total = console, total
+
+    def __enter__(self):
+        if self.console is None:
+            return lambda units, rows: None
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("predicting"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rows]:,} rows"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("predicting", total=self.total, rows=0)
+
+        def advance(units: float, rows: int) -> None:
+            done = self.bar.tasks[0].fields["rows"] + rows
+            self.bar.update(self.task, advance=units, rows=done)
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self.console is not None:
+            if exc[0] is None:
+                self.bar.update(self.task, completed=self.total)
+            self.bar.stop()

@@ -1,0 +1,161 @@
+"""``tailtune bench``: bench.json holds every field the report reads, with consistent numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_deploy import cli, tailtune, train_smoke_run
+
+from tailtune import bench
+
+SYSTEM_KEYS = {
+    "ms_per_example",
+    "examples_per_s",
+    "peak_mem_mb",
+    "time_64k_s",
+    "cost_64k",
+    "variant",
+    "variants",
+}
+VARIANT_KEYS = {
+    "variant",
+    "batch_size",
+    "ms_per_example",
+    "p50_ms",
+    "p95_ms",
+    "examples_per_s",
+    "accuracy",
+    "accuracy_change",
+}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    return train_smoke_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def benched(smoke_run):
+    result = bench.bench(smoke_run, batch_sizes=(1, 4), repeats=1, max_texts=64, price_per_hour=0.5)
+    return smoke_run, result, json.loads((smoke_run / "bench.json").read_text())
+
+
+def test_bench_json_has_every_field(benched):
+    run_dir, result, saved = benched
+    assert saved == json.loads(json.dumps(result))
+    machine = saved["machine"]
+    assert isinstance(machine["cpu"], str) and machine["cpu"]
+    assert isinstance(machine["threads"], int) and machine["threads"] >= 1
+    assert machine["gpu"] is None or isinstance(machine["gpu"], str)
+    assert isinstance(machine["torch"], str)
+    assert saved["price_per_hour"] == 0.5
+    assert saved["batch_size"] == 4  # 32 was not benchmarked: the largest size is the headline
+    from tailtune.deploy import finished_systems
+
+    assert list(saved["systems"]) == finished_systems(run_dir)
+    for name, entry in saved["systems"].items():
+        assert set(entry) >= SYSTEM_KEYS, name
+        for key in SYSTEM_KEYS - {"variant", "variants"}:
+            assert isinstance(entry[key], float) and entry[key] >= 0, (name, key)
+        assert entry["time_64k_s"] == pytest.approx(64_000 * entry["ms_per_example"] / 1000)
+        assert entry["cost_64k"] == pytest.approx(entry["time_64k_s"] / 3600 * 0.5)
+        assert entry["examples_per_s"] == pytest.approx(1000 / entry["ms_per_example"])
+        for row in entry["variants"]:
+            assert set(row) == VARIANT_KEYS, name
+            assert row["batch_size"] in (1, 4) and row["p95_ms"] >= row["p50_ms"] > 0
+            assert 0 <= row["accuracy"] <= 1
+        names = {r["variant"] for r in entry["variants"]}
+        assert entry["variant"] in names
+        for skipped in entry["skipped"]:
+            assert skipped["variant"] not in names and skipped["reason"]
+        headline = [
+            r
+            for r in entry["variants"]
+            if r["variant"] == entry["variant"] and r["batch_size"] == 4
+        ]
+        assert headline[0]["ms_per_example"] == entry["ms_per_example"]
+    assert {r["variant"] for r in saved["systems"]["encoder-lora"]["variants"]} >= {
+        "unmerged-fp32",
+        "merged-fp32",
+    }
+    assert set(saved["ratios"]["unmerged_vs_merged"]) == {
+        "encoder-lora",
+        "encoder-lora-weighted",
+        "decoder-lora",
+    }
+    assert all(r > 0 for r in saved["ratios"]["unmerged_vs_merged"].values())
+    dec, enc = saved["systems"]["decoder-lora"], saved["systems"]["encoder-lora"]
+    assert saved["ratios"]["decoder_vs_encoder"] == pytest.approx(
+        dec["ms_per_example"] / enc["ms_per_example"]
+    )
+
+
+def test_bench_accuracy_is_the_runs_accuracy(benched):
+    """All 25 test texts are timed, so each reference variant's accuracy is the run's test accuracy."""
+    run_dir, result, _ = benched
+    for name, entry in result["systems"].items():
+        metrics = json.loads((run_dir / "systems" / name / "metrics.json").read_text())
+        reference = [r for r in entry["variants"] if r["accuracy_change"] == 0.0]
+        assert reference and reference[0]["accuracy"] == pytest.approx(metrics["accuracy"]), name
+        unmerged = [r for r in entry["variants"] if r["variant"] == "unmerged-fp32"]
+        assert all(r["accuracy"] == pytest.approx(metrics["accuracy"]) for r in unmerged)
+
+
+def test_bf16_is_run_or_skipped_with_a_reason(benched):
+    _, result, _ = benched
+    reason = bench.bf16_support(__import__("torch").device("cpu"))
+    for name, entry in result["systems"].items():
+        if name == "tfidf-logreg":
+            continue
+        bf16 = [s for s in entry["skipped"] if s["variant"].endswith("bf16")]
+        assert bool(bf16) == (reason is not None), name
+
+
+def test_length_batches_cover_every_text_longest_first():
+    texts = ["a" * n for n in (3, 10, 1, 7, 7, 2)]
+    batches = bench.length_batches(texts, 4)
+    assert [len(b) for b in batches] == [4, 2]
+    flat = [t for b in batches for t in b]
+    assert sorted(flat) == sorted(texts) and [len(t) for t in flat] == sorted(
+        map(len, texts), reverse=True
+    )
+
+
+def test_bench_command_runs(smoke_run):
+    result = tailtune(
+        "bench",
+        smoke_run,
+        "--batch-sizes",
+        "2",
+        "--repeats",
+        "1",
+        "--max-texts",
+        "8",
+        "--systems",
+        "tfidf-logreg,decoder-lora",
+        "--price-per-hour",
+        "1.5",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "deployment headline" in result.stdout and "decoder-lora" in result.stdout
+    saved = json.loads((smoke_run / "bench.json").read_text())
+    assert (
+        list(saved["systems"]) == ["tfidf-logreg", "decoder-lora"]
+        and saved["price_per_hour"] == 1.5
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-sizes", "a,b"], "--batch-sizes must be integers"),
+        (["--systems", "nope"], "no finished system named nope"),
+        (["--repeats", "0"], "must be at least 1"),
+    ],
+)
+def test_bench_bad_input_is_one_line_exit_2(smoke_run, args, message):
+    result = cli("bench", smoke_run, *args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output

@@ -1,0 +1,362 @@
+"""Deployment: any system folder as a predictor, merged export, streaming predict."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tailtune import deploy
+from tailtune.classifier import TextClassifier
+from tailtune.config import BackboneConfig, MethodConfig, TrainConfig
+from tailtune.errors import TailtuneError
+
+
+def tailtune(*args):
+    env = {**os.environ, "COLUMNS": "120", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "tailtune.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def cli(*args):
+    """The CLI in-process (fast), for the many error cases."""
+    from tailtune.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def train_smoke_run(tmp_path_factory) -> Path:
+    """The smoke preset's run, trained once per session: later calls resume it (finished systems are kept)."""
+    from rich.console import Console
+
+    from tailtune.config import load_config
+    from tailtune.run import run
+
+    out = tmp_path_factory.getbasetemp() / "smoke-deploy"
+    run(load_config("smoke", [f"out={out}"]), console=Console(file=io.StringIO()), report=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    return train_smoke_run(tmp_path_factory)
+
+
+def make_lora_system(folder: Path, arch: str, seed: int, zero_bias: bool = False) -> TextClassifier:
+    """A tiny LoRA system saved in ``folder``, with a random adapter that really changes the model.
+
+    Training a random tiny model for a step leaves B ~ 0, which would make merged == base
+    trivially true; random B and head weights make every comparison meaningful.
+    """
+    from tailtune.demo import make_demo_corpus
+
+    frame = make_demo_corpus(n_classes=5, max_count=8, min_count=4, seed=3)
+    clf = TextClassifier(
+        BackboneConfig(name=f"tiny:{arch}", max_length=32, eval_batch_size=8),
+        "lora",
+        MethodConfig(rank=4, alpha=8),
+        TrainConfig(epochs=1, precision="fp32", seed=seed),
+    )
+    clf.fit(frame["Consumer complaint narrative"].tolist(), frame["Issue"].tolist())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in clf.model_.backbone.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        clf.model_.score.weight.copy_(torch.randn(clf.model_.score.weight.shape, generator=gen))
+        clf.model_.score.bias.copy_(
+            torch.zeros(len(clf.classes_))
+            if zero_bias
+            else torch.randn(len(clf.classes_), generator=gen)
+        )
+    clf.save(folder)
+    return clf
+
+
+def run_test_texts(run_dir: Path) -> pd.DataFrame:
+    from tailtune.config import load_config
+    from tailtune.data import prepare
+
+    return prepare(load_config(str(run_dir / "config.yaml")).data).split("test")
+
+
+# ----------------------------------------------------------------------------- predictors
+
+
+def test_every_system_kind_loads_and_reproduces_the_runs_predictions(smoke_run):
+    test = run_test_texts(smoke_run)
+    kinds = set()
+    for name in deploy.finished_systems(smoke_run):
+        predictor = deploy.load_predictor(smoke_run / "systems" / name)
+        kinds.add(predictor.kind)
+        expected = pd.read_csv(smoke_run / "systems" / name / "predictions.csv")
+        proba = predictor.predict_proba(test["text"].tolist())
+        assert proba.shape == (len(test), len(predictor.classes_))
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+        assert predictor.predict(test["text"].tolist()) == expected["prediction"].tolist(), name
+        np.testing.assert_allclose(proba.max(axis=1), expected["confidence"], atol=1e-4)
+    assert kinds == {"tfidf", "probe", "finetune"}
+
+
+def test_a_folder_that_is_not_a_system_is_refused(tmp_path):
+    with pytest.raises(TailtuneError, match="not a tailtune system folder"):
+        deploy.load_predictor(tmp_path)
+    with pytest.raises(TailtuneError, match="not found"):
+        deploy.load_predictor(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_decoder_export_equals_tailtune_with_plain_transformers(tmp_path, arch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    clf = make_lora_system(tmp_path / "system", arch, seed=1, zero_bias=True)
+    record = deploy.export_merged(tmp_path / "system", tmp_path / "hf")
+    texts = deploy.check_texts()
+    ours = TextClassifier.load(tmp_path / "system").predict_logits(texts)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id == model.config.pad_token_id
+    assert [model.config.id2label[i] for i in range(len(clf.classes_))] == clf.classes_
+    assert model.config.label2id == {c: i for i, c in enumerate(clf.classes_)}
+    with torch.inference_mode():  # one padded batch: padding is exercised
+        theirs = model(
+            **tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        ).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    assert (theirs.argmax(1) == ours.argmax(1)).all()
+    saved = json.loads((tmp_path / "hf" / deploy.EXPORT_INFO).read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert 0 <= saved["check"]["max_abs_logit_diff"] <= 1e-4 and saved["pad_is_eos"]
+    # the adapter matters: the base model alone gives different logits
+    base = TextClassifier.load(tmp_path / "system")
+    base.model_.backbone = base.model_.backbone.unload()
+    assert np.abs(base.predict_logits(texts) - ours).max() > 1e-2
+
+
+def test_exported_folder_needs_nothing_from_tailtune_or_peft(tmp_path):
+    make_lora_system(tmp_path / "system", "qwen2", seed=2, zero_bias=True)
+    result = tailtune("export", tmp_path / "system", "--merged", tmp_path / "hf")
+    assert result.returncode == 0, result.stderr
+    assert "max |merged - unmerged| logit" in result.stdout
+    script = (
+        "import sys, json, torch\n"
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline\n"
+        f"path = {str(tmp_path / 'hf')!r}\n"
+        "pipe = pipeline('text-classification', model=AutoModelForSequenceClassification.from_pretrained(path),"
+        " tokenizer=AutoTokenizer.from_pretrained(path))\n"
+        "out = pipe(['debt collector keeps calling me', 'wrong balance on my card'], batch_size=2)\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('tailtune', 'peft')]\n"
+        "print(json.dumps([o['label'] for o in out]))\n"
+    )
+    plain = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert plain.returncode == 0, plain.stderr
+    expected = deploy.load_predictor(tmp_path / "system").predict(
+        ["debt collector keeps calling me", "wrong balance on my card"]
+    )
+    assert json.loads(plain.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_tailtune_format_export_is_merged_and_equals_unmerged(tmp_path):
+    make_lora_system(tmp_path / "system", "bert", seed=3)
+    record = deploy.export_merged(tmp_path / "system", tmp_path / "merged", fmt="tailtune")
+    assert record["check"]["max_abs_logit_diff"] <= 1e-4 and record["method"] == "lora"
+    texts = deploy.check_texts()
+    merged = TextClassifier.load(tmp_path / "merged")
+    assert merged.method == "full"
+    assert not any("lora" in name for name, _ in merged.model_.named_modules())
+    np.testing.assert_allclose(
+        merged.predict_logits(texts),
+        TextClassifier.load(tmp_path / "system").predict_logits(texts),
+        atol=1e-4,
+    )
+    assert deploy.load_predictor(tmp_path / "merged").info["method"] == "lora"
+
+
+def test_a_merge_that_loses_the_adapter_is_caught_and_nothing_is_written(tmp_path, monkeypatch):
+    make_lora_system(tmp_path / "system", "bert", seed=4)
+    monkeypatch.setattr(deploy, "merge_backbone", lambda backbone: backbone.unload())
+    with pytest.raises(TailtuneError, match="disagrees with the unmerged system"):
+        deploy.export_merged(tmp_path / "system", tmp_path / "merged", fmt="tailtune")
+    assert not (tmp_path / "merged").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["system"]
+
+
+def test_export_refuses_what_a_stock_class_cannot_hold(smoke_run, tmp_path):
+    systems = smoke_run / "systems"
+    with pytest.raises(
+        TailtuneError, match=r"BertForSequenceClassification .*tanh.*--format tailtune"
+    ):
+        deploy.export_merged(systems / "encoder-lora", tmp_path / "a")
+    with pytest.raises(
+        TailtuneError, match=r"Qwen2ForSequenceClassification has no bias.*--format tailtune"
+    ):
+        deploy.export_merged(systems / "decoder-lora", tmp_path / "b")
+    with pytest.raises(TailtuneError, match="no adapter to merge"):
+        deploy.export_merged(systems / "tfidf-logreg", tmp_path / "c")
+    assert not any(tmp_path.iterdir())
+    result = cli("export", systems / "encoder-lora", "--merged", tmp_path / "d")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--format tailtune" in lines[0]
+
+
+def test_modernbert_and_other_pooling_are_refused(tmp_path):
+    make_lora_system(tmp_path / "mb", "modernbert", seed=5)
+    with pytest.raises(TailtuneError, match="LayerNorm"):
+        deploy.export_merged(tmp_path / "mb", tmp_path / "out")
+    clf = make_lora_system(tmp_path / "dec", "qwen2", seed=5, zero_bias=True)
+    meta = json.loads((tmp_path / "dec" / "tailtune.json").read_text())
+    meta["pooling"] = "mean"
+    (tmp_path / "dec" / "tailtune.json").write_text(json.dumps(meta))
+    with pytest.raises(TailtuneError, match="pools with 'mean'"):
+        deploy.export_merged(tmp_path / "dec", tmp_path / "out")
+    assert clf.pooling_ == "last"
+
+
+def test_non_mergeable_method_is_refused(tmp_path, monkeypatch):
+    from tailtune import methods
+
+    make_lora_system(tmp_path / "system", "bert", seed=6)
+    lora = methods.get("lora")
+    monkeypatch.setitem(
+        methods.METHODS, "side", methods.Method("side", False, lora.apply, lora.save, lora.load)
+    )
+    meta = json.loads((tmp_path / "system" / "tailtune.json").read_text())
+    (tmp_path / "system" / "tailtune.json").write_text(json.dumps({**meta, "method": "side"}))
+    with pytest.raises(TailtuneError, match="cannot be merged"):
+        deploy.export_merged(tmp_path / "system", tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _input_frame(n: int = 53) -> pd.DataFrame:
+    """Rows of very different lengths, an empty text, and ids that are not in sorted order."""
+    from tailtune.demo import make_demo_corpus
+
+    texts = make_demo_corpus(n_classes=8, max_count=60, seed=9)[
+        "Consumer complaint narrative"
+    ].tolist()[:n]
+    texts[::5] = ["refund"] * len(texts[::5])
+    texts[3::7] = [" ".join(texts[:6])] * len(texts[3::7])
+    texts[4] = ""
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({"Complaint ID": rng.permutation(10_000)[:n] + 100, "text": texts})
+
+
+@pytest.mark.parametrize(
+    ("system", "suffix"),
+    [
+        ("decoder-lora", ".csv"),
+        ("decoder-lora", ".jsonl"),
+        ("decoder-lora", ".parquet"),
+        ("encoder-probe", ".csv"),
+        ("tfidf-logreg", ".csv"),
+    ],
+)
+def test_predict_keeps_input_order_across_chunk_boundaries(smoke_run, tmp_path, system, suffix):
+    frame = _input_frame()
+    source = tmp_path / f"in{suffix}"
+    {
+        ".csv": lambda: frame.to_csv(source, index=False),
+        ".jsonl": lambda: frame.to_json(source, orient="records", lines=True),
+        ".parquet": lambda: frame.to_parquet(source),
+    }[suffix]()
+    system_dir = smoke_run / "systems" / system
+    small = deploy.predict_file(
+        system_dir, source, tmp_path / "small.csv", k=3, chunk_size=7, batch_size=4
+    )
+    deploy.predict_file(system_dir, source, tmp_path / "whole.csv", k=3, chunk_size=10_000)
+    out = pd.read_csv(tmp_path / "small.csv", keep_default_na=False, na_values=[""])
+    assert small["rows"] == len(frame) == len(out) and small["text_column"] == "text"
+    assert list(out.columns) == [
+        "Complaint ID",
+        "label",
+        "confidence",
+        "label_2",
+        "confidence_2",
+        "label_3",
+        "confidence_3",
+    ]
+    assert out["Complaint ID"].tolist() == frame["Complaint ID"].tolist()
+    pd.testing.assert_frame_equal(
+        out, pd.read_csv(tmp_path / "whole.csv", keep_default_na=False, na_values=[""]), atol=1e-5
+    )
+    real = frame["text"].str.len() > 0
+    expected = deploy.load_predictor(system_dir).predict(frame.loc[real, "text"].tolist())
+    assert out.loc[real, "label"].tolist() == expected
+    assert (out.loc[real, "confidence"] >= out.loc[real, "confidence_2"]).all()
+    assert out.loc[~real, "label"].isna().all() and out.loc[~real, "confidence"].isna().all()
+
+
+def test_predict_command_runs(smoke_run, tmp_path):
+    frame = _input_frame(20).rename(columns={"text": "Consumer complaint narrative"})
+    frame.to_csv(tmp_path / "new.csv", index=False)
+    result = tailtune(
+        "predict",
+        smoke_run / "systems" / "decoder-lora",
+        "--input",
+        tmp_path / "new.csv",
+        "--output",
+        tmp_path / "preds.csv",
+        "--top-k",
+        "2",
+        "--chunk-size",
+        "6",
+    )
+    assert result.returncode == 0, result.stderr
+    out = pd.read_csv(tmp_path / "preds.csv")
+    assert len(out) == 20 and out["Complaint ID"].tolist() == frame["Complaint ID"].tolist()
+    assert {"label", "confidence", "label_2", "confidence_2"} <= set(out.columns)
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "message"),
+    [
+        (
+            "Complaint ID,body\n1,hello\n",
+            [],
+            "text column 'Consumer complaint narrative' not found",
+        ),
+        ("text\nhello\n", ["--text-column", "narrative"], "text column 'narrative' not found"),
+        ("", [], "input file is empty"),
+        ("text\n", [], "no rows"),
+        ("text\nhello\n", ["--top-k", "99"], "more than the system's"),
+        (None, [], "input file not found"),
+        ("text\nhello\n", ["--system", "."], "not a tailtune system folder"),
+    ],
+)
+def test_predict_bad_input_is_one_line_exit_2_and_no_output(
+    smoke_run, tmp_path, content, args, message
+):
+    source = tmp_path / "in.csv"
+    if content is not None:
+        source.write_text(content)
+    system = smoke_run / "systems" / "tfidf-logreg"
+    if args[:1] == ["--system"]:
+        system, args = tmp_path, args[2:]
+    output = tmp_path / "out" / "preds.csv"
+    result = cli("predict", system, "--input", source, "--output", output, *args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not output.exists() and not (output.parent.exists() and any(output.parent.iterdir()))

@@ -1,0 +1,183 @@
+"""``tailtune serve``: the API answers, validates, and serves adapters from one shared base."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from test_deploy import make_lora_system
+
+from tailtune import deploy
+from tailtune.classifier import TextClassifier
+from tailtune.serve import create_app
+
+TEXTS = [
+    "the debt collector keeps calling about a debt I do not owe",
+    "refund",
+    "my credit report shows an account that is not mine and the bureau did not fix it after my dispute",
+]
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory):
+    """A run folder with two LoRA systems on one tiny BERT (different adapters and heads) and a decoder."""
+    run_dir = tmp_path_factory.mktemp("adapters")
+    for name, arch, seed in (
+        ("encoder-lora", "bert", 11),
+        ("encoder-lora-weighted", "bert", 12),
+        ("decoder-lora", "qwen2", 13),
+    ):
+        make_lora_system(run_dir / "systems" / name / "model", arch, seed)
+    pd.DataFrame(
+        {
+            "system": ["encoder-lora", "encoder-lora-weighted", "decoder-lora"],
+            "status": ["ok", "ok", "ok"],
+            "macro_f1": [0.2, 0.3, 0.1],
+        }
+    ).to_csv(run_dir / "comparison.csv", index=False)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def client(adapter_run):
+    with TestClient(create_app(adapter_run, max_batch=8, max_chars=500)) as c:
+        yield c
+
+
+def test_health_and_systems(client):
+    assert client.get("/health").json() == {
+        "status": "ok",
+        "systems": 3,
+        "default": "encoder-lora-weighted",
+    }
+    systems = {s["name"]: s for s in client.get("/systems").json()["systems"]}
+    assert set(systems) == {"encoder-lora", "encoder-lora-weighted", "decoder-lora"}
+    shared = systems["encoder-lora"]["shared_base"]
+    assert shared == {"backbone": "tiny:bert", "systems": ["encoder-lora", "encoder-lora-weighted"]}
+    assert systems["encoder-lora-weighted"]["shared_base"] == shared
+    assert systems["decoder-lora"]["shared_base"] is None
+    assert all(
+        s["classes"] == 5 and s["kind"] == "finetune" and s["method"] == "lora"
+        for s in systems.values()
+    )
+
+
+def test_predict_answers_with_top_k(client):
+    body = client.post(
+        "/predict", json={"texts": TEXTS, "system": "decoder-lora", "top_k": 3}
+    ).json()
+    assert body["system"] == "decoder-lora" and len(body["predictions"]) == len(TEXTS)
+    for p in body["predictions"]:
+        assert [t["label"] for t in p["top_k"]][0] == p["label"] and len(p["top_k"]) == 3
+        confidences = [t["confidence"] for t in p["top_k"]]
+        assert confidences == sorted(confidences, reverse=True) and 0 < p["confidence"] <= 1
+    default = client.post("/predict", json={"texts": TEXTS[:1]}).json()
+    assert (
+        default["system"] == "encoder-lora-weighted"
+        and len(default["predictions"][0]["top_k"]) == 1
+    )
+
+
+def test_two_adapters_on_one_base_answer_as_each_alone(adapter_run, client):
+    registry = client.app.state.registry
+    a, b = registry.predictors["encoder-lora"], registry.predictors["encoder-lora-weighted"]
+    assert a.shared is b.shared and len(a.shared.model.backbone.peft_config) == 2
+    alone = {
+        name: TextClassifier.load(adapter_run / "systems" / name / "model").predict_proba(TEXTS)
+        for name in ("encoder-lora", "encoder-lora-weighted")
+    }
+    assert (
+        np.abs(alone["encoder-lora"] - alone["encoder-lora-weighted"]).max() > 1e-2
+    )  # the switch matters
+    for name in ("encoder-lora", "encoder-lora-weighted", "encoder-lora", "encoder-lora-weighted"):
+        body = client.post("/predict", json={"texts": TEXTS, "system": name, "top_k": 5}).json()
+        classes = TextClassifier.load(adapter_run / "systems" / name / "model").classes_
+        served = np.array(
+            [
+                [dict((t["label"], t["confidence"]) for t in p["top_k"])[c] for c in classes]
+                for p in body["predictions"]
+            ]
+        )
+        np.testing.assert_allclose(served, alone[name], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        ({"texts": []}, 422),
+        ({"texts": ["fine", 3]}, 422),
+        ({"texts": "not a list"}, 422),
+        ({"texts": ["a"] * 9}, 413),
+        ({"texts": ["x" * 501]}, 413),
+        ({"texts": ["  "]}, 422),
+        ({"texts": ["fine"], "system": "nope"}, 404),
+        ({"texts": ["fine"], "top_k": 6}, 422),
+        ({"texts": ["fine"], "top_k": 0}, 422),
+        ({}, 422),
+    ],
+)
+def test_bad_requests_are_4xx(client, payload, status):
+    response = client.post("/predict", json=payload)
+    assert response.status_code == status, response.text
+
+
+def test_unknown_system_at_start_is_refused(adapter_run):
+    from tailtune.errors import TailtuneError
+
+    with pytest.raises(TailtuneError, match="no finished system named nope"):
+        create_app(adapter_run, systems=["nope"])
+
+
+def test_serve_command_answers_and_stops_on_sigterm(adapter_run):
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tailtune.cli",
+            "serve",
+            str(adapter_run),
+            "--port",
+            str(port),
+            "--systems",
+            "encoder-lora,encoder-lora-weighted",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.5)
+        body = httpx.post(
+            f"{url}/predict", json={"texts": TEXTS, "system": "encoder-lora"}, timeout=60
+        ).json()
+        expected = deploy.load_predictor(adapter_run / "systems" / "encoder-lora").predict(TEXTS)
+        assert [p["label"] for p in body["predictions"]] == expected
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
