@@ -124,3 +124,19 @@ def test_head_is_trained_and_saved_not_reinitialised(tmp_path):
     # a fresh model with a new random head would not match: prove the saved head is what loads
     loaded = TextClassifier.load(tmp_path / "m")
     torch.testing.assert_close(loaded.model_.score.weight, clf.model_.score.weight)
+
+
+def test_probe_head_folds_the_scaler_and_matches_sklearn():
+    from tailtune.classifier import ProbeClassifier, fit_logreg, softmax
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, size=300)
+    X = rng.normal(size=(300, 16)) * rng.uniform(0.1, 10, size=16) + y[:, None] * 0.7
+    pipe, W, b = fit_logreg(X, y, n_classes=6)  # class 5 never seen in training
+    proba = softmax(X @ W.T + b)
+    np.testing.assert_allclose(proba[:, :5], pipe.predict_proba(X), atol=1e-5)
+    assert proba[:, 5].max() < 1e-9
+    assert (proba.argmax(1) == pipe.predict(X)).all()
+    # C is chosen on validation macro-F1 and recorded
+    probe = ProbeClassifier("tiny:bert").fit_features(X[:200], y[:200], list("abcdef"), val=(X[200:], y[200:]))
+    assert probe.C_ in ProbeClassifier.C_GRID and 0 <= probe.val_macro_f1_ <= 1

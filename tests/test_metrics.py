@@ -195,7 +195,8 @@ def test_resample_scores_match_sklearn_per_resample():
     for b, rows in enumerate(idx):
         t, p = y_true[rows], y_pred[rows]
         assert got["accuracy"][b] == pytest.approx(accuracy_score(t, p), abs=1e-12)
-        expected = f1_score(t, p, labels=classes, average="macro", zero_division=0)
+        # classes of the fixed set that this resample contains (the point estimate's rule)
+        expected = f1_score(t, p, labels=np.intersect1d(classes, t), average="macro", zero_division=0)
         assert got["macro_f1"][b] == pytest.approx(expected, abs=1e-12)
 
 
@@ -218,7 +219,9 @@ def test_ci_matches_a_plain_loop_reference():
     idx = np.random.default_rng(seed).integers(0, y_true.size, size=(n_boot, y_true.size))
     acc = [accuracy_score(y_true[i], y_pred[i]) for i in idx]
     macro = [
-        f1_score(y_true[i], y_pred[i], labels=evaluated, average="macro", zero_division=0)
+        f1_score(
+            y_true[i], y_pred[i], labels=np.intersect1d(evaluated, y_true[i]), average="macro", zero_division=0
+        )
         for i in idx
     ]
     np.testing.assert_allclose(m["ci"]["accuracy"], np.percentile(acc, [2.5, 97.5]), atol=1e-12)
@@ -375,3 +378,16 @@ def test_paired_bootstrap_rejects_bad_input():
         paired_bootstrap(Y_TRUE, Y_PRED, Y_PRED, metric="f2")
     with pytest.raises(TailtuneError, match="accuracy"):
         paired_bootstrap(Y_TRUE, Y_PRED, Y_PRED, metric="accuracy", classes=[0])
+
+
+def test_ci_contains_the_estimate_on_a_long_tail():
+    # 60 classes with one test row each plus a big one: most resamples miss many tail classes.
+    rng = np.random.default_rng(0)
+    y_true = np.concatenate([np.zeros(300, int), np.arange(1, 61)])
+    y_pred = np.where(rng.random(y_true.size) < 0.6, y_true, 0)
+    m, _ = evaluate(
+        y_true, y_pred, labels=[str(i) for i in range(61)], train_counts=[1] * 61,
+        tiers=["t"] * 61, tier_names=["t"], n_boot=500, seed=0,
+    )
+    lo, hi = m["ci"]["macro_f1"]
+    assert lo <= m["macro_f1"] <= hi

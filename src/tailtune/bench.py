@@ -18,12 +18,17 @@ inside a chunk; a few of the longest batches warm up first; then every batch is 
 ``repeats`` times, tokenisation included. ``p50_ms``/``p95_ms`` are per-*batch* latencies in
 milliseconds; ``ms_per_example`` is the median over repeats of (pass time / texts) and
 ``examples_per_s`` its inverse. ``peak_mem_mb`` is the peak RSS growth of this process
-while loading the system and classifying the texts once (peak allocated GPU memory on CUDA);
-systems are measured one after another, so memory the allocator kept from an earlier system
-can hide part of a later one's (bench one system with ``systems=[...]`` for a clean number).
+while loading the system and classifying the texts once (peak allocated GPU memory on CUDA).
+Systems are measured one after another in one process: the first also pays for libraries
+imported on first use, and memory the allocator kept from an earlier system can hide part of
+a later one's; bench one system (``systems=[name]``) for a clean number.
 ``time_64k_s``/``cost_64k`` extrapolate the headline numbers to 64,000 complaints at
-``price_per_hour``. The headline is the variant ``predict`` uses by default (merged, bf16
-where native else fp32) at ``HEADLINE_BATCH``.
+``price_per_hour``. The headline is the variant ``predict`` and ``serve`` run by default
+(merged, bf16 where native else fp32) at ``HEADLINE_BATCH`` (or the largest size timed);
+``variants`` lists every (variant, batch size), largest batch first within a variant.
+
+bench.json also holds, beyond what the report reads: ``texts`` and ``repeats`` (top level),
+``params`` and ``skipped`` ([{variant, reason}]) per system.
 """
 
 from __future__ import annotations
@@ -303,7 +308,8 @@ def bench(
             accuracy[variant] = float(
                 np.mean(np.asarray(predictor.classes_, dtype=object)[proba.argmax(1)] == gold)
             )
-            for b in batch_sizes:
+            # Largest batch first: the headline batch then comes first among a variant's rows.
+            for b in sorted(set(batch_sizes), reverse=True):
                 predictor.batch_size = b
                 timing = time_batches(predictor.predict_proba, texts, b, repeats)
                 rows.append({"variant": variant, "batch_size": b, **timing})

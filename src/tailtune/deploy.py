@@ -253,18 +253,10 @@ def _load_finetuned(folder: Path, *, merged, precision, device, batch_size) -> P
 
     clf = TextClassifier.load(folder)
     model = clf.model_
-    is_merged = merged and methods.get(clf.method).mergeable
-    if is_merged:
+    if merged and methods.get(clf.method).mergeable:
         model.backbone = merge_backbone(model.backbone)
     meta = load_meta(folder)
-    info = {
-        "backbone": clf.backbone.name,
-        "model_type": clf.backbone_.model_type,
-        "is_decoder": clf.backbone_.is_decoder,
-        "pooling": clf.pooling_,
-        "method": meta.get("merged_from", clf.method),
-        "merged": is_merged or clf.method != "lora",
-    }
+    info = {"backbone": clf.backbone.name, "method": meta.get("merged_from", clf.method)}
     return TorchPredictor(
         model.to(device),
         clf.tokenizer_,
@@ -299,14 +291,7 @@ def _load_probe(folder: Path, *, merged, precision, device, batch_size) -> Predi
         BackboneConfig(name=bb["spec"], pooling=meta["pooling"], max_length=meta["max_length"])
     )
     probe.load_encoder(backbone)
-    info = {
-        "backbone": bb["spec"],
-        "model_type": bb["model_type"],
-        "is_decoder": backbone.is_decoder,
-        "pooling": meta["pooling"],
-        "method": "probe",
-        "merged": True,
-    }
+    info = {"backbone": bb["spec"], "method": "probe"}
     return TorchPredictor(
         probe.model_.to(device),
         probe.tokenizer_,
@@ -324,14 +309,7 @@ def _load_tfidf(folder: Path, **_) -> Predictor:
     import joblib
 
     meta = load_meta(folder)
-    info = {
-        "backbone": None,
-        "model_type": "tfidf",
-        "is_decoder": False,
-        "pooling": None,
-        "method": "logreg",
-        "merged": True,
-    }
+    info = {"backbone": None, "method": "logreg"}
     return SklearnPredictor(joblib.load(folder / "pipeline.joblib"), meta["classes"], info)
 
 
@@ -346,14 +324,7 @@ def _load_export(folder: Path, *, merged, precision, device, batch_size) -> Pred
     model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    info = {
-        "backbone": meta["backbone"],
-        "model_type": model.config.model_type,
-        "is_decoder": meta["is_decoder"],
-        "pooling": meta["pooling"],
-        "method": meta["method"],
-        "merged": True,
-    }
+    info = {"backbone": meta["backbone"], "method": meta["method"]}
     return TorchPredictor(
         model.to(device),
         tokenizer,
@@ -672,10 +643,8 @@ def _open_table(path: Path, chunk_size: int) -> tuple[Iterator, int]:
         try:
             for frame in reader:
                 yield frame, raw.tell()
-        except UnicodeDecodeError as exc:
-            raise TailtuneError(
-                f"{path} is not valid UTF-8 (byte offset {exc.start} of a block)"
-            ) from None
+        except UnicodeDecodeError:
+            raise TailtuneError(f"{path} is not valid UTF-8; re-save it as UTF-8") from None
         except (ValueError, pd.errors.ParserError) as exc:
             raise TailtuneError(
                 f"could not read {path} as {kind}: {str(exc).strip().splitlines()[0]}"
@@ -722,6 +691,7 @@ class _Sink:
 def _pick_column(
     columns, requested: str | None, defaults: tuple[str, ...], role: str
 ) -> str | None:
+    """``requested`` (which must exist), else the first of ``defaults`` present; text is required."""
     import pandas as pd
 
     from tailtune.data import _require_column
@@ -741,14 +711,6 @@ def top_k(proba: np.ndarray, classes: list[str], k: int) -> tuple[np.ndarray, np
     """(labels (N, k), confidences (N, k)), best first."""
     order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
     return np.asarray(classes, dtype=object)[order], np.take_along_axis(proba, order, axis=1)
-
-
-def prediction_columns(k: int) -> list[str]:
-    """label, confidence, then label_2, confidence_2, ... up to k."""
-    cols = ["label", "confidence"]
-    for i in range(2, k + 1):
-        cols += [f"label_{i}", f"confidence_{i}"]
-    return cols
 
 
 def predict_file(

@@ -113,7 +113,9 @@ class Context:
         for split in missing:
             feats[split] = self._features(slot, split, result["probe"])
         if not result["fitted"]:
-            result["probe"].fit_features(feats["train"], self.data.y("train"), self.data.classes)
+            result["probe"].fit_features(
+                feats["train"], self.data.y("train"), self.data.classes, val=(feats["val"], self.data.y("val"))
+            )
             result["fitted"] = True
         result["seconds"] += time.perf_counter() - started
         return result
@@ -226,13 +228,12 @@ def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
     return Outcome(
         proba, result["seconds"], head, total,
         {"architecture": probe.backbone_.model_type, "pooling": probe.pooling_,
-         "backbone_name": probe.backbone_.spec},
+         "backbone_name": probe.backbone_.spec, "C": probe.C_, "val_macro_f1": probe.val_macro_f1_},
     )
 
 
 def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
     from tailtune.classifier import TextClassifier
-    from tailtune.metrics import per_class_f1
 
     cfg, data = ctx.cfg, ctx.data
     bb_cfg = getattr(cfg, spec.slot)
@@ -243,8 +244,7 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
         result = ctx.probe(spec.slot)
         probe = result["probe"]
         head_init = (probe.W_, probe.b_)
-        val_pred = probe.proba_from_features(result["features"]["val"]).argmax(axis=1)
-        probe_val_f1 = float(np.nanmean(per_class_f1(data.y("val"), val_pred, len(data.classes))))
+        probe_val_f1 = probe.val_macro_f1_
     clf = TextClassifier(bb_cfg, spec.method, cfg.method, cfg.train, weighting=scheme)
     if ctx.console is not None:
         ctx.console.print(f"  backbone {bb_cfg.name} ({ctx.backbone(spec.slot).model_type}), method {spec.method}, weighting {scheme}")
@@ -329,7 +329,12 @@ def _guards(clf, test_logits: np.ndarray, model_dir: Path, data, probe_val_f1) -
         if not last < first:
             warnings.append(f"training loss did not decrease (first-quarter mean {first:.3f}, last {last:.3f})")
     best = clf.history_["best_val_macro_f1"]
-    if probe_val_f1 is not None and best < probe_val_f1 - 1e-9:
+    if probe_val_f1 is not None and clf.history_["best_step"] == 0:
+        warnings.append(
+            "fine-tuning never beat its LP-FT start on validation, so the kept model is the probe's "
+            "head on the frozen backbone; likely cause: learning rate too high or too few epochs"
+        )
+    elif probe_val_f1 is not None and best < probe_val_f1 - 1e-9:
         warnings.append(
             f"val macro-F1 {best:.3f} below its own probe's {probe_val_f1:.3f}: fine-tuning hurt"
         )
