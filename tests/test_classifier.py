@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from tailtune import backbones, methods
-from tailtune.classifier import POOLERS, TextClassifier, _module, count_params, run_forward, tokenize
+from tailtune.classifier import (
+    POOLERS,
+    TextClassifier,
+    _module,
+    count_params,
+    run_forward,
+    tokenize,
+)
 from tailtune.config import BackboneConfig, MethodConfig, TrainConfig
 
 TEXTS = [
