@@ -201,8 +201,8 @@ def test_resample_scores_match_sklearn_per_resample():
 
 
 def test_ci_matches_a_plain_loop_reference():
-    """The documented recipe, one resample at a time with scikit-learn: rows drawn by
-    default_rng(seed).integers(0, n, (n_boot, n)), 2.5th / 97.5th percentiles."""
+    """The documented recipe, one resample at a time with scikit-learn: stratified resamples,
+    2.5th / 97.5th percentiles."""
     y_true, y_pred = _random_case(8, n=150)
     n_boot, seed = 60, 13
     m, _ = evaluate(
@@ -216,7 +216,9 @@ def test_ci_matches_a_plain_loop_reference():
         seed=seed,
     )
     evaluated = np.unique(y_true)
-    idx = np.random.default_rng(seed).integers(0, y_true.size, size=(n_boot, y_true.size))
+    idx = np.concatenate(list(metrics._resamples(y_true, n_boot, seed)))
+    # every resample keeps each class's support (stratified)
+    assert all((np.bincount(y_true[i], minlength=12) == np.bincount(y_true, minlength=12)).all() for i in idx)
     acc = [accuracy_score(y_true[i], y_pred[i]) for i in idx]
     macro = [
         f1_score(

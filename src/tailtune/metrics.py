@@ -12,11 +12,11 @@ Definitions used throughout (class indices run 0..n_classes-1):
   ``f1_score(y_true, y_pred, labels=evaluated, average="macro", zero_division=0)``;
   **weighted_f1** is the same with ``average="weighted"`` (weights = test support).
 - **zero_f1_classes** counts evaluated classes whose F1 is exactly 0.
-- **Bootstrap**: test rows are resampled with replacement (``numpy.random.default_rng(seed)``,
-  ``n_boot`` resamples of ``n_test`` rows); the CI is the 2.5th and 97.5th percentile. Inside a
-  resample, macro-F1 averages over the evaluated classes that the resample contains: the same
-  definition as the point estimate. (Scoring a class missing from the resample as 0 would bias
-  every resample down on a long tail, where many classes have one or two test rows.)
+- **Bootstrap**: stratified: test rows are resampled with replacement within each true class
+  (``numpy.random.default_rng(seed)``, ``n_boot`` resamples), so every resample has the test
+  set's class supports and macro-F1 averages over the same classes as the point estimate; the
+  CI is the 2.5th and 97.5th percentile. (A plain row bootstrap drops one-row classes from a
+  third of the resamples, and its macro-F1 interval can then exclude the estimate itself.)
 """
 
 from __future__ import annotations
@@ -88,12 +88,25 @@ def per_class_f1(y_true, y_pred, n_classes: int) -> np.ndarray:
     return f1
 
 
-def _resamples(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Row indices of the bootstrap resamples, in chunks of shape (chunk, n)."""
+def _resamples(y_true: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Row indices of stratified bootstrap resamples, in chunks of shape (chunk, n).
+
+    Rows are redrawn with replacement *within each true class*, so every resample keeps the
+    test set's class supports. A plain row bootstrap cannot give a consistent macro-F1 interval
+    on a long tail: a class with one test row is missing from ~37% of resamples, which makes
+    resamples head-heavy (measured on the demo: TF-IDF macro-F1 0.108 with a row-bootstrap
+    interval of [0.120, 0.178], which excludes its own estimate).
+    """
     rng = np.random.default_rng(seed)
+    n = y_true.size
+    order = np.argsort(y_true, kind="stable")  # rows grouped by class
+    counts = np.bincount(y_true)
+    block_start = np.repeat(np.cumsum(counts) - counts, counts)  # (n,) first slot of the row's class
+    block_size = np.repeat(counts, counts)  # (n,) rows in the row's class
     chunk = max(1, _CHUNK_ELEMENTS // n)
     for start in range(0, n_boot, chunk):
-        yield rng.integers(0, n, size=(min(chunk, n_boot - start), n))
+        draws = rng.random((min(chunk, n_boot - start), n))  # (B, n)
+        yield order[block_start + (draws * block_size).astype(np.int64)]
 
 
 def _resample_scores(
@@ -135,7 +148,7 @@ def _bootstrap(
     if n_boot < 1:
         raise TailtuneError(f"n_boot must be at least 1, got {n_boot}")
     chunks: list[list[dict[str, np.ndarray]]] = [[] for _ in preds]
-    for idx in _resamples(y_true.size, n_boot, seed):
+    for idx in _resamples(y_true, n_boot, seed):
         for scores, y_pred in zip(chunks, preds, strict=True):
             scores.append(_resample_scores(y_true, y_pred, idx, classes, n_classes))
     return [{m: np.concatenate([c[m] for c in scores]) for m in METRICS} for scores in chunks]
