@@ -362,25 +362,23 @@ def decoder_vs_encoder(systems: dict) -> float | None:
     return float(np.median(ratios)) if ratios else None
 
 
-def print_bench(result: dict, console) -> None:
-    """Every variant and batch size, then the headline per system."""
+
+def _table(title: str, columns: tuple[str, ...]):
+    """A rich table whose text columns (system, variant) are left-aligned, numbers right."""
     from rich.table import Table
 
-    table = Table(title=f"latency on {result['texts']} test texts (p50/p95: ms per batch)")
-    for col in (
-        "system",
-        "variant",
-        "batch",
-        "ms/example",
-        "p50 ms",
-        "p95 ms",
-        "examples/s",
-        "accuracy",
-        "change",
-    ):
-        table.add_column(
-            col, justify="left" if col in ("system", "variant") else "right", no_wrap=True
-        )
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("system", "variant") else "right", no_wrap=True)
+    return table
+
+def print_bench(result: dict, console) -> None:
+    """Every variant and batch size, then the headline per system."""
+
+    table = _table(
+        f"latency on {result['texts']} test texts (p50/p95: ms per batch)",
+        ("system", "variant", "batch", "ms/example", "p50 ms", "p95 ms", "examples/s", "accuracy", "change"),
+    )
     for name, entry in result["systems"].items():
         for r in entry["variants"]:
             change = "" if r["accuracy_change"] is None else f"{r['accuracy_change']:+.3f}"
@@ -396,22 +394,10 @@ def print_bench(result: dict, console) -> None:
                 change,
             )
     console.print(table)
-    summary = Table(
-        title=f"deployment headline (batch {result['batch_size']}, {result['price_per_hour']:.2f} USD/hour)"
+    summary = _table(
+        f"deployment headline (batch {result['batch_size']}, {result['price_per_hour']:.2f} USD/hour)",
+        ("system", "variant", "ms/example", "examples/s", "peak MiB", "params", "64k time", "64k cost"),
     )
-    for col in (
-        "system",
-        "variant",
-        "ms/example",
-        "examples/s",
-        "peak MiB",
-        "params",
-        "64k time",
-        "64k cost",
-    ):
-        summary.add_column(
-            col, justify="left" if col in ("system", "variant") else "right", no_wrap=True
-        )
     for name, e in result["systems"].items():
         summary.add_row(
             name,

@@ -151,7 +151,7 @@ def fit(
 
     callbacks = [Select()]
     if console is not None:
-        callbacks.append(_RichProgress(console, total_steps))
+        callbacks.append(_rich_progress(console, total_steps))
 
     with tempfile.TemporaryDirectory(prefix="tailtune-trainer-") as tmp:
         args = TrainingArguments(
@@ -206,49 +206,46 @@ def fit(
     return history
 
 
-class _RichProgress:
-    """A rich progress bar over optimisation steps, with loss and validation macro-F1."""
+def _rich_progress(console, total_steps: int):
+    """A TrainerCallback drawing a rich progress bar over optimisation steps, with loss and val macro-F1."""
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from transformers import TrainerCallback
 
-    def __new__(cls, console, total_steps: int):
-        from rich.progress import (
-            BarColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from transformers import TrainerCallback
+    class Callback(TrainerCallback):
+        def __init__(self):
+            self.progress = Progress(
+                TextColumn("  training"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            self.task = None
+            self.info = ""
 
-        class Callback(TrainerCallback):
-            def __init__(self):
-                self.progress = Progress(
-                    TextColumn("  training"),
-                    BarColumn(),
-                    TextColumn("{task.completed}/{task.total} steps"),
-                    TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(),
-                    TimeRemainingColumn(),
-                    console=console,
-                    transient=False,
-                )
-                self.task = None
-                self.info = ""
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=total_steps, info="")
 
-            def on_train_begin(self, args, state, control, **kwargs):
-                self.progress.start()
-                self.task = self.progress.add_task("train", total=total_steps, info="")
+        def on_step_end(self, args, state, control, **kwargs):
+            self.progress.update(self.task, completed=state.global_step, info=self.info)
 
-            def on_step_end(self, args, state, control, **kwargs):
-                self.progress.update(self.task, completed=state.global_step, info=self.info)
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.info = f"loss {logs['loss']:.3f}"
+            if logs and "eval_macro_f1" in logs:
+                self.info += f" val-F1 {logs['eval_macro_f1']:.3f}"
 
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
-                    self.info = f"loss {logs['loss']:.3f}"
-                if logs and "eval_macro_f1" in logs:
-                    self.info += f" val-F1 {logs['eval_macro_f1']:.3f}"
+        def on_train_end(self, args, state, control, **kwargs):
+            self.progress.update(self.task, completed=state.global_step, info=self.info)
+            self.progress.stop()
 
-            def on_train_end(self, args, state, control, **kwargs):
-                self.progress.update(self.task, completed=state.global_step, info=self.info)
-                self.progress.stop()
-
-        return Callback()
+    return Callback()
