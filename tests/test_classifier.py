@@ -55,14 +55,16 @@ def test_lora_with_b_zero_equals_the_base_model(arch):
 @pytest.mark.parametrize("arch", backbones.TINY_ARCHS)
 @pytest.mark.parametrize("method", ["lora", "head", "full"])
 def test_only_the_method_parameters_and_head_train(arch, method):
-    _, _, model, _ = _build(arch, method)
+    bb, _, model, _ = _build(arch, method)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {"score.weight", "score.bias"} <= trainable
+    # decoder heads are bias-free, like the stock <Family>ForSequenceClassification score
+    head = {"score.weight"} if bb.is_decoder else {"score.weight", "score.bias"}
+    assert head <= trainable and ("score.bias" in dict(model.named_parameters())) != bb.is_decoder
     if method == "lora":
         assert all("lora_" in n or n.startswith("score.") for n in trainable)
         assert any("lora_A" in n for n in trainable)
     elif method == "head":
-        assert trainable == {"score.weight", "score.bias"}
+        assert trainable == head
     else:
         assert trainable == {n for n, _ in model.named_parameters()}
     n_trainable, n_total = count_params(model)
@@ -144,6 +146,46 @@ def test_probe_head_folds_the_scaler_and_matches_sklearn():
     np.testing.assert_allclose(proba[:, :5], pipe.predict_proba(X), atol=1e-5)
     assert proba[:, 5].max() < 1e-9
     assert (proba.argmax(1) == pipe.predict(X)).all()
-    # C is chosen on validation macro-F1 and recorded
+    # C is chosen by cross-validation on train and recorded; val only scores the result
     probe = ProbeClassifier("tiny:bert").fit_features(X[:200], y[:200], list("abcdef"), val=(X[200:], y[200:]))
     assert probe.C_ in ProbeClassifier.C_GRID and 0 <= probe.val_macro_f1_ <= 1
+    assert set(probe.C_scores_) == set(ProbeClassifier.C_GRID)
+    other_val = ProbeClassifier("tiny:bert").fit_features(
+        X[:200], y[:200], list("abcdef"), val=(X[200:], rng.permutation(y[200:]))
+    )
+    assert other_val.C_ == probe.C_  # the choice does not look at validation labels
+    np.testing.assert_array_equal(other_val.W_, probe.W_)
+    assert other_val.val_macro_f1_ < probe.val_macro_f1_
+
+
+def test_logit_adjusted_loss_adds_the_offset_in_the_loss_only():
+    from tailtune.weighting import logit_adjustment
+
+    bb = backbones.resolve("tiny:bert")
+    tok = backbones.load_tokenizer(bb)
+    offset = logit_adjustment([50, 10, 3, 1, 1])
+    plain = _module()(backbones.load_model(bb, tok), 5, bb.pooling, bb.is_decoder)
+    adjusted = _module()(plain.backbone, 5, bb.pooling, bb.is_decoder, logit_offset=offset)
+    adjusted.score.load_state_dict(plain.score.state_dict())
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    labels = torch.tensor([0, 1, 2, 3])
+    a = adjusted(batch["input_ids"], batch["attention_mask"], labels)
+    p = plain(batch["input_ids"], batch["attention_mask"], labels)
+    torch.testing.assert_close(a["logits"], p["logits"])  # prediction is unchanged
+    expected = torch.nn.functional.cross_entropy(p["logits"] + torch.tensor(offset, dtype=torch.float32), labels)
+    torch.testing.assert_close(a["loss"], expected)
+    assert not torch.isclose(a["loss"], p["loss"])
+
+
+def test_balanced_sampling_draws_classes_evenly():
+    from tailtune.train import _sampling_trainer
+    from tailtune.weighting import sample_weights
+
+    y = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    trainer_cls = _sampling_trainer(y, sample_weights(np.bincount(y)), seed=0)
+    sampler = trainer_cls._get_train_sampler(object.__new__(trainer_cls))
+    drawn = np.concatenate([y[list(sampler)] for _ in range(30)])
+    share = np.bincount(drawn, minlength=3) / len(drawn)
+    np.testing.assert_allclose(share, 1 / 3, atol=0.05)
+    again = trainer_cls._get_train_sampler(object.__new__(trainer_cls))
+    assert list(again) == list(trainer_cls._get_train_sampler(object.__new__(trainer_cls)))  # seeded

@@ -30,6 +30,8 @@ def test_dotted_overrides_are_typed():
     assert cfg.method.rank == 8
     assert cfg.data.path == "x.csv"
     assert cfg.systems == ["tfidf-logreg", "encoder-lora"]
+    # YAML 1.1 reads 5e-4 as a string; a float field still takes it
+    assert load_config("demo", ["train.lr=5e-4", "train.head_lr=1e-3"]).train.lr == 5e-4
 
 
 def test_yaml_file_path(tmp_path):

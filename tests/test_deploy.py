@@ -56,7 +56,7 @@ def smoke_run(tmp_path_factory):
     return train_smoke_run(tmp_path_factory)
 
 
-def make_lora_system(folder: Path, arch: str, seed: int, zero_bias: bool = False) -> TextClassifier:
+def make_lora_system(folder: Path, arch: str, seed: int) -> TextClassifier:
     """A tiny LoRA system saved in ``folder``, with a random adapter that really changes the model.
 
     Training a random tiny model for a step leaves B ~ 0, which would make merged == base
@@ -78,11 +78,8 @@ def make_lora_system(folder: Path, arch: str, seed: int, zero_bias: bool = False
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
         clf.model_.score.weight.copy_(torch.randn(clf.model_.score.weight.shape, generator=gen))
-        clf.model_.score.bias.copy_(
-            torch.zeros(len(clf.classes_))
-            if zero_bias
-            else torch.randn(len(clf.classes_), generator=gen)
-        )
+        if clf.model_.score.bias is not None:  # decoder heads have none
+            clf.model_.score.bias.copy_(torch.randn(len(clf.classes_), generator=gen))
     clf.save(folder)
     return clf
 
@@ -126,7 +123,7 @@ def test_a_folder_that_is_not_a_system_is_refused(tmp_path):
 def test_decoder_export_equals_tailtune_with_plain_transformers(tmp_path, arch):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    clf = make_lora_system(tmp_path / "system", arch, seed=1, zero_bias=True)
+    clf = make_lora_system(tmp_path / "system", arch, seed=1)
     record = deploy.export_merged(tmp_path / "system", tmp_path / "hf")
     texts = deploy.check_texts()
     ours = TextClassifier.load(tmp_path / "system").predict_logits(texts)
@@ -151,7 +148,7 @@ def test_decoder_export_equals_tailtune_with_plain_transformers(tmp_path, arch):
 
 
 def test_exported_folder_needs_nothing_from_tailtune_or_peft(tmp_path):
-    make_lora_system(tmp_path / "system", "qwen2", seed=2, zero_bias=True)
+    make_lora_system(tmp_path / "system", "qwen2", seed=2)
     result = tailtune("export", tmp_path / "system", "--merged", tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     assert "max |merged - unmerged| logit" in result.stdout
@@ -206,10 +203,6 @@ def test_export_refuses_what_a_stock_class_cannot_hold(smoke_run, tmp_path):
         TailtuneError, match=r"BertForSequenceClassification .*tanh.*--format tailtune"
     ):
         deploy.export_merged(systems / "encoder-lora", tmp_path / "a")
-    with pytest.raises(
-        TailtuneError, match=r"Qwen2ForSequenceClassification has no bias.*--format tailtune"
-    ):
-        deploy.export_merged(systems / "decoder-lora", tmp_path / "b")
     with pytest.raises(TailtuneError, match="no adapter to merge"):
         deploy.export_merged(systems / "tfidf-logreg", tmp_path / "c")
     assert not any(tmp_path.iterdir())
@@ -219,11 +212,38 @@ def test_export_refuses_what_a_stock_class_cannot_hold(smoke_run, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--format tailtune" in lines[0]
 
 
+def test_the_runs_decoder_exports_to_the_stock_class(smoke_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    system = smoke_run / "systems" / "decoder-lora"
+    clf = TextClassifier.load(system)
+    assert clf.model_.score.bias is None  # trained bias-free, the stock score layout
+    deploy.export_merged(system, tmp_path / "hf")
+    texts = run_test_texts(smoke_run)["text"].tolist()[:8]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    with torch.inference_mode():
+        theirs = model(**tokenizer(texts, padding=True, truncation=True, return_tensors="pt")).logits.numpy()
+    np.testing.assert_allclose(theirs, clf.predict_logits(texts), atol=1e-4)
+
+
+def test_a_head_with_a_bias_is_refused_for_the_bias_free_stock_class(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    clf = make_lora_system(tmp_path / "dec", "qwen2", seed=3)
+    head = load_file(str(tmp_path / "dec" / "head.safetensors"))  # a head saved with a bias (older runs)
+    head["bias"] = torch.linspace(-1, 1, len(clf.classes_))
+    save_file(head, str(tmp_path / "dec" / "head.safetensors"))
+    with pytest.raises(TailtuneError, match=r"Qwen2ForSequenceClassification has no bias.*--format tailtune"):
+        deploy.export_merged(tmp_path / "dec", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_modernbert_and_other_pooling_are_refused(tmp_path):
     make_lora_system(tmp_path / "mb", "modernbert", seed=5)
     with pytest.raises(TailtuneError, match="LayerNorm"):
         deploy.export_merged(tmp_path / "mb", tmp_path / "out")
-    clf = make_lora_system(tmp_path / "dec", "qwen2", seed=5, zero_bias=True)
+    clf = make_lora_system(tmp_path / "dec", "qwen2", seed=5)
     meta = json.loads((tmp_path / "dec" / "tailtune.json").read_text())
     meta["pooling"] = "mean"
     (tmp_path / "dec" / "tailtune.json").write_text(json.dumps(meta))

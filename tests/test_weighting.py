@@ -40,3 +40,31 @@ def test_none_is_all_ones_and_unseen_class_gets_zero():
 def test_unknown_scheme():
     with pytest.raises(TailtuneError, match="unknown class weighting"):
         class_weights([1, 2], "nope")
+
+
+def test_logit_adjustment_is_tau_log_prior():
+    from tailtune.weighting import logit_adjustment
+
+    counts = np.array([80, 15, 5, 0])
+    offset = logit_adjustment(counts, tau=1.0)
+    # Menon et al. (2021): tau * log(pi_c); an unseen class counts as one row
+    prior = np.array([80, 15, 5, 1]) / 101
+    np.testing.assert_allclose(offset, np.log(prior))
+    np.testing.assert_allclose(logit_adjustment(counts, tau=0.5), 0.5 * np.log(prior))
+
+
+def test_plan_sets_exactly_one_lever():
+    from tailtune.weighting import names, plan
+
+    counts = np.array([90, 9, 1])
+    fields = ("class_weights", "logit_offset", "class_sampling")
+    for name in names():
+        chosen = [f for f in fields if getattr(plan(name, counts), f) is not None]
+        assert chosen == ([] if name == "none" else [
+            {"logit_adjusted": "logit_offset", "balanced_sampling": "class_sampling"}.get(name, "class_weights")
+        ])
+    sampling = plan("balanced_sampling", counts).class_sampling
+    # every class is equally likely: per-class mass n_c * w_c is constant
+    np.testing.assert_allclose(counts * sampling, counts[0] * sampling[0])
+    with pytest.raises(TailtuneError, match="unknown class weighting 'nope'"):
+        plan("nope", counts)

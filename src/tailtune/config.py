@@ -97,6 +97,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     grad_accum: int = 1
     weighting: str = "sqrt_inverse"  # scheme used by the "-weighted" systems
+    logit_tau: float = 1.0  # temperature of the "logit_adjusted" strategy (Menon et al. use 1)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     head_init: str = "probe"  # probe (LP-FT: start from the probe's logistic regression) | random
     early_stopping_patience: int = 2  # evaluations without val macro-F1 gain before stopping
@@ -245,6 +246,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return [_coerce(args[0], v, key) for v in value]
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "5e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if hint in (int, float, str, bool) and not (
@@ -310,7 +316,9 @@ def validate(cfg: Config) -> None:
         raise TailtuneError(f"train.precision must be one of {', '.join(PRECISIONS)}")
     if t.head_init not in HEAD_INITS:
         raise TailtuneError(f"train.head_init must be one of {', '.join(HEAD_INITS)}")
-    weighting.get(t.weighting)
+    weighting.check(t.weighting)
+    if t.logit_tau <= 0:
+        raise TailtuneError("train.logit_tau must be > 0")
     if t.epochs <= 0 or t.lr < 0 or t.head_lr < 0 or t.grad_accum < 1 or t.eval_per_epoch < 1:
         raise TailtuneError("train: epochs > 0, lr >= 0, grad_accum >= 1, eval_per_epoch >= 1")
     if not 0 <= t.warmup_ratio < 1:

@@ -16,8 +16,9 @@
 A stock transformers class is used only where it computes exactly what tailtune computes.
 Decoders map onto ``<Family>ForSequenceClassification``, which pools the last token that is
 not ``pad_token_id`` and applies a bias-free linear ``score``; tailtune pools the last real
-token from the attention mask and its head has a bias. The two agree when (1) the system
-pools "last", (2) the head's bias is zero and (3) no text ends in the pad token. Decoders pad
+token from the attention mask, and its decoder heads are bias-free too (heads saved before
+that had a bias). The two agree when (1) the system pools "last", (2) the head has no bias
+(or a zero one) and (3) no text ends in the pad token. Decoders pad
 with eos when they have no pad token; transformers would then pool one token early on a
 text that itself ends in eos, which tailtune's tokenizers never append. BERT-style heads
 (tanh pooler) and ModernBERT's (dense + activation + LayerNorm before the classifier) have no
@@ -426,7 +427,8 @@ def hf_classifier(clf):
     with torch.no_grad():
         getattr(model, model.base_model_prefix).load_state_dict(clf.model_.backbone.state_dict())
         model.score.weight.copy_(head.weight)
-    return model.eval(), head.bias.detach().cpu().numpy()
+    bias = np.zeros(len(clf.classes_)) if head.bias is None else head.bias.detach().cpu().numpy()
+    return model.eval(), bias
 
 
 def save_hf(model, clf, out: Path) -> None:

@@ -6,7 +6,8 @@ Names follow one grammar:
 - ``<encoder|decoder>-probe`` — frozen backbone features + class-balanced logistic regression;
 - ``<encoder|decoder>-<method>[-weighted|-<scheme>]`` — fine-tuned with a method from
   :mod:`tailtune.methods`; ``-weighted`` uses ``train.weighting`` (sqrt-inverse by default),
-  ``-<scheme>`` names a scheme from :mod:`tailtune.weighting` directly.
+  ``-<scheme>`` names a strategy from :mod:`tailtune.weighting` directly (a loss weighting,
+  ``logit_adjusted`` or ``balanced_sampling``).
 
 Each runner trains, saves its model under the folder it is given, and returns test-set
 probabilities plus what the comparison needs (parameters, time, warnings).
@@ -63,7 +64,7 @@ def parse_system(name: str) -> SystemSpec:
                 return SystemSpec(name, "finetune", slot, method, "none")
             if suffix == "weighted":
                 return SystemSpec(name, "finetune", slot, method, "config")
-            if suffix in weighting.SCHEMES:
+            if suffix in weighting.names():
                 return SystemSpec(name, "finetune", slot, method, suffix)
     raise TailtuneError(
         f"unknown system '{name}': use tfidf-logreg, <encoder|decoder>-probe or "
@@ -103,7 +104,8 @@ class Context:
             from tailtune.classifier import ProbeClassifier
 
             bb_cfg = getattr(self.cfg, slot)
-            probe = ProbeClassifier(bb_cfg, seed=self.cfg.train.seed)
+            # A decoder's head is bias-free (the stock HF layout), so its probe fits no intercept.
+            probe = ProbeClassifier(bb_cfg, seed=self.cfg.train.seed, intercept=not self.backbone(slot).is_decoder)
             probe.backbone_ = self.backbone(slot)
             probe.pooling_ = bb_cfg.pooling if bb_cfg.pooling != "auto" else probe.backbone_.pooling
             result = self._probes[slot] = {"probe": probe, "features": {}, "seconds": 0.0, "fitted": False}
@@ -228,7 +230,8 @@ def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
     return Outcome(
         proba, result["seconds"], head, total,
         {"architecture": probe.backbone_.model_type, "pooling": probe.pooling_,
-         "backbone_name": probe.backbone_.spec, "C": probe.C_, "val_macro_f1": probe.val_macro_f1_},
+         "backbone_name": probe.backbone_.spec, "C": probe.C_, "val_macro_f1": probe.val_macro_f1_,
+         "C_cv_macro_f1": {str(c): round(v, 4) for c, v in getattr(probe, "C_scores_", {}).items()}},
     )
 
 
@@ -273,10 +276,11 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
         logits = clf.predict_logits(texts, progress=advance)
     clf.save(model_dir)
     warnings = _guards(clf, logits, model_dir, data, probe_val_f1)
-    if scheme != "none":
-        (model_dir / "class_weights.json").write_text(
-            json.dumps(dict(zip(data.classes, map(float, clf.class_weights_), strict=True)), indent=2)
-        )
+    imb = clf.imbalance_
+    for file, values in (("class_weights.json", imb.class_weights), ("logit_offset.json", imb.logit_offset),
+                         ("class_sampling.json", imb.class_sampling)):
+        if values is not None:  # what the loss / sampler used, per class
+            (model_dir / file).write_text(json.dumps(dict(zip(data.classes, map(float, values), strict=True)), indent=2))
     from tailtune.classifier import softmax
 
     adapter_bytes = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file() and "tokenizer" not in f.parts)

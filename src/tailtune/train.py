@@ -68,11 +68,14 @@ def fit(
     work_dir: str | Path | None = None,
     console=None,
     start_val_f1: float | None = None,
+    class_sampling: np.ndarray | None = None,
 ) -> dict:
     """Train ``model`` in place and leave the best validation state loaded. Returns the history.
 
     ``start_val_f1`` is the validation macro-F1 of the starting point when it is already known
     (LP-FT: the probe's), so the start competes for "best" without another validation pass.
+    ``class_sampling`` (C,) draws training rows with replacement, each with its class's weight
+    (class-balanced sampling); batches are then not length-grouped.
 
     History keys: precision, steps, epochs_run, best_val_macro_f1, best_step, evals
     [{step, epoch, val_macro_f1, val_accuracy}], losses [{step, loss}], stopped_early.
@@ -179,7 +182,7 @@ def fit(
             train_sampling_strategy="group_by_length",
             max_grad_norm=1.0,
         )
-        trainer = Trainer(
+        trainer = (Trainer if class_sampling is None else _sampling_trainer(y, class_sampling, train.seed))(
             model=model,
             args=args,
             train_dataset=train_set,
@@ -204,6 +207,21 @@ def fit(
     )
     model.eval()
     return history
+
+
+def _sampling_trainer(y: np.ndarray, class_sampling: np.ndarray, seed: int):
+    """A Trainer class whose training sampler draws rows with probability ~ ``class_sampling[y]``."""
+    import torch
+    from transformers import Trainer
+
+    weights = torch.as_tensor(np.asarray(class_sampling, dtype=float)[y], dtype=torch.double)
+
+    class SamplingTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            generator = torch.Generator().manual_seed(seed)
+            return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True, generator=generator)
+
+    return SamplingTrainer
 
 
 def _rich_progress(console, total_steps: int):

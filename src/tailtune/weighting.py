@@ -1,6 +1,16 @@
-"""Class-weighting schemes for the loss, looked up by name.
+"""How training counters class imbalance, looked up by name.
 
-Every scheme maps per-class training counts ``n_c`` to raw weights, which are then scaled so
+Loss-weighting schemes (``SCHEMES``: none, sqrt_inverse, inverse, effective_number) weight
+the cross-entropy per class. Two strategies act elsewhere (``OTHER``):
+
+- ``logit_adjusted`` (Menon et al., 2021, "Long-tail learning via logit adjustment"): the
+  loss sees ``logits + tau * log(prior)``, so the raw logits the model outputs (and predicts
+  with) are those of a class-balanced posterior;
+- ``balanced_sampling``: batches are drawn with replacement so every class is equally likely.
+
+:func:`plan` turns a name and the training counts into an :class:`Imbalance`.
+
+Every loss-weighting scheme maps per-class training counts ``n_c`` to raw weights, which are then scaled so
 the *example-weighted* mean is 1 (``sum_c n_c * w_c / sum_c n_c == 1``). The loss therefore
 keeps the magnitude of unweighted cross-entropy and the learning rate means the same thing
 with or without weighting; only the balance between classes moves.
@@ -9,6 +19,7 @@ with or without weighting; only the balance between classes moves.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,10 +59,24 @@ def _effective_number(counts: np.ndarray, beta: float = 0.999) -> np.ndarray:
     return (1.0 - beta) / (1.0 - np.power(beta, counts))
 
 
+OTHER = ("logit_adjusted", "balanced_sampling")
+
+
+def names() -> list[str]:
+    """Every strategy a system name or ``train.weighting`` may use."""
+    return [*SCHEMES, *OTHER]
+
+
 def get(name: str) -> Callable[[np.ndarray], np.ndarray]:
     if name not in SCHEMES:
-        raise TailtuneError(f"unknown class weighting '{name}' (schemes: {', '.join(SCHEMES)})")
+        raise TailtuneError(f"unknown class weighting '{name}' (schemes: {', '.join(names())})")
     return SCHEMES[name]
+
+
+def check(name: str) -> str:
+    if name not in names():
+        raise TailtuneError(f"unknown class weighting '{name}' (schemes: {', '.join(names())})")
+    return name
 
 
 def class_weights(counts, scheme: str) -> np.ndarray:
@@ -65,3 +90,37 @@ def class_weights(counts, scheme: str) -> np.ndarray:
     weights[seen] = get(scheme)(counts[seen])
     weights *= counts.sum() / (counts * weights).sum()
     return weights
+
+
+def logit_adjustment(counts, tau: float = 1.0) -> np.ndarray:
+    """``tau * log(prior)`` per class (Menon et al. 2021, eq. 10); unseen classes count as 1 row."""
+    counts = np.maximum(np.asarray(counts, dtype=float), 1.0)
+    return tau * np.log(counts / counts.sum())
+
+
+def sample_weights(counts) -> np.ndarray:
+    """Per-class sampling weight ``1 / n_c`` (0 for unseen classes): each class equally likely."""
+    counts = np.asarray(counts, dtype=float)
+    return np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
+
+
+@dataclass(frozen=True)
+class Imbalance:
+    """What one strategy changes in training; at most one field is set."""
+
+    name: str
+    class_weights: np.ndarray | None = None  # (C,) cross-entropy weights
+    logit_offset: np.ndarray | None = None  # (C,) added to the logits inside the loss only
+    class_sampling: np.ndarray | None = None  # (C,) sampling weight of one example of each class
+
+
+def plan(name: str, counts, tau: float = 1.0) -> Imbalance:
+    """The :class:`Imbalance` for strategy ``name`` and training counts ``counts``."""
+    check(name)
+    if name == "logit_adjusted":
+        return Imbalance(name, logit_offset=logit_adjustment(counts, tau))
+    if name == "balanced_sampling":
+        return Imbalance(name, class_sampling=sample_weights(counts))
+    if name == "none":
+        return Imbalance(name)
+    return Imbalance(name, class_weights=class_weights(counts, name))
