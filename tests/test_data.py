@@ -40,7 +40,7 @@ def test_cleaning_counts_every_dropped_row():
 def test_label_case_variants_are_reported_not_merged():
     df = pd.DataFrame({TEXT: list("abcdef"), "Issue": ["Fees", "fees ", "Fees", "fees ", "X", "X"]})
     out, report = clean(df, DataConfig())
-    assert report["label_variants"] == [["Fees", "fees "]]
+    assert report["possible_duplicate_labels"] == [["Fees", "fees "]]
     assert out["label"].nunique() == 3
 
 

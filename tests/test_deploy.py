@@ -216,7 +216,7 @@ def test_the_runs_decoder_exports_to_the_stock_class(smoke_run, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     system = smoke_run / "systems" / "decoder-lora"
-    clf = TextClassifier.load(system)
+    clf = TextClassifier.load(system / "model")
     assert clf.model_.score.bias is None  # trained bias-free, the stock score layout
     deploy.export_merged(system, tmp_path / "hf")
     texts = run_test_texts(smoke_run)["text"].tolist()[:8]

@@ -68,3 +68,17 @@ def test_plan_sets_exactly_one_lever():
     np.testing.assert_allclose(counts * sampling, counts[0] * sampling[0])
     with pytest.raises(TailtuneError, match="unknown class weighting 'nope'"):
         plan("nope", counts)
+
+
+def test_prior_shift_moves_a_balanced_head_to_the_losses_optimum():
+    from tailtune.weighting import plan
+
+    counts = np.array([600, 60, 6])
+    log_prior = np.log(counts / counts.sum())
+    # unweighted CE aims at the training prior; the balancing strategies at a flat one
+    np.testing.assert_allclose(plan("none", counts).prior_shift(counts), log_prior - log_prior.max())
+    for flat in ("logit_adjusted", "inverse", "balanced_sampling"):
+        np.testing.assert_allclose(plan(flat, counts).prior_shift(counts), 0, atol=1e-9)
+    half = plan("sqrt_inverse", counts).prior_shift(counts)
+    np.testing.assert_allclose(half, (log_prior - log_prior.max()) / 2)
+    np.testing.assert_allclose(plan("logit_adjusted", counts, tau=0.5).prior_shift(counts), half)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -41,7 +42,15 @@ def friendly(fn):
             typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
             raise typer.Exit(130) from None
         except OSError as exc:
-            typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+            if exc.errno == errno.ENOSPC:
+                where = f" writing {exc.filename}" if exc.filename else ""
+                typer.echo(
+                    f"error: no space left on device{where}; free some space and run the same command "
+                    "again (finished work is kept)",
+                    err=True,
+                )
+            else:
+                typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
             raise typer.Exit(2) from None
         except Exception as exc:
             if os.environ.get("TAILTUNE_DEBUG"):
@@ -98,6 +107,7 @@ def data_inspect(
     label_column: str = typer.Option("Issue", help="Label column, or columns joined by '+'."),
     text_column: str = typer.Option("Consumer complaint narrative", help="Text column."),
     min_class_count: int = typer.Option(2, help="Classes with fewer rows are dropped."),
+    encoding: str = typer.Option("utf-8", help="Text encoding of a CSV / TSV / JSON file (e.g. cp1252)."),
 ):
     """Class counts, frequency tiers and problems found, without training anything."""
     from rich.console import Console
@@ -106,7 +116,7 @@ def data_inspect(
     from tailtune.data import inspect_data
 
     cfg = DataConfig(path=str(path), label_column=label_column, text_column=text_column,
-                     min_class_count=min_class_count)
+                     min_class_count=min_class_count, encoding=encoding)
     inspect_data(cfg, Console())
 
 

@@ -40,6 +40,9 @@ class DataConfig:
     """Where the labelled texts come from and how they are cleaned and split."""
 
     path: str | None = None  # CSV / JSONL / Parquet; None = the built-in synthetic demo corpus
+    # Text encoding of CSV / TSV / JSON files. A file that does not decode is an error naming
+    # the line, never silently read as mojibake; set e.g. "cp1252" for old Excel exports.
+    encoding: str = "utf-8"
     text_column: str = "Consumer complaint narrative"
     # A column name, or columns joined with "+" (e.g. "Product+Issue") for a combined label.
     label_column: str = "Issue"
@@ -102,6 +105,8 @@ class TrainConfig:
     head_init: str = "probe"  # probe (LP-FT: start from the probe's logistic regression) | random
     early_stopping_patience: int = 2  # evaluations without val macro-F1 gain before stopping
     eval_per_epoch: int = 1
+    # Evaluations between checkpoints that an interrupted `tailtune run` resumes from (0 = none).
+    checkpoint_every: int = 1
     seed: int = 0
 
 
@@ -274,6 +279,7 @@ def dump(cfg: Config) -> str:
 def validate(cfg: Config) -> None:
     """Check cross-field rules; raise :class:`TailtuneError` naming the first problem."""
     from tailtune import methods, systems, weighting
+    from tailtune.data import text_codec
 
     if not cfg.systems:
         raise TailtuneError("config 'systems' is empty: name at least one system (e.g. tfidf-logreg)")
@@ -282,6 +288,7 @@ def validate(cfg: Config) -> None:
     if len(set(cfg.systems)) != len(cfg.systems):
         raise TailtuneError("config 'systems' lists a system twice")
     d = cfg.data
+    text_codec(d.encoding)
     if not (0 < d.val_size < 1 and 0 < d.test_size < 1 and d.val_size + d.test_size < 1):
         raise TailtuneError("data.val_size and data.test_size must be in (0, 1) and sum below 1")
     if d.min_class_count < 2:
@@ -321,6 +328,8 @@ def validate(cfg: Config) -> None:
         raise TailtuneError("train.logit_tau must be > 0")
     if t.epochs <= 0 or t.lr < 0 or t.head_lr < 0 or t.grad_accum < 1 or t.eval_per_epoch < 1:
         raise TailtuneError("train: epochs > 0, lr >= 0, grad_accum >= 1, eval_per_epoch >= 1")
+    if t.checkpoint_every < 0:
+        raise TailtuneError("train.checkpoint_every must be >= 0 (0 = no checkpoints)")
     if not 0 <= t.warmup_ratio < 1:
         raise TailtuneError("train.warmup_ratio must be in [0, 1)")
     if cfg.tfidf.class_weight not in (None, "balanced"):

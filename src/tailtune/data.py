@@ -7,6 +7,7 @@ is counted in :attr:`Prepared.summary`, which the run writes to ``data.json``.
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,11 @@ READERS = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
+
+# What spreadsheet and dataframe exports write for a missing value. A row whose label is one of
+# these has no label; it is not a class called "NaN". ("NA" and "None" are left alone: both
+# are plausible real labels.)
+NA_MARKERS = frozenset({"nan", "NaN", "-nan", "-NaN", "<NA>", "#N/A", "#NA", "N/A", "n/a", "NULL", "null"})
 
 
 @dataclass
@@ -51,9 +57,25 @@ class Prepared:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read CSV / TSV / JSONL / JSON / Parquet into strings-as-objects, with clear errors."""
+def text_codec(encoding: str) -> str:
+    """The Python codec that reads files in ``encoding``; UTF-8 reads through a leading BOM."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise TailtuneError(
+            f"data.encoding '{encoding}' is not a known text encoding (e.g. utf-8, cp1252, latin-1)"
+        ) from None
+    return "utf-8-sig" if name == "utf-8" else name
+
+
+def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
+    """Read CSV / TSV / JSONL / JSON / Parquet into strings-as-objects, with clear errors.
+
+    ``encoding`` applies to the text formats; a byte that does not decode is an error naming
+    its line and byte offset, never replaced or guessed.
+    """
     path = Path(path)
+    codec = text_codec(encoding)
     if not path.exists():
         raise TailtuneError(f"data file not found: {path}")
     if path.is_dir():
@@ -67,33 +89,62 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise TailtuneError(f"data file is empty: {path}")
     try:
         if kind in ("csv", "tsv"):
-            return _read_delimited(path, "\t" if kind == "tsv" else ",")
+            return _read_delimited(path, "\t" if kind == "tsv" else ",", codec)
         if kind == "jsonl":
-            return pd.read_json(path, lines=True, dtype=False)
+            return pd.read_json(path, lines=True, dtype=False, encoding=codec)
         if kind == "json":
-            return pd.read_json(path, dtype=False)
+            return pd.read_json(path, dtype=False, encoding=codec)
         return pd.read_parquet(path)
     except TailtuneError:
         raise
+    except UnicodeDecodeError:
+        raise TailtuneError(_decode_problem(path, codec)) from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TailtuneError(f"could not read {path} as {kind}: {first}") from None
 
 
-def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
-    # utf-8-sig strips a BOM; files that are not UTF-8 (often cp1252 exports) are reported,
-    # never silently decoded into mojibake.
+def _read_delimited(path: Path, sep: str, codec: str) -> pd.DataFrame:
     try:
-        return pd.read_csv(
-            path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig"
-        )
-    except UnicodeDecodeError as exc:
-        raise TailtuneError(
-            f"{path} is not valid UTF-8 (byte {exc.object[exc.start]:#x} at offset {exc.start}); "
-            "re-save it as UTF-8"
-        ) from None
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding=codec)
     except pd.errors.EmptyDataError:
         raise TailtuneError(f"data file has no rows or header: {path}") from None
+
+
+def _decode_problem(path: Path, codec: str) -> str:
+    """One line locating the first byte of ``path`` that ``codec`` cannot decode, with the fix.
+
+    pandas reports offsets inside its read buffer, so the file is scanned again here; this
+    only runs on the error path.
+    """
+    decoder = codecs.getincrementaldecoder(codec)()
+    name = "UTF-8" if codec == "utf-8-sig" else codec
+    offset, utf8_before = 0, False
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                decoder.decode(line)
+            except UnicodeDecodeError as exc:
+                where = f"byte {line[exc.start]:#x} at line {number} (byte offset {offset + exc.start})"
+                break
+            text = line[len(codecs.BOM_UTF8):] if number == 1 and line.startswith(codecs.BOM_UTF8) else line
+            utf8_before = utf8_before or not text.isascii()
+            offset += len(line)
+        else:
+            return f"{path} is not valid {name} (it ends inside a character); re-save it as {name}"
+    if name != "UTF-8":
+        return f"{path} is not valid {name}: {where}; check data.encoding"
+    if utf8_before:
+        # A file with UTF-8 text before the bad byte mixes encodings: no single encoding
+        # setting reads it right, so the line must be fixed.
+        return (
+            f"{path} mixes text encodings: {where} is not UTF-8 although earlier lines are; "
+            "re-save the file as UTF-8 or fix that line"
+        )
+    return (
+        f"{path} is not valid UTF-8: {where}; if the file was saved in another encoding say "
+        "which (data.encoding=cp1252, or --encoding cp1252 for data inspect), or re-save it as UTF-8"
+    )
 
 
 def _label_series(df: pd.DataFrame, label_column: str) -> pd.Series:
@@ -130,7 +181,7 @@ def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
             seed=d.seed,
         )
         return frame, "built-in synthetic demo corpus (tailtune.demo)"
-    return read_table(cfg.path), str(cfg.path)
+    return read_table(cfg.path, cfg.encoding), str(cfg.path)
 
 
 # ----------------------------------------------------------------------------- cleaning
@@ -139,8 +190,9 @@ def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
 def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
     """Return ``(frame with id/text/label, report)`` after dropping unusable rows.
 
-    Order: empty text -> empty label -> exact duplicate texts (first kept when labels agree,
-    all copies dropped when they conflict) -> classes below ``min_class_count``.
+    Order: empty text -> empty or missing-value label (``NA_MARKERS``) -> exact duplicate
+    texts (first kept when labels agree, all copies dropped when they conflict) -> classes
+    below ``min_class_count``.
     """
     _require_column(df, cfg.text_column, "text")
     labels = _label_series(df, cfg.label_column)
@@ -158,18 +210,26 @@ def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
     text = out["text"].fillna("").str.strip()
     keep = text.str.len() > 0
     dropped["empty_text"] = int((~keep).sum())
+    if not keep.any():
+        raise TailtuneError(f"no usable rows: text column '{cfg.text_column}' is empty in all {len(out)} rows")
     out = out[keep].assign(text=text[keep])
 
-    label = out["label"].fillna("")
-    keep = label.str.strip().str.len() > 0
-    dropped["empty_label"] = int((~keep).sum())
-    out = out[keep]
+    label = out["label"].fillna("").str.strip()
+    empty = label.str.len() == 0
+    missing = label.isin(NA_MARKERS)
+    dropped["empty_label"] = int(empty.sum())
+    dropped["na_label"] = int(missing.sum())
+    if (empty | missing).all():
+        raise TailtuneError(
+            f"no usable rows: label column '{cfg.label_column}' is empty (or NaN) in all {len(out)} rows with text"
+        )
+    out = out[~(empty | missing)]
 
     # Labels that differ only by case or surrounding spaces are almost always one class typed
     # twice; they are reported, never silently merged.
     norm = out["label"].str.strip().str.casefold()
     variants = out.groupby(norm)["label"].unique()
-    report["label_variants"] = [sorted(map(str, v)) for v in variants if len(v) > 1]
+    report["possible_duplicate_labels"] = [sorted(map(str, v)) for v in variants if len(v) > 1]
 
     n_labels = out.groupby("text")["label"].transform("nunique")
     conflicting = n_labels > 1
@@ -190,8 +250,13 @@ def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
         out = out.sample(n=cfg.max_rows, random_state=cfg.seed)
         dropped["max_rows_subsample"] = int(report["rows_read"] - sum(dropped.values()) - len(out))
 
+    if len(out) == 0 and report["dropped_classes"]:
+        raise TailtuneError(
+            f"no usable rows: all {len(report['dropped_classes'])} classes have fewer than "
+            f"{cfg.min_class_count} rows (data.min_class_count), too few to split"
+        )
     if len(out) == 0:
-        raise TailtuneError("no usable rows left after cleaning (all texts or labels empty?)")
+        raise TailtuneError("no usable rows left after cleaning (every text has conflicting labels)")
     n_classes = out["label"].nunique()
     if n_classes < 2:
         raise TailtuneError(
@@ -342,8 +407,8 @@ def inspect_data(cfg: DataConfig, console) -> Prepared:
                         + ", ".join(s["dropped_classes"][:5]))
     if s["conflicting_duplicate_texts"]:
         problems.append(f"{s['conflicting_duplicate_texts']} texts appear with conflicting labels (all copies dropped)")
-    for variants in s["label_variants"]:
-        problems.append(f"labels differ only by case/spaces (kept apart): {variants}")
+    for variants in s["possible_duplicate_labels"]:
+        problems.append(f"possible duplicate labels, differ only by case/spaces (kept apart): {variants}")
     console.print("[bold]problems found:[/] " + ("none" if not problems else ""))
     for p in problems:
         console.print(f"  - {p}")

@@ -10,15 +10,16 @@ Run directory contract (other commands and users build on it)::
     <out>/systems/<name>/predictions.csv id, label, prediction, confidence
     <out>/systems/<name>/model/          everything needed to reload and predict
 
-Nothing is written before the data and backbones pass their checks. A system's folder
-appears only when all its files are complete, so a finished system is skipped on re-run
-and a killed one is simply trained again.
+Nothing is written before the data and backbones pass their checks. A system is built in
+``<out>/systems/.<name>.partial/`` (``staging/`` for its files, ``checkpoints/`` for a
+fine-tuning's latest checkpoint) and its folder appears only when all its files are complete.
+Re-running the same command skips finished systems and resumes an interrupted fine-tuning
+from its checkpoint, ending with the same numbers as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -37,14 +38,20 @@ COMPARISON_COLUMNS = [
 
 
 def _preflight(cfg: Config, console):
-    """Everything that can be checked before anything is written. Returns the prepared data."""
+    """What can be checked before any backbone is touched. Returns the specs and prepared data.
+
+    The backbone checks (:func:`tailtune.preflight.check_backbones`) follow in :func:`run`.
+    """
     from tailtune import data as data_lib
+    from tailtune import preflight
     from tailtune.systems import parse_system
     from tailtune.train import resolve_precision
 
     specs = [parse_system(name) for name in cfg.systems]
+    preflight.check_writable(Path(cfg.out))
     with console.status("reading and cleaning data..."):
         prepared = data_lib.prepare(cfg.data)
+    preflight.check_splits(prepared, specs)
     if any(s.kind == "finetune" for s in specs):
         resolve_precision(cfg.train.precision)
     return specs, prepared
@@ -82,6 +89,7 @@ def run(cfg: Config, console=None, report: bool = True) -> Path:
     from rich.console import Console
 
     from tailtune import metrics as metrics_lib
+    from tailtune.preflight import check_backbones
     from tailtune.systems import Context, GuardFailure, run_system
 
     console = console or Console()
@@ -90,17 +98,20 @@ def run(cfg: Config, console=None, report: bool = True) -> Path:
     resuming = _check_run_dir(out, resolved)
     started = time.perf_counter()
     specs, data = _preflight(cfg, console)
+    ctx = Context(cfg, data, console, out / "cache")
+    check_backbones(ctx, specs)  # resolves (and converts GGUF) before the directory exists
     _print_data(console, data)
 
-    ctx = Context(cfg, data, console, out / "cache")
-    for spec in specs:
-        if spec.slot:
-            ctx.backbone(spec.slot)  # resolve (and convert GGUF) before the directory exists
-
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / "config.yaml").exists():
-        rundir.write_text(out / "config.yaml", resolved)
-    rundir.write_json(out / "data.json", data.summary)
+    try:
+        if not (out / "config.yaml").exists():
+            rundir.write_text(out / "config.yaml", resolved)
+        rundir.write_json(out / "data.json", data.summary)
+    except OSError:
+        if created:  # e.g. disk full: leave no run directory that holds no run
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if resuming:
         console.print(f"[dim]resuming {out}: finished systems are kept[/]")
 
@@ -110,14 +121,19 @@ def run(cfg: Config, console=None, report: bool = True) -> Path:
     for i, spec in enumerate(specs, 1):
         system_dir = out / "systems" / spec.name
         console.rule(f"[bold]{spec.name}[/] ({i}/{len(specs)})")
+        partial = out / "systems" / f".{spec.name}.partial"
         if _finished(system_dir, len(test)):
+            shutil.rmtree(partial, ignore_errors=True)  # killed between finishing and cleaning up
             m = rundir.read_json(system_dir / "metrics.json")
             console.print(f"  done already: macro-F1 {m['macro_f1']:.3f} (skipped)")
             rows.append(_row(spec.name, "ok", m, "; ".join(m.get("warnings", []))))
             continue
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{spec.name}."))
+        tmp = partial / "staging"
+        shutil.rmtree(tmp, ignore_errors=True)  # files of a killed attempt; its checkpoints are kept
+        tmp.mkdir(parents=True)
+        system_started = time.perf_counter()
         try:
-            outcome = run_system(spec, ctx, tmp / "model")
+            outcome = run_system(spec, ctx, tmp / "model", partial / "checkpoints")
             pred = outcome.proba.argmax(axis=1)
             metrics, per_class = metrics_lib.evaluate(
                 y_test, pred, labels=data.classes, train_counts=data.train_counts,
@@ -143,13 +159,14 @@ def run(cfg: Config, console=None, report: bool = True) -> Path:
             )
             system_dir.parent.mkdir(parents=True, exist_ok=True)
             rundir.replace_dir(tmp, system_dir)
+            shutil.rmtree(partial, ignore_errors=True)
             shutil.rmtree(out / "systems" / f".{spec.name}.failed", ignore_errors=True)
             for w in outcome.warnings:
                 console.print(f"  [yellow]warning:[/] {w}")
             console.print(
                 f"  accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}  "
                 f"zero-F1 classes {metrics['zero_f1_classes']}/{metrics['n_classes']}  "
-                f"({outcome.train_seconds:.0f} s)"
+                f"({outcome.train_seconds:.0f} s training, {time.perf_counter() - system_started:.0f} s in all)"
             )
             rows.append(_row(spec.name, "ok", metrics, "; ".join(outcome.warnings)))
         except (GuardFailure, TailtuneError, RuntimeError, ValueError) as exc:
@@ -222,9 +239,19 @@ def _print_data(console, data) -> None:
     parts = [f"{t} {tiers['ranges'][t]}: {len(tiers['classes'][t])}" for t in tiers["names"]]
     console.print("  tiers (training rows per class): " + "; ".join(parts))
     if s["dropped_classes"]:
-        console.print(f"  [yellow]dropped {len(s['dropped_classes'])} classes below min_class_count[/]")
-    for variants in s["label_variants"][:5]:
-        console.print(f"  [yellow]labels differ only by case/spaces (kept apart):[/] {variants}")
+        names = ", ".join(s["dropped_classes"][:5]) + (", ..." if len(s["dropped_classes"]) > 5 else "")
+        console.print(
+            f"  [yellow]dropped {len(s['dropped_classes'])} classes below min_class_count "
+            f"({s['dropped']['rare_class_rows']} rows):[/] {names}"
+        )
+    for variants in s["possible_duplicate_labels"][:5]:
+        console.print(f"  [yellow]possible duplicate labels (differ only by case/spaces; kept apart):[/] {variants}")
+    for slot, t in s.get("truncation", {}).items():
+        over = (
+            f"about {t['texts_over']:,} of {t['texts']:,} texts ({100 * t['share']:.1f}%) are longer and will be truncated"
+            if t["texts_over"] else "no text is longer"
+        )
+        console.print(f"  {slot} max_length {t['max_length']} tokens: {over}")
 
 
 def _print_comparison(console, comparison: pd.DataFrame) -> None:

@@ -28,8 +28,10 @@ def atomic_write(path: Path, write: Callable, binary: bool = False) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a failed write() (e.g. disk full) does not say where
         raise
     return path
 

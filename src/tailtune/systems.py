@@ -175,11 +175,12 @@ class _bar:
 # ----------------------------------------------------------------------------- runners
 
 
-def run_system(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
-    return RUNNERS[spec.kind](spec, ctx, model_dir)
+def run_system(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path | None = None) -> Outcome:
+    """Train ``spec`` and save it in ``model_dir``; fine-tuning keeps checkpoints in ``work_dir`` and resumes from them."""
+    return RUNNERS[spec.kind](spec, ctx, model_dir, work_dir)
 
 
-def _run_tfidf(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
+def _run_tfidf(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path | None = None) -> Outcome:
     import joblib
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -206,7 +207,7 @@ def _run_tfidf(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
     return Outcome(proba, seconds, n, n, {"architecture": "tf-idf + logistic regression"})
 
 
-def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
+def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path | None = None) -> Outcome:
     import joblib
 
     from tailtune.classifier import count_params
@@ -235,7 +236,7 @@ def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
     )
 
 
-def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
+def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path | None = None) -> Outcome:
     from tailtune.classifier import TextClassifier
 
     cfg, data = ctx.cfg, ctx.data
@@ -243,11 +244,12 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
     scheme = cfg.train.weighting if spec.weighting == "config" else spec.weighting
     head_init = None
     probe_val_f1 = None
+    start_val_f1 = None
     if cfg.train.head_init == "probe":
         result = ctx.probe(spec.slot)
         probe = result["probe"]
-        head_init = (probe.W_, probe.b_)
         probe_val_f1 = probe.val_macro_f1_
+        head_init, start_val_f1 = _lpft_start(probe, result["features"]["val"], data, scheme, cfg.train.logit_tau)
     clf = TextClassifier(bb_cfg, spec.method, cfg.method, cfg.train, weighting=scheme)
     if ctx.console is not None:
         ctx.console.print(f"  backbone {bb_cfg.name} ({ctx.backbone(spec.slot).model_type}), method {spec.method}, weighting {scheme}")
@@ -258,9 +260,10 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
         val_labels=data.split("val")["label"].tolist(),
         classes=data.classes,
         head_init=head_init,
-        start_val_f1=probe_val_f1,
+        start_val_f1=start_val_f1,
         backbone=ctx.backbone(spec.slot),
         console=ctx.console,
+        work_dir=work_dir,
     )
     if ctx.console is not None:
         pct = 100 * clf.trainable_params_ / clf.total_params_
@@ -286,7 +289,7 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
     adapter_bytes = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file() and "tokenizer" not in f.parts)
     return Outcome(
         softmax(logits),
-        clf.train_seconds_,
+        clf.train_seconds_ + clf.history_.get("seconds_before_resume", 0.0),  # attempts before a resume count too
         clf.trainable_params_,
         clf.total_params_,
         {
@@ -301,6 +304,25 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path) -> Outcome:
         },
         warnings,
     )
+
+
+def _lpft_start(probe, val_features: np.ndarray, data, scheme: str, tau: float):
+    """The probe's head moved to the prior of the system's loss, and its validation macro-F1.
+
+    The probe is class-balanced; an unweighted system's loss aims for the training prior, so
+    its head starts with ``log pi`` added to the bias (see ``Imbalance.prior_shift``). A
+    bias-free (decoder) head starts at the balanced probe as it is.
+    """
+    from tailtune import weighting
+    from tailtune.metrics import per_class_f1
+
+    W, b = probe.W_, probe.b_
+    if not probe.intercept:
+        return (W, b), probe.val_macro_f1_
+    counts = np.bincount(data.y("train"), minlength=len(data.classes))
+    b = (b + weighting.plan(scheme, counts, tau).prior_shift(counts)).astype(np.float32)
+    pred = (val_features @ W.T + b).argmax(axis=1)
+    return (W, b), float(np.nanmean(per_class_f1(data.y("val"), pred, len(data.classes))))
 
 
 class GuardFailure(Exception):
@@ -336,7 +358,8 @@ def _guards(clf, test_logits: np.ndarray, model_dir: Path, data, probe_val_f1) -
     if probe_val_f1 is not None and clf.history_["best_step"] == 0:
         warnings.append(
             "fine-tuning never beat its LP-FT start on validation, so the kept model is the probe's "
-            "head on the frozen backbone; likely cause: learning rate too high or too few epochs"
+            "head on the frozen backbone; likely cause: a learning rate so high that the start is lost, "
+            "or so low (or so few steps) that nothing is learned"
         )
     elif probe_val_f1 is not None and best < probe_val_f1 - 1e-9:
         warnings.append(

@@ -3,19 +3,29 @@
 What tailtune adds on top of a plain Trainer loop: length-grouped batches with dynamic padding,
 separate learning rates for the head and the backbone, precision chosen from what the device
 really does fast (measured, not assumed), model selection and early stopping on validation
-macro-F1 (loss is a poor guide on a long tail), and a rich progress bar with ETA.
+macro-F1 (loss is a poor guide on a long tail), a rich progress bar with ETA, and checkpoints
+that an interrupted run resumes from with the same result as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
+from tailtune import rundir
 from tailtune.config import BackboneConfig, TrainConfig
 from tailtune.errors import TailtuneError
+
+# A checkpoint folder holds the Trainer's files (optimizer, scheduler, RNG, trainer state) and:
+TRAINABLE_FILE = "trainable.safetensors"  # the trainable parameters only; the frozen backbone is rebuilt
+BEST_FILE = "best.safetensors"  # the trainable state with the best validation macro-F1 so far
+LOSS_WINDOW_FILE = "loss_window.json"  # the training loss summed since the last log, and that log's step
+SELECTION_FILE = "selection.json"  # history and model-selection state; written last, so it marks a complete checkpoint
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -77,14 +87,20 @@ def fit(
     ``class_sampling`` (C,) draws training rows with replacement, each with its class's weight
     (class-balanced sampling); batches are then not length-grouped.
 
+    ``work_dir`` makes training resumable: a checkpoint is saved there every
+    ``train.checkpoint_every`` evaluations (only the latest is kept), and a later call with the
+    same arguments continues from the latest complete one. The checkpoint restores the trainable
+    weights, optimizer, scheduler, RNG states, position in the data order, the best state so far
+    and the history, so the result equals that of an uninterrupted call.
+
     History keys: precision, steps, epochs_run, best_val_macro_f1, best_step, evals
-    [{step, epoch, val_macro_f1, val_accuracy}], losses [{step, loss}], stopped_early.
+    [{step, epoch, val_macro_f1, val_accuracy}], losses [{step, loss}], stopped_early; after a
+    resume also resumed_at_steps and seconds_before_resume (training time of earlier attempts, s).
     """
     import torch
     from transformers import (
         DataCollatorWithPadding,
         PrinterCallback,
-        Trainer,
         TrainerCallback,
         TrainingArguments,
     )
@@ -99,6 +115,7 @@ def fit(
     epochs = backbone.epochs if backbone.epochs is not None else train.epochs
     total_steps = max(1, math.ceil(steps_per_epoch * epochs))
     eval_steps = max(1, steps_per_epoch // train.eval_per_epoch)
+    save_steps = eval_steps * train.checkpoint_every if work_dir is not None else 0
 
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("score.")]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("score.")]
@@ -119,9 +136,34 @@ def fit(
     def snapshot() -> dict:
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    if start_val_f1 is not None:
+    resume = _resume_point(Path(work_dir)) if work_dir is not None else None
+    saved = rundir.read_json(resume / SELECTION_FILE) if resume is not None else None
+    if saved is not None:
+        from safetensors.torch import load_file
+
+        history.update(saved["history"])
+        history.setdefault("resumed_at_steps", []).append(saved["step"])
+        history["seconds_before_resume"] = saved["seconds"]
+        best.update(saved["best"], state=load_file(resume / BEST_FILE) if (resume / BEST_FILE).exists() else None)
+    elif start_val_f1 is not None:
         best.update(f1=start_val_f1, state=snapshot())
         history["evals"].append({"step": 0, "epoch": 0.0, "val_macro_f1": start_val_f1, "val_accuracy": None})
+    started = time.perf_counter()
+
+    def on_checkpoint(folder: Path, state, control) -> None:
+        """Save the selection state next to the Trainer's checkpoint; written last, it marks it complete."""
+        from safetensors.torch import save_file
+
+        if best["state"] is not None:
+            save_file(best["state"], folder / BEST_FILE)
+        rundir.write_json(folder / SELECTION_FILE, {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "done": bool(control.should_training_stop),
+            "seconds": history.get("seconds_before_resume", 0.0) + time.perf_counter() - started,
+            "best": {k: best[k] for k in ("f1", "step", "bad")},
+            "history": history,
+        })
 
     def compute_metrics(pred) -> dict:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
@@ -152,48 +194,62 @@ def fit(
             if logs and "loss" in logs:
                 history["losses"].append({"step": state.global_step, "loss": float(logs["loss"])})
 
-    callbacks = [Select()]
-    if console is not None:
-        callbacks.append(_rich_progress(console, total_steps))
-
-    with tempfile.TemporaryDirectory(prefix="tailtune-trainer-") as tmp:
-        args = TrainingArguments(
-            output_dir=str(work_dir or tmp),
-            per_device_train_batch_size=backbone.batch_size,
-            per_device_eval_batch_size=backbone.eval_batch_size,
-            gradient_accumulation_steps=train.grad_accum,
-            num_train_epochs=epochs,
-            max_steps=total_steps,
-            eval_strategy="steps",
-            eval_steps=eval_steps,
-            save_strategy="no",
-            logging_strategy="steps",
-            logging_steps=max(1, min(eval_steps, total_steps // 20 or 1)),
-            report_to=[],
-            use_cpu=not cuda,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            seed=train.seed,
-            data_seed=train.seed,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            label_names=["labels"],
-            disable_tqdm=True,
-            train_sampling_strategy="group_by_length",
-            max_grad_norm=1.0,
-        )
-        trainer = (Trainer if class_sampling is None else _sampling_trainer(y, class_sampling, train.seed))(
-            model=model,
-            args=args,
-            train_dataset=train_set,
-            eval_dataset=val_set,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=compute_metrics,
-            optimizers=(optimizer, scheduler),
-            callbacks=callbacks,
-        )
-        trainer.remove_callback(PrinterCallback)  # rich progress replaces the raw log dicts
-        trainer.train()
+    if saved is not None and saved["done"]:
+        # Killed after training ended: the checkpoint already holds everything fit returns.
+        if console is not None:
+            console.print(f"  training had finished (step {saved['step']}); kept from {resume}")
+        _load_trainable(model, resume)
+        epochs_run = saved["epoch"]
+    else:
+        callbacks = [Select()]
+        if console is not None:
+            if resume is not None:
+                console.print(f"  resuming from step {saved['step']}/{total_steps} ({resume})")
+            callbacks.append(_rich_progress(console, total_steps))
+        if class_sampling is None:
+            trainer_cls = _length_grouped_trainer([len(ids) for ids in train_ids], per_step, train.seed, on_checkpoint)
+        else:
+            trainer_cls = _sampling_trainer(y, class_sampling, train.seed, on_checkpoint)
+        with tempfile.TemporaryDirectory(prefix="tailtune-trainer-") as tmp:
+            args = TrainingArguments(
+                output_dir=str(work_dir or tmp),
+                per_device_train_batch_size=backbone.batch_size,
+                per_device_eval_batch_size=backbone.eval_batch_size,
+                gradient_accumulation_steps=train.grad_accum,
+                num_train_epochs=epochs,
+                max_steps=total_steps,
+                eval_strategy="steps",
+                eval_steps=eval_steps,
+                save_strategy="steps" if save_steps else "no",
+                save_steps=max(save_steps, 1),
+                logging_strategy="steps",
+                logging_steps=max(1, min(eval_steps, total_steps // 20 or 1)),
+                report_to=[],
+                use_cpu=not cuda,
+                bf16=precision == "bf16",
+                fp16=precision == "fp16",
+                seed=train.seed,
+                data_seed=train.seed,
+                dataloader_num_workers=0,
+                remove_unused_columns=False,
+                label_names=["labels"],
+                disable_tqdm=True,
+                train_sampling_strategy="group_by_length",
+                max_grad_norm=1.0,
+            )
+            trainer = trainer_cls(
+                model=model,
+                args=args,
+                train_dataset=train_set,
+                eval_dataset=val_set,
+                data_collator=DataCollatorWithPadding(tokenizer),
+                compute_metrics=compute_metrics,
+                optimizers=(optimizer, scheduler),
+                callbacks=callbacks,
+            )
+            trainer.remove_callback(PrinterCallback)  # rich progress replaces the raw log dicts
+            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        epochs_run = trainer.state.epoch
     if best["state"] is not None:
         with torch.no_grad():
             params = dict(model.named_parameters())
@@ -202,26 +258,145 @@ def fit(
     history.update(
         best_val_macro_f1=best["f1"],
         best_step=best["step"],
-        epochs_run=trainer.state.epoch,
+        epochs_run=epochs_run,
         stopped_early=history.get("stopped_early", False),
     )
     model.eval()
     return history
 
 
-def _sampling_trainer(y: np.ndarray, class_sampling: np.ndarray, seed: int):
+def _resume_point(work_dir: Path) -> Path | None:
+    """The latest complete checkpoint in ``work_dir``, or None; every other checkpoint folder is deleted.
+
+    A kill can leave a half-written newest checkpoint (no selection file yet) next to the
+    complete one before it; the half-written one is discarded.
+    """
+    found = {
+        int(p.name.removeprefix("checkpoint-")): p
+        for p in work_dir.glob("checkpoint-*")
+        if p.name.removeprefix("checkpoint-").isdigit() and (p / SELECTION_FILE).is_file()
+    }
+    keep = found[max(found)] if found else None
+    for p in work_dir.glob("checkpoint-*"):
+        if p != keep:
+            shutil.rmtree(p, ignore_errors=True)
+    return keep
+
+
+def _load_trainable(model, folder: Path) -> None:
+    """Copy the trainable parameters saved in checkpoint ``folder`` into ``model``."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(folder / TRAINABLE_FILE)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if saved.keys() != params.keys() or any(saved[n].shape != p.shape for n, p in params.items()):
+        raise TailtuneError(
+            f"checkpoint {folder} does not match this model's trainable parameters; "
+            f"delete {folder.parent} to train from the start"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
+def _trainer_class(draw, n_rows: int, seed: int, on_checkpoint=None):
+    """The Trainer tailtune trains with: a data order a resumed run replays, lean checkpoints.
+
+    ``draw(generator)`` returns one epoch's row order (``n_rows`` indices). The generator is
+    seeded from (seed, epoch) alone, so a run resumed in the middle of epoch 3 replays epoch
+    3's order; the stock samplers draw from the global RNG, whose state at an epoch's start a
+    resumed run does not have. A checkpoint holds the trainable parameters only (not the
+    frozen backbone) and the loss summed since the last log, then
+    ``on_checkpoint(folder, state, control)`` completes it, and older checkpoints are deleted.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Trainer, TrainerCallback
+
+    class EpochSampler(torch.utils.data.Sampler):
+        def __init__(self):
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:  # the Trainer calls this before each epoch
+            self.epoch = epoch
+
+        def __len__(self) -> int:
+            return n_rows
+
+        def __iter__(self):
+            entropy = np.random.SeedSequence([seed, self.epoch]).generate_state(1)[0]
+            self.epoch += 1  # iterated without set_epoch (outside the Trainer), the next pass differs
+            return iter(draw(torch.Generator().manual_seed(int(entropy))))
+
+    class LossWindow(TrainerCallback):
+        """Puts back the loss summed since the last log, which the Trainer does not checkpoint.
+
+        Without it the first loss a resumed run logs averages fewer steps than in an
+        uninterrupted run, when a checkpoint falls between two logs.
+        """
+
+        def __init__(self, trainer):
+            self.trainer, self.saved = trainer, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.saved is not None:  # the Trainer has just reset both
+                self.trainer._tr_loss += self.saved["sum"]
+                self.trainer._globalstep_last_logged = self.saved["since"]
+
+    class TailtuneTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_window = LossWindow(self)
+            self.add_callback(self.loss_window)
+
+        def _get_train_sampler(self, train_dataset=None):
+            return EpochSampler()
+
+        def _save(self, output_dir=None, state_dict=None):
+            folder = Path(output_dir or self.args.output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            trainable = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(trainable, folder / TRAINABLE_FILE)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            _load_trainable(model or self.model, Path(resume_from_checkpoint))
+            self.loss_window.saved = json.loads((Path(resume_from_checkpoint) / LOSS_WINDOW_FILE).read_text())
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            run_dir = Path(self.args.output_dir)
+            folder = run_dir / f"checkpoint-{self.state.global_step}"
+            window = {"sum": self._tr_loss.item(), "since": self._globalstep_last_logged}
+            (folder / LOSS_WINDOW_FILE).write_text(json.dumps(window))
+            on_checkpoint(folder, self.state, self.control)
+            for old in run_dir.glob("checkpoint-*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return TailtuneTrainer
+
+
+def _length_grouped_trainer(lengths: list[int], batch_size: int, seed: int, on_checkpoint=None):
+    """A Trainer class whose batches hold rows of similar length (little padding), shuffled per epoch."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    return _trainer_class(
+        lambda g: get_length_grouped_indices(lengths, batch_size, generator=g), len(lengths), seed, on_checkpoint
+    )
+
+
+def _sampling_trainer(y: np.ndarray, class_sampling: np.ndarray, seed: int, on_checkpoint=None):
     """A Trainer class whose training sampler draws rows with probability ~ ``class_sampling[y]``."""
     import torch
-    from transformers import Trainer
 
     weights = torch.as_tensor(np.asarray(class_sampling, dtype=float)[y], dtype=torch.double)
-
-    class SamplingTrainer(Trainer):
-        def _get_train_sampler(self, train_dataset=None):
-            generator = torch.Generator().manual_seed(seed)
-            return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True, generator=generator)
-
-    return SamplingTrainer
+    return _trainer_class(
+        lambda g: torch.multinomial(weights, len(weights), replacement=True, generator=g).tolist(),
+        len(weights), seed, on_checkpoint,
+    )
 
 
 def _rich_progress(console, total_steps: int):

@@ -113,6 +113,25 @@ class Imbalance:
     logit_offset: np.ndarray | None = None  # (C,) added to the logits inside the loss only
     class_sampling: np.ndarray | None = None  # (C,) sampling weight of one example of each class
 
+    def prior_shift(self, counts) -> np.ndarray:
+        """(C,) log-prior the optimum of this training objective adds to class-balanced logits.
+
+        With training prior pi_c, loss weights w_c, sampling weights s_c and logit offset o_c,
+        the cross-entropy optimum is ``log p(x|c) + log(pi_c * w_c * s_c) - o_c`` up to a
+        constant. A class-balanced probe estimates ``log p(x|c)``, so adding this shift to its
+        bias starts LP-FT at the prior the loss aims for: ``log pi`` for no weighting, 0 for
+        logit adjustment (tau=1), inverse weights or balanced sampling. Without it, unweighted
+        fine-tuning spends its first steps moving a balanced head towards the majority classes.
+        """
+        counts = np.maximum(np.asarray(counts, dtype=float), 1.0)
+        shift = np.log(counts / counts.sum())
+        for factor in (self.class_weights, self.class_sampling):
+            if factor is not None:
+                shift = shift + np.log(np.maximum(factor, 1e-12))
+        if self.logit_offset is not None:
+            shift = shift - self.logit_offset
+        return shift - shift.max()
+
 
 def plan(name: str, counts, tau: float = 1.0) -> Imbalance:
     """The :class:`Imbalance` for strategy ``name`` and training counts ``counts``."""

@@ -1,0 +1,271 @@
+"""The bad-input matrix (docs/input-checks.md): what a user sees for each kind of awkward input.
+
+Errors: exit code 2, one line ``error: ...`` naming the problem, no traceback, no run
+directory. Inputs that should work: the run finishes and *reports* what it did (data.json and
+the terminal). Runs use the smoke preset's tiny models, in process, so they take seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from tailtune.config import DataConfig
+from tailtune.data import prepare
+
+TEXT = "Consumer complaint narrative"
+
+
+def tailtune(*args):
+    from tailtune.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_error(result, out: Path, *needles: str) -> str:
+    """Exit 2, one line starting 'error: ' that contains every needle, no traceback, no run dir."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in result.output
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    return lines[0]
+
+
+def run_smoke(data: Path, out: Path, *overrides: str, systems: str = "tfidf-logreg"):
+    return tailtune("run", "smoke", *overrides, "--data", data, "--out", out, "--systems", systems, "--no-report")
+
+
+# ----------------------------------------------------------------------------- encodings
+
+
+@pytest.fixture()
+def cp1252_csv(tmp_path, small_frame):
+    """The small corpus saved the way old Excel exports are: cp1252, with accents on row 3."""
+    frame = small_frame.copy()
+    frame.loc[1, TEXT] = "le caf\u00e9 na\u00efve " + frame.loc[1, TEXT]
+    path = tmp_path / "excel.csv"
+    path.write_bytes(frame.to_csv(index=False).encode("cp1252"))
+    return path
+
+
+def test_non_utf8_file_is_an_error_naming_file_line_and_the_encoding_option(tmp_path, cp1252_csv):
+    out = tmp_path / "run"
+    line = assert_error(run_smoke(cp1252_csv, out), out, str(cp1252_csv), "not valid UTF-8", "line 3",
+                        "byte offset", "data.encoding=cp1252")
+    assert "0xe9" in line
+    inspect = tailtune("data", "inspect", cp1252_csv)
+    assert inspect.exit_code == 2 and "--encoding" in inspect.stderr
+
+
+def test_data_encoding_reads_a_non_utf8_file(tmp_path, cp1252_csv):
+    result = run_smoke(cp1252_csv, tmp_path / "run", "data.encoding=cp1252")
+    assert result.exit_code == 0, result.output
+    assert "caf\u00e9 na\u00efve" in " ".join(prepare(DataConfig(path=str(cp1252_csv), encoding="cp1252")).frame["text"])
+    inspect = tailtune("data", "inspect", cp1252_csv, "--encoding", "cp1252")
+    assert inspect.exit_code == 0, inspect.output
+
+
+def test_mixed_encodings_name_the_first_bad_line(tmp_path, small_frame):
+    path = tmp_path / "mixed.csv"
+    good = small_frame.head(20).copy()
+    good.loc[0, TEXT] = "r\u00e9sum\u00e9 " + good.loc[0, TEXT]  # UTF-8 accents on line 2
+    bad = f'"na\u00efve {small_frame.loc[20, TEXT]}",{small_frame.loc[20, "Issue"]}\n'.encode("cp1252")
+    path.write_bytes(good[[TEXT, "Issue"]].to_csv(index=False).encode() + bad)
+    out = tmp_path / "run"
+    assert_error(run_smoke(path, out), out, "mixes text encodings", "line 22", "re-save the file as UTF-8")
+
+
+def test_unknown_encoding_name(tmp_path, small_csv):
+    out = tmp_path / "run"
+    assert_error(run_smoke(small_csv, out, "data.encoding=klingon"), out, "data.encoding 'klingon'")
+
+
+# ----------------------------------------------------------------------------- files that must just work
+
+
+@pytest.fixture()
+def messy_csv(tmp_path, small_frame):
+    """Valid but awkward: BOM, CRLF, quoted newlines, a huge text, NaN and empty labels,
+    labels that differ only by case/spaces, and a class with a single row."""
+    frame = small_frame[[TEXT, "Issue"]].copy()
+    frame.loc[0, TEXT] = "first line\nsecond line, with a comma\r\nthird line"
+    frame.loc[1, TEXT] = " ".join(["overdraft fee dispute"] * 20000)  # 60,000 words
+    biggest = frame["Issue"].value_counts().index[0]
+    extra = pd.DataFrame({
+        TEXT: ["label is NaN here", "label is empty here", "label is null here", "lonely text",
+               "fee typed in lower case one", "fee typed in lower case two"],
+        "Issue": ["NaN", "", "null", "Lonely class", biggest.lower() + " ", biggest.lower() + " "],
+    })
+    path = tmp_path / "messy.csv"
+    path.write_bytes(pd.concat([frame, extra]).to_csv(index=False, lineterminator="\r\n").encode("utf-8-sig"))
+    return path, biggest
+
+
+def test_messy_but_valid_csv_runs_and_reports_what_it_did(tmp_path, messy_csv):
+    path, biggest = messy_csv
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf") and b"\r\n" in path.read_bytes()
+    out = tmp_path / "run"
+    result = run_smoke(path, out, systems="tfidf-logreg,encoder-probe")
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "data.json").read_text())
+    # BOM: the first column name is clean; CRLF + quoted newlines: every row read, none split
+    assert data["text_column"] == TEXT and data["rows_read"] == len(pd.read_csv(path, encoding="utf-8-sig"))
+    # NaN / empty labels: dropped, each counted under a reason
+    assert data["dropped"]["na_label"] == 2 and data["dropped"]["empty_label"] == 1
+    # case/space variants: reported, kept apart
+    assert data["possible_duplicate_labels"] == [sorted([biggest, biggest.lower() + " "])]
+    assert biggest in data["classes"] and biggest.lower() + " " in data["classes"]
+    # a class with one row: dropped by min_class_count and named
+    assert data["dropped_classes"] == ["Lonely class"]
+    # huge text: kept, its truncation counted for the encoder
+    assert data["text_words"]["max"] == 60000
+    trunc = data["truncation"]["encoder"]
+    assert trunc["max_length"] == 32 and trunc["texts_over"] >= 1 and trunc["longest_tokens"] > 60000
+    stdout = " ".join(result.stdout.split())
+    assert "possible duplicate labels" in stdout
+    assert "Lonely class" in stdout
+    assert "will be truncated" in stdout and "encoder max_length 32 tokens" in stdout
+    assert "na_label 2" in stdout and "empty_label 1" in stdout
+
+
+def test_quoted_newlines_stay_inside_one_text(tmp_path, messy_csv):
+    path, _ = messy_csv
+    frame = prepare(DataConfig(path=str(path))).frame
+    assert frame["text"].str.contains("second line, with a comma").sum() == 1
+    assert frame["text"].str.contains("first line\nsecond line").any()
+
+
+def test_a_label_never_appears_only_in_test(small_frame):
+    """Classes below min_class_count are dropped; every kept class has a training row."""
+    frame = pd.concat([small_frame, pd.DataFrame({TEXT: ["one", "two a", "two b"],
+                                                  "Issue": ["Single", "Pair", "Pair"]})])
+    p = prepare(DataConfig(), frame=frame, source="test")
+    assert p.summary["dropped_classes"] == ["Single"] and "Single" not in p.classes
+    assert (p.train_counts >= 1).all()
+    pair = p.frame[p.frame["label"] == "Pair"]["split"].value_counts().to_dict()
+    assert pair == {"train": 1, "test": 1}
+
+
+# ----------------------------------------------------------------------------- files that are errors
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        ("", ["data file is empty"]),
+        ("\n\n\n", ["no rows or header"]),
+        (f"{TEXT},Issue\n", ["header but no rows"]),
+        (f"{TEXT},Issue\n ,A\n,B\n", ["no usable rows", f"text column '{TEXT}' is empty in all 2 rows"]),
+        (f"{TEXT},Issue\nx,\ny,NaN\nz, \n", ["no usable rows", "label column 'Issue' is empty (or NaN)"]),
+        (f"{TEXT},Issue\nx,A\ny,B\nz,C\n", ["all 3 classes have fewer than 2 rows"]),
+        (f"{TEXT},Issue\nx,A\nx,B\n", ["conflicting labels"]),
+    ],
+)
+def test_empty_or_unusable_files(tmp_path, content, needles):
+    path = tmp_path / "f.csv"
+    path.write_text(content)
+    out = tmp_path / "run"
+    assert_error(run_smoke(path, out), out, *needles)
+
+
+def test_directory_instead_of_a_file(tmp_path):
+    out = tmp_path / "run"
+    assert_error(run_smoke(tmp_path, out), out, "is a directory", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- output directory and disk
+
+
+@pytest.fixture()
+def readonly_dir(tmp_path):
+    """A folder that really refuses new files, also for root (immutable flag); else skip."""
+    path = tmp_path / "locked"
+    path.mkdir()
+    path.chmod(0o555)
+    immutable = False
+    if os.access(path, os.W_OK):  # root ignores permission bits
+        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    try:
+        (path / "probe").touch()
+        (path / "probe").unlink()
+        writable = True
+    except OSError:
+        writable = False
+    try:
+        if writable:
+            pytest.skip("cannot make a read-only folder here")
+        yield path
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o755)
+
+
+def test_read_only_output_directory(tmp_path, small_csv, readonly_dir):
+    out = readonly_dir / "run"
+    assert_error(run_smoke(small_csv, out), out, "not writable", str(out), "choose another --out")
+
+
+def _full_disk(monkeypatch, when):
+    """Make the run directory's atomic writer hit ENOSPC mid-file for paths where ``when(path)``."""
+    from tailtune import rundir
+
+    real = rundir.atomic_write
+
+    def atomic_write(path, write, binary=False):
+        if not when(Path(path)):
+            return real(path, write, binary)
+
+        def half(f):
+            f.write(b"half a file" if binary else "half a file")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return real(path, half, binary)
+
+    monkeypatch.setattr(rundir, "atomic_write", atomic_write)
+
+
+def test_full_disk_at_the_first_write_leaves_no_run_directory(tmp_path, small_csv, monkeypatch):
+    _full_disk(monkeypatch, lambda path: True)
+    out = tmp_path / "run"
+    assert_error(run_smoke(small_csv, out), out, "no space left on device", str(out / "config.yaml"))
+
+
+def test_full_disk_during_a_system_keeps_finished_work_and_no_half_files(tmp_path, small_csv, monkeypatch):
+    _full_disk(monkeypatch, lambda path: path.name == "metrics.json" and "encoder-probe" in str(path))
+    out = tmp_path / "run"
+    result = run_smoke(small_csv, out, systems="tfidf-logreg,encoder-probe")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no space left on device writing "), result.stderr
+    assert "metrics.json" in lines[0] and "run the same command again" in lines[0]
+    assert "Traceback" not in result.output
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name.endswith(".tmp") or "half a file" in p.read_bytes().decode(errors="ignore")]
+    assert (out / "systems" / "tfidf-logreg" / "metrics.json").is_file()  # finished work kept
+    assert not (out / "systems" / "encoder-probe").exists()
+    assert not list(out.glob("systems/.encoder-probe*/staging"))
+    monkeypatch.undo()
+    again = run_smoke(small_csv, out, systems="tfidf-logreg,encoder-probe")
+    assert again.exit_code == 0, again.output
+    assert "done already" in again.stdout and (out / "systems" / "encoder-probe" / "metrics.json").is_file()
+
+
+def test_output_path_that_is_a_file(tmp_path, small_csv):
+    taken = tmp_path / "taken"
+    taken.write_text("not a run")
+    result = run_smoke(small_csv, taken)
+    assert result.exit_code == 2 and "exists and is not a directory" in result.stderr
+    assert taken.read_text() == "not a run"
+    out = taken / "run"
+    assert_error(run_smoke(small_csv, out), out, f"cannot create output directory {out}", "is a file")

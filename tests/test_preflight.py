@@ -1,0 +1,227 @@
+"""Pre-flight checks: each one triggered, each a one-line message, none of them after training starts.
+
+Run-level checks must stop ``tailtune run`` with exit code 2 before a run directory exists;
+the padding check runs inside ``TextClassifier.fit`` on the model built for training, before
+its first step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_input_matrix import TEXT, assert_error, run_smoke
+
+from tailtune import backbones, classifier, preflight
+from tailtune.config import BackboneConfig, MethodConfig, TrainConfig, load_config
+from tailtune.data import prepare
+from tailtune.errors import TailtuneError
+from tailtune.systems import Context, parse_system
+
+
+def _pooled(arch: str):
+    """(PooledClassifier on tiny ``arch`` with 5 classes, its tokenizer) as fit builds them."""
+    backbone = backbones.resolve(f"tiny:{arch}")
+    tokenizer = backbones.load_tokenizer(backbone)
+    torch.manual_seed(0)
+    base = backbones.load_model(backbone, tokenizer)
+    return classifier._module()(base, 5, backbone.pooling, backbone.is_decoder), tokenizer
+
+
+@pytest.fixture()
+def texts(small_frame):
+    return small_frame[TEXT].tolist()[:40]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_classes_too_small_for_a_validation_split(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text(f"{TEXT},Issue\n" + "".join(f"text {c} {i},{c}\n" for c in "ABCD" for i in range(2)))
+    out = tmp_path / "run"
+    assert_error(run_smoke(path, out, systems="tfidf-logreg,encoder-probe"), out,
+                 "no validation rows", "fewer than 3 rows", "encoder-probe")
+    assert run_smoke(path, out).exit_code == 0  # tf-idf needs no validation split
+
+
+# ----------------------------------------------------------------------------- tokenizer and padding
+
+
+def test_decoder_without_pad_or_eos_token(tmp_path, small_csv):
+    folder = tmp_path / "no-pad-decoder"
+    shutil.copytree(backbones.make_tiny("llama"), folder)  # (a Qwen2 tokenizer class adds its own eos)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["eos_token"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert_error(run_smoke(small_csv, out, f"decoder.name={folder}", systems="decoder-lora"), out,
+                 "neither a pad nor an eos token")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "bert", "modernbert"])
+def test_padding_check_passes_on_correct_models(arch, texts):
+    model, tokenizer = _pooled(arch)
+    preflight.check_padding(model, tokenizer, texts, max_length=32)
+
+
+def test_padding_check_catches_a_pooler_that_reads_padding(texts, monkeypatch):
+    model, tokenizer = _pooled("qwen2")
+    monkeypatch.setitem(classifier.POOLERS, "last", lambda hidden, mask: hidden[:, -1])
+    preflight.check_padding(model, tokenizer, texts, max_length=32)  # left padding: -1 is real
+    monkeypatch.setitem(classifier.POOLERS, "last", lambda hidden, mask: hidden[:, 0])
+    with pytest.raises(TailtuneError, match="predictions change with padding") as err:
+        preflight.check_padding(model, tokenizer, texts, max_length=32)
+    assert "\n" not in str(err.value)
+
+
+def test_padding_check_catches_right_padding_and_unknown_pad_id(texts):
+    model, tokenizer = _pooled("qwen2")
+    tokenizer.padding_side = "right"
+    with pytest.raises(TailtuneError, match="pads on the right"):
+        preflight.check_padding(model, tokenizer, texts, max_length=32)
+    tokenizer.padding_side = "left"
+    model.backbone.config.pad_token_id = None
+    with pytest.raises(TailtuneError, match="pad_token_id is None"):
+        preflight.check_padding(model, tokenizer, texts, max_length=32)
+
+
+def test_fit_checks_padding_on_its_own_model_before_training(small_frame, monkeypatch):
+    from tailtune import train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    seen = []
+    real = preflight.check_padding
+    monkeypatch.setattr(preflight, "check_padding", lambda model, *a, **k: (seen.append(model), real(model, *a, **k)))
+    clf = classifier.TextClassifier(
+        BackboneConfig(name="tiny:qwen2", max_length=32), "lora", MethodConfig(rank=4, alpha=8),
+        TrainConfig(precision="fp32"),
+    )
+    texts, labels = small_frame[TEXT].tolist(), small_frame["Issue"].tolist()
+    with pytest.raises(AssertionError, match="training started"):
+        clf.fit(texts, labels)
+    assert seen == [clf.model_]  # the model being trained, not a second copy
+    real_load = backbones.load_model
+
+    def forgetful(backbone, tokenizer):
+        model = real_load(backbone, tokenizer)
+        model.config.pad_token_id = None
+        return model
+
+    monkeypatch.setattr(backbones, "load_model", forgetful)
+    with pytest.raises(TailtuneError, match="pad_token_id"):
+        clf.fit(texts, labels)
+
+
+def test_run_refuses_a_right_padding_decoder_tokenizer(tmp_path, small_csv, monkeypatch):
+    real = backbones.load_tokenizer
+
+    def right_padded(backbone):
+        tokenizer = real(backbone)
+        tokenizer.padding_side = "right"
+        return tokenizer
+
+    monkeypatch.setattr(backbones, "load_tokenizer", right_padded)
+    out = tmp_path / "run"
+    assert_error(run_smoke(small_csv, out, systems="decoder-lora"), out, "decoder 'tiny:qwen2'", "pads on the right")
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid on a CUDA machine")
+def test_fp16_without_a_gpu(tmp_path, small_csv):
+    out = tmp_path / "run"
+    assert_error(run_smoke(small_csv, out, "train.precision=fp16", systems="encoder-lora"), out,
+                 "fp16 needs a CUDA GPU")
+
+
+def test_bf16_on_a_gpu_without_bf16(tmp_path, small_csv, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    out = tmp_path / "run"
+    assert_error(run_smoke(small_csv, out, "train.precision=bf16", systems="encoder-lora"), out,
+                 "does not support bf16")
+
+
+# ----------------------------------------------------------------------------- target roles and memory
+
+
+def test_target_role_matching_no_module(tmp_path, small_csv, monkeypatch):
+    monkeypatch.setitem(backbones.ROLE_PATTERNS, "bert", {**backbones.ROLE_PATTERNS["bert"], "ffn": r"no_such_module$"})
+    out = tmp_path / "run"
+    assert_error(run_smoke(small_csv, out, systems="tfidf-logreg,encoder-lora"), out,
+                 "target role 'ffn' matches no module in this bert model")
+
+
+def _smoke_shape(system: str, small_frame):
+    cfg = load_config("smoke", [f"systems={system}"])
+    data = prepare(cfg.data, frame=small_frame, source="test")
+    spec = parse_system(system)
+    return cfg, spec, preflight.model_shape(spec, cfg, backbones.resolve(cfg.encoder.name), len(data.classes))
+
+
+def test_memory_estimate_follows_the_rules(small_frame):
+    _, _, full = _smoke_shape("encoder-full", small_frame)
+    _, _, lora = _smoke_shape("encoder-lora", small_frame)
+    assert full["trainable"] == full["params"]  # full fine-tuning: 16 bytes per parameter
+    need = preflight.training_memory(full, 16, 32, "fp32")
+    assert need["weights"] + need["gradients_adam"] == 16 * full["params"]
+    assert lora["trainable"] < lora["params"]
+    small, large = (preflight.training_memory(lora, b, 32, "fp32") for b in (1, 16))
+    assert large["activations"] == 16 * small["activations"] > 0
+    assert preflight.training_memory(lora, 16, 32, "bf16")["activations"] == large["activations"] // 2
+
+
+@pytest.mark.parametrize(
+    ("system", "free", "advice"),
+    [
+        ("encoder-lora", "between", "try encoder.batch_size="),
+        ("encoder-lora", 1000, "use a smaller backbone or a machine with more memory"),
+        ("encoder-full", 1000, "fine-tune with LoRA instead (encoder-lora)"),
+    ],
+)
+def test_not_enough_memory_suggests_what_fits(tmp_path, small_csv, small_frame, monkeypatch, system, free, advice):
+    if free == "between":  # room for batch 2 but not the configured 16
+        cfg, spec, shape = _smoke_shape(system, small_frame)
+        free = preflight.training_memory(shape, 2, cfg.encoder.max_length, "fp32")["total"] + 1
+    monkeypatch.setattr(preflight, "available_memory", lambda: (free, "test RAM"))
+    out = tmp_path / "run"
+    line = assert_error(run_smoke(small_csv, out, systems=system), out, f"{system} needs about", "test RAM", advice)
+    if advice.startswith("try"):
+        assert "encoder.batch_size=2 train.grad_accum=8" in line
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def test_backbone_checks_read_no_weights(small_frame, monkeypatch):
+    """Pre-flight builds models on the meta device; the only real load is the one used to train."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pre-flight loaded model weights")
+
+    for name in ("AutoModel", "AutoModelForCausalLM"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", refuse)
+    cfg = load_config("smoke")
+    data = prepare(cfg.data)
+    preflight.check_backbones(Context(cfg, data, None, None), [parse_system(s) for s in cfg.systems])
+    assert set(data.summary["truncation"]) == {"encoder", "decoder"}
+
+
+def test_run_marks_a_system_failed_when_padding_changes_its_predictions(tmp_path, small_csv, monkeypatch):
+    """The padding check needs the trained model's weights, so it fails that system, not the run."""
+    monkeypatch.setitem(classifier.POOLERS, "last", lambda hidden, mask: hidden[:, 0])
+    out = tmp_path / "run"
+    result = run_smoke(small_csv, out, "train.head_init=random", systems="tfidf-logreg,decoder-lora")
+    assert result.exit_code == 0, result.output
+    comparison = (out / "comparison.csv").read_text()
+    assert "decoder-lora,failed" in comparison and "predictions change with padding" in comparison
+    assert (out / "systems" / "tfidf-logreg" / "metrics.json").is_file()
+    assert not (out / "systems" / "decoder-lora").exists()
