@@ -15,9 +15,9 @@ Usage::
     python benchmarks/predict_vs_pipeline.py EXPORTED_FOLDER      # written by tailtune export
 
 Only decoder systems have a stock class that pools like tailtune (see ``tailtune.deploy``).
-The stock class has no head bias; when the system's head has one, both sides run without it
-(timing is unaffected, and ``tailtune export`` would refuse such a system) and the script
-says so. Prints median and p95 ms per example over passes and the pipeline/tailtune ratio.
+The stock class has no head bias, and neither have tailtune's decoder heads; a head saved
+with one (runs from before that change) runs without it on both sides (timing is unaffected,
+and ``tailtune export`` would refuse such a system) and the script says so. Prints median and p95 ms per example over passes and the pipeline/tailtune ratio.
 """
 
 from __future__ import annotations
