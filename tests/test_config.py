@@ -34,6 +34,13 @@ def test_dotted_overrides_are_typed():
     assert load_config("demo", ["train.lr=5e-4", "train.head_lr=1e-3"]).train.lr == 5e-4
 
 
+def test_demo_tiers_apply_to_the_demo_corpus_only():
+    demo = load_config("demo")
+    assert demo.data.effective_tier_edges == [10, 40, 150]  # the synthetic corpus is ~20x smaller
+    # a real file with the default preset gets the reference study's edges
+    assert load_config("demo", ["data.path=complaints.csv"]).data.effective_tier_edges == [27, 99, 999]
+
+
 def test_yaml_file_path(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("out: somewhere\ntrain: {epochs: 2}\n")

@@ -364,6 +364,9 @@ def test_predict_command_runs(smoke_run, tmp_path):
         ("text\nhello\n", ["--top-k", "99"], "more than the system's"),
         (None, [], "input file not found"),
         ("text\nhello\n", ["--system", "."], "not a tailtune system folder"),
+        ("text\nhello\n", ["--label-column", "Issue"], "label column 'Issue' not found"),
+        ("text,Issue\nhello,Mortgage\nbye,Payday\n", ["--label-column", "Issue"],
+         "none of the labels in column 'Issue' (e.g. 'Mortgage', 'Payday') is a class of this model"),
     ],
 )
 def test_predict_bad_input_is_one_line_exit_2_and_no_output(
@@ -381,3 +384,20 @@ def test_predict_bad_input_is_one_line_exit_2_and_no_output(
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not output.exists() and not (output.parent.exists() and any(output.parent.iterdir()))
+
+
+def test_predict_checks_true_labels_against_the_models_classes(smoke_run, tmp_path):
+    test = run_test_texts(smoke_run)
+    frame = pd.DataFrame({"text": test["text"], "Issue": test["label"]}).head(30).reset_index(drop=True)
+    frame.loc[[3, 7], "Issue"] = "A label the model never saw"
+    frame.to_csv(tmp_path / "labelled.csv", index=False)
+    system = smoke_run / "systems" / "tfidf-logreg"
+    done = deploy.predict_file(system, tmp_path / "labelled.csv", tmp_path / "p.csv", label_column="Issue")
+    assert done["unknown_labels"] == {"A label the model never saw": 2}
+    predicted = pd.read_csv(tmp_path / "p.csv")["label"]
+    known = frame["Issue"] != "A label the model never saw"
+    assert done["accuracy"] == pytest.approx((predicted[known] == frame["Issue"][known]).mean())
+    result = cli("predict", system, "--input", tmp_path / "labelled.csv", "--output", tmp_path / "q.csv",
+                 "--label-column", "Issue")
+    assert result.exit_code == 0, result.output
+    assert "2 rows carry labels the model cannot predict: 'A label the model never saw' (2)" in result.output

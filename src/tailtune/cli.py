@@ -173,6 +173,9 @@ def predict(
     id_column: str = typer.Option(None, help="Id column copied to the output (default: Complaint ID, else id)."),
     chunk_size: int = typer.Option(4096, help="Rows read at a time; memory does not grow with the file."),
     batch_size: int = typer.Option(None, help="Texts per forward pass (default: the system's eval batch size)."),
+    label_column: str = typer.Option(
+        None, help="True labels in the input: checked against the model's classes, and accuracy reported."
+    ),
 ):
     """Classify a file of any size, streaming, in the input's order."""
     from rich.console import Console
@@ -181,9 +184,19 @@ def predict(
 
     done = predict_file(
         system_dir, input, output, text_column=text_column, id_column=id_column, k=top_k,
-        chunk_size=chunk_size, batch_size=batch_size, console=Console(stderr=True),
+        chunk_size=chunk_size, batch_size=batch_size, console=Console(stderr=True), label_column=label_column,
     )
     typer.echo(f"{done['rows']:,} rows -> {done['output']} ({done['seconds']:.1f} s)")
+    if label_column is not None:
+        if done["accuracy"] is not None:
+            typer.echo(f"accuracy on rows whose label the model knows: {done['accuracy']:.3f}")
+        if done["unknown_labels"]:
+            listed = ", ".join(f"'{k}' ({n})" for k, n in list(done["unknown_labels"].items())[:5])
+            more = len(done["unknown_labels"]) - 5
+            typer.echo(
+                f"warning: {sum(done['unknown_labels'].values()):,} rows carry labels the model cannot "
+                f"predict: {listed}{f' and {more} more' if more > 0 else ''}"
+            )
 
 
 @app.command()

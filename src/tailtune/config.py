@@ -33,6 +33,10 @@ class DemoConfig:
     min_count: int = 4
     exponent: float = 1.3
     seed: int = 0
+    # Tier edges of the synthetic corpus, used instead of data.tier_edges when data.path is
+    # null: the corpus is ~20x smaller than CFPB's, so the reference edges would put nearly
+    # every class in "rare". A --data file always gets data.tier_edges.
+    tier_edges: list[int] | None = None
 
 
 @dataclass
@@ -56,6 +60,13 @@ class DataConfig:
     tier_edges: list[int] = field(default_factory=lambda: [27, 99, 999])
     tier_names: list[str] = field(default_factory=lambda: ["rare", "uncommon", "common", "head"])
     demo: DemoConfig = field(default_factory=DemoConfig)
+
+    @property
+    def effective_tier_edges(self) -> list[int]:
+        """The edges this data is tiered with: the demo corpus's own, or ``tier_edges``."""
+        if self.path is None and self.demo.tier_edges:
+            return list(self.demo.tier_edges)
+        return list(self.tier_edges)
 
 
 @dataclass
@@ -293,11 +304,12 @@ def validate(cfg: Config) -> None:
         raise TailtuneError("data.val_size and data.test_size must be in (0, 1) and sum below 1")
     if d.min_class_count < 2:
         raise TailtuneError("data.min_class_count must be >= 2 so every class can be split")
-    if list(d.tier_edges) != sorted(set(d.tier_edges)) or any(e < 1 for e in d.tier_edges):
-        raise TailtuneError("data.tier_edges must be strictly increasing positive counts")
-    if len(d.tier_names) != len(d.tier_edges) + 1:
+    for key, edges in (("data.tier_edges", d.tier_edges), ("data.demo.tier_edges", d.demo.tier_edges or [])):
+        if list(edges) != sorted(set(edges)) or any(e < 1 for e in edges):
+            raise TailtuneError(f"{key} must be strictly increasing positive counts")
+    if len(d.tier_names) != len(d.effective_tier_edges) + 1:
         raise TailtuneError(
-            f"data.tier_names needs {len(d.tier_edges) + 1} names for {len(d.tier_edges)} edges"
+            f"data.tier_names needs {len(d.effective_tier_edges) + 1} names for {len(d.effective_tier_edges)} edges"
         )
     for slot in ("encoder", "decoder"):
         bb: BackboneConfig = getattr(cfg, slot)

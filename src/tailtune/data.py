@@ -325,7 +325,8 @@ def prepare(cfg: DataConfig, frame: pd.DataFrame | None = None, source: str | No
     index = {c: i for i, c in enumerate(classes)}
     out["y"] = out["label"].map(index).astype(int)
     train_counts = np.bincount(out.loc[out["split"] == "train", "y"], minlength=len(classes))
-    tiers = assign_tiers(train_counts, cfg.tier_edges, cfg.tier_names)
+    edges = cfg.effective_tier_edges
+    tiers = assign_tiers(train_counts, edges, cfg.tier_names)
     report.update(
         {
             "source": source,
@@ -335,9 +336,9 @@ def prepare(cfg: DataConfig, frame: pd.DataFrame | None = None, source: str | No
             "classes": classes,
             "train_counts": {c: int(n) for c, n in zip(classes, train_counts, strict=True)},
             "tiers": {
-                "edges": list(cfg.tier_edges),
+                "edges": edges,
                 "names": list(cfg.tier_names),
-                "ranges": tier_ranges(cfg.tier_edges, cfg.tier_names),
+                "ranges": tier_ranges(edges, cfg.tier_names),
                 "classes": {
                     t: [c for c, ct in zip(classes, tiers, strict=True) if ct == t] for t in cfg.tier_names
                 },

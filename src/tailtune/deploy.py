@@ -726,8 +726,15 @@ def predict_file(
     chunk_size: int = 4096,
     batch_size: int | None = None,
     console=None,
+    label_column: str | None = None,
 ) -> dict:
     """Classify every row of ``input_path`` with the system in ``system_dir``; write ``output_path``.
+
+    With ``label_column`` (true labels in the input), the label set is checked against the
+    model's before anything is predicted: when no label of the first chunk is one the model
+    knows, it is an error (wrong column or wrong model). The result then also holds
+    ``unknown_labels`` {label: rows} over the whole file and ``accuracy`` on rows whose label
+    the model knows.
 
     Reads ``chunk_size`` rows at a time, so memory does not grow with the file. Output rows
     follow the input's order: the id column (when the input has one), ``label``,
@@ -755,7 +762,14 @@ def predict_file(
     defaults = DataConfig()
     text_col = _pick_column(columns, text_column, (defaults.text_column, "text"), "text")
     id_col = _pick_column(columns, id_column, (defaults.id_column, "id"), "id")
+    if label_column is not None:
+        _pick_column(columns, label_column, (), "label")
     predictor = load_predictor(system_dir, batch_size=batch_size)
+    known = set(predictor.classes_)
+    if label_column is not None:
+        _check_label_set(first[0][label_column], known, label_column)
+    unknown: dict[str, int] = {}
+    scored = [0, 0]  # rows with a known label, correct predictions among them
     if k > len(predictor.classes_):
         raise TailtuneError(
             f"--top-k {k} is more than the system's {len(predictor.classes_)} classes"
@@ -779,6 +793,13 @@ def predict_file(
                         texts[real].tolist(), progress=lambda n, step=step: advance(n * step, n)
                     )
                     labels[real], conf[real] = top_k(proba, predictor.classes_, k)
+                if label_column is not None:
+                    truth = frame[label_column].astype("string").fillna("").str.strip().to_numpy()
+                    seen = np.array([t in known for t in truth], dtype=bool)
+                    for t in truth[~seen & (truth != "")]:
+                        unknown[t] = unknown.get(t, 0) + 1
+                    scored[0] += int((seen & real).sum())
+                    scored[1] += int(((labels[:, 0] == truth) & seen & real).sum())
                 out = pd.DataFrame(index=range(len(frame)))
                 if id_col is not None:
                     out[id_col] = frame[id_col].astype("string").to_numpy()
@@ -793,13 +814,28 @@ def predict_file(
         sink.close()
 
     atomic_write(output_path, write, binary=True)
-    return {
+    result = {
         "rows": rows,
         "seconds": time.perf_counter() - started,
         "output": str(output_path),
         "text_column": text_col,
         "id_column": id_col,
     }
+    if label_column is not None:
+        result["unknown_labels"] = dict(sorted(unknown.items(), key=lambda kv: -kv[1]))
+        result["accuracy"] = scored[1] / scored[0] if scored[0] else None
+    return result
+
+
+def _check_label_set(labels, known: set[str], column: str) -> None:
+    """Pre-flight: the input's labels must overlap the model's, or the column/model is wrong."""
+    present = set(labels.astype("string").dropna().str.strip()) - {""}
+    if present and not present & known:
+        example = ", ".join(repr(x) for x in sorted(present)[:3])
+        raise TailtuneError(
+            f"none of the labels in column '{column}' (e.g. {example}) is a class of this model "
+            f"({len(known)} classes, e.g. {sorted(known)[0]!r}); wrong --label-column or wrong model?"
+        )
 
 
 def _chain(first, rest):

@@ -114,7 +114,9 @@ def fit(
     steps_per_epoch = max(1, math.ceil(len(train_set) / per_step))
     epochs = backbone.epochs if backbone.epochs is not None else train.epochs
     total_steps = max(1, math.ceil(steps_per_epoch * epochs))
-    eval_steps = max(1, steps_per_epoch // train.eval_per_epoch)
+    # Rounded up: the Trainer always evaluates at the last step, so rounding down added one more
+    # validation pass (evals at 86, 172 and 173 of 173 steps).
+    eval_steps = max(1, math.ceil(steps_per_epoch / train.eval_per_epoch))
     save_steps = eval_steps * train.checkpoint_every if work_dir is not None else 0
 
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("score.")]
