@@ -59,6 +59,9 @@ def test_yaml_file_path(tmp_path):
         (["train.weighting=sqrt"], "unknown class weighting"),
         (["data.tier_names=[a,b]"], "tier_names needs 4 names"),
         (["train.precision=fp8"], "precision must be one of"),
+        (["train.logit_tau=0"], "logit_tau must be > 0"),
+        (["train.checkpoint_every=-1"], "checkpoint_every must be >= 0"),
+        (["data.demo.tier_edges=[40,10]"], "data.demo.tier_edges must be strictly increasing"),
         (["noequals"], "must look like key=value"),
     ],
 )

@@ -20,10 +20,12 @@ def data(small_frame):
     val = frame.groupby("label").head(2)
     train = frame.drop(val.index)
     splits = {"train": train, "val": val}
+    index = {c: i for i, c in enumerate(classes)}
     return types.SimpleNamespace(
         classes=classes,
         texts=lambda name: splits[name]["text"].tolist(),
         labels=lambda name: splits[name]["label"].tolist(),
+        y=lambda name: splits[name]["label"].map(index).to_numpy(),
     )
 
 
@@ -75,6 +77,11 @@ def test_a_working_recipe_raises_no_collapse_warning(data, tmp_path):
     warnings = _guards(clf, logits, tmp_path / "model", data, probe_val_f1=start)
     assert not [w for w in warnings if "predicts only" in w or "collapsed" in w], warnings
     assert len(np.unique(logits.argmax(axis=1))) > len(data.classes) // 2
+    # Past its start but below a better balanced probe, an unweighted system is told why.
+    clf.history_ = {**clf.history_, "best_step": 1}
+    below = _guards(clf, logits, tmp_path / "model", data, probe_val_f1=1.0)
+    assert any("below its own (class-balanced) probe's 1.000: its loss (weighting 'none') is not class-balanced" in w
+               for w in below), below
 
 
 def test_one_class_for_every_row_fails_the_system(data, tmp_path):

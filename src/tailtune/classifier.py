@@ -191,7 +191,7 @@ class TextClassifier:
 
     # -- building
 
-    def _build(self, classes: list[str], imbalance=None, backbone: backbones.Backbone | None = None):
+    def _build(self, classes: list[str], imbalance, backbone: backbones.Backbone | None = None):
         import torch
 
         self.backbone_ = backbone or backbones.resolve(self.backbone.name)
@@ -200,8 +200,7 @@ class TextClassifier:
         torch.manual_seed(self.train.seed)
         base = backbones.load_model(self.backbone_, self.tokenizer_)
         return base, _module()(
-            base, len(classes), self.pooling_, self.backbone_.is_decoder,
-            getattr(imbalance, "class_weights", None), getattr(imbalance, "logit_offset", None),
+            base, len(classes), self.pooling_, self.backbone_.is_decoder, imbalance.class_weights, imbalance.logit_offset
         )
 
     def fit(
@@ -233,7 +232,6 @@ class TextClassifier:
         y = np.array([index[label] for label in labels])
         counts = np.bincount(y, minlength=len(self.classes_))
         self.imbalance_ = weighting.plan(self.weighting, counts, self.train.logit_tau)
-        self.class_weights_ = self.imbalance_.class_weights
         base, model = self._build(self.classes_, self.imbalance_, backbone)
         method = methods.get(self.method)
         model.backbone, self.targets_ = method.apply(base, self.backbone_, self.method_config, self.backbone.adapt_layers)
@@ -380,14 +378,9 @@ def fit_logreg(
     very negative bias. ``intercept=False`` fits a bias-free model for a bias-free head
     (decoders): features are scaled but not centred, and b is all zeros.
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    pipe = make_pipeline(
-        StandardScaler(with_mean=intercept),
-        LogisticRegression(C=C, max_iter=2000, class_weight=class_weight, random_state=seed, fit_intercept=intercept),
-    )
+    pipe = make_pipeline(*_scaled_logreg(C, seed, intercept, class_weight))
     with single_threaded_blas():
         pipe.fit(features, y)
     scaler, lr = pipe[0], pipe[-1]
@@ -398,6 +391,16 @@ def fit_logreg(
     if intercept:
         b[lr.classes_] = lr.intercept_ - coef @ scaler.mean_
     return pipe, W, b
+
+
+def _scaled_logreg(C: float, seed: int, intercept: bool, class_weight="balanced", warm_start: bool = False):
+    """(scaler, logistic regression) as the probe fits them; the scaler centres only with an intercept."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    return StandardScaler(with_mean=intercept), LogisticRegression(
+        C=C, max_iter=2000, class_weight=class_weight, random_state=seed, fit_intercept=intercept, warm_start=warm_start
+    )
 
 
 class ProbeClassifier:
@@ -444,7 +447,7 @@ class ProbeClassifier:
         stays unused for the choice, so it is an unbiased start for fine-tuning to beat
         (choosing C on val made the probe look better there than it was).
         """
-        from tailtune.metrics import per_class_f1
+        from tailtune.metrics import macro_f1
 
         self.classes_ = list(classes)
         self.C_ = self.C if val is None else self._choose_C(features, y, len(classes))
@@ -453,33 +456,28 @@ class ProbeClassifier:
         )
         if val is not None:
             pred = self.proba_from_features(val[0]).argmax(axis=1)
-            self.val_macro_f1_ = float(np.nanmean(per_class_f1(val[1], pred, len(classes))))
+            self.val_macro_f1_ = macro_f1(val[1], pred, len(classes))
         return self
 
     def _choose_C(self, features: np.ndarray, y: np.ndarray, n_classes: int, folds: int = 3) -> float:
         """C with the best out-of-fold macro-F1 on train; each fold walks the grid warm-started."""
         import warnings
 
-        from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import StratifiedKFold
-        from sklearn.preprocessing import StandardScaler
 
-        from tailtune.metrics import per_class_f1
+        from tailtune.metrics import macro_f1
 
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed)
         oof = {C: np.empty_like(y) for C in self.C_GRID}
         with warnings.catch_warnings(), single_threaded_blas():
             warnings.simplefilter("ignore", UserWarning)  # classes with fewer rows than folds: expected on a tail
             for fit_rows, held_rows in splitter.split(features, y):
-                scaler = StandardScaler(with_mean=self.intercept).fit(features[fit_rows])
+                scaler, lr = _scaled_logreg(self.C_GRID[0], self.seed, self.intercept, warm_start=True)
+                scaler.fit(features[fit_rows])
                 fit_x, held_x = scaler.transform(features[fit_rows]), scaler.transform(features[held_rows])
-                lr = LogisticRegression(
-                    max_iter=2000, class_weight="balanced", random_state=self.seed,
-                    fit_intercept=self.intercept, warm_start=True,
-                )
                 for C in sorted(self.C_GRID):  # strong -> weak regularisation, each fit starts from the last
                     oof[C][held_rows] = lr.set_params(C=C).fit(fit_x, y[fit_rows]).predict(held_x)
-        self.C_scores_ = {C: float(np.nanmean(per_class_f1(y, oof[C], n_classes))) for C in self.C_GRID}
+        self.C_scores_ = {C: macro_f1(y, oof[C], n_classes) for C in self.C_GRID}
         best = max(self.C_scores_.values())
         return next(C for C in self.C_GRID if self.C_scores_[C] >= best - 1e-9)
 

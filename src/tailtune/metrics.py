@@ -88,6 +88,11 @@ def per_class_f1(y_true, y_pred, n_classes: int) -> np.ndarray:
     return f1
 
 
+def macro_f1(y_true, y_pred, n_classes: int) -> float:
+    """Mean F1 over the classes with support in ``y_true`` (the module's macro-F1)."""
+    return float(np.nanmean(per_class_f1(y_true, y_pred, n_classes)))
+
+
 def _resamples(y_true: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     """Row indices of stratified bootstrap resamples, in chunks of shape (chunk, n).
 

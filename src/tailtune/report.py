@@ -2162,7 +2162,7 @@ def _collapse_checks(run: Run) -> list[str]:
 
 def _cascade(run: Run, an: Analysis) -> tuple[Table, dict | None] | None:
     """Route low-confidence encoder rows to the decoder, on the test split (optimistic)."""
-    from tailtune.metrics import per_class_f1
+    from tailtune.metrics import macro_f1
 
     if not (an.enc and an.dec) or run.y_true is None:
         return None
@@ -2177,7 +2177,7 @@ def _cascade(run: Run, an: Analysis) -> tuple[Table, dict | None] | None:
     for t in CASCADE_THRESHOLDS:
         routed = conf < t
         pred = np.where(routed, dec_p, enc_p)
-        f1 = float(np.nanmean(per_class_f1(y, pred, n)))
+        f1 = macro_f1(y, pred, n)
         mean_ms = enc_ms + routed.mean() * dec_ms if enc_ms and dec_ms else None
         results.append({"t": t, "f1": f1, "routed": routed.mean()})
         rows.append(

@@ -314,7 +314,7 @@ def _lpft_start(probe, val_features: np.ndarray, data, scheme: str, tau: float):
     bias-free (decoder) head starts at the balanced probe as it is.
     """
     from tailtune import weighting
-    from tailtune.metrics import per_class_f1
+    from tailtune.metrics import macro_f1
 
     W, b = probe.W_, probe.b_
     if not probe.intercept:
@@ -322,7 +322,7 @@ def _lpft_start(probe, val_features: np.ndarray, data, scheme: str, tau: float):
     counts = np.bincount(data.y("train"), minlength=len(data.classes))
     b = (b + weighting.plan(scheme, counts, tau).prior_shift(counts)).astype(np.float32)
     pred = (val_features @ W.T + b).argmax(axis=1)
-    return (W, b), float(np.nanmean(per_class_f1(data.y("val"), pred, len(data.classes))))
+    return (W, b), macro_f1(data.y("val"), pred, len(data.classes))
 
 
 class GuardFailure(Exception):
@@ -362,9 +362,15 @@ def _guards(clf, test_logits: np.ndarray, model_dir: Path, data, probe_val_f1) -
             "or so low (or so few steps) that nothing is learned"
         )
     elif probe_val_f1 is not None and best < probe_val_f1 - 1e-9:
-        warnings.append(
-            f"val macro-F1 {best:.3f} below its own probe's {probe_val_f1:.3f}: fine-tuning hurt"
+        # The probe is class-balanced; a loss aiming at another prior can lose macro-F1 to it
+        # while its accuracy rises (the LP-FT start is then below the probe already).
+        cause = (
+            f"its loss (weighting '{clf.weighting}') is not class-balanced like the probe's; "
+            "try the -logit_adjusted or -inverse variant"
+            if np.abs(clf.imbalance_.prior_shift(np.bincount(data.y("train"), minlength=len(data.classes)))).max() > 1e-6
+            else "fine-tuning hurt"
         )
+        warnings.append(f"val macro-F1 {best:.3f} below its own (class-balanced) probe's {probe_val_f1:.3f}: {cause}")
     # Reload from disk and compare: catches a head or adapter that was not saved (peft#310).
     texts = data.texts("val")[:16]
     reloaded = TextClassifier.load(model_dir)

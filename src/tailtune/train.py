@@ -59,10 +59,9 @@ def resolve_precision(requested: str) -> str:
 
 
 def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    from tailtune.metrics import per_class_f1
+    from tailtune.metrics import macro_f1
 
-    n = int(max(y_true.max(), y_pred.max())) + 1
-    return float(np.nanmean(per_class_f1(y_true, y_pred, n)))
+    return macro_f1(y_true, y_pred, int(max(y_true.max(), y_pred.max())) + 1)
 
 
 def fit(
@@ -236,6 +235,8 @@ def fit(
                 remove_unused_columns=False,
                 label_names=["labels"],
                 disable_tqdm=True,
+                # Training order comes from the trainer class's own sampler; this groups the
+                # *evaluation* batches by length (less padding; labels come with predictions).
                 train_sampling_strategy="group_by_length",
                 max_grad_norm=1.0,
             )
