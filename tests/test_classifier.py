@@ -158,6 +158,27 @@ def test_probe_head_folds_the_scaler_and_matches_sklearn():
     assert other_val.val_macro_f1_ < probe.val_macro_f1_
 
 
+def test_a_dead_feature_does_not_blow_up_the_folded_head():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from tailtune.classifier import fit_logreg
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, size=200)
+    X = rng.normal(size=(200, 8)) * 0.1 + y[:, None] * 0.05
+    X[:, 3] = rng.normal(size=200) * 1e-33  # a dead dimension, as in MiniLM's pooled output
+    pipe, W, b = fit_logreg(X, y, n_classes=4)
+    assert np.abs(W).max() < 1e4  # stock StandardScaler scaling gives |W| ~ 1e31 here
+    plain = LogisticRegression(max_iter=2000, class_weight="balanced").fit(StandardScaler().fit_transform(X), y)
+    assert np.abs(plain.coef_[:, 3] / StandardScaler().fit(X).scale_[3]).max() > 1e20  # the failure it prevents
+    # the model is the one fitted on the live features alone: the dead one carries nothing
+    live = np.delete(X, 3, axis=1)
+    alone = LogisticRegression(max_iter=2000, class_weight="balanced").fit(StandardScaler().fit_transform(live), y)
+    np.testing.assert_array_equal(pipe.predict(X), alone.predict(StandardScaler().fit_transform(live)))
+    np.testing.assert_array_equal((X @ W.T + b).argmax(1), pipe.predict(X))
+
+
 def test_logit_adjusted_loss_adds_the_offset_in_the_loss_only():
     from tailtune.weighting import logit_adjustment
 

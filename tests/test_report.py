@@ -383,8 +383,10 @@ def test_every_section_and_figure_is_present(full_run):
     ):
         assert heading in html, heading
     images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', html)
-    # long tail, tier bars, weighting deltas, encoder/decoder scatter, F1 vs count, Pareto
-    assert len(images) == 6
+    # long tail, tier bars, weighting deltas, encoder/decoder scatter, F1 vs count, Pareto,
+    # quality vs trained parameters (the fake run has three fine-tuned systems)
+    assert len(images) == 7
+    assert "Quality against trained parameters" in html
     for data in images:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     assert html.count("<img") == len(images)
@@ -471,7 +473,7 @@ def test_without_bench_the_report_says_so(tmp_path):
     assert "bench.json is missing" in html
     assert f"tailtune bench {path}" in html
     assert "Provisional" in html
-    assert html.count("<img") == 5  # no Pareto plot
+    assert html.count("<img") == 6  # no Pareto plot
 
 
 def test_one_system_run_says_what_is_missing(tmp_path):

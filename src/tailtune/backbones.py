@@ -32,18 +32,32 @@ DECODER_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma
 _LLAMA_ROLES = {
     "attention": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)$",
     "ffn": r"mlp\.(gate_proj|up_proj|down_proj)$",
+    "keys_values": r"self_attn\.(k_proj|v_proj)$",
+    "ffn_out": r"mlp\.down_proj$",
+    "residual_out": r"(self_attn\.o_proj|mlp\.down_proj)$",
 }
 # Role -> regex over full module names, per model family. Users say roles; this table says
 # where they are. ModernBERT fuses Q/K/V into one Wqkv; BERT keeps query/key/value apart and
 # reuses the name "output.dense" for both the attention output and the FFN contraction.
+#
+# Besides the user-facing roles (attention, ffn), methods use internal ones: IA3 scales the
+# keys, values (ModernBERT: the fused Wqkv) and the FFN's input to its contraction
+# (``keys_values``, ``ffn_out``); bottleneck adapters sit on the two projections that feed a
+# residual sum (``residual_out``).
 ROLE_PATTERNS: dict[str, dict[str, str]] = {
     "bert": {
         "attention": r"attention\.(self\.(query|key|value)|output\.dense)$",
         "ffn": r"(intermediate\.dense|layer\.\d+\.output\.dense)$",
+        "keys_values": r"attention\.self\.(key|value)$",
+        "ffn_out": r"layer\.\d+\.output\.dense$",
+        "residual_out": r"(attention\.output\.dense|layer\.\d+\.output\.dense)$",
     },
     "modernbert": {
         "attention": r"attn\.(Wqkv|Wo)$",
         "ffn": r"mlp\.(Wi|Wo)$",
+        "keys_values": r"attn\.Wqkv$",
+        "ffn_out": r"mlp\.Wo$",
+        "residual_out": r"(attn|mlp)\.Wo$",
     },
     **{t: _LLAMA_ROLES for t in DECODER_TYPES},
 }

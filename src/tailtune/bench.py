@@ -4,8 +4,10 @@ Each system that finished (``comparison.csv`` status ok) is loaded the way ``tai
 predict`` loads it and timed on the run's own test texts, at their real lengths, in
 deployment variants side by side:
 
-- fine-tuned: ``merged-fp32``, ``merged-bf16``, ``merged-int8`` and, for LoRA,
-  ``unmerged-fp32`` (adapter applied at run time, as during training);
+- fine-tuned: ``merged-fp32``, ``merged-bf16``, ``merged-int8`` and, for methods that add
+  modules and merge (LoRA family, IA3, LoHa, LoKr), ``unmerged-fp32`` (adapter applied at run
+  time, as during training); methods that cannot merge (adapter, prompt, prefix) are timed
+  as ``unmerged-fp32/bf16/int8``: their extra work stays in every forward pass;
 - probes: ``fp32``, ``bf16``, ``int8``; ``tfidf-logreg``: ``sklearn``.
 
 bf16 runs only where the device computes it natively (CUDA with bf16, or a CPU with
@@ -185,6 +187,14 @@ def bf16_support(device) -> str | None:
     return "this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 runs slower than fp32"
 
 
+def system_method(system_dir: Path):
+    """The :class:`~tailtune.methods.Method` a fine-tuned system was trained with (None for others)."""
+    from tailtune import deploy, methods
+
+    kind, folder = deploy.resolve_system(system_dir)
+    return methods.get(deploy.load_meta(folder)["method"]) if kind == "finetune" else None
+
+
 def _variants(
     system_dir: Path, device
 ) -> tuple[list[tuple[str, Callable | None, str | None]], str, str]:
@@ -196,7 +206,9 @@ def _variants(
     kind, folder = deploy.resolve_system(system_dir)
     if kind == "tfidf":
         return [("sklearn", lambda: deploy.load_predictor(folder), None)], "sklearn", "sklearn"
-    prefix = "merged-" if kind == "finetune" else ""
+    method = system_method(system_dir)
+    # Adapters, prompts and prefixes cannot fold into the weights: they are timed as they run.
+    prefix = "" if method is None else "merged-" if method.mergeable else "unmerged-"
     loaded: dict = {}
 
     def fp32():
@@ -217,8 +229,7 @@ def _variants(
         (f"{prefix}bf16", bf16, no_bf16),
         (f"{prefix}int8", lambda: deploy.quantize_int8(fp32()), no_int8),
     ]
-    meta_method = deploy.load_meta(folder).get("method") if kind == "finetune" else None
-    if meta_method == "lora":
+    if method is not None and method.mergeable and not method.in_place:
         variants.insert(
             0,
             (
@@ -291,6 +302,7 @@ def bench(
         if console is not None:
             console.print(f"[bold]{name}[/]")
         variants, headline, reference = _variants(run_dir / "systems" / name, device)
+        method = system_method(run_dir / "systems" / name)
         rows, skipped, accuracy = [], [], {}
         memory_mb, params = 0.0, 0
         for variant, build, reason in variants:
@@ -337,6 +349,8 @@ def bench(
             "variants": rows,
             "params": int(params),
             "skipped": skipped,
+            "method": None if method is None else method.name,
+            "mergeable": None if method is None else method.mergeable,
         }
         by = {(r["variant"], r["batch_size"]): r["ms_per_example"] for r in rows}
         if ("unmerged-fp32", headline_batch) in by:

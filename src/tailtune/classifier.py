@@ -74,13 +74,31 @@ def _module():
                 value = None if value is None else torch.as_tensor(value, dtype=torch.float32)
                 self.register_buffer(name, value, persistent=False)
 
+        def hidden(self, input_ids, attention_mask):
+            """(B, T, H) last hidden states of the real positions (learned prompt tokens dropped)."""
+            n_prompt = _prompt_tokens(self.backbone)
+            if n_prompt:
+                # peft's own prompt-tuning forward drops position_ids, which a left-padded decoder
+                # needs; so the learned prompt is prepended here, with positions that count it.
+                embeds = self.backbone.word_embeddings(input_ids)
+                prompt = self.backbone.get_prompt(batch_size=input_ids.shape[0]).to(embeds.dtype)
+                ones = attention_mask.new_ones(attention_mask.shape[0], n_prompt)
+                mask = torch.cat([ones, attention_mask], dim=1)
+                out = self.backbone.base_model(
+                    inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=mask, **self._positions(mask)
+                )
+                return out.last_hidden_state[:, n_prompt:]
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **self._positions(attention_mask))
+            return out.last_hidden_state
+
+        def _positions(self, mask) -> dict:
+            # Decoder positions count real tokens only, so left padding does not shift them.
+            if not self.is_decoder:
+                return {}
+            return {"position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+
         def forward(self, input_ids, attention_mask, labels=None):
-            extra = {}
-            if self.is_decoder:
-                # Positions count real tokens only, so left padding does not shift them.
-                extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
-            pooled = POOLERS[self.pooling](hidden.last_hidden_state, attention_mask)  # (B, H)
+            pooled = POOLERS[self.pooling](self.hidden(input_ids, attention_mask), attention_mask)  # (B, H)
             logits = self.score(pooled.to(self.score.weight.dtype))  # (B, C)
             loss = None
             if labels is not None:
@@ -89,6 +107,14 @@ def _module():
             return {"loss": loss, "logits": logits}
 
     return PooledClassifier
+
+
+def _prompt_tokens(backbone) -> int:
+    """Number of learned prompt tokens prepended to the input (0 unless prompt-tuned with peft)."""
+    config = getattr(backbone, "active_peft_config", None)
+    if config is None or getattr(config, "peft_type", None) != "PROMPT_TUNING":
+        return 0
+    return config.num_virtual_tokens
 
 
 def count_params(model) -> tuple[int, int]:
@@ -144,11 +170,7 @@ def run_forward(model, tokenizer, ids, batch_size: int, precision: str, out: str
             if out == "logits":
                 values = model(input_ids=input_ids, attention_mask=mask)["logits"]
             else:
-                extra = {}
-                if model.is_decoder:
-                    extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-                hidden = model.backbone(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
-                values = POOLERS[model.pooling](hidden, mask)
+                values = POOLERS[model.pooling](model.hidden(input_ids, mask), mask)
             values = values.float().cpu().numpy()
             if result is None:
                 result = np.empty((len(ids), values.shape[1]), dtype=np.float32)
@@ -181,13 +203,25 @@ class TextClassifier:
         method_config: MethodConfig | None = None,
         train: TrainConfig | None = None,
         weighting: str = "none",
+        lr: float | None = None,
     ):
         self.backbone = BackboneConfig(name=backbone) if isinstance(backbone, str) else backbone
         self.method = method
         self.method_config = method_config or MethodConfig()
         self.train = train or TrainConfig()
         self.weighting = weighting
+        self.lr = lr
         methods.get(method)
+
+    def learning_rate(self) -> float:
+        """The backbone / adapter learning rate: ``lr`` if given, else the method's paper rate,
+        else ``backbone.lr`` or ``train.lr`` (the LoRA family's, tuned per preset)."""
+        if self.lr is not None:
+            return self.lr
+        paper = methods.get(self.method).lr
+        if paper is not None:
+            return paper
+        return self.backbone.lr if self.backbone.lr is not None else self.train.lr
 
     # -- building
 
@@ -259,13 +293,14 @@ class TextClassifier:
             tokenize(self.tokenizer_, val_texts, self.backbone.max_length),
             val_y,
             train=self.train,
-            backbone=self.backbone,
+            backbone=dataclasses.replace(self.backbone, lr=self.learning_rate()),
             work_dir=work_dir,
             console=console,
             start_val_f1=start_val_f1 if head_init is not None else None,
             class_sampling=self.imbalance_.class_sampling,
         )
         self.precision_ = self.history_["precision"]
+        self.history_["lr"] = self.learning_rate()
         self.train_seconds_ = time.perf_counter() - started
         return self
 
@@ -380,10 +415,11 @@ def fit_logreg(
     """
     from sklearn.pipeline import make_pipeline
 
-    pipe = make_pipeline(*_scaled_logreg(C, seed, intercept, class_weight))
+    scaler, lr = _scaled_logreg(C, seed, intercept, class_weight)
+    fit_scaler(scaler, features)
     with single_threaded_blas():
-        pipe.fit(features, y)
-    scaler, lr = pipe[0], pipe[-1]
+        lr.fit(scaler.transform(features), y)
+    pipe = make_pipeline(scaler, lr)
     W = np.zeros((n_classes, features.shape[1]), dtype=np.float32)
     b = np.full(n_classes, -30.0 if intercept else 0.0, dtype=np.float32)
     coef = lr.coef_ / scaler.scale_
@@ -391,6 +427,24 @@ def fit_logreg(
     if intercept:
         b[lr.classes_] = lr.intercept_ - coef @ scaler.mean_
     return pipe, W, b
+
+
+# A feature whose spread is below this share of the median feature's is treated as constant.
+SCALE_FLOOR = 1e-3
+
+
+def fit_scaler(scaler, features: np.ndarray):
+    """Fit ``scaler`` with its per-feature scale floored at ``SCALE_FLOOR`` x the median scale.
+
+    Pretrained encoders have dead dimensions: MiniLM's mean-pooled output has two whose values
+    are ~1e-33 with no spread, which StandardScaler divides by ~1e-33. The probe's own
+    predictions survive that, but the folded LP-FT head got weights of 2e31 there: the first
+    change fine-tuning made to those features saturated every logit, and full fine-tuning and
+    BitFit never moved off their start.
+    """
+    scaler.fit(features)
+    scaler.scale_ = np.maximum(scaler.scale_, SCALE_FLOOR * np.median(scaler.scale_))
+    return scaler
 
 
 def _scaled_logreg(C: float, seed: int, intercept: bool, class_weight="balanced", warm_start: bool = False):
@@ -473,7 +527,7 @@ class ProbeClassifier:
             warnings.simplefilter("ignore", UserWarning)  # classes with fewer rows than folds: expected on a tail
             for fit_rows, held_rows in splitter.split(features, y):
                 scaler, lr = _scaled_logreg(self.C_GRID[0], self.seed, self.intercept, warm_start=True)
-                scaler.fit(features[fit_rows])
+                fit_scaler(scaler, features[fit_rows])
                 fit_x, held_x = scaler.transform(features[fit_rows]), scaler.transform(features[held_rows])
                 for C in sorted(self.C_GRID):  # strong -> weak regularisation, each fit starts from the last
                     oof[C][held_rows] = lr.set_params(C=C).fit(fit_x, y[fit_rows]).predict(held_x)

@@ -98,6 +98,8 @@ class MethodConfig:
     alpha: int = 32
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["attention", "ffn"])
+    virtual_tokens: int = 20  # prompt / prefix tuning: learned tokens (Lester et al. 2021: 20 is enough at scale)
+    bottleneck: int = 64  # adapter: hidden size of each bottleneck (Houlsby et al. 2019 used 8-256)
 
 
 @dataclass
@@ -323,6 +325,8 @@ def validate(cfg: Config) -> None:
             raise TailtuneError(f"{slot}.adapt_layers must be >= 1 (or null for all layers)")
     if cfg.method.rank < 1 or cfg.method.alpha <= 0:
         raise TailtuneError("method.rank must be >= 1 and method.alpha > 0")
+    if cfg.method.virtual_tokens < 1 or cfg.method.bottleneck < 1:
+        raise TailtuneError("method.virtual_tokens and method.bottleneck must be >= 1")
 
     for role in cfg.method.targets:
         if role not in methods.ROLES:

@@ -3,15 +3,23 @@
 A method only touches the backbone. The classification head (``score``) belongs to
 :class:`tailtune.classifier.PooledClassifier`, is always trainable and is always saved next
 to whatever the method saves, so a reload can never come back with a random head.
+
+Each entry records what a deployment decision needs: whether it folds into the base weights
+(``mergeable``: no added inference latency) or stays in the forward pass (adapters, prompts,
+prefixes), and the backbone learning rate its paper trains with (``lr``; ``None`` = the run's
+``train.lr``, tuned for the LoRA family). The knobs come from :class:`~tailtune.config.MethodConfig`:
+``rank``/``alpha``/``dropout``/``targets`` (LoRA family, LoHa, LoKr), ``virtual_tokens`` (prompt,
+prefix), ``bottleneck`` (adapter).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tailtune.backbones import Backbone, target_modules
+from tailtune.backbones import LAYER_INDEX, Backbone, target_modules
 from tailtune.config import MethodConfig
 from tailtune.errors import TailtuneError
 
@@ -25,6 +33,10 @@ class Method:
     apply: Callable  # (model, backbone, cfg, top_layers) -> (model, targeted module names)
     save: Callable  # (model, folder) -> None
     load: Callable  # (base model, folder) -> model
+    lr: float | None = None  # backbone learning rate from the method's paper; None = train.lr
+    paper: str = ""
+    # Trains base weights themselves (full, head, bitfit): "merged" and "unmerged" are one model.
+    in_place: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -41,31 +53,173 @@ def get(name: str) -> Method:
     return METHODS[name]
 
 
-# ----------------------------------------------------------------------------- lora
+# ----------------------------------------------------------------------------- peft methods
 
 
-def _lora_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
-    from peft import LoraConfig, get_peft_model
-
-    names = target_modules(model, backbone.model_type, cfg.targets, top_layers)
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names)
-    return get_peft_model(model, config), names
-
-
-def _lora_save(model, folder: Path) -> None:
+def _peft_save(model, folder: Path) -> None:
     model.save_pretrained(folder / "adapter")
 
 
-def _lora_load(base, folder: Path):
+def _peft_load(base, folder: Path):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, folder / "adapter")
 
 
-register(Method("lora", True, _lora_apply, _lora_save, _lora_load))
+def _peft_method(name: str, make_config: Callable, *, mergeable=True, lr=None, paper="") -> Method:
+    """A method that is one peft config: ``make_config(model, backbone, cfg, top_layers)`` -> (config, names)."""
+
+    def apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
+        from peft import get_peft_model
+
+        config, names = make_config(model, backbone, cfg, top_layers)
+        return get_peft_model(model, config), names
+
+    return register(Method(name, mergeable, apply, _peft_save, _peft_load, lr, paper))
 
 
-# ----------------------------------------------------------------------------- full
+def _lora_config(**extra) -> Callable:
+    def make(model, backbone, cfg, top_layers):
+        from peft import LoraConfig
+
+        names = target_modules(model, backbone.model_type, cfg.targets, top_layers)
+        return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names, **extra), names
+
+    return make
+
+
+_peft_method("lora", _lora_config(), paper="Hu et al. 2021, LoRA")
+# scaling alpha / sqrt(r) instead of alpha / r keeps high ranks learning (Kalajdzievski 2023)
+_peft_method("rslora", _lora_config(use_rslora=True), paper="Kalajdzievski 2023, rsLoRA")
+# LoRA on the direction, a learned magnitude per output (Liu et al. 2024); merges like LoRA
+_peft_method("dora", _lora_config(use_dora=True), paper="Liu et al. 2024, DoRA")
+
+
+def _lycoris_config(kind: str) -> Callable:
+    def make(model, backbone, cfg, top_layers):
+        from peft import LoHaConfig, LoKrConfig
+
+        names = target_modules(model, backbone.model_type, cfg.targets, top_layers)
+        config_cls = LoHaConfig if kind == "loha" else LoKrConfig
+        return config_cls(r=cfg.rank, alpha=cfg.alpha, target_modules=names), names
+
+    return make
+
+
+_peft_method("loha", _lycoris_config("loha"), paper="Hyeon-Woo et al. 2022, LoHa (FedPara)")
+_peft_method("lokr", _lycoris_config("lokr"), paper="Edalati et al. 2022, LoKr")
+
+
+def _ia3_config(model, backbone, cfg, top_layers):
+    from peft import IA3Config
+
+    # (IA)^3 learns a scale on keys, values and the FFN's hidden activations (Liu et al. 2022);
+    # it has no rank and no role choice. On ModernBERT the fused Wqkv output is scaled (q too).
+    ffn = target_modules(model, backbone.model_type, ["ffn_out"], top_layers)
+    names = target_modules(model, backbone.model_type, ["keys_values"], top_layers) + ffn
+    return IA3Config(target_modules=names, feedforward_modules=ffn), names
+
+
+_peft_method("ia3", _ia3_config, lr=3e-3, paper="Liu et al. 2022, (IA)^3 / T-Few")
+
+
+def _prompt_config(model, backbone, cfg, top_layers):
+    from peft import PromptTuningConfig, PromptTuningInit
+
+    # Initialised from sampled vocabulary embeddings, Lester et al.'s best initialisation.
+    config = PromptTuningConfig(
+        task_type="FEATURE_EXTRACTION", num_virtual_tokens=cfg.virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+    )
+    return config, []
+
+
+# Lester et al. train with lr 0.3 under Adafactor; 3e-2 is peft's AdamW equivalent.
+_peft_method("prompt", _prompt_config, mergeable=False, lr=3e-2, paper="Lester et al. 2021, prompt tuning")
+
+
+def _prefix_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+
+    # No reparameterisation MLP: P-tuning v2 (Liu et al. 2022) showed it unnecessary for NLU.
+    peft_model = get_peft_model(
+        model, PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=cfg.virtual_tokens)
+    )
+    # Some architectures accept past_key_values and silently ignore them (ModernBERT has no
+    # KV cache): a prefix that cannot change the output is refused, not trained. (A model
+    # without weights, as pre-flight builds, cannot run: training applies it again for real.)
+    if next(model.parameters()).is_meta:
+        return peft_model, []
+    ids = torch.full((1, 4), 1 + (getattr(model.config, "pad_token_id", None) or 0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        before = peft_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        params = list(peft_model.prompt_encoder.parameters())
+        saved = [p.detach().clone() for p in params]
+        for p in params:  # not a constant: a layer norm would remove that
+            p.add_(torch.linspace(-1.0, 1.0, p.numel()).reshape(p.shape))
+        after = peft_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for p, value in zip(params, saved, strict=True):
+            p.copy_(value)
+    if torch.equal(before, after):
+        raise TailtuneError(
+            f"prefix tuning does not apply to {backbone.model_type}: its attention takes no past "
+            "key/values, so a prefix cannot change the output; use prompt or lora"
+        )
+    return peft_model, []
+
+
+register(Method("prefix", False, _prefix_apply, _peft_save, _peft_load, 1e-2, "Li & Liang 2021, prefix tuning"))
+
+
+def _qlora_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TailtuneError(
+            "qlora needs a CUDA GPU (bitsandbytes 4-bit kernels) and this machine has none; use lora"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TailtuneError("qlora needs bitsandbytes: pip install bitsandbytes") from None
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModel, BitsAndBytesConfig
+
+    # The 4-bit NF4 base with double quantisation and bf16 compute of Dettmers et al. 2023;
+    # the fp32 model passed in is replaced by one loaded quantised from the same files.
+    quantised = AutoModel.from_pretrained(
+        backbone.path,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+        device_map={"": 0},
+    )
+    quantised.config.pad_token_id = model.config.pad_token_id
+    quantised = prepare_model_for_kbit_training(quantised, use_gradient_checkpointing=False)
+    names = target_modules(quantised, backbone.model_type, cfg.targets, top_layers)
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names)
+    return get_peft_model(quantised, config), names
+
+
+# Reloaded for inference onto the full-precision base, where the adapter merges like LoRA.
+register(Method("qlora", True, _qlora_apply, _peft_save, _peft_load, None, "Dettmers et al. 2023, QLoRA"))
+
+
+# ----------------------------------------------------------------------------- weights in place
+
+
+def _in_layers(name: str, depth: int | None, top_layers: int | None) -> bool:
+    if top_layers is None:
+        return True
+    match = LAYER_INDEX.search(name)
+    return match is not None and int(match.group(1)) >= depth - top_layers
+
+
+def _depth(model) -> int:
+    return 1 + max((int(m.group(1)) for n, _ in model.named_parameters() if (m := LAYER_INDEX.search(n))), default=0)
 
 
 def _full_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
@@ -84,10 +238,7 @@ def _full_load(base, folder: Path):
     return AutoModel.from_pretrained(folder / "backbone", dtype=base.dtype)
 
 
-register(Method("full", True, _full_apply, _full_save, _full_load))
-
-
-# ----------------------------------------------------------------------------- head only
+register(Method("full", True, _full_apply, _full_save, _full_load, 2e-5, "Devlin et al. 2019, full fine-tuning", True))
 
 
 def _head_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
@@ -96,4 +247,120 @@ def _head_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | 
     return model, []
 
 
-register(Method("head", True, _head_apply, lambda model, folder: None, lambda base, folder: base))
+register(Method("head", True, _head_apply, lambda model, folder: None, lambda base, folder: base, None,
+                "linear probing, trained end to end", True))
+
+
+BIASES_FILE = "biases.safetensors"
+
+
+def _bitfit_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
+    depth = _depth(model)
+    names = []
+    for name, p in model.named_parameters():
+        train = name.endswith(".bias") and _in_layers(name, depth, top_layers)
+        p.requires_grad_(train)
+        if train:
+            names.append(name)
+    if not names:
+        raise TailtuneError(f"bitfit needs bias terms and this {backbone.model_type} model has none; use lora or ia3")
+    return model, names
+
+
+def _bitfit_save(model, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    # Every bias, trained or not: the file alone rebuilds the adapted backbone from the base.
+    biases = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if n.endswith(".bias")}
+    save_file(biases, str(folder / BIASES_FILE))
+
+
+def _bitfit_load(base, folder: Path):
+    return _load_named(base, folder / BIASES_FILE)
+
+
+def _load_named(model, file: Path):
+    """Load a partial state dict; every saved tensor must find its parameter."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(file))
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise TailtuneError(f"{file} holds weights this backbone lacks (e.g. {unexpected[0]}); wrong base model?")
+    return model
+
+
+# BitFit changes only biases, which live in the base weights: nothing to merge, no latency.
+register(Method("bitfit", True, _bitfit_apply, _bitfit_save, _bitfit_load, 1e-3, "Ben Zaken et al. 2022, BitFit", True))
+
+
+# ----------------------------------------------------------------------------- bottleneck adapters
+
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG = "adapters.json"
+
+
+def _bottleneck_class():
+    import torch
+    from torch import nn
+
+    class Bottleneck(nn.Module):
+        """``base(x) + up(gelu(down(base(x))))`` after a projection that feeds a residual sum.
+
+        ``up`` starts at zero, so the adapted model starts exactly as the pretrained one
+        (Houlsby et al. 2019's near-identity initialisation). Shapes: (..., H) -> (..., H).
+        """
+
+        def __init__(self, base: nn.Linear, size: int):
+            super().__init__()
+            self.base = base
+            self.adapter_down = nn.Linear(base.out_features, size)
+            self.adapter_up = nn.Linear(size, base.out_features)
+            nn.init.normal_(self.adapter_down.weight, std=1e-2)
+            nn.init.zeros_(self.adapter_down.bias)
+            nn.init.zeros_(self.adapter_up.weight)
+            nn.init.zeros_(self.adapter_up.bias)
+
+        def forward(self, x):
+            h = self.base(x)
+            return h + self.adapter_up(torch.nn.functional.gelu(self.adapter_down(h)))
+
+    return Bottleneck
+
+
+def _inject_adapters(model, names: list[str], size: int):
+    bottleneck = _bottleneck_class()
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, bottleneck(getattr(owner, child), size))
+    for n, p in model.named_parameters():
+        p.requires_grad_(".adapter_" in n)
+    return model
+
+
+def _adapter_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
+    # Houlsby placement: after the attention output and after the FFN, before each residual sum.
+    names = target_modules(model, backbone.model_type, ["residual_out"], top_layers)
+    model = _inject_adapters(model, names, cfg.bottleneck)
+    model._tailtune_adapters = {"names": names, "size": cfg.bottleneck}
+    return model, names
+
+
+def _adapter_save(model, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if ".adapter_" in n}
+    save_file(state, str(folder / ADAPTER_FILE))
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(model._tailtune_adapters, indent=2))
+
+
+def _adapter_load(base, folder: Path):
+    placed = json.loads((folder / ADAPTER_CONFIG).read_text())
+    model = _inject_adapters(base, placed["names"], placed["size"])
+    model._tailtune_adapters = placed
+    return _load_named(model, folder / ADAPTER_FILE)
+
+
+register(Method("adapter", False, _adapter_apply, _adapter_save, _adapter_load, 1e-3,
+                "Houlsby et al. 2019, bottleneck adapters"))

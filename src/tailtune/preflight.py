@@ -178,13 +178,13 @@ def model_shape(spec, cfg, backbone, n_classes: int) -> dict:
     from tailtune import methods
     from tailtune.backbones import LAYER_INDEX, quiet_transformers
 
-    bb_cfg = getattr(cfg, spec.slot)
+    method_cfg, _, bb_cfg, _ = spec.configs(cfg)
     quiet_transformers()
     config = AutoConfig.from_pretrained(backbone.path)
     with torch.device("meta"):  # shapes only: nothing allocated, no weights read
         model = AutoModel.from_config(config)
     base_params = sum(p.numel() for p in model.parameters())
-    model, _ = methods.get(spec.method).apply(model, backbone, cfg.method, bb_cfg.adapt_layers)
+    model, _ = methods.get(spec.method).apply(model, backbone, method_cfg, bb_cfg.adapt_layers)
     head = config.hidden_size * n_classes + (0 if backbone.is_decoder else n_classes)
     # Backpropagation stops at the lowest layer that holds a trainable weight.
     adapted = [int(m.group(1)) for n, p in model.named_parameters() if p.requires_grad and (m := LAYER_INDEX.search(n))]

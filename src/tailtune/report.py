@@ -1097,7 +1097,7 @@ def section_systems(run: Run, an: Analysis) -> Section:
                 Cell(_breakable(info.get("backbone_name")), sub=info.get("backbone") or ""),
                 Cell(
                     info.get("method") or EM_DASH,
-                    sub=f"{info['pooling']} pooling" if info.get("pooling") else "",
+                    sub=_method_sub(info),
                 ),
                 Cell(info.get("weighting") or EM_DASH),
                 Cell(
@@ -1137,7 +1137,47 @@ def section_systems(run: Run, an: Analysis) -> Section:
         )
     )
     sec.blocks.extend(_systems_prose(run, an))
+    tuned = [s for s in run.ok_systems if s.info.get("kind") == "finetune" and _num(s.value("trainable_params"))]
+    if len(tuned) >= 3:  # a method comparison or a sweep: quality against what was trained
+        sec.blocks.append(plot_quality_vs_params(tuned, _colours(run)))
     return sec
+
+
+def _method_sub(info: dict) -> str:
+    """The line under a method: its pooling, learning rate, and whether it merges away."""
+    parts = [f"{info['pooling']} pooling"] if info.get("pooling") else []
+    if info.get("lr") is not None:
+        parts.append(f"lr {info['lr']:g}")
+    if info.get("mergeable") is not None:
+        parts.append("merges" if info["mergeable"] else "stays in forward")
+    settings = info.get("settings") or {}
+    parts += [f"{k}={'|'.join(v) if isinstance(v, list) else v}" for k, v in settings.items()]
+    return ", ".join(parts)
+
+
+def plot_quality_vs_params(systems: list[SystemRun], colours: dict[str, str]) -> Figure:
+    from matplotlib.ticker import FuncFormatter
+
+    with _style():
+        fig = _new_figure(10, 4.4)
+        ax = fig.add_subplot()
+        for i, s in enumerate(sorted(systems, key=lambda s: _num(s.value("trainable_params")))):
+            x, y = _num(s.value("trainable_params")), s.macro_f1
+            ax.scatter(x, y, s=55, color=colours.get(s.name, GREY), edgecolors="black", zorder=3,
+                       marker="o" if s.info.get("mergeable", True) else "s")
+            ax.annotate(s.name, (x, y), xytext=(7, 7 if i % 2 == 0 else -13), textcoords="offset points",
+                        fontsize=8, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_count(v)))
+        ax.set_xlabel("trained parameters (log scale)")
+        ax.set_ylabel("macro-F1 (test)")
+        ax.margins(x=0.25, y=0.15)
+        return _png(
+            fig,
+            "Scatter plot of macro-F1 against the number of trained parameters of each fine-tuned system.",
+            "Quality against trained parameters, one point per fine-tuned system. Circles merge into "
+            "the base weights (no added latency); squares stay in the forward pass.",
+        )
 
 
 def _breakable(name: str | None) -> Any:

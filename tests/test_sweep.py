@@ -1,0 +1,82 @@
+"""Sweeps: axes become systems of one run, with per-system settings that really reach training."""
+
+import json
+
+import pandas as pd
+import pytest
+from test_cli import tailtune
+
+from tailtune.config import load_config
+from tailtune.errors import TailtuneError
+from tailtune.sweep import grid_systems, parse_args, split_values, sweep_config
+from tailtune.systems import parse_system
+
+
+def test_a_system_name_carries_its_own_settings():
+    spec = parse_system("encoder-lora-logit_adjusted@rank=4+targets=attention|ffn+lr=1e-3")
+    assert (spec.method, spec.weighting) == ("lora", "logit_adjusted")
+    assert spec.overrides == (("rank", 4), ("targets", ["attention", "ffn"]), ("lr", 1e-3))
+    cfg = load_config("smoke")
+    method, train, backbone, lr = spec.configs(cfg)
+    assert (method.rank, method.targets, lr) == (4, ["attention", "ffn"], 1e-3)
+    assert method.alpha == cfg.method.alpha and train == cfg.train and backbone == cfg.encoder
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("encoder-lora@size=4", "key one of"),
+        ("encoder-lora@rank=four", "rank must be a number"),
+        ("encoder-lora@targets=attn", "targets must be roles"),
+        ("encoder-probe@rank=4", "unknown system"),
+    ],
+)
+def test_bad_settings_in_a_name_are_refused(name, message):
+    with pytest.raises(TailtuneError, match=message):
+        parse_system(name)
+
+
+def test_axes_cross_and_baselines_stay_once():
+    axes, overrides = parse_args(["method=lora,ia3", "method.rank=4,16", "eval.n_boot=50"])
+    assert overrides == ["eval.n_boot=50"]
+    names = grid_systems(["tfidf-logreg", "encoder-probe", "encoder-lora-weighted"], axes)
+    assert names == [
+        "tfidf-logreg", "encoder-probe",
+        "encoder-lora-weighted@rank=4", "encoder-lora-weighted@rank=16",
+        "encoder-ia3-weighted@rank=4", "encoder-ia3-weighted@rank=16",
+    ]
+    assert split_values("attention,[attention,ffn]") == ["attention", "attention|ffn"]
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        ([], "nothing to sweep"),
+        (["method=lora,nosuch"], "unknown method"),
+        (["method.rank=4,,16"], "empty value"),
+        (["method.rank=4,x"], "rank must be a number"),
+    ],
+)
+def test_bad_axes_are_refused_before_anything_trains(items, message):
+    with pytest.raises(TailtuneError, match=message):
+        axes, _ = parse_args(items)
+        sweep_config(load_config("smoke"), axes)
+
+
+def test_sweep_command_runs_every_point_with_its_settings(tmp_path):
+    out = tmp_path / "sweep"
+    result = tailtune(
+        "sweep", "smoke", "method=lora,bitfit", "method.rank=2,8", "--systems", "tfidf-logreg,encoder-lora",
+        "--out", out, check=True,
+    )
+    comparison = pd.read_csv(out / "comparison.csv")
+    expected = ["tfidf-logreg", "encoder-lora@rank=2", "encoder-lora@rank=8", "encoder-bitfit@rank=2", "encoder-bitfit@rank=8"]
+    assert sorted(comparison["system"]) == sorted(expected), result.stdout
+    assert (comparison["status"] == "ok").all()
+    params = dict(zip(comparison["system"], comparison["trainable_params"], strict=True))
+    # the rank reached LoRA (4x the adapter weights) and not BitFit, which has no rank
+    assert params["encoder-lora@rank=8"] > params["encoder-lora@rank=2"]
+    assert params["encoder-bitfit@rank=8"] == params["encoder-bitfit@rank=2"]
+    metrics = json.loads((out / "systems" / "encoder-bitfit@rank=2" / "metrics.json").read_text())
+    assert metrics["system"]["lr"] == 1e-3 and metrics["system"]["mergeable"] is True
+    assert "Quality against trained parameters" in (out / "report.html").read_text()
