@@ -15,11 +15,23 @@ Nothing is written before the data and backbones pass their checks. A system is 
 fine-tuning's latest checkpoint) and its folder appears only when all its files are complete.
 Re-running the same command skips finished systems and resumes an interrupted fine-tuning
 from its checkpoint, ending with the same numbers as an uninterrupted run.
+
+Under ``torchrun`` / ``accelerate launch`` (or ``tailtune run --processes N``) every process
+runs this same pipeline. Fine-tuning is shared out by the Trainer (DDP, see
+:func:`tailtune.train.fit`); everything else (TF-IDF, probes, test predictions, guards) is
+deterministic and simply computed the same way in every process: cheaper to reason about than
+running it on the main process and broadcasting, no process idles at a barrier for long, and
+on GPUs it costs no wall time. Only the main process writes into ``<out>`` (other processes
+send their model files to a scratch folder they delete), the main process fills the backbone
+cache before the others read it, and every process decides which systems are finished before
+the main one writes any, so all of them skip, train and resume the same systems.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -89,25 +101,30 @@ def run(cfg: Config, console=None, report: bool = True) -> Path:
     from rich.console import Console
 
     from tailtune import metrics as metrics_lib
+    from tailtune.distributed import state
     from tailtune.preflight import check_backbones
     from tailtune.systems import Context, GuardFailure, run_system
 
-    console = console or Console()
+    dist = state()
+    main = dist.is_main_process
+    console = (console or Console()) if main else Console(quiet=True)
     out = Path(cfg.out)
     resolved = dump(cfg)
     resuming = _check_run_dir(out, resolved)
     started = time.perf_counter()
     specs, data = _preflight(cfg, console)
     ctx = Context(cfg, data, console, out / "cache")
-    check_backbones(ctx, specs)  # resolves (and converts GGUF) before the directory exists
+    with dist.main_process_first():  # the main process fills the backbone cache, the others read it
+        check_backbones(ctx, specs)  # resolves (and converts GGUF) before the directory exists
     _print_data(console, data)
 
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        if not (out / "config.yaml").exists():
-            rundir.write_text(out / "config.yaml", resolved)
-        rundir.write_json(out / "data.json", data.summary)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            if not (out / "config.yaml").exists():
+                rundir.write_text(out / "config.yaml", resolved)
+            rundir.write_json(out / "data.json", data.summary)
     except OSError:
         if created:  # e.g. disk full: leave no run directory that holds no run
             shutil.rmtree(out, ignore_errors=True)
@@ -117,12 +134,19 @@ def run(cfg: Config, console=None, report: bool = True) -> Path:
 
     test = data.split("test")
     y_test = test["y"].to_numpy()
+    failures = (GuardFailure, TailtuneError, RuntimeError, ValueError)
+    finished = {s.name: _finished(out / "systems" / s.name, len(test)) for s in specs}
+    dist.wait_for_everyone()  # every process has decided what to skip before the main one writes
+    if not main:
+        _follow(specs, finished, ctx, out, failures)
+        dist.wait_for_everyone()  # returns when the main process's files are complete
+        return out
     rows = []
     for i, spec in enumerate(specs, 1):
         system_dir = out / "systems" / spec.name
         console.rule(f"[bold]{spec.name}[/] ({i}/{len(specs)})")
         partial = out / "systems" / f".{spec.name}.partial"
-        if _finished(system_dir, len(test)):
+        if finished[spec.name]:
             shutil.rmtree(partial, ignore_errors=True)  # killed between finishing and cleaning up
             m = rundir.read_json(system_dir / "metrics.json")
             console.print(f"  done already: macro-F1 {m['macro_f1']:.3f} (skipped)")
@@ -169,7 +193,7 @@ def run(cfg: Config, console=None, report: bool = True) -> Path:
                 f"({outcome.train_seconds:.0f} s training, {time.perf_counter() - system_started:.0f} s in all)"
             )
             rows.append(_row(spec.name, "ok", metrics, "; ".join(outcome.warnings)))
-        except (GuardFailure, TailtuneError, RuntimeError, ValueError) as exc:
+        except failures as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             _record_failure(out, spec.name, exc)
             console.print(f"  [red]failed:[/] {reason}")
@@ -186,7 +210,25 @@ def run(cfg: Config, console=None, report: bool = True) -> Path:
         path = build_report(out)
         console.print(f"report: {path}")
     console.print(f"run directory: {out}  ({time.perf_counter() - started:.0f} s)")
+    dist.wait_for_everyone()
     return out
+
+
+def _follow(specs, finished: dict, ctx, out: Path, failures: tuple) -> None:
+    """A non-main process's part of :func:`run`: the same systems, their files in a scratch folder.
+
+    It trains alongside the main process (whose checkpoints it resumes from) and writes
+    nothing under ``out``; a failure is the main process's to record.
+    """
+    from tailtune.systems import run_system
+
+    with tempfile.TemporaryDirectory(prefix="tailtune-scratch-") as scratch:
+        for spec in specs:
+            if finished[spec.name]:
+                continue
+            checkpoints = out / "systems" / f".{spec.name}.partial" / "checkpoints"
+            with contextlib.suppress(*failures):
+                run_system(spec, ctx, Path(scratch) / spec.name, checkpoints)
 
 
 def _record_failure(out: Path, name: str, exc: BaseException) -> None:
@@ -207,7 +249,7 @@ def _describe(spec, cfg: Config, outcome) -> dict:
         "backbone": spec.slot,
         "backbone_name": backbone_cfg.name if backbone_cfg else None,
         "method": spec.method,
-        "weighting": weighting if spec.kind == "finetune" else (
+        "weighting": weighting if spec.kind in ("finetune", "generate") else (
             "balanced" if spec.kind == "probe" else (cfg.tfidf.class_weight or "none")
         ),
         "pooling": info.pop("pooling", None),

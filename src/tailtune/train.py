@@ -95,8 +95,21 @@ def fit(
     History keys: precision, steps, epochs_run, best_val_macro_f1, best_step, evals
     [{step, epoch, val_macro_f1, val_accuracy}], losses [{step, loss}], stopped_early; after a
     resume also resumed_at_steps and seconds_before_resume (training time of earlier attempts, s).
+
+    Under ``torchrun`` / ``accelerate launch`` every process calls ``fit`` with the same arguments
+    and the Trainer runs DDP. ``backbone.batch_size`` is per process, so an optimisation step
+    sees ``batch_size * grad_accum * processes`` rows: the sampler draws one row order for that
+    global batch and accelerate deals its consecutive ``batch_size`` batches out to the
+    processes in turn. N processes with ``grad_accum`` g thus train on the rows, and average
+    the losses, that one process with ``grad_accum`` N*g does (batch ``N * batch_size`` would
+    not: a weighted loss averages differently and padding changes). Validation outputs are
+    gathered from every process, each row exactly once (checked), so every process selects and
+    stops on the same macro-F1. Only the main process writes checkpoint files, except the
+    Trainer's per-process RNG states (``rng_state_<rank>.pth``) that a resume needs; the
+    history returned is the same in every process.
     """
     import torch
+    from accelerate.utils import broadcast_object_list
     from transformers import (
         DataCollatorWithPadding,
         PrinterCallback,
@@ -104,12 +117,17 @@ def fit(
         TrainingArguments,
     )
 
+    from tailtune.distributed import state
+
+    dist = state()
+    if not dist.is_main_process:
+        console = None  # one progress bar, from the main process
     precision = resolve_precision(train.precision)
     cuda = torch.cuda.is_available()
     train_set = [{"input_ids": ids, "labels": int(label)} for ids, label in zip(train_ids, y, strict=True)]
     val_set = [{"input_ids": ids, "labels": int(label)} for ids, label in zip(val_ids, val_y, strict=True)]
 
-    per_step = backbone.batch_size * train.grad_accum
+    per_step = backbone.batch_size * train.grad_accum * dist.num_processes  # rows per optimisation step
     steps_per_epoch = max(1, math.ceil(len(train_set) / per_step))
     epochs = backbone.epochs if backbone.epochs is not None else train.epochs
     total_steps = max(1, math.ceil(steps_per_epoch * epochs))
@@ -137,8 +155,19 @@ def fit(
     def snapshot() -> dict:
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    resume = _resume_point(Path(work_dir)) if work_dir is not None else None
+    resume = None
+    if work_dir is not None:
+        with dist.main_process_first():  # the main process deletes incomplete checkpoints first
+            resume = _resume_point(Path(work_dir), clean=dist.is_main_process)
+    # A probe's score can differ in the last bit between GPUs; selection must not.
+    start_val_f1 = broadcast_object_list([start_val_f1])[0]
     saved = rundir.read_json(resume / SELECTION_FILE) if resume is not None else None
+    if saved is not None and saved.get("processes", 1) != dist.num_processes:
+        # Steps per epoch, the data order and the per-process RNG states all depend on it.
+        raise TailtuneError(
+            f"{resume} was written by {saved.get('processes', 1)} training processes, this run has "
+            f"{dist.num_processes}; resume with as many, or delete {work_dir} to train from the start"
+        )
     if saved is not None:
         from safetensors.torch import load_file
 
@@ -161,6 +190,7 @@ def fit(
             "step": state.global_step,
             "epoch": state.epoch,
             "done": bool(control.should_training_stop),
+            "processes": dist.num_processes,
             "seconds": history.get("seconds_before_resume", 0.0) + time.perf_counter() - started,
             "best": {k: best[k] for k in ("f1", "step", "bad")},
             "history": history,
@@ -172,6 +202,8 @@ def fit(
         # Labels must come with the predictions: with group_by_length the Trainer also
         # reorders the evaluation set (transformers 5.x), so the dataset's order is wrong here.
         y_true = np.asarray(pred.label_ids)
+        if len(y_true) != len(val_set):  # accelerate drops the rows it repeated to even out processes
+            raise RuntimeError(f"evaluated {len(y_true)} validation rows, expected {len(val_set)}")
         return {"macro_f1": _macro_f1(y_true, y_pred), "accuracy": float((y_pred == y_true).mean())}
 
     class Select(TrainerCallback):
@@ -268,8 +300,8 @@ def fit(
     return history
 
 
-def _resume_point(work_dir: Path) -> Path | None:
-    """The latest complete checkpoint in ``work_dir``, or None; every other checkpoint folder is deleted.
+def _resume_point(work_dir: Path, clean: bool = True) -> Path | None:
+    """The latest complete checkpoint in ``work_dir``, or None; with ``clean`` every other checkpoint folder is deleted.
 
     A kill can leave a half-written newest checkpoint (no selection file yet) next to the
     complete one before it; the half-written one is discarded.
@@ -280,7 +312,7 @@ def _resume_point(work_dir: Path) -> Path | None:
         if p.name.removeprefix("checkpoint-").isdigit() and (p / SELECTION_FILE).is_file()
     }
     keep = found[max(found)] if found else None
-    for p in work_dir.glob("checkpoint-*"):
+    for p in work_dir.glob("checkpoint-*") if clean else ():
         if p != keep:
             shutil.rmtree(p, ignore_errors=True)
     return keep
@@ -356,9 +388,19 @@ def _trainer_class(draw, n_rows: int, seed: int, on_checkpoint=None):
             self.add_callback(self.loss_window)
 
         def _get_train_sampler(self, train_dataset=None):
-            return EpochSampler()
+            self.epoch_sampler = EpochSampler()
+            return self.epoch_sampler
+
+        def _run_epoch(self, **kwargs):
+            # The Trainer's set_epoch reaches the sampler through two wrappers at most; resumed
+            # mid-epoch under DDP it sits under three (SkipBatchSampler > BatchSamplerShard >
+            # BatchSampler), and the resumed epoch would replay epoch 0's order.
+            self.epoch_sampler.set_epoch(kwargs["epoch"])
+            return super()._run_epoch(**kwargs)
 
         def _save(self, output_dir=None, state_dict=None):
+            if not self.args.should_save:  # under DDP the Trainer calls this in every process
+                return
             folder = Path(output_dir or self.args.output_dir)
             folder.mkdir(parents=True, exist_ok=True)
             trainable = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -370,9 +412,15 @@ def _trainer_class(draw, n_rows: int, seed: int, on_checkpoint=None):
 
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
+            # The loss logged next is the mean over processes of each one's running sum, so the
+            # mean of the sums is what every process puts back on resume.
+            window = {"sum": self.accelerator.gather(self._tr_loss.detach()).mean().item(),
+                      "since": self._globalstep_last_logged}
+            self.accelerator.wait_for_everyone()  # every process's RNG state is in the folder
+            if not self.args.should_save:
+                return
             run_dir = Path(self.args.output_dir)
             folder = run_dir / f"checkpoint-{self.state.global_step}"
-            window = {"sum": self._tr_loss.item(), "since": self._globalstep_last_logged}
             (folder / LOSS_WINDOW_FILE).write_text(json.dumps(window))
             on_checkpoint(folder, self.state, self.control)
             for old in run_dir.glob("checkpoint-*"):
