@@ -338,11 +338,18 @@ def _load_export(folder: Path, *, merged, precision, device, batch_size) -> Pred
     )
 
 
+def _load_generate(folder: Path, **kwargs) -> Predictor:
+    from tailtune.generate import load_predictor
+
+    return load_predictor(folder, **kwargs)
+
+
 LOADERS: dict[str, Callable[..., Predictor]] = {
     "finetune": _load_finetuned,
     "probe": _load_probe,
     "tfidf": _load_tfidf,
     "export": _load_export,
+    "generate": _load_generate,
 }
 
 
@@ -356,6 +363,8 @@ def quantize_int8(predictor: TorchPredictor) -> TorchPredictor:
 
     import torch
 
+    if hasattr(predictor, "quantized"):  # not a TorchPredictor (decoder-generate): it knows its own model
+        return predictor.quantized()
     model = copy.deepcopy(predictor.model).cpu()
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, which is not a dependency.
@@ -715,6 +724,41 @@ def top_k(proba: np.ndarray, classes: list[str], k: int) -> tuple[np.ndarray, np
     return np.asarray(classes, dtype=object)[order], np.take_along_axis(proba, order, axis=1)
 
 
+def prediction_frame(
+    predictor: Predictor,
+    frame,
+    text_col: str,
+    id_col: str | None,
+    k: int = 1,
+    progress: Callable | None = None,
+):
+    """The output rows of ``predict`` for one input ``frame``, in its order.
+
+    Columns: ``id_col`` (as strings, when given), ``label``, ``confidence`` and, for ``k`` > 1,
+    ``label_2, confidence_2, ...``; confidences are rounded to 6 decimals. Rows with an empty
+    text get an empty label and no confidence. ``progress(rows)`` is called as rows finish.
+    """
+    import pandas as pd
+
+    texts = frame[text_col].astype("string").fillna("")
+    real = (texts.str.strip().str.len() > 0).to_numpy()
+    labels = np.full((len(frame), k), "", dtype=object)
+    conf = np.full((len(frame), k), np.nan)
+    if real.any():
+        proba = predictor.predict_proba(texts[real].tolist(), progress=progress)
+        labels[real], conf[real] = top_k(proba, predictor.classes_, k)
+    if progress is not None and not real.all():
+        progress(int((~real).sum()))
+    out = pd.DataFrame(index=range(len(frame)))
+    if id_col is not None:
+        out[id_col] = frame[id_col].astype("string").to_numpy()
+    for i in range(k):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        out[f"label{suffix}"] = labels[:, i]
+        out[f"confidence{suffix}"] = conf[:, i].round(6)
+    return out
+
+
 def predict_file(
     system_dir: str | Path,
     input_path: str | Path,
@@ -725,10 +769,14 @@ def predict_file(
     k: int = 1,
     chunk_size: int = 4096,
     batch_size: int | None = None,
+    precision: str = "auto",
     console=None,
     label_column: str | None = None,
 ) -> dict:
     """Classify every row of ``input_path`` with the system in ``system_dir``; write ``output_path``.
+
+    ``precision`` (auto | fp32 | bf16 | fp16) as in :func:`load_predictor`: auto is bf16 where the
+    device computes it natively, which can flip a near-tie against the run's fp32 predictions.
 
     With ``label_column`` (true labels in the input), the label set is checked against the
     model's before anything is predicted: when no label of the first chunk is one the model
@@ -742,8 +790,6 @@ def predict_file(
     get an empty label and no confidence. The output (.csv, .jsonl or .parquet) appears only
     when complete. Returns {"rows", "seconds", "output", "text_column", "id_column"}.
     """
-    import pandas as pd
-
     from tailtune.config import DataConfig
     from tailtune.rundir import atomic_write
 
@@ -764,7 +810,7 @@ def predict_file(
     id_col = _pick_column(columns, id_column, (defaults.id_column, "id"), "id")
     if label_column is not None:
         _pick_column(columns, label_column, (), "label")
-    predictor = load_predictor(system_dir, batch_size=batch_size)
+    predictor = load_predictor(system_dir, batch_size=batch_size, precision=precision)
     known = set(predictor.classes_)
     if label_column is not None:
         _check_label_set(first[0][label_column], known, label_column)
@@ -783,32 +829,24 @@ def predict_file(
         with _progress(console, total) as advance:
             position = 0
             for frame, new_position in _chain(first, frames):
-                texts = frame[text_col].astype("string").fillna("")
-                real = (texts.str.strip().str.len() > 0).to_numpy()
                 step = (new_position - position) / max(len(frame), 1)
-                labels = np.full((len(frame), k), "", dtype=object)
-                conf = np.full((len(frame), k), np.nan)
-                if real.any():
-                    proba = predictor.predict_proba(
-                        texts[real].tolist(), progress=lambda n, step=step: advance(n * step, n)
-                    )
-                    labels[real], conf[real] = top_k(proba, predictor.classes_, k)
+                out = prediction_frame(
+                    predictor,
+                    frame,
+                    text_col,
+                    id_col,
+                    k,
+                    progress=lambda n, step=step: advance(n * step, n),
+                )
                 if label_column is not None:
+                    real = out["confidence"].notna().to_numpy()  # rows with a text
                     truth = frame[label_column].astype("string").fillna("").str.strip().to_numpy()
                     seen = np.array([t in known for t in truth], dtype=bool)
                     for t in truth[~seen & (truth != "")]:
                         unknown[t] = unknown.get(t, 0) + 1
                     scored[0] += int((seen & real).sum())
-                    scored[1] += int(((labels[:, 0] == truth) & seen & real).sum())
-                out = pd.DataFrame(index=range(len(frame)))
-                if id_col is not None:
-                    out[id_col] = frame[id_col].astype("string").to_numpy()
-                for i in range(k):
-                    suffix = "" if i == 0 else f"_{i + 1}"
-                    out[f"label{suffix}"] = labels[:, i]
-                    out[f"confidence{suffix}"] = conf[:, i].round(6)
+                    scored[1] += int(((out["label"].to_numpy() == truth) & seen & real).sum())
                 sink.write(out)
-                advance((~real).sum() * step, int((~real).sum()))
                 position = new_position
                 rows += len(frame)
         sink.close()

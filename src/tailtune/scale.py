@@ -1,0 +1,297 @@
+"""Batch classification on a Ray cluster: ``tailtune predict --engine ray``.
+
+Ray Data reads the input in blocks (``read_csv`` / ``read_json`` / ``read_parquet``, streaming,
+so a file larger than memory is fine), a pool of actors that each load the predictor once
+classifies them (``map_batches``), and the results are written as a folder of Parquet part
+files. Every part holds the columns of the local engine's output (built by the same
+:func:`tailtune.deploy.prediction_frame`) plus :data:`ORDER_KEY`, an int64 that grows with the
+input row: ``pd.read_parquet(folder).sort_values(ORDER_KEY)`` gives the input's order.
+
+Without an address a local Ray cluster is started for the call and stopped after it; a process
+that already runs a Ray session (``ray.init`` by the caller) uses that one. On a multi-node
+cluster the input and output paths must be on storage that every node sees, and tailtune must
+be installed on every node.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from tailtune.deploy import (
+    _open_table,
+    _pick_column,
+    load_predictor,
+    predict_file,
+    prediction_frame,
+    resolve_system,
+)
+from tailtune.errors import TailtuneError
+
+# Output column whose order is the input's (monotonically increasing, not consecutive).
+ORDER_KEY = "order_key"
+INSTALL_HINT = "pip install 'tailtune[scale]'"
+
+
+class _Classify:
+    """A Ray actor: loads the predictor once, then turns input batches into output batches."""
+
+    def __init__(self, system_dir: str, text_col: str, id_col: str | None, k: int, batch_size, precision="auto"):
+        self.predictor = load_predictor(system_dir, batch_size=batch_size, precision=precision)
+        self.text_col, self.id_col, self.k = text_col, id_col, k
+
+    def __call__(self, frame):
+        out = prediction_frame(self.predictor, frame, self.text_col, self.id_col, self.k)
+        out[ORDER_KEY] = frame[ORDER_KEY].to_numpy()
+        return out
+
+
+def predict_ray(
+    system_dir: str | Path,
+    input_path: str | Path,
+    output_dir: str | Path,
+    *,
+    text_column: str | None = None,
+    id_column: str | None = None,
+    k: int = 1,
+    chunk_size: int = 4096,
+    batch_size: int | None = None,
+    precision: str = "auto",
+    workers: int | None = None,
+    address: str | None = None,
+    console=None,
+) -> dict:
+    """Classify every row of ``input_path`` on Ray; write Parquet part files into ``output_dir``.
+
+    ``workers`` actors each hold one predictor (default: one per GPU of the cluster, else one
+    per CPU but one, which is left to reading and writing); each is handed ``chunk_size`` rows
+    at a time, which it length-sorts into batches of ``batch_size`` like the local engine.
+    ``address`` joins a running cluster (``host:port``, ``ray://host:port`` or ``auto``).
+    ``output_dir`` must be new or an empty folder; it appears only when complete. Returns
+    {"rows", "seconds", "output", "parts", "workers", "text_column", "id_column"}. ``console``
+    (rich) is told where the work runs.
+    """
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise TailtuneError(
+            f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}"
+        ) from None
+
+    input_path, output_dir = Path(input_path).resolve(), Path(output_dir).resolve()
+    _, folder = resolve_system(system_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise TailtuneError(
+            f"output {output_dir} already exists and is not an empty folder (--engine ray writes a folder of Parquet parts)"
+        )
+    if chunk_size < 1 or k < 1 or (workers is not None and workers < 1):
+        raise TailtuneError("--chunk-size, --top-k and --workers must be at least 1")
+    frames, _ = _open_table(input_path, 64)  # checks the file and reads its header only
+    first = next(frames, None)
+    frames.close()
+    if first is None or len(first[0]) == 0:
+        raise TailtuneError(f"input file has no rows: {input_path}")
+    columns = [str(c) for c in first[0].columns]
+    from tailtune.config import DataConfig
+
+    defaults = DataConfig()
+    text_col = _pick_column(columns, text_column, (defaults.text_column, "text"), "text")
+    id_col = _pick_column(columns, id_column, (defaults.id_column, "id"), "id")
+    n_classes = _n_classes(folder)
+    if n_classes is not None and k > n_classes:
+        raise TailtuneError(f"--top-k {k} is more than the system's {n_classes} classes")
+
+    started_here = _connect(ray, address, workers)
+    try:
+        started = time.perf_counter()
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        workers = workers or gpus or max(1, cpus - 1)
+        if not gpus and workers >= cpus:
+            raise TailtuneError(
+                f"--workers {workers} would take all {cpus} CPUs of the Ray cluster and leave none "
+                f"to read and write; use at most {max(1, cpus - 1)}"
+            )
+        if console is not None:
+            where = f"cluster at {address}" if address else "local cluster"
+            device = "1 GPU" if gpus else "1 CPU"
+            console.print(f"Ray {where}: {workers} predictor actors, {device} each")
+        # ORDER_KEY's high bits are the index of the task that a block went to: they follow the
+        # input's order only if blocks are handed to tasks in that order.
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        ds = _read(input_path, [c for c in (text_col, id_col) if c is not None])
+        from ray.data.expressions import monotonically_increasing_id
+
+        ds = ds.with_column(ORDER_KEY, monotonically_increasing_id())
+        ds = ds.map_batches(
+            _Classify,
+            fn_constructor_kwargs={
+                "system_dir": str(Path(system_dir).resolve()),
+                "text_col": text_col,
+                "id_col": id_col,
+                "k": k,
+                "batch_size": batch_size,
+                "precision": precision,
+            },
+            batch_size=chunk_size,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+        )
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+        try:
+            ds.write_parquet(str(tmp))
+            parts = sorted(tmp.glob("*.parquet"))
+            rows = _count_rows(parts)
+            if output_dir.exists():
+                output_dir.rmdir()
+            os.rename(tmp, output_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return {
+            "rows": rows,
+            "seconds": time.perf_counter() - started,
+            "output": str(output_dir),
+            "parts": len(parts),
+            "workers": workers,
+            "text_column": text_col,
+            "id_column": id_col,
+        }
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _connect(ray, address: str | None, workers: int | None) -> bool:
+    """Join ``address`` or start a quiet local cluster; True when this call started Ray."""
+    import logging
+
+    if ray.is_initialized():
+        if address is not None:
+            raise TailtuneError("this process is already connected to Ray; leave out --address")
+        _quiet_data()
+        return False
+    options = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if address is None:
+        # The actors take one CPU each; one more is left for the read and write tasks, which
+        # would otherwise wait forever behind actors that never finish.
+        options |= {
+            "num_cpus": (workers or max(1, (os.cpu_count() or 2) - 1)) + 1,
+            "include_dashboard": False,
+        }
+    else:
+        _check_reachable(address)
+        options["address"] = address
+    try:
+        ray.init(**options)
+    except Exception as exc:  # ray raises ConnectionError, ValueError or its own types
+        if address is None:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TailtuneError(f"could not connect to a Ray cluster at '{address}': {first}") from None
+    _quiet_data()
+    return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on an address nothing listens on (``ray.init`` would retry for minutes)."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise TailtuneError(
+            f"--address must be host:port, ray://host:port or auto, got '{address}'"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise TailtuneError(
+            f"could not connect to a Ray cluster at '{address}': {exc.strerror or exc}"
+        ) from None
+
+
+def _quiet_data() -> None:
+    """No progress bars and no execution chatter from Ray Data: the CLI prints one line."""
+    import logging
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def _read(path: Path, columns: list[str]):
+    """A Ray Dataset of ``columns`` of a CSV / TSV / JSONL / Parquet file, every CSV column as text."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import ray.data
+
+    from tailtune.data import READERS
+
+    kind = READERS[path.suffix.lower()]
+    if kind == "parquet":
+        return ray.data.read_parquet(str(path), columns=columns)
+    if kind == "jsonl":
+        # Ray's pyarrow reader (lines=False) reads JSON lines and keeps "007" a string, as the
+        # local engine does; lines=True goes through pandas, which makes it the number 7.
+        return ray.data.read_json(str(path)).select_columns(columns)
+    # As the local engine reads them (dtype=str, keep_default_na=False): "007" stays "007",
+    # "NA" stays "NA". Narratives hold line breaks inside quotes.
+    return ray.data.read_csv(
+        str(path),
+        parse_options=pacsv.ParseOptions(
+            delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True
+        ),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=columns,
+            column_types={c: pa.string() for c in columns},
+            strings_can_be_null=False,
+        ),
+    )
+
+
+def _n_classes(folder: Path) -> int | None:
+    """The system's class count from its saved metadata, without loading the model."""
+    import json
+
+    from tailtune.deploy import EXPORT_INFO, load_meta
+
+    if (folder / EXPORT_INFO).is_file():
+        return json.loads((folder / EXPORT_INFO).read_text()).get("classes")
+    classes = load_meta(folder).get("classes")
+    return len(classes) if classes is not None else None
+
+
+def _count_rows(parts: list[Path]) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+
+
+# ----------------------------------------------------------------------------- engines
+
+ENGINES = {"local": predict_file, "ray": predict_ray}
+# Options that only one engine takes, and that engine.
+ENGINE_OPTIONS = {"address": "ray", "workers": "ray", "label_column": "local"}
+
+
+def predict(engine: str, system_dir, input_path, output_path, **options) -> dict:
+    """``tailtune predict`` on ``engine`` (local | ray); an option the engine does not take is an error."""
+    if engine not in ENGINES:
+        raise TailtuneError(f"unknown engine '{engine}' (engines: {', '.join(ENGINES)})")
+    for name, value in options.items():
+        if value is not None and ENGINE_OPTIONS.get(name, engine) != engine:
+            flag = "--" + name.replace("_", "-")
+            raise TailtuneError(f"{flag} works with --engine {ENGINE_OPTIONS[name]} only")
+    options = {n: v for n, v in options.items() if ENGINE_OPTIONS.get(n, engine) == engine}
+    return ENGINES[engine](system_dir, input_path, output_path, **options)
