@@ -1,0 +1,212 @@
+"""decoder-generate: constrained label scoring, learning, persistence and the deploy face (tiny decoders)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tailtune import backbones, generate, methods
+from tailtune.config import BackboneConfig, MethodConfig, TrainConfig
+from tailtune.errors import TailtuneError
+
+ARCHS = ("qwen2", "llama")
+# Keyword-distinct classes: each text is mostly words of its class, so the task is learnable
+# by a 2-layer model in a few epochs. "credit" is a prefix of "credit card" on purpose.
+KEYWORDS = {
+    "mortgage": ["escrow", "foreclosure", "house"],
+    "credit card": ["card", "charge", "statement"],
+    "student loan": ["tuition", "school", "college"],
+    "debt collection": ["collector", "calls", "owe"],
+}
+FILLER = ["i", "have", "a", "problem", "with", "the", "company", "and", "they", "did", "not", "help", "me", "at", "all", "please", "fix", "this"]
+ODD_TEXTS = ["", "   ", "\n\t", "🙂 ¿¿ ### ÷", "x" * 3000, "card " * 400]
+
+
+def keyword_task(n: int, seed: int) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = list(KEYWORDS)[i % len(KEYWORDS)]
+        words = [rng.choice(KEYWORDS[label]) for _ in range(4)] + rng.sample(FILLER, 2)
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory):
+    """arch -> a tiny decoder whose tied embeddings are scaled up 20x, saved as a backbone folder.
+
+    The stock tiny decoders (std-0.02 tied embeddings after an RMSNorm) keep every logit
+    within about +-0.6, so no adapter can move their output far: trained for the keyword task
+    they stayed at chance with the loss stuck near log(vocab). Scaling the embeddings gives
+    LoRA room to learn in a dozen epochs; the scoring code is the same.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folders = {}
+    for arch in ARCHS:
+        tiny = backbones.make_tiny(arch)
+        model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(20.0)
+        folder = tmp_path_factory.mktemp(f"scaled-{arch}")
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(tiny).save_pretrained(folder)
+        folders[arch] = str(folder)
+    return folders
+
+
+def _classifier(name: str, lr: float, epochs: float, prior_tau: float = 0.0) -> generate.GenerativeClassifier:
+    return generate.GenerativeClassifier(
+        BackboneConfig(name=name, max_length=32, batch_size=8, eval_batch_size=16),
+        MethodConfig(rank=8, alpha=16, dropout=0.0, targets=["all"]),
+        TrainConfig(epochs=epochs, lr=lr, warmup_ratio=0.0, precision="fp32", early_stopping_patience=100),
+        prior_tau=prior_tau,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(learnable):
+    """arch -> (classifier trained on the keyword task, test texts, test labels)."""
+    train_x, train_y = keyword_task(64, seed=0)
+    val_x, val_y = keyword_task(20, seed=1)
+    test_x, test_y = keyword_task(40, seed=2)
+    return {
+        arch: (
+            _classifier(learnable[arch], lr=2e-2, epochs=12).fit(train_x, train_y, val_texts=val_x, val_labels=val_y),
+            test_x,
+            test_y,
+        )
+        for arch in ARCHS
+    }
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_scoring_equals_naive_full_sequence_scoring(arch, monkeypatch):
+    bb = backbones.resolve(f"tiny:{arch}")
+    tok = backbones.load_tokenizer(bb)
+    model = generate.load_causal_lm(bb, tok)
+    torch.manual_seed(0)
+    model, _ = methods.get("lora").apply(model, bb, MethodConfig(rank=4, alpha=8))
+    with torch.no_grad():  # B = 0 would make the adapter a no-op; give it weight
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    labels = generate.encode_labels(tok, ["credit", "credit card", "mortgage", "debt collection", "x"])
+    texts = ["my mortgage servicer lost my payment", "", "collector calls me every day about a debt i do not owe", "?"]
+    prompts = generate.encode_prompts(tok, texts, generate.TEMPLATE, 16)
+    naive = generate.naive_score_labels(model, prompts, labels)
+    # Batches of 3 mix prompt lengths, so left padding and its positions are exercised.
+    cached = generate.score_labels(model, tok, prompts, labels, 3, "fp32")
+    np.testing.assert_allclose(cached, naive, atol=1e-4, rtol=0)
+    monkeypatch.setattr(generate, "LOGITS_BUDGET", 1)  # one label per scoring forward: the chunked path
+    np.testing.assert_allclose(generate.score_labels(model, tok, prompts, labels, 2, "fp32"), naive, atol=1e-4, rtol=0)
+
+
+def test_truncation_cuts_the_text_not_the_template():
+    tok = backbones.load_tokenizer(backbones.resolve("tiny:qwen2"))
+    short, long = generate.encode_prompts(tok, ["card", "card " * 500], generate.TEMPLATE, 24)
+    tail = tok("\nIssue:", add_special_tokens=False)["input_ids"]
+    assert len(long) == 24 and long[-len(tail) :] == tail and short[-len(tail) :] == tail
+    assert long[:3] == short[:3]
+    with pytest.raises(TailtuneError, match="max_length"):
+        generate.encode_prompts(tok, ["card"], generate.TEMPLATE, 3)
+
+
+def test_labels_the_tokenizer_cannot_tell_apart_are_refused():
+    tok = backbones.load_tokenizer(backbones.resolve("tiny:qwen2"))  # its vocabulary has neither letter
+    with pytest.raises(TailtuneError, match="same tokens"):
+        generate.encode_labels(tok, ["é", "ü"])
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_learns_a_keyword_task_and_lr_zero_does_not(arch, learnable, trained):
+    clf, test_x, test_y = trained[arch]
+    margin = 0.25  # chance is 1/4
+    accuracy = np.mean(np.array(clf.predict(test_x)) == np.array(test_y))
+    assert accuracy > 0.25 + margin, clf.history_
+    # The control: the same set-up that cannot learn. With lr=0 nothing moves (LoRA B stays
+    # 0), so one epoch stands for any number of them.
+    train_x, train_y = keyword_task(64, seed=0)
+    frozen = _classifier(learnable[arch], lr=0.0, epochs=1).fit(train_x, train_y)
+    frozen_accuracy = np.mean(np.array(frozen.predict(test_x)) == np.array(test_y))
+    assert frozen_accuracy <= 0.25 + margin
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_always_a_label_from_the_set_with_probabilities_summing_to_one(arch, trained):
+    clf, test_x, _ = trained[arch]
+    texts = ODD_TEXTS + test_x[:4]
+    proba = clf.predict_proba(texts)
+    assert proba.shape == (len(texts), len(KEYWORDS)) and np.isfinite(proba).all()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-9)
+    assert set(clf.predict(texts)) <= set(clf.classes_)
+
+
+# ----------------------------------------------------------------------------- persistence, deploy
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_and_deploy_predict_the_same(arch, trained, tmp_path):
+    from tailtune import deploy
+
+    clf, test_x, _ = trained[arch]
+    texts = test_x[:8] + ODD_TEXTS[:2]
+    clf.save(tmp_path / "model")
+    reloaded = generate.GenerativeClassifier.load(tmp_path / "model")
+    assert reloaded.classes_ == clf.classes_ and reloaded.template == clf.template
+    np.testing.assert_array_equal(reloaded.label_scores(texts), clf.label_scores(texts))
+    assert deploy.resolve_system(tmp_path)[0] == "generate"
+    expected = clf.predict_proba(texts)
+    for merged in (False, True):  # LoRA merges into the decoder within float tolerance
+        predictor = deploy.load_predictor(tmp_path, merged=merged, precision="fp32", device="cpu")
+        assert predictor.classes_ == clf.classes_
+        np.testing.assert_allclose(predictor.predict_proba(texts), expected, atol=1e-5)
+    int8 = deploy.quantize_int8(predictor)
+    assert int8.predict_proba(texts).shape == expected.shape
+
+
+def test_parse_system_and_encoder_refused():
+    from tailtune.systems import RUNNERS, parse_system
+
+    spec = parse_system("decoder-generate")
+    assert (spec.kind, spec.slot) == ("generate", "decoder") and spec.kind in RUNNERS
+    assert dict(parse_system("decoder-generate@rank=4+lr=0.001").overrides) == {"rank": 4, "lr": 0.001}
+    with pytest.raises(TailtuneError, match="decoder backbone"):
+        generate.GenerativeClassifier("tiny:bert").fit(["a", "b"], ["x", "y"])
+
+
+def test_prior_adjustment_removes_tau_log_train_prior_and_survives_reload(learnable, tmp_path):
+    from tailtune import deploy
+    from tailtune.systems import parse_system
+
+    assert parse_system("decoder-generate-logit_adjusted").weighting == "logit_adjusted"
+    assert parse_system("decoder-generate").weighting == "none"
+    x, y = keyword_task(40, seed=0)
+    keep = [i for i, label in enumerate(y) if label != y[0] or i < 4]  # one label rarer than the rest
+    x, y = [x[i] for i in keep], [y[i] for i in keep]
+    clf = _classifier(learnable[ARCHS[0]], lr=0.0, epochs=1, prior_tau=0.5).fit(x, y)
+    counts = np.array([y.count(c) for c in clf.classes_], dtype=float)
+    assert len(set(counts)) > 1
+    texts = keyword_task(6, seed=3)[0]
+    raw = clf.label_scores(texts)
+    expected = generate.softmax_scores(raw - 0.5 * np.log(counts / counts.sum()))
+    np.testing.assert_allclose(clf.predict_proba(texts), expected, atol=1e-12)
+    np.testing.assert_allclose(clf.adjust(raw) - raw, np.broadcast_to(-0.5 * np.log(counts / counts.sum()), raw.shape))
+    clf.save(tmp_path / "model")
+    np.testing.assert_allclose(generate.GenerativeClassifier.load(tmp_path / "model").predict_proba(texts), expected, atol=1e-9)
+    predictor = deploy.load_predictor(tmp_path / "model", merged=False, precision="fp32", device="cpu")
+    np.testing.assert_allclose(predictor.predict_proba(texts), expected, atol=1e-9)
+    with pytest.raises(TailtuneError, match="prior_tau"):
+        _classifier(learnable[ARCHS[0]], lr=0.0, epochs=1, prior_tau=-1.0)
