@@ -98,7 +98,10 @@ def test_every_system_kind_loads_and_reproduces_the_runs_predictions(smoke_run):
     test = run_test_texts(smoke_run)
     kinds = set()
     for name in deploy.finished_systems(smoke_run):
-        predictor = deploy.load_predictor(smoke_run / "systems" / name)
+        # The precision the run predicted in: "auto" picks bf16 on a CPU that computes it natively,
+        # the smoke run fine-tunes in fp32, and a probe's features are in the machine's "auto".
+        recorded = deploy.load_meta(deploy.resolve_system(smoke_run / "systems" / name)[1]).get("precision", "fp32")
+        predictor = deploy.load_predictor(smoke_run / "systems" / name, precision=recorded)
         kinds.add(predictor.kind)
         expected = pd.read_csv(smoke_run / "systems" / name / "predictions.csv")
         proba = predictor.predict_proba(test["text"].tolist())
@@ -302,10 +305,11 @@ def test_predict_keeps_input_order_across_chunk_boundaries(smoke_run, tmp_path, 
         ".parquet": lambda: frame.to_parquet(source),
     }[suffix]()
     system_dir = smoke_run / "systems" / system
+    # fp32: in bf16 (auto, where native) other paddings move confidences by ~1e-3, not ~1e-5.
     small = deploy.predict_file(
-        system_dir, source, tmp_path / "small.csv", k=3, chunk_size=7, batch_size=4
+        system_dir, source, tmp_path / "small.csv", k=3, chunk_size=7, batch_size=4, precision="fp32"
     )
-    deploy.predict_file(system_dir, source, tmp_path / "whole.csv", k=3, chunk_size=10_000)
+    deploy.predict_file(system_dir, source, tmp_path / "whole.csv", k=3, chunk_size=10_000, precision="fp32")
     out = pd.read_csv(tmp_path / "small.csv", keep_default_na=False, na_values=[""])
     assert small["rows"] == len(frame) == len(out) and small["text_column"] == "text"
     assert list(out.columns) == [
@@ -323,7 +327,7 @@ def test_predict_keeps_input_order_across_chunk_boundaries(smoke_run, tmp_path, 
         out, pd.read_csv(tmp_path / "whole.csv", keep_default_na=False, na_values=[""]), atol=2e-4
     )
     real = frame["text"].str.len() > 0
-    expected = deploy.load_predictor(system_dir).predict(frame.loc[real, "text"].tolist())
+    expected = deploy.load_predictor(system_dir, precision="fp32").predict(frame.loc[real, "text"].tolist())
     assert out.loc[real, "label"].tolist() == expected
     assert (out.loc[real, "confidence"] >= out.loc[real, "confidence_2"]).all()
     assert out.loc[~real, "label"].isna().all() and out.loc[~real, "confidence"].isna().all()

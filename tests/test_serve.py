@@ -48,7 +48,8 @@ def adapter_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(adapter_run):
-    with TestClient(create_app(adapter_run, max_batch=8, max_chars=500)) as c:
+    # fp32: the comparisons below are against TextClassifier, which predicts in the run's fp32.
+    with TestClient(create_app(adapter_run, max_batch=8, max_chars=500, precision="fp32")) as c:
         yield c
 
 

@@ -87,8 +87,36 @@ def run(
     out: Path = typer.Option(None, "--out", help="Run directory (default from the preset)."),
     systems: str = typer.Option(None, help="Comma-separated systems, e.g. tfidf-logreg,encoder-lora."),
     report: bool = typer.Option(True, help="Write report.html at the end."),
+    processes: int = typer.Option(
+        1, "--processes", help="Train in N processes on this machine (torchrun; gloo on CPU, one per GPU)."
+    ),
 ):
     """Train and compare every system of a config, class by class; write a run directory."""
+    _launch(config, overrides, data, label_column, text_column, out, systems, report, processes)
+
+
+@app.command()
+@friendly
+def train(
+    config: str = typer.Argument(None, help="Preset name or YAML path."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.epochs=3."),
+    system: str = typer.Option(..., "--system", help="System(s) to train, comma-separated, e.g. encoder-lora."),
+    data: Path = typer.Option(None, "--data", help="CSV / JSONL / Parquet file (default: built-in demo corpus)."),
+    label_column: str = typer.Option(None, help="Label column, or columns joined by '+'."),
+    text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
+    out: Path = typer.Option(None, "--out", help="Run directory (default from the preset)."),
+    processes: int = typer.Option(1, "--processes", help="Train in N processes on this machine (torchrun)."),
+):
+    """Train only the named system(s) into a run directory, without the report.
+
+    ``run --systems NAME --no-report`` under a name that reads well in a cluster job script:
+    the same run directory (metrics, predictions, model), resume and ``--processes``.
+    """
+    _launch(config, overrides, data, label_column, text_column, out, system, False, processes)
+
+
+def _launch(config, overrides, data, label_column, text_column, out, systems, report: bool, processes: int):
+    from tailtune.distributed import relaunch
     from tailtune.run import run as run_all
 
     cfg = _config(
@@ -97,7 +125,37 @@ def run(
         **{"data.path": data, "data.label_column": label_column, "data.text_column": text_column,
            "out": out, "systems": systems},
     )
+    code = relaunch(processes)  # checked the config first: one error line, not one per process
+    if code is not None:
+        raise SystemExit(code)  # not typer.Exit: `friendly` would report it as an internal error
     run_all(cfg, report=report)
+
+
+@app.command()
+@friendly
+def sweep(
+    config: str = typer.Argument(None, help="Preset name or YAML path."),
+    items: list[str] = typer.Argument(
+        None, help="Axes (method=lora,dora  method.rank=4,16  train.lr=1e-4,1e-3) and plain overrides."
+    ),
+    data: Path = typer.Option(None, "--data", help="CSV / JSONL / Parquet file (default: built-in demo corpus)."),
+    label_column: str = typer.Option(None, help="Label column, or columns joined by '+'."),
+    out: Path = typer.Option(None, "--out", help="Run directory (default: the preset's, plus -sweep)."),
+    systems: str = typer.Option(None, help="Comma-separated systems to sweep from (default: the config's)."),
+    report: bool = typer.Option(True, help="Write report.html at the end."),
+):
+    """Run a grid of methods / settings, each point a system of one run directory."""
+    from tailtune.run import run as run_all
+    from tailtune.sweep import parse_args, sweep_config
+
+    if config is not None and "=" in config:
+        items, config = [config, *(items or [])], None
+    axes, overrides = parse_args(items or [])
+    cfg = _config(
+        config, overrides,
+        **{"data.path": data, "data.label_column": label_column, "systems": systems},
+    )
+    run_all(sweep_config(cfg, axes, str(out) if out else None), report=report)
 
 
 @data_app.command("inspect")
@@ -145,6 +203,24 @@ def presets():
 
 @app.command()
 @friendly
+def plan(
+    config: str = typer.Argument(None, help="Preset name or YAML path."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. encoder.batch_size=32."),
+    methods: str = typer.Option(None, help="Comma-separated methods (default: every registered method)."),
+    classes: int = typer.Option(None, help="Head size (default: the classes of the config's data)."),
+):
+    """Memory of one training step per method and backbone (weights, grads, optimizer, activations), without training."""
+    from rich.console import Console
+
+    from tailtune.plan import plan as make_plan
+    from tailtune.plan import print_plan
+
+    cfg = _config(config, overrides or [])
+    print_plan(make_plan(cfg, methods.split(",") if methods else None, classes), Console())
+
+
+@app.command()
+@friendly
 def export(
     system_dir: Path = typer.Argument(..., help="A fine-tuned system: <run>/systems/<name>."),
     merged: Path = typer.Option(..., "--merged", help="Folder to write the merged model to (new or empty)."),
@@ -167,26 +243,39 @@ def export(
 def predict(
     system_dir: Path = typer.Argument(..., help="<run>/systems/<name>, its model/ folder, or an export."),
     input: Path = typer.Option(..., "--input", help="CSV / TSV / JSONL / Parquet file to classify."),
-    output: Path = typer.Option(..., "--output", help="Predictions file (.csv, .jsonl or .parquet)."),
+    output: Path = typer.Option(..., "--output", help="Predictions file (.csv, .jsonl or .parquet); a folder with --engine ray."),
     top_k: int = typer.Option(1, "--top-k", help="Also write label_2, confidence_2, ... up to k."),
     text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative, else text)."),
     id_column: str = typer.Option(None, help="Id column copied to the output (default: Complaint ID, else id)."),
     chunk_size: int = typer.Option(4096, help="Rows read at a time; memory does not grow with the file."),
     batch_size: int = typer.Option(None, help="Texts per forward pass (default: the system's eval batch size)."),
+    precision: str = typer.Option(
+        "auto", help="auto (bf16 where the CPU/GPU computes it natively), fp32, bf16 or fp16."
+    ),
     label_column: str = typer.Option(
         None, help="True labels in the input: checked against the model's classes, and accuracy reported."
     ),
+    engine: str = typer.Option(
+        "local", help="local (this process) or ray (Ray Data; --output is a folder of Parquet parts)."
+    ),
+    address: str = typer.Option(None, help="Ray cluster to join (host:port or auto; default: start a local one)."),
+    workers: int = typer.Option(None, help="Ray predictor actors (default: one per GPU, else CPUs - 1)."),
 ):
     """Classify a file of any size, streaming, in the input's order."""
     from rich.console import Console
 
-    from tailtune.deploy import predict_file
+    from tailtune.scale import ORDER_KEY
+    from tailtune.scale import predict as run_predict
 
-    done = predict_file(
-        system_dir, input, output, text_column=text_column, id_column=id_column, k=top_k,
-        chunk_size=chunk_size, batch_size=batch_size, console=Console(stderr=True), label_column=label_column,
+    done = run_predict(
+        engine, system_dir, input, output, text_column=text_column, id_column=id_column, k=top_k,
+        chunk_size=chunk_size, batch_size=batch_size, precision=precision, console=Console(stderr=True),
+        label_column=label_column,
+        address=address, workers=workers,
     )
     typer.echo(f"{done['rows']:,} rows -> {done['output']} ({done['seconds']:.1f} s)")
+    if "parts" in done:
+        typer.echo(f"{done['parts']} Parquet parts; sort by '{ORDER_KEY}' for the input's order")
     if label_column is not None:
         if done["accuracy"] is not None:
             typer.echo(f"accuracy on rows whose label the model knows: {done['accuracy']:.3f}")
@@ -238,12 +327,15 @@ def serve(
     systems: str = typer.Option(None, help="Comma-separated subset of the run's systems."),
     max_batch: int = typer.Option(256, help="Most texts per request."),
     max_chars: int = typer.Option(20000, help="Longest text accepted, in characters."),
+    precision: str = typer.Option(
+        "auto", help="auto (bf16 where the CPU/GPU computes it natively), fp32, bf16 or fp16."
+    ),
 ):
     """Serve the run's systems over HTTP: POST /predict, GET /systems, GET /health."""
     from tailtune.serve import serve as run_server
 
     run_server(run_dir, host=host, port=port, systems=systems.split(",") if systems else None,
-               max_batch=max_batch, max_chars=max_chars)
+               max_batch=max_batch, max_chars=max_chars, precision=precision)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -43,7 +43,7 @@ class PredictRequest(BaseModel):
 class SharedBase:
     """LoRA systems on one copy of a base model; ``predict_proba(name, texts)`` switches to ``name``."""
 
-    def __init__(self, folders: dict[str, Path], device):
+    def __init__(self, folders: dict[str, Path], device, precision: str = "auto"):
         import torch
         from safetensors.torch import load_file
         from transformers import AutoTokenizer
@@ -53,7 +53,7 @@ class SharedBase:
         names = list(folders)
         clf = TextClassifier.load(folders[names[0]])  # its adapter is peft's "default"
         self.model = clf.model_.to(device)
-        self.precision = deploy.pick_precision("auto", device)
+        self.precision = deploy.pick_precision(precision, device)
         self.lock = threading.Lock()
         self.systems: dict[str, dict] = {}
         for name in names:
@@ -117,7 +117,9 @@ class _AdapterView(deploy.Predictor):
 class Registry:
     """The served systems of a run: name -> predictor, a lock each, and what /systems shows."""
 
-    def __init__(self, run_dir: str | Path, systems: list[str] | None = None, device: str = "auto"):
+    def __init__(
+        self, run_dir: str | Path, systems: list[str] | None = None, device: str = "auto", precision: str = "auto"
+    ):
         import pandas as pd
 
         run_dir = Path(run_dir)
@@ -135,7 +137,7 @@ class Registry:
         self.predictors: dict[str, deploy.Predictor] = {}
         self.shared_base: dict[str, dict | None] = dict.fromkeys(names)
         for group in (g for g in groups.values() if len(g) > 1):
-            shared = SharedBase({n: folders[n] for n in group}, device)
+            shared = SharedBase({n: folders[n] for n in group}, device, precision)
             for name in group:
                 meta = deploy.load_meta(folders[name])
                 info = {"backbone": meta["backbone"]["name"], "method": "lora"}
@@ -143,7 +145,7 @@ class Registry:
                 self.shared_base[name] = {"backbone": meta["backbone"]["name"], "systems": group}
         for name in names:
             if name not in self.predictors:
-                self.predictors[name] = deploy.load_predictor(folders[name], device=str(device))
+                self.predictors[name] = deploy.load_predictor(folders[name], device=str(device), precision=precision)
         self.locks = {name: threading.Lock() for name in names}
         macro_f1 = pd.read_csv(run_dir / "comparison.csv").set_index("system")["macro_f1"]
         self.default = max(names, key=lambda n: (macro_f1.get(n, float("-inf")), -names.index(n)))
@@ -182,9 +184,13 @@ def create_app(
     max_batch: int = 256,
     max_chars: int = 20000,
     device: str = "auto",
+    precision: str = "auto",
 ) -> FastAPI:
-    """The API over the finished systems of ``run_dir`` (all, or those named in ``systems``)."""
-    registry = Registry(run_dir, systems, device)
+    """The API over the finished systems of ``run_dir`` (all, or those named in ``systems``).
+
+    ``precision`` as in :func:`tailtune.deploy.load_predictor` (auto: bf16 where native).
+    """
+    registry = Registry(run_dir, systems, device, precision)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -252,9 +258,10 @@ def serve(
     systems: list[str] | None = None,
     max_batch: int = 256,
     max_chars: int = 20000,
+    precision: str = "auto",
 ) -> None:
     """Build the app and run it with uvicorn until SIGINT/SIGTERM."""
     import uvicorn
 
-    app = create_app(run_dir, systems, max_batch=max_batch, max_chars=max_chars)
+    app = create_app(run_dir, systems, max_batch=max_batch, max_chars=max_chars, precision=precision)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30)

@@ -4,10 +4,16 @@ Names follow one grammar:
 
 - ``tfidf-logreg`` — the reference baseline (TF-IDF + logistic regression);
 - ``<encoder|decoder>-probe`` — frozen backbone features + class-balanced logistic regression;
-- ``<encoder|decoder>-<method>[-weighted|-<scheme>]`` — fine-tuned with a method from
-  :mod:`tailtune.methods`; ``-weighted`` uses ``train.weighting`` (sqrt-inverse by default),
-  ``-<scheme>`` names a strategy from :mod:`tailtune.weighting` directly (a loss weighting,
-  ``logit_adjusted`` or ``balanced_sampling``).
+- ``decoder-generate[-logit_adjusted][@key=value+...]`` — the decoder LoRA-tuned to write the
+  label, scored over every label (:mod:`tailtune.generate`); ``-logit_adjusted`` removes
+  ``train.logit_tau`` x the log train prior from the scores;
+- ``<encoder|decoder>-<method>[-weighted|-<scheme>][@key=value+...]`` — fine-tuned with a
+  method from :mod:`tailtune.methods`; ``-weighted`` uses ``train.weighting`` (sqrt-inverse by
+  default), ``-<scheme>`` names a strategy from :mod:`tailtune.weighting` directly (a loss
+  weighting, ``logit_adjusted`` or ``balanced_sampling``). After ``@``, settings of this system
+  only: the ``method`` section's keys (``rank``, ``alpha``, ``dropout``, ``targets`` with roles
+  joined by ``|``, ``virtual_tokens``, ``bottleneck``) and ``lr``, ``head_lr``, ``epochs``;
+  ``tailtune sweep`` writes such names, e.g. ``encoder-lora@rank=4+targets=attention``.
 
 Each runner trains, saves its model under the folder it is given, and returns test-set
 probabilities plus what the comparison needs (parameters, time, warnings).
@@ -30,13 +36,59 @@ BASELINES = ("tfidf-logreg",)
 COVERAGE_WARNING = 0.5
 
 
+# Keys a system name may set after "@": the method's knobs, and these of the training recipe.
+TRAIN_KEYS = ("lr", "head_lr", "epochs")
+
+
 @dataclass(frozen=True)
 class SystemSpec:
     name: str
-    kind: str  # baseline | probe | finetune
+    kind: str  # baseline | probe | finetune | generate
     slot: str | None = None  # encoder | decoder
     method: str | None = None
     weighting: str = "none"  # a scheme name, or "config" for train.weighting
+    overrides: tuple = ()  # ((key, value), ...) from the name's "@key=value+key=value" part
+
+    def configs(self, cfg):
+        """(method config, train config, backbone config, lr or None) of this system: the run's, with its overrides."""
+        import dataclasses
+
+        set_ = dict(self.overrides)
+        method = dataclasses.replace(cfg.method, **{k: v for k, v in set_.items() if k not in TRAIN_KEYS})
+        train = dataclasses.replace(cfg.train, **{k: set_[k] for k in ("head_lr",) if k in set_})
+        backbone = getattr(cfg, self.slot)
+        if "epochs" in set_:  # the backbone's epochs win over train.epochs in training
+            backbone = dataclasses.replace(backbone, epochs=set_["epochs"])
+        return method, train, backbone, set_.get("lr")
+
+
+def _parse_overrides(name: str, text: str) -> tuple:
+    """'rank=4+targets=attention|ffn' -> (("rank", 4), ("targets", ["attention", "ffn"]))."""
+    import dataclasses
+
+    from tailtune.config import MethodConfig
+
+    allowed = [f.name for f in dataclasses.fields(MethodConfig)] + list(TRAIN_KEYS)
+    pairs = []
+    for item in text.split("+"):
+        key, sep, value = item.partition("=")
+        if not sep or key not in allowed:
+            raise TailtuneError(
+                f"system '{name}': '{item}' must be key=value with key one of {', '.join(allowed)}"
+            )
+        if key == "targets":
+            from tailtune.methods import ROLES
+
+            roles = value.split("|")
+            if not roles or any(r not in ROLES for r in roles):
+                raise TailtuneError(f"system '{name}': targets must be roles joined by '|' from {', '.join(ROLES)}")
+            pairs.append((key, roles))
+            continue
+        try:
+            pairs.append((key, int(value) if value.lstrip("-").isdigit() else float(value)))
+        except ValueError:
+            raise TailtuneError(f"system '{name}': {key} must be a number, got '{value}'") from None
+    return tuple(pairs)
 
 
 @dataclass
@@ -50,25 +102,28 @@ class Outcome:
 
 
 def parse_system(name: str) -> SystemSpec:
+    """Parse a system name (grammar in the module docstring)."""
     from tailtune import methods, weighting
 
     if name in BASELINES:
         return SystemSpec(name, "baseline")
-    slot, _, rest = name.partition("-")
-    if slot in SLOTS and rest == "probe":
+    base, at, settings = name.partition("@")
+    slot, _, rest = base.partition("-")
+    if slot in SLOTS and rest == "probe" and not at:
         return SystemSpec(name, "probe", slot)
+    if base in ("decoder-generate", "decoder-generate-logit_adjusted"):  # the decoder writes the label
+        scheme = "logit_adjusted" if base.endswith("logit_adjusted") else "none"
+        return SystemSpec(name, "generate", "decoder", "lora", scheme, _parse_overrides(name, settings) if at else ())
     if slot in SLOTS and rest:
         method, _, suffix = rest.partition("-")
         if method in methods.METHODS:
-            if not suffix:
-                return SystemSpec(name, "finetune", slot, method, "none")
-            if suffix == "weighted":
-                return SystemSpec(name, "finetune", slot, method, "config")
-            if suffix in weighting.names():
-                return SystemSpec(name, "finetune", slot, method, suffix)
+            scheme = {"": "none", "weighted": "config"}.get(suffix, suffix)
+            if scheme in ("none", "config") or scheme in weighting.names():
+                overrides = _parse_overrides(name, settings) if at else ()
+                return SystemSpec(name, "finetune", slot, method, scheme, overrides)
     raise TailtuneError(
         f"unknown system '{name}': use tfidf-logreg, <encoder|decoder>-probe or "
-        f"<encoder|decoder>-<{'|'.join(methods.METHODS)}>[-weighted]"
+        f"<encoder|decoder>-<{'|'.join(methods.METHODS)}>[-weighted|-<scheme>][@key=value+...]"
     )
 
 
@@ -125,9 +180,13 @@ class Context:
     def _features(self, slot: str, split: str, probe) -> np.ndarray:
         """Frozen pooled features of one split, from the run's cache when the key matches."""
         from tailtune.rundir import atomic_write
+        from tailtune.train import resolve_precision
 
         bb_cfg = getattr(self.cfg, slot)
-        key = json.dumps([vars(bb_cfg), self.data.summary["splits"], self.cfg.data.seed], sort_keys=True)
+        # Features computed in another precision (another machine: bf16 where native) are recomputed.
+        key = json.dumps(
+            [vars(bb_cfg), self.data.summary["splits"], self.cfg.data.seed, resolve_precision("auto")], sort_keys=True
+        )
         cache = self.cache_dir / f"{slot}-{split}-features.npz"
         if cache.exists():
             stored = np.load(cache, allow_pickle=False)
@@ -138,7 +197,10 @@ class Context:
         texts = self.data.texts(split)
         with _bar(self.console, f"  {slot} features ({split})", len(texts)) as advance:
             features = probe.features(texts, progress=advance)
-        atomic_write(cache, lambda f: np.savez(f, key=np.array(key), features=features), binary=True)
+        from tailtune.distributed import is_main
+
+        if is_main():  # under torchrun every process computes the same features; one writes them
+            atomic_write(cache, lambda f: np.savez(f, key=np.array(key), features=features), binary=True)
         return features
 
 
@@ -211,6 +273,7 @@ def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path |
     import joblib
 
     from tailtune.classifier import count_params
+    from tailtune.train import resolve_precision
 
     result = ctx.probe(spec.slot, ("train", "val", "test"))
     probe = result["probe"]
@@ -220,7 +283,8 @@ def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path |
     (model_dir / "tailtune.json").write_text(
         json.dumps(
             {"kind": "probe", "classes": ctx.data.classes, "backbone": probe.backbone_.describe(),
-             "pooling": probe.pooling_, "max_length": probe.backbone.max_length},
+             "pooling": probe.pooling_, "max_length": probe.backbone.max_length,
+             "precision": resolve_precision("auto")},
             indent=2,
         )
     )
@@ -230,17 +294,18 @@ def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path |
     total = head + count_params(probe.model_.backbone)[1]
     return Outcome(
         proba, result["seconds"], head, total,
-        {"architecture": probe.backbone_.model_type, "pooling": probe.pooling_,
+        {"architecture": probe.backbone_.model_type, "pooling": probe.pooling_, "precision": resolve_precision("auto"),
          "backbone_name": probe.backbone_.spec, "C": probe.C_, "val_macro_f1": probe.val_macro_f1_,
          "C_cv_macro_f1": {str(c): round(v, 4) for c, v in getattr(probe, "C_scores_", {}).items()}},
     )
 
 
 def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path | None = None) -> Outcome:
+    from tailtune import methods
     from tailtune.classifier import TextClassifier
 
     cfg, data = ctx.cfg, ctx.data
-    bb_cfg = getattr(cfg, spec.slot)
+    method_cfg, train_cfg, bb_cfg, lr = spec.configs(cfg)
     scheme = cfg.train.weighting if spec.weighting == "config" else spec.weighting
     head_init = None
     probe_val_f1 = None
@@ -250,9 +315,12 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Pat
         probe = result["probe"]
         probe_val_f1 = probe.val_macro_f1_
         head_init, start_val_f1 = _lpft_start(probe, result["features"]["val"], data, scheme, cfg.train.logit_tau)
-    clf = TextClassifier(bb_cfg, spec.method, cfg.method, cfg.train, weighting=scheme)
+    clf = TextClassifier(bb_cfg, spec.method, method_cfg, train_cfg, weighting=scheme, lr=lr)
     if ctx.console is not None:
-        ctx.console.print(f"  backbone {bb_cfg.name} ({ctx.backbone(spec.slot).model_type}), method {spec.method}, weighting {scheme}")
+        ctx.console.print(
+            f"  backbone {bb_cfg.name} ({ctx.backbone(spec.slot).model_type}), method {spec.method}, "
+            f"weighting {scheme}, lr {clf.learning_rate():g}"
+        )
     clf.fit(
         data.texts("train"),
         data.split("train")["label"].tolist(),
@@ -269,7 +337,10 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Pat
         pct = 100 * clf.trainable_params_ / clf.total_params_
         from tailtune.backbones import describe_targets
 
-        adapted = "all weights" if clf.targets_ == ["*"] else (describe_targets(clf.targets_) if clf.targets_ else "head only")
+        if clf.targets_:
+            adapted = "all weights" if clf.targets_ == ["*"] else describe_targets(clf.targets_)
+        else:  # prompt / prefix tuning add tokens, not modules
+            adapted = "head only" if spec.method == "head" else f"{method_cfg.virtual_tokens} virtual tokens"
         ctx.console.print(
             f"  trainable {clf.trainable_params_:,} / {clf.total_params_:,} ({pct:.2f}%), "
             f"precision {clf.precision_}; adapted: {adapted}"
@@ -301,6 +372,9 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Pat
             "adapter_bytes": adapter_bytes,
             "history": clf.history_,
             "probe_val_macro_f1": probe_val_f1,
+            "lr": clf.learning_rate(),
+            "mergeable": methods.get(spec.method).mergeable,
+            "settings": dict(spec.overrides),
         },
         warnings,
     )
@@ -382,4 +456,10 @@ def _guards(clf, test_logits: np.ndarray, model_dir: Path, data, probe_val_f1) -
     return warnings
 
 
-RUNNERS = {"baseline": _run_tfidf, "probe": _run_probe, "finetune": _run_finetune}
+def _run_generate(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path | None = None) -> Outcome:
+    from tailtune.generate import run_system as run_generate
+
+    return run_generate(spec, ctx, model_dir)
+
+
+RUNNERS = {"baseline": _run_tfidf, "probe": _run_probe, "finetune": _run_finetune, "generate": _run_generate}
