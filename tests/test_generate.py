@@ -210,3 +210,17 @@ def test_prior_adjustment_removes_tau_log_train_prior_and_survives_reload(learna
     np.testing.assert_allclose(predictor.predict_proba(texts), expected, atol=1e-9)
     with pytest.raises(TailtuneError, match="prior_tau"):
         _classifier(learnable[ARCHS[0]], lr=0.0, epochs=1, prior_tau=-1.0)
+
+
+def test_one_epoch_does_not_score_validation(learnable, monkeypatch):
+    """With one epoch there is nothing to select, so the costly validation pass is skipped."""
+    calls = []
+    real = generate.score_labels
+    monkeypatch.setattr(generate, "score_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y = keyword_task(16, seed=0)
+    val_x, val_y = keyword_task(8, seed=1)
+    clf = _classifier(learnable[ARCHS[0]], lr=1e-3, epochs=1).fit(x, y, val_texts=val_x, val_labels=val_y)
+    assert calls == [] and clf.history_["best_val_macro_f1"] is None
+    assert all(e["val_macro_f1"] is None for e in clf.history_["evals"])
+    two = _classifier(learnable[ARCHS[0]], lr=1e-3, epochs=2).fit(x, y, val_texts=val_x, val_labels=val_y)
+    assert len(calls) == 2 and two.history_["best_val_macro_f1"] is not None

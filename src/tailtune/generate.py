@@ -246,7 +246,8 @@ class GenerativeClassifier:
     ) -> GenerativeClassifier:
         """Instruction-tune on ``texts``/``labels``; keep the epoch with the best val macro-F1.
 
-        Without validation data every epoch is kept in turn (the last one wins).
+        Without validation data, or with a single epoch, validation is not scored and every
+        epoch is kept in turn (the last one wins).
         """
         import torch
         from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -285,13 +286,15 @@ class GenerativeClassifier:
         for p, label in zip(prompts, labels, strict=True):
             target = self.label_ids_[index[label]]
             rows.append({"input_ids": p + target, "labels": [-100] * len(p) + target})
-        has_val = bool(val_texts)
+        epochs = self.backbone.epochs if self.backbone.epochs is not None else self.train.epochs
+        # Scoring validation costs a pass over every label for every row; with one epoch there is
+        # one state to keep and nothing to select, so it is skipped.
+        has_val = bool(val_texts) and epochs > 1
         val_prompts = encode_prompts(self.tokenizer_, val_texts, self.template, max_length) if has_val else []
         val_y = np.array([index[c] for c in val_labels]) if has_val else None
 
         cuda = torch.cuda.is_available()
         per_step = self.backbone.batch_size * self.train.grad_accum
-        epochs = self.backbone.epochs if self.backbone.epochs is not None else self.train.epochs
         total_steps = max(1, math.ceil(math.ceil(len(rows) / per_step) * epochs))
         lr = self.backbone.lr if self.backbone.lr is not None else self.train.lr
         trainable = [p for p in self.model_.parameters() if p.requires_grad]
