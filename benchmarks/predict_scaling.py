@@ -37,30 +37,7 @@ from pathlib import Path
 import numpy as np
 from _common import locate
 
-WORDS = np.array(
-    [
-        "loan",
-        "card",
-        "bank",
-        "fee",
-        "late",
-        "payment",
-        "credit",
-        "report",
-        "mortgage",
-        "debt",
-        "collector",
-        "fraud",
-        "account",
-        "interest",
-        "statement",
-        "dispute",
-        "lender",
-        "servicer",
-        "scam",
-        "notice",
-    ]
-)
+from tailtune.demo import bulk_texts
 
 
 def write_csv(path: Path, rows: int, seed: int = 0, piece: int = 100_000) -> Path:
@@ -70,7 +47,7 @@ def write_csv(path: Path, rows: int, seed: int = 0, piece: int = 100_000) -> Pat
     rng = np.random.default_rng(seed)
     for start in range(0, rows, piece):
         n = min(piece, rows - start)
-        texts = [" ".join(r) for r in rng.choice(WORDS, size=(n, 6))]
+        texts = bulk_texts(n, rng)
         frame = pd.DataFrame({"Complaint ID": np.arange(start, start + n), "text": texts})
         frame.to_csv(path, mode="a" if start else "w", header=start == 0, index=False)
     return path

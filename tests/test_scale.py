@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 ray = pytest.importorskip("ray")
 
 from tailtune import deploy, scale  # noqa: E402
+from tailtune.demo import bulk_texts  # noqa: E402
 
 # A loaded machine starts Ray's agents slowly; the default wait (30 s) then kills the raylet.
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
@@ -52,32 +53,7 @@ def ray_session():
 def complaints(n: int, seed: int = 0) -> pd.DataFrame:
     """``n`` short complaints with shuffled ids, some empty, quoted, multi-line or 'NA'."""
     rng = np.random.default_rng(seed)
-    words = np.array(
-        [
-            "loan",
-            "card",
-            "bank",
-            "fee",
-            "late",
-            "payment",
-            "credit",
-            "report",
-            "mortgage",
-            "debt",
-            "collector",
-            "fraud",
-            "account",
-            "interest",
-            "statement",
-            "dispute",
-            "lender",
-            "servicer",
-            "scam",
-            "notice",
-        ]
-    )
-    picks = rng.choice(words, size=(n, 6))
-    texts = pd.Series([" ".join(row) for row in picks], dtype=object)
+    texts = pd.Series(bulk_texts(n, rng), dtype=object)
     texts[7::1000] = ""
     texts[11::1000] = 'said "pay now", then\ncharged a fee'
     texts[13::1000] = "NA"

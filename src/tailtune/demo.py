@@ -799,3 +799,14 @@ def make_demo_corpus(
             TEXT_COLUMN: narratives,
         }
     )
+
+
+# Words of the bulk texts in scale tests and benchmarks: what matters there is row count, not meaning.
+BULK_WORDS = ["loan", "card", "bank", "fee", "late", "payment", "credit", "report", "mortgage", "debt", "collector", "fraud", "account", "interest", "statement", "dispute", "lender", "servicer", "scam", "notice"]
+
+
+def bulk_texts(n: int, rng, words: int = 6) -> list[str]:
+    """``n`` short texts of ``words`` random :data:`BULK_WORDS` each, for throughput tests."""
+    import numpy as np
+
+    return [" ".join(row) for row in rng.choice(np.array(BULK_WORDS), size=(n, words))]
