@@ -85,6 +85,15 @@ class Backbone:
             "pooling": self.pooling,
         }
 
+    @classmethod
+    def from_saved(cls, saved: dict, pooling: str) -> Backbone:
+        """The backbone a saved model recorded (``describe()``), resolved again if its folder is gone."""
+        backbone = cls(
+            spec=saved["spec"], path=saved["path"], model_type=saved["model_type"],
+            is_decoder=saved["kind"] == "decoder", pooling=pooling,
+        )
+        return backbone if Path(backbone.path).exists() else resolve(saved["spec"])
+
 
 def quiet_transformers() -> None:
     """Silence transformers' per-load progress bars and info logs; tailtune prints its own."""

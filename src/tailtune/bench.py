@@ -196,9 +196,12 @@ def system_method(system_dir: Path):
 
 
 def _variants(
-    system_dir: Path, device
+    system_dir: Path, device, method
 ) -> tuple[list[tuple[str, Callable | None, str | None]], str, str]:
-    """([(variant, build() -> predictor, skip reason)], headline variant, reference variant)."""
+    """([(variant, build() -> predictor, skip reason)], headline variant, reference variant).
+
+    ``method``: the system's :class:`~tailtune.methods.Method` (:func:`system_method`), or None.
+    """
     import copy
 
     from tailtune import deploy
@@ -206,7 +209,6 @@ def _variants(
     kind, folder = deploy.resolve_system(system_dir)
     if kind == "tfidf":
         return [("sklearn", lambda: deploy.load_predictor(folder), None)], "sklearn", "sklearn"
-    method = system_method(system_dir)
     # Adapters, prompts and prefixes cannot fold into the weights: they are timed as they run.
     prefix = "" if method is None else "merged-" if method.mergeable else "unmerged-"
     loaded: dict = {}
@@ -301,8 +303,8 @@ def bench(
     for name in names:
         if console is not None:
             console.print(f"[bold]{name}[/]")
-        variants, headline, reference = _variants(run_dir / "systems" / name, device)
         method = system_method(run_dir / "systems" / name)
+        variants, headline, reference = _variants(run_dir / "systems" / name, device, method)
         rows, skipped, accuracy = [], [], {}
         memory_mb, params = 0.0, 0
         for variant, build, reason in variants:

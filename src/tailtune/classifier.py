@@ -364,12 +364,7 @@ class TextClassifier:
         config.pooling = meta["pooling"]
         self = cls(config, meta["method"], MethodConfig(**meta["method_config"]), weighting=meta["weighting"])
         self.classes_ = meta["classes"]
-        self.backbone_ = backbones.Backbone(
-            spec=bb["spec"], path=bb["path"], model_type=bb["model_type"],
-            is_decoder=bb["kind"] == "decoder", pooling=meta["pooling"],
-        )
-        if not Path(self.backbone_.path).exists():
-            self.backbone_ = backbones.resolve(bb["spec"])
+        self.backbone_ = backbones.Backbone.from_saved(bb, meta["pooling"])
         self.pooling_ = meta["pooling"]
         self.precision_ = meta["precision"]
         self.targets_ = meta["targets"]

@@ -279,15 +279,7 @@ def _load_probe(folder: Path, *, merged, precision, device, batch_size) -> Predi
 
     meta = load_meta(folder)
     bb = meta["backbone"]
-    backbone = backbones.Backbone(
-        spec=bb["spec"],
-        path=bb["path"],
-        model_type=bb["model_type"],
-        is_decoder=bb["kind"] == "decoder",
-        pooling=meta["pooling"],
-    )
-    if not Path(backbone.path).exists():
-        backbone = backbones.resolve(bb["spec"])
+    backbone = backbones.Backbone.from_saved(bb, meta["pooling"])
     probe = ProbeClassifier(
         BackboneConfig(name=bb["spec"], pooling=meta["pooling"], max_length=meta["max_length"])
     )

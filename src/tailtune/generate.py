@@ -476,11 +476,7 @@ class GenerativeClassifier:
         self.classes_ = meta["classes"]
         offset = meta.get("prior_offset")
         self.prior_offset_ = None if offset is None else np.asarray(offset, dtype=np.float64)
-        self.backbone_ = backbones.Backbone(
-            spec=bb["spec"], path=bb["path"], model_type=bb["model_type"], is_decoder=True, pooling="last"
-        )
-        if not Path(self.backbone_.path).exists():
-            self.backbone_ = backbones.resolve(bb["spec"])
+        self.backbone_ = backbones.Backbone.from_saved(bb, "last")
         self.tokenizer_ = AutoTokenizer.from_pretrained(path / "tokenizer")
         self.tokenizer_.padding_side = meta["padding_side"]
         self.label_ids_ = encode_labels(self.tokenizer_, self.classes_, self.label_template)
