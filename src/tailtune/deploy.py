@@ -191,6 +191,10 @@ def load_predictor(
     is auto | fp32 | bf16 | fp16 (auto: bf16 only where the device computes it natively);
     ``device`` is auto | cpu | cuda; ``batch_size`` defaults to the system's eval batch size.
     """
+    from tailtune.config import PRECISIONS
+
+    if precision not in PRECISIONS:  # checked for every kind, also those that ignore it
+        raise TailtuneError(f"unknown precision '{precision}' (one of {', '.join(PRECISIONS)})")
     kind, folder = resolve_system(path)
     if kind not in LOADERS:
         raise TailtuneError(f"{folder} holds a system of unknown kind '{kind}'")

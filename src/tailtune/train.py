@@ -44,6 +44,11 @@ def resolve_precision(requested: str) -> str:
     """'fp32' | 'bf16' | 'fp16' for ``requested`` on this machine; refuse what the device can't do."""
     import torch
 
+    from tailtune.config import PRECISIONS
+
+    if requested not in PRECISIONS:
+        raise TailtuneError(f"unknown precision '{requested}' (one of {', '.join(PRECISIONS)})")
+
     cuda = torch.cuda.is_available()
     if requested == "auto":
         if cuda:
