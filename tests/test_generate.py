@@ -121,6 +121,13 @@ def test_truncation_cuts_the_text_not_the_template():
         generate.encode_prompts(tok, ["card"], generate.TEMPLATE, 3)
 
 
+def test_the_prompt_names_the_label_column():
+    assert generate.prompt_template("Product") == "Complaint: {text}\nProduct:"
+    assert generate.prompt_template("Sub issue ") == "Complaint: {text}\nSub issue:"
+    # braces in a column name stay literal, and {text} is still the only field
+    assert generate.prompt_template("a{b}").format(text="t") == "Complaint: t\na{b}:"
+
+
 def test_labels_the_tokenizer_cannot_tell_apart_are_refused():
     tok = backbones.load_tokenizer(backbones.resolve("tiny:qwen2"))  # its vocabulary has neither letter
     with pytest.raises(TailtuneError, match="same tokens"):

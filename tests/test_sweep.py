@@ -80,3 +80,33 @@ def test_sweep_command_runs_every_point_with_its_settings(tmp_path):
     metrics = json.loads((out / "systems" / "encoder-bitfit@rank=2" / "metrics.json").read_text())
     assert metrics["system"]["lr"] == 1e-3 and metrics["system"]["mergeable"] is True
     assert "Quality against trained parameters" in (out / "report.html").read_text()
+
+
+def _sweep(tmp_path, name, ranks):
+    from tailtune.backbones import shared_loads
+    from tailtune.run import run
+
+    cfg = load_config("smoke", ["systems=[encoder-probe,encoder-lora]"])
+    axes, _ = parse_args([f"method.rank={ranks}"])
+    with shared_loads() as shared:
+        out = run(sweep_config(cfg, axes, str(tmp_path / name)), report=False)
+    (path,) = shared["tokenizer"]
+    base = {key for key in shared["ids"] if key[0] == path}
+    return out, {**shared["reads"], "base_ids": base}
+
+
+def test_sweep_points_share_one_load_of_the_base_and_of_the_tokenised_splits(tmp_path):
+    one, reads_one = _sweep(tmp_path, "one", "2")
+    two, reads_two = _sweep(tmp_path, "two", "4,2")
+    # the probe, then one point or two: the tiny BERT and its tokenizer are read once, and a
+    # second point tokenises nothing new with the base tokenizer (each point's reload check
+    # tokenises with its own saved tokenizer)
+    assert reads_one["model"] == reads_two["model"] == 1
+    assert reads_one["tokenizer"] == reads_two["tokenizer"] == 1
+    assert len(reads_one["base_ids"]) >= 3  # train, val, test at least
+    assert reads_two["base_ids"] == reads_one["base_ids"]
+    # each point starts from the pristine base: rank 2 trained after rank 4 equals rank 2 alone
+    solo = pd.read_csv(one / "systems" / "encoder-lora@rank=2" / "predictions.csv")
+    after = pd.read_csv(two / "systems" / "encoder-lora@rank=2" / "predictions.csv")
+    pd.testing.assert_frame_equal(solo, after)
+    assert (pd.read_csv(two / "comparison.csv")["status"] == "ok").all()

@@ -9,6 +9,8 @@ config knows it, and padding is on the left.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -335,8 +337,64 @@ def _tiny_tokenizer(arch: str, vocab_size: int):
 # ----------------------------------------------------------------------------- loading
 
 
+# ----------------------------------------------------------------------------- shared loads
+
+_SHARED: dict | None = None
+
+
+@contextlib.contextmanager
+def shared_loads():
+    """Inside this block each backbone's tokenizer and weights are read from disk once, and
+    the same texts are tokenised once per tokenizer and length; every caller gets its own copy.
+
+    ``tailtune run`` (and so every point of a sweep) runs its systems inside one such block,
+    so the probes, the fine-tuned systems and the sweep points of a backbone share one load.
+    Yields the state; ``state["reads"]`` counts the disk loads and tokenisations done, by kind.
+    Nested blocks share the outermost one's state.
+    """
+    global _SHARED
+    outer = _SHARED
+    if outer is None:
+        from collections import Counter
+
+        _SHARED = {"tokenizer": {}, "model": {}, "ids": {}, "reads": Counter()}
+    try:
+        yield _SHARED
+    finally:
+        if outer is None:
+            _SHARED = None
+
+
+def _shared(kind: str, key, load, clone=copy.deepcopy):
+    """``clone(load())``, with ``load()`` run once per ``key`` inside :func:`shared_loads`."""
+    if _SHARED is None:
+        return load()
+    cache = _SHARED[kind]
+    if key not in cache:
+        cache[key] = load()
+        _SHARED["reads"][kind] += 1
+    return clone(cache[key])
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to ``max_length``, unpadded (shared, read-only lists)."""
+    texts = list(texts)
+
+    def load():
+        return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+    if _SHARED is None:
+        return load()
+    digest = hashlib.sha1("\x1f".join(texts).encode()).hexdigest()
+    return _shared("ids", (tokenizer.name_or_path, len(tokenizer), max_length, digest), load, list)
+
+
 def load_tokenizer(backbone: Backbone):
     """The tokenizer, set up for classification. Decoders: left padding, a real pad token."""
+    return _shared("tokenizer", backbone.path, lambda: _load_tokenizer(backbone))
+
+
+def _load_tokenizer(backbone: Backbone):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(backbone.path)
@@ -357,6 +415,10 @@ def load_model(backbone: Backbone, tokenizer):
     float32 master weights always: mixed precision is applied by autocast at run time, which
     avoids fp16 gradient-scaler failures on GPUs without bf16 and keeps CPU training exact.
     """
+    return _shared("model", (backbone.path, tokenizer.pad_token_id), lambda: _load_model(backbone, tokenizer))
+
+
+def _load_model(backbone: Backbone, tokenizer):
     import torch
     from transformers import AutoModel
 

@@ -127,9 +127,7 @@ def count_params(model) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- batching
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated to ``max_length``, unpadded."""
-    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+tokenize = backbones.tokenize
 
 
 def length_sorted_batches(tokenizer, ids: list[list[int]], batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:

@@ -5,6 +5,7 @@ The prompt lists nothing per class (long tails have too many labels to enumerate
     Complaint: <text>
     Issue: <label><eos>
 
+(the second line names the run's label column: ``Product:`` for a product-level run).
 Training is causal-LM loss on the label tokens only (prompt positions are masked with -100).
 Inference is *constrained scoring*, not free generation: every label's token sequence, eos
 included, is scored by log-likelihood after the prompt, so the answer is always one of the
@@ -40,7 +41,15 @@ from tailtune.errors import TailtuneError
 
 FORMAT_VERSION = 1
 KIND = "generate"
-TEMPLATE = "Complaint: {text}\nIssue:"
+
+
+def prompt_template(field: str) -> str:
+    """The prompt, naming the field to write: the run's label column (``Issue``, ``Product``)."""
+    field = " ".join(str(field).split()) or "Label"
+    return "Complaint: {text}\n" + field.replace("{", "{{").replace("}", "}}") + ":"
+
+
+TEMPLATE = prompt_template("Issue")
 LABEL_TEMPLATE = " {label}"
 # Upper bound on the logits one scoring forward materialises (rows x label tokens x vocab):
 # 2**26 fp32 values = 256 MiB, about 170 label rows at a time for SmolLM2's 49k vocabulary.
@@ -568,10 +577,11 @@ def run_system(spec, ctx, model_dir: Path):
     method_cfg, train_cfg, bb_cfg, lr = spec.configs(ctx.cfg)  # the run's, with the name's @overrides
     if lr is not None:
         bb_cfg = dataclasses.replace(bb_cfg, lr=lr)
+    template = prompt_template(ctx.cfg.data.label_column)
     if ctx.console is not None:
-        ctx.console.print(f"  backbone {bb_cfg.name}, LoRA, label generation; prompt {TEMPLATE!r}")
+        ctx.console.print(f"  backbone {bb_cfg.name}, LoRA, label generation; prompt {template!r}")
     tau = train_cfg.logit_tau if spec.weighting == "logit_adjusted" else 0.0
-    clf = GenerativeClassifier(bb_cfg, method_cfg, train_cfg, prior_tau=tau)
+    clf = GenerativeClassifier(bb_cfg, method_cfg, train_cfg, template=template, prior_tau=tau)
     clf.fit(
         data.texts("train"), data.split("train")["label"].tolist(),
         val_texts=data.texts("val"), val_labels=data.split("val")["label"].tolist(),

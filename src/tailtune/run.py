@@ -97,7 +97,18 @@ def _finished(system_dir: Path, n_test: int) -> bool:
 
 
 def run(cfg: Config, console=None, report: bool = True) -> Path:
-    """Run every system of ``cfg`` and return the run directory."""
+    """Run every system of ``cfg`` and return the run directory.
+
+    The systems share each backbone's load and tokenised splits in memory
+    (:func:`tailtune.backbones.shared_loads`): a sweep's points read the base once.
+    """
+    from tailtune.backbones import shared_loads
+
+    with shared_loads():
+        return _run(cfg, console, report)
+
+
+def _run(cfg: Config, console=None, report: bool = True) -> Path:
     from rich.console import Console
 
     from tailtune import metrics as metrics_lib
