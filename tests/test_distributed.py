@@ -207,7 +207,7 @@ def test_two_processes_resume_after_ctrl_c(tmp_path, runs):
 
     proc = subprocess.Popen(
         args,
-        env=_env(),
+        env=_env(TMPDIR=str(tmp_path)),  # a killed run cannot remove its temporary folders
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

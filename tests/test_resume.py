@@ -41,7 +41,8 @@ VOLATILE = ("train_seconds", "resumed_at_steps", "seconds_before_resume")
 
 def _start(out: Path, logs: Path) -> subprocess.Popen:
     """Start ``tailtune run``; its stdout and stderr go to ``logs/<n>.out`` and ``logs/<n>.err``."""
-    env = {**os.environ, "COLUMNS": "120", "TOKENIZERS_PARALLELISM": "false"}
+    # A killed run cannot remove its temporary folders: keep them under the test's own folder.
+    env = {**os.environ, "COLUMNS": "120", "TOKENIZERS_PARALLELISM": "false", "TMPDIR": str(logs)}
     logs.mkdir(parents=True, exist_ok=True)
     n = len(list(logs.glob("*.err")))
     with open(logs / f"{n}.out", "w") as stdout, open(logs / f"{n}.err", "w") as stderr:

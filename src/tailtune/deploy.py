@@ -117,7 +117,7 @@ class TorchPredictor(Predictor):
         )
 
     def predict_proba(self, texts: list[str], progress: Callable | None = None) -> np.ndarray:
-        from tailtune.classifier import run_forward, softmax, tokenize
+        from tailtune.classifier import run_forward, single_threaded_blas, softmax, tokenize
 
         if self.head is None:
             return softmax(self.logits(texts, progress))
@@ -125,7 +125,11 @@ class TorchPredictor(Predictor):
         features = run_forward(
             self.model, self.tokenizer, ids, self.batch_size, self.precision, "features", progress
         )
-        return _pipeline_proba(self.head, features, len(self.classes_))
+        # The head's BLAS on one thread: left multi-threaded, its threads were still spinning
+        # when the next batch's torch threads started, and a probe ran 1.24x slower than the
+        # same encoder with a LoRA head (8.66 vs 6.92 ms/example, batch 32; 7.01 with this).
+        with single_threaded_blas():
+            return _pipeline_proba(self.head, features, len(self.classes_))
 
 
 class SklearnPredictor(Predictor):
