@@ -231,3 +231,20 @@ def test_one_epoch_does_not_score_validation(learnable, monkeypatch):
     assert all(e["val_macro_f1"] is None for e in clf.history_["evals"])
     two = _classifier(learnable[ARCHS[0]], lr=1e-3, epochs=2).fit(x, y, val_texts=val_x, val_labels=val_y)
     assert len(calls) == 2 and two.history_["best_val_macro_f1"] is not None
+
+
+def test_a_run_reads_the_causal_lm_once_and_hands_out_copies():
+    import torch
+
+    backbone = backbones.resolve("tiny:qwen2")
+    tok = backbones.load_tokenizer(backbone)
+    with backbones.shared_loads() as shared:
+        first = generate.load_causal_lm(backbone, tok)
+        second = generate.load_causal_lm(backbone, tok)
+        assert shared["reads"]["model"] == 1
+    assert first is not second
+    weight = next(first.parameters())
+    before = next(second.parameters()).clone()
+    with torch.no_grad():
+        weight.add_(1.0)  # training one copy leaves the other as read
+    assert torch.equal(next(second.parameters()), before)

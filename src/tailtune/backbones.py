@@ -365,7 +365,7 @@ def shared_loads():
             _SHARED = None
 
 
-def _shared(kind: str, key, load, clone=copy.deepcopy):
+def shared_copy(kind: str, key, load, clone=copy.deepcopy):
     """``clone(load())``, with ``load()`` run once per ``key`` inside :func:`shared_loads`."""
     if _SHARED is None:
         return load()
@@ -386,12 +386,12 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     if _SHARED is None:
         return load()
     digest = hashlib.sha1("\x1f".join(texts).encode()).hexdigest()
-    return _shared("ids", (tokenizer.name_or_path, len(tokenizer), max_length, digest), load, list)
+    return shared_copy("ids", (tokenizer.name_or_path, len(tokenizer), max_length, digest), load, list)
 
 
 def load_tokenizer(backbone: Backbone):
     """The tokenizer, set up for classification. Decoders: left padding, a real pad token."""
-    return _shared("tokenizer", backbone.path, lambda: _load_tokenizer(backbone))
+    return shared_copy("tokenizer", backbone.path, lambda: _load_tokenizer(backbone))
 
 
 def _load_tokenizer(backbone: Backbone):
@@ -415,7 +415,7 @@ def load_model(backbone: Backbone, tokenizer):
     float32 master weights always: mixed precision is applied by autocast at run time, which
     avoids fp16 gradient-scaler failures on GPUs without bf16 and keeps CPU training exact.
     """
-    return _shared("model", (backbone.path, tokenizer.pad_token_id), lambda: _load_model(backbone, tokenizer))
+    return shared_copy("model", (backbone.path, tokenizer.pad_token_id), lambda: _load_model(backbone, tokenizer))
 
 
 def _load_model(backbone: Backbone, tokenizer):

@@ -204,7 +204,15 @@ def softmax_scores(scores: np.ndarray) -> np.ndarray:
 
 
 def load_causal_lm(backbone: backbones.Backbone, tokenizer):
-    """The decoder with its LM head, float32, its config knowing the pad token (cf. ``backbones.load_model``)."""
+    """The decoder with its LM head, float32, its config knowing the pad token (cf. ``backbones.load_model``).
+
+    Read from disk once per run (:func:`tailtune.backbones.shared_loads`); each caller gets a copy.
+    """
+    key = (backbone.path, tokenizer.pad_token_id, "causal_lm")
+    return backbones.shared_copy("model", key, lambda: _load_causal_lm(backbone, tokenizer))
+
+
+def _load_causal_lm(backbone: backbones.Backbone, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
