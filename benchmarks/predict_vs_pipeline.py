@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         "--max-length", type=int, help="truncate both sides here (default: the system's own)"
     )
     args = parser.parse_args(argv)
+    if args.max_length is not None and args.max_length < 1:
+        parser.error("--max-length must be at least 1")
     warnings.filterwarnings("ignore")
 
     import torch

@@ -159,3 +159,17 @@ def test_bench_bad_input_is_one_line_exit_2(smoke_run, args, message):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+
+
+def test_pipeline_benchmark_truncates_both_sides_at_max_length(smoke_run):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "predict_vs_pipeline.py"
+    args = [sys.executable, str(script), str(smoke_run), "--texts", "8", "--repeats", "1"]
+    result = subprocess.run([*args, "--max-length", "12"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "truncated at 12 tokens" in result.stdout and "x faster than the pipeline" in result.stdout
+    bad = subprocess.run([*args, "--max-length", "0"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--max-length must be at least 1" in bad.stderr

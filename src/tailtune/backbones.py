@@ -334,9 +334,6 @@ def _tiny_tokenizer(arch: str, vocab_size: int):
     )
 
 
-# ----------------------------------------------------------------------------- loading
-
-
 # ----------------------------------------------------------------------------- shared loads
 
 _SHARED: dict | None = None
@@ -387,6 +384,9 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
         return load()
     digest = hashlib.sha1("\x1f".join(texts).encode()).hexdigest()
     return shared_copy("ids", (tokenizer.name_or_path, len(tokenizer), max_length, digest), load, list)
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def load_tokenizer(backbone: Backbone):

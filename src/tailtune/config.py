@@ -163,6 +163,13 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HEAD_INITS = ("probe", "random")
 
 
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a one-line error."""
+    if precision not in PRECISIONS:
+        raise TailtuneError(f"unknown precision '{precision}' (one of {', '.join(PRECISIONS)})")
+    return precision
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -125,9 +125,9 @@ class TorchPredictor(Predictor):
         features = run_forward(
             self.model, self.tokenizer, ids, self.batch_size, self.precision, "features", progress
         )
-        # The head's BLAS on one thread: left multi-threaded, its threads were still spinning
-        # when the next batch's torch threads started, and a probe ran 1.24x slower than the
-        # same encoder with a LoRA head (8.66 vs 6.92 ms/example, batch 32; 7.01 with this).
+        # The head's BLAS on one thread, next to torch's threads: left multi-threaded (likely
+        # oversubscribing the cores), a probe ran 1.24x slower than the same encoder with a
+        # LoRA head (8.66 vs 6.92 ms/example, batch 32; 7.01 with this).
         with single_threaded_blas():
             return _pipeline_proba(self.head, features, len(self.classes_))
 
@@ -195,10 +195,9 @@ def load_predictor(
     is auto | fp32 | bf16 | fp16 (auto: bf16 only where the device computes it natively);
     ``device`` is auto | cpu | cuda; ``batch_size`` defaults to the system's eval batch size.
     """
-    from tailtune.config import PRECISIONS
+    from tailtune.config import check_precision
 
-    if precision not in PRECISIONS:  # checked for every kind, also those that ignore it
-        raise TailtuneError(f"unknown precision '{precision}' (one of {', '.join(PRECISIONS)})")
+    check_precision(precision)  # for every kind, also those that ignore it
     kind, folder = resolve_system(path)
     if kind not in LOADERS:
         raise TailtuneError(f"{folder} holds a system of unknown kind '{kind}'")

@@ -44,10 +44,9 @@ def resolve_precision(requested: str) -> str:
     """'fp32' | 'bf16' | 'fp16' for ``requested`` on this machine; refuse what the device can't do."""
     import torch
 
-    from tailtune.config import PRECISIONS
+    from tailtune.config import check_precision
 
-    if requested not in PRECISIONS:
-        raise TailtuneError(f"unknown precision '{requested}' (one of {', '.join(PRECISIONS)})")
+    check_precision(requested)
 
     cuda = torch.cuda.is_available()
     if requested == "auto":
