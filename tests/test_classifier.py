@@ -210,3 +210,32 @@ def test_balanced_sampling_draws_classes_evenly():
     np.testing.assert_allclose(share, 1 / 3, atol=0.05)
     again = trainer_cls._get_train_sampler(object.__new__(trainer_cls))
     assert list(again) == list(trainer_cls._get_train_sampler(object.__new__(trainer_cls)))  # seeded
+
+
+def _same_twice_in_training(model, tok) -> bool:
+    model.train()
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        first, second = (model(**batch).last_hidden_state for _ in range(2))
+    return torch.equal(first, second)
+
+
+@pytest.mark.parametrize("arch", backbones.TINY_ARCHS)
+def test_set_dropout_reaches_every_dropout_of_the_backbone(arch):
+    bb = backbones.resolve(f"tiny:{arch}")
+    tok = backbones.load_tokenizer(bb)
+    base = backbones.load_model(bb, tok)
+    assert backbones.set_dropout(base, 0.3) > 0
+    assert not _same_twice_in_training(base, tok)  # attention and hidden dropout now act
+    backbones.set_dropout(base, 0.0)
+    assert _same_twice_in_training(base, tok)
+
+
+def test_train_backbone_dropout_is_applied_before_training_and_none_keeps_the_checkpoints():
+    from tailtune import weighting
+
+    imbalance = weighting.plan("none", np.array([3, 3]), 1.0)
+    kept = TextClassifier("tiny:bert")._build(["a", "b"], imbalance)[0]  # tiny BERT trains with dropout 0.1
+    assert not _same_twice_in_training(kept, backbones.load_tokenizer(backbones.resolve("tiny:bert")))
+    off = TextClassifier("tiny:bert", train=TrainConfig(backbone_dropout=0.0))._build(["a", "b"], imbalance)[0]
+    assert _same_twice_in_training(off, backbones.load_tokenizer(backbones.resolve("tiny:bert")))

@@ -428,6 +428,22 @@ def _load_model(backbone: Backbone, tokenizer):
     return model
 
 
+def set_dropout(model, p: float) -> int:
+    """Set every dropout of ``model`` to ``p``: ``nn.Dropout`` modules and the float
+    ``attention_dropout`` that attention layers pass to their kernel. Returns how many were set."""
+    from torch import nn
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+            n += 1
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
+            n += 1
+    return n
+
+
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 

@@ -231,6 +231,8 @@ class TextClassifier:
         self.tokenizer_ = backbones.load_tokenizer(self.backbone_)
         torch.manual_seed(self.train.seed)
         base = backbones.load_model(self.backbone_, self.tokenizer_)
+        if self.train.backbone_dropout is not None:  # before the method: LoRA keeps method.dropout
+            backbones.set_dropout(base, self.train.backbone_dropout)
         return base, _module()(
             base, len(classes), self.pooling_, self.backbone_.is_decoder, imbalance.class_weights, imbalance.logit_offset
         )

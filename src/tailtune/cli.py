@@ -90,9 +90,12 @@ def run(
     processes: int = typer.Option(
         1, "--processes", help="Train in N processes on this machine (torchrun; gloo on CPU, one per GPU)."
     ),
+    tune: bool = typer.Option(
+        False, "--tune", help="First choose each fine-tuned system's lr (and weighting) on validation (tune.*)."
+    ),
 ):
     """Train and compare every system of a config, class by class; write a run directory."""
-    _launch(config, overrides, data, label_column, text_column, out, systems, report, processes)
+    _launch(config, overrides, data, label_column, text_column, out, systems, report, processes, tune)
 
 
 @app.command()
@@ -106,16 +109,20 @@ def train(
     text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
     out: Path = typer.Option(None, "--out", help="Run directory (default from the preset)."),
     processes: int = typer.Option(1, "--processes", help="Train in N processes on this machine (torchrun)."),
+    tune: bool = typer.Option(
+        False, "--tune", help="First choose each fine-tuned system's lr (and weighting) on validation (tune.*)."
+    ),
 ):
     """Train only the named system(s) into a run directory, without the report.
 
     ``run --systems NAME --no-report`` under a name that reads well in a cluster job script:
     the same run directory (metrics, predictions, model), resume and ``--processes``.
     """
-    _launch(config, overrides, data, label_column, text_column, out, system, False, processes)
+    _launch(config, overrides, data, label_column, text_column, out, system, False, processes, tune)
 
 
-def _launch(config, overrides, data, label_column, text_column, out, systems, report: bool, processes: int):
+def _launch(config, overrides, data, label_column, text_column, out, systems, report: bool, processes: int,
+            tune: bool = False):
     from tailtune.distributed import relaunch
     from tailtune.run import run as run_all
 
@@ -123,7 +130,7 @@ def _launch(config, overrides, data, label_column, text_column, out, systems, re
         config,
         overrides or [],
         **{"data.path": data, "data.label_column": label_column, "data.text_column": text_column,
-           "out": out, "systems": systems},
+           "out": out, "systems": systems, "tune.enabled": True if tune else None},
     )
     code = relaunch(processes)  # checked the config first: one error line, not one per process
     if code is not None:

@@ -116,6 +116,9 @@ class TrainConfig:
     logit_tau: float = 1.0  # temperature of the "logit_adjusted" strategy (Menon et al. use 1)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     head_init: str = "probe"  # probe (LP-FT: start from the probe's logistic regression) | random
+    # Dropout inside the backbone while training (None: the checkpoint's own, 0: off). The probe
+    # that starts LP-FT was fit on dropout-free features (docs/recipes.md section 8).
+    backbone_dropout: float | None = None
     early_stopping_patience: int = 2  # evaluations without val macro-F1 gain before stopping
     eval_per_epoch: int = 1
     # Evaluations between checkpoints that an interrupted `tailtune run` resumes from (0 = none).
@@ -140,6 +143,33 @@ class EvalConfig:
 
 
 @dataclass
+class TuneChoice:
+    """What ``--tune`` chose for one system, and the validation macro-F1 that chose it."""
+
+    system: str
+    lr: float
+    weighting: str
+    val_macro_f1: float
+
+
+@dataclass
+class TuneConfig:
+    """``tailtune run --tune``: a small search per fine-tuned system, judged on validation macro-F1.
+
+    Each trial trains on a stratified subset of the training rows and is scored by the best
+    validation macro-F1 its training reaches. The learning rate is searched unless the system's
+    name sets ``@lr=``; the weighting only for ``-weighted`` systems (the others name theirs).
+    """
+
+    enabled: bool = False
+    lr_factors: list[float] = field(default_factory=lambda: [0.25, 1.0, 4.0])  # times the system's own lr
+    weightings: list[str] = field(default_factory=lambda: ["none", "sqrt_inverse", "logit_adjusted"])
+    max_rows: int = 1000  # training rows per trial (stratified; every class keeps at least one)
+    epochs: float = 1.0
+    chosen: list[TuneChoice] = field(default_factory=list)  # written by the search into the run's config.yaml
+
+
+@dataclass
 class Config:
     """Everything one ``tailtune run`` needs."""
 
@@ -156,6 +186,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tfidf: TfidfConfig = field(default_factory=TfidfConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 POOLINGS = ("auto", "mean", "cls", "last")
@@ -353,9 +384,26 @@ def validate(cfg: Config) -> None:
         raise TailtuneError("train: epochs > 0, lr >= 0, grad_accum >= 1, eval_per_epoch >= 1")
     if t.checkpoint_every < 0:
         raise TailtuneError("train.checkpoint_every must be >= 0 (0 = no checkpoints)")
+    if t.backbone_dropout is not None and not 0 <= t.backbone_dropout < 1:
+        raise TailtuneError("train.backbone_dropout must be in [0, 1) (or null for the checkpoint's own)")
     if not 0 <= t.warmup_ratio < 1:
         raise TailtuneError("train.warmup_ratio must be in [0, 1)")
     if cfg.tfidf.class_weight not in (None, "balanced"):
         raise TailtuneError("tfidf.class_weight must be null or 'balanced'")
     if cfg.eval.n_boot < 10:
         raise TailtuneError("eval.n_boot must be >= 10")
+    tune = cfg.tune
+    if not tune.lr_factors or any(f <= 0 for f in tune.lr_factors):
+        raise TailtuneError("tune.lr_factors must be a non-empty list of factors > 0")
+    if not tune.weightings:
+        raise TailtuneError("tune.weightings must name at least one weighting")
+    for scheme in tune.weightings:
+        weighting.check(scheme)
+    if tune.max_rows < 2 or tune.epochs <= 0:
+        raise TailtuneError("tune.max_rows must be >= 2 and tune.epochs > 0")
+    for choice in tune.chosen:
+        if choice.system not in cfg.systems:
+            raise TailtuneError(f"tune.chosen names '{choice.system}', which is not in systems")
+        if choice.lr < 0:
+            raise TailtuneError(f"tune.chosen: lr of '{choice.system}' must be >= 0")
+        weighting.check(choice.weighting)

@@ -2,7 +2,8 @@
 
 Run directory contract (other commands and users build on it)::
 
-    <out>/config.yaml                    resolved config
+    <out>/config.yaml                    resolved config (with what ``--tune`` chose, in tune.chosen)
+    <out>/tune.json                      with ``--tune``: every trial of the search (tailtune.tune)
     <out>/data.json                      rows read/kept/dropped by reason, classes, tiers, split sizes
     <out>/comparison.csv                 one row per system
     <out>/systems/<name>/metrics.json    aggregate, CI and per-tier metrics + system description
@@ -69,15 +70,32 @@ def _preflight(cfg: Config, console):
     return specs, prepared
 
 
-def _check_run_dir(out: Path, resolved: str) -> bool:
-    """True when ``out`` holds this same run (resume); error when it holds something else."""
+def _untuned(text: str) -> str | None:
+    """A run's config text without what ``--tune`` chose (None when it is not a valid config)."""
+    import yaml
+
+    from tailtune.config import from_dict
+
+    try:
+        cfg = from_dict(Config, yaml.safe_load(text) or {})
+    except (TailtuneError, yaml.YAMLError, TypeError):
+        return None
+    cfg.tune.chosen = []
+    return dump(cfg)
+
+
+def _check_run_dir(out: Path, cfg: Config) -> bool:
+    """True when ``out`` holds this same run (resume); error when it holds something else.
+
+    What ``--tune`` chose is written into the run's config.yaml, so it does not count here.
+    """
     if not out.exists():
         return False
     if not out.is_dir():
         raise TailtuneError(f"output path exists and is not a directory: {out}")
     config_file = out / "config.yaml"
     if config_file.exists():
-        if config_file.read_text(encoding="utf-8") != resolved:
+        if _untuned(config_file.read_text(encoding="utf-8")) != _untuned(dump(cfg)):
             raise TailtuneError(
                 f"{out} holds a run with a different config; choose another --out or delete it"
             )
@@ -120,8 +138,7 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
     main = dist.is_main_process
     console = (console or Console()) if main else Console(quiet=True)
     out = Path(cfg.out)
-    resolved = dump(cfg)
-    resuming = _check_run_dir(out, resolved)
+    resuming = _check_run_dir(out, cfg)
     started = time.perf_counter()
     specs, data = _preflight(cfg, console)
     ctx = Context(cfg, data, console, out / "cache")
@@ -134,7 +151,7 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
         if main:
             out.mkdir(parents=True, exist_ok=True)
             if not (out / "config.yaml").exists():
-                rundir.write_text(out / "config.yaml", resolved)
+                rundir.write_text(out / "config.yaml", dump(cfg))
             rundir.write_json(out / "data.json", data.summary)
     except OSError:
         if created:  # e.g. disk full: leave no run directory that holds no run
@@ -142,6 +159,10 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
         raise
     if resuming:
         console.print(f"[dim]resuming {out}: finished systems are kept[/]")
+    if cfg.tune.enabled:
+        cfg = ctx.cfg = _tuned(cfg, specs, ctx, out)
+        if main:
+            rundir.write_text(out / "config.yaml", dump(cfg))
 
     test = data.split("test")
     y_test = test["y"].to_numpy()
@@ -225,6 +246,19 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
     return out
 
 
+def _tuned(cfg: Config, specs, ctx, out: Path) -> Config:
+    """``cfg`` with ``tune.chosen`` filled by :func:`tailtune.tune.search` for the systems it lacks."""
+    import copy
+
+    from tailtune import tune
+
+    have = {c.system for c in cfg.tune.chosen}
+    chosen = tune.search(cfg, [s for s in specs if s.name not in have], ctx, out)
+    cfg = copy.deepcopy(cfg)
+    cfg.tune.chosen = [*cfg.tune.chosen, *chosen]
+    return cfg
+
+
 def _follow(specs, finished: dict, ctx, out: Path, failures: tuple) -> None:
     """A non-main process's part of :func:`run`: the same systems, their files in a scratch folder.
 
@@ -252,7 +286,7 @@ def _record_failure(out: Path, name: str, exc: BaseException) -> None:
 def _describe(spec, cfg: Config, outcome) -> dict:
     info = dict(outcome.info)
     info.pop("history", None)
-    weighting = cfg.train.weighting if spec.weighting == "config" else spec.weighting
+    weighting = spec.recipe(cfg)[1] if spec.kind == "finetune" else spec.weighting
     backbone_cfg = getattr(cfg, spec.slot) if spec.slot else None
     return {
         "name": spec.name,

@@ -61,6 +61,15 @@ class SystemSpec:
             backbone = dataclasses.replace(backbone, epochs=set_["epochs"])
         return method, train, backbone, set_.get("lr")
 
+    def recipe(self, cfg) -> tuple[float | None, str]:
+        """(lr or None for the method's default, weighting) of a fine-tuned system: what ``--tune``
+        chose for it (``cfg.tune.chosen``), else its name's and the config's."""
+        for choice in cfg.tune.chosen:
+            if choice.system == self.name:
+                return choice.lr, choice.weighting
+        scheme = cfg.train.weighting if self.weighting == "config" else self.weighting
+        return self.configs(cfg)[3], scheme
+
 
 def _parse_overrides(name: str, text: str) -> tuple:
     """'rank=4+targets=attention|ffn' -> (("rank", 4), ("targets", ["attention", "ffn"]))."""
@@ -302,20 +311,11 @@ def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path |
 
 def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path | None = None) -> Outcome:
     from tailtune import methods
-    from tailtune.classifier import TextClassifier
 
     cfg, data = ctx.cfg, ctx.data
-    method_cfg, train_cfg, bb_cfg, lr = spec.configs(cfg)
-    scheme = cfg.train.weighting if spec.weighting == "config" else spec.weighting
-    head_init = None
-    probe_val_f1 = None
-    start_val_f1 = None
-    if cfg.train.head_init == "probe":
-        result = ctx.probe(spec.slot)
-        probe = result["probe"]
-        probe_val_f1 = probe.val_macro_f1_
-        head_init, start_val_f1 = _lpft_start(probe, result["features"]["val"], data, scheme, cfg.train.logit_tau)
-    clf = TextClassifier(bb_cfg, spec.method, method_cfg, train_cfg, weighting=scheme, lr=lr)
+    lr, scheme = spec.recipe(cfg)
+    clf, head_init, start_val_f1, probe_val_f1 = prepare_finetune(spec, ctx, lr, scheme)
+    method_cfg, bb_cfg = clf.method_config, clf.backbone
     if ctx.console is not None:
         ctx.console.print(
             f"  backbone {bb_cfg.name} ({ctx.backbone(spec.slot).model_type}), method {spec.method}, "
@@ -375,9 +375,26 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Pat
             "lr": clf.learning_rate(),
             "mergeable": methods.get(spec.method).mergeable,
             "settings": dict(spec.overrides),
+            "tuned": any(c.system == spec.name for c in cfg.tune.chosen),
         },
         warnings,
     )
+
+
+def prepare_finetune(spec: SystemSpec, ctx: Context, lr: float | None, scheme: str):
+    """(classifier, LP-FT head or None, its validation macro-F1, the probe's) of ``spec`` with ``lr``, ``scheme``."""
+    from tailtune.classifier import TextClassifier
+
+    cfg = ctx.cfg
+    method_cfg, train_cfg, bb_cfg, _ = spec.configs(cfg)
+    head_init = start_val_f1 = probe_val_f1 = None
+    if cfg.train.head_init == "probe":
+        result = ctx.probe(spec.slot)
+        probe = result["probe"]
+        probe_val_f1 = probe.val_macro_f1_
+        head_init, start_val_f1 = _lpft_start(probe, result["features"]["val"], ctx.data, scheme, cfg.train.logit_tau)
+    clf = TextClassifier(bb_cfg, spec.method, method_cfg, train_cfg, weighting=scheme, lr=lr)
+    return clf, head_init, start_val_f1, probe_val_f1
 
 
 def _lpft_start(probe, val_features: np.ndarray, data, scheme: str, tau: float):
