@@ -20,10 +20,18 @@ nearly every text to the same length, which leaves length sorting nothing to rem
 complaints served at a few hundred tokens vary in length. Predictions at another length are
 not the system's own, so the agreement line still compares the two sides with each other.
 
-Only decoder systems have a stock class that pools like tailtune (see ``tailtune.deploy``).
-The stock class has no head bias, and neither have tailtune's decoder heads; a head saved
-with one (runs from before that change) runs without it on both sides (timing is unaffected,
-and ``tailtune export`` would refuse such a system) and the script says so. Prints median and p95 ms per example over passes and the pipeline/tailtune ratio.
+Decoder systems have a stock class that pools like tailtune (see ``tailtune.deploy``), so
+both sides run the same exported model and their predictions are compared. The stock class has
+no head bias, and neither have tailtune's decoder heads; a head saved with one (runs from
+before that change) runs without it on both sides (timing is unaffected, and ``tailtune
+export`` would refuse such a system) and the script says so.
+
+Encoder systems (``--system encoder-lora``) have no such class: a mean-pooled MiniLM is not
+what ``BertForSequenceClassification`` computes (it reads the [CLS] token through its pooler).
+There tailtune's side is ``tailtune predict``'s own predictor on the system (merged), and the
+pipeline's side the stock class holding the same merged encoder weights with a head of the
+same shape: the same transformer work, pooled differently, so this times both and compares no
+predictions. Prints median and p95 ms per example over passes and the pipeline/tailtune ratio.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="run directory, system folder or exported folder")
     parser.add_argument(
-        "--system", help="system of the run (default: its first decoder LoRA system)"
+        "--system", help="system of the run (default: its first fine-tuned decoder system)"
     )
     parser.add_argument("--texts", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -65,10 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     folders, run_dir = locate(
         args.path,
         args.system,
-        lambda m: m["kind"] == "finetune" and m["backbone"]["kind"] == "decoder",
+        lambda m: m["kind"] == "export"
+        or (m["kind"] == "finetune" and (args.system or m["backbone"]["kind"] == "decoder")),
     )
     system_dir = folders[0]
     kind, folder = deploy.resolve_system(system_dir)
+    if kind != "export" and deploy.load_meta(folder)["backbone"]["kind"] != "decoder":
+        return _encoder(args, system_dir, run_dir)
     with tempfile.TemporaryDirectory() as tmp:
         if kind != "export":
             clf = TextClassifier.load(folder)
@@ -119,12 +130,55 @@ def main(argv: list[str] | None = None) -> None:
         f"same predictions on {agree:.1%} of texts; {np.mean(lengths >= tokenizer.model_max_length):.0%} "
         f"of texts are cut at {tokenizer.model_max_length} tokens (median length {np.median(lengths):.0f})"
     )
+    _time(run_pipeline, run_tailtune, len(texts), args.repeats)
+
+
+def _time(run_pipeline, run_tailtune, n_texts: int, repeats: int) -> None:
     from tailtune.bench import compare
 
-    seconds = compare({"pipeline": run_pipeline, "tailtune": run_tailtune}, args.repeats)
-    report(seconds, len(texts), "tailtune")
+    seconds = compare({"pipeline": run_pipeline, "tailtune": run_tailtune}, repeats)
+    report(seconds, n_texts, "tailtune")
     ratio = np.median(seconds["pipeline"]) / np.median(seconds["tailtune"])
     print(f"tailtune is {ratio:.2f}x faster than the pipeline (median pass; target >= 2x on CPU)")
+
+
+def _encoder(args, system_dir: Path, run_dir: Path | None) -> None:
+    """An encoder system: ``tailtune predict``'s predictor vs the stock class on the same merged weights."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    from tailtune import deploy
+
+    ours = deploy.load_predictor(system_dir, merged=True, batch_size=args.batch_size)
+    if args.max_length:
+        ours.max_length = args.max_length
+    encoder = ours.model.backbone
+    config = copy.deepcopy(encoder.config)
+    config.num_labels = len(ours.classes_)
+    stock = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    missing, unexpected = getattr(stock, stock.base_model_prefix).load_state_dict(encoder.state_dict(), strict=False)
+    if unexpected or any("pooler" not in k for k in missing):  # a pooler the checkpoint lacks stays random
+        raise SystemExit(f"the stock class does not hold this encoder's weights: {missing or unexpected}")
+    tokenizer = ours.tokenizer
+    tokenizer.model_max_length = ours.max_length
+    pipe = pipeline("text-classification", model=stock.eval(), tokenizer=tokenizer, device=next(stock.parameters()).device)
+    texts = texts_for(run_dir, args.texts)
+    lengths = np.asarray([len(x) for x in tokenizer(texts, truncation=False)["input_ids"]])
+    print(
+        f"{system_dir}: tailtune predictor ({ours.precision}, {type(encoder).__name__} merged, "
+        f"{ours.model.pooling} pooling) vs pipeline on {type(stock).__name__} with the same weights (timing only: it pools "
+        f"[CLS]); {len(texts)} texts, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+        f"truncated at {ours.max_length} tokens; {np.mean(lengths >= ours.max_length):.0%} of texts are "
+        f"cut there (median length {np.median(lengths):.0f})"
+    )
+    _time(
+        lambda: pipe(texts, batch_size=args.batch_size, truncation=True),
+        lambda: ours.predict_proba(texts),
+        len(texts),
+        args.repeats,
+    )
 
 
 if __name__ == "__main__":

@@ -173,3 +173,18 @@ def test_pipeline_benchmark_truncates_both_sides_at_max_length(smoke_run):
     assert "truncated at 12 tokens" in result.stdout and "x faster than the pipeline" in result.stdout
     bad = subprocess.run([*args, "--max-length", "0"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--max-length must be at least 1" in bad.stderr
+
+
+def test_pipeline_benchmark_times_an_encoder_system_against_the_stock_class(smoke_run):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "predict_vs_pipeline.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(smoke_run), "--system", "encoder-lora", "--texts", "8", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "BertForSequenceClassification with the same weights" in result.stdout, result.stdout
+    assert "x faster than the pipeline" in result.stdout

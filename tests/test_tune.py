@@ -106,3 +106,5 @@ def test_a_config_with_chosen_values_trains_with_them_without_searching(tmp_path
     assert not (out / "tune.json").exists()
     system = json.loads((out / "systems" / "encoder-lora-weighted" / "metrics.json").read_text())["system"]
     assert (system["lr"], system["weighting"]) == (5e-4, "logit_adjusted")
+    tailtune("report", out, check=True)
+    assert "lr 0.0005 (tuned)" in (out / "report.html").read_text()

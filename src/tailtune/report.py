@@ -1147,7 +1147,7 @@ def _method_sub(info: dict) -> str:
     """The line under a method: its pooling, learning rate, and whether it merges away."""
     parts = [f"{info['pooling']} pooling"] if info.get("pooling") else []
     if info.get("lr") is not None:
-        parts.append(f"lr {info['lr']:g}")
+        parts.append(f"lr {info['lr']:g}" + (" (tuned)" if info.get("tuned") else ""))
     if info.get("mergeable") is not None:
         parts.append("merges" if info["mergeable"] else "stays in forward")
     settings = info.get("settings") or {}
