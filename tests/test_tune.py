@@ -47,6 +47,7 @@ def test_the_subset_is_stratified_and_keeps_every_class():
         ("tune.weightings=[nosuch]", "unknown class weighting 'nosuch'"),
         ("tune.max_rows=1", "max_rows must be >= 2"),
         ("tune.chosen=[{system: encoder-nope, lr: 0.1, weighting: none, val_macro_f1: 0.5}]", "not in systems"),
+        ("tune.chosen=[{system: encoder-lora}]", "config key 'tune.chosen.lr' is required"),
     ],
 )
 def test_bad_tune_settings_are_refused(override, message):

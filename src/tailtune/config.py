@@ -281,6 +281,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in names:
             raise TailtuneError(f"unknown config key '{prefix}{key}'{_suggest(str(key), names)}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in kwargs:
+            raise TailtuneError(f"config key '{prefix}{f.name}' is required")
     return cls(**kwargs)
 
 

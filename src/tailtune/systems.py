@@ -61,14 +61,17 @@ class SystemSpec:
             backbone = dataclasses.replace(backbone, epochs=set_["epochs"])
         return method, train, backbone, set_.get("lr")
 
+    def scheme(self, cfg) -> str:
+        """The weighting its name gives (``train.weighting`` for a ``-weighted`` system)."""
+        return cfg.train.weighting if self.weighting == "config" else self.weighting
+
     def recipe(self, cfg) -> tuple[float | None, str]:
         """(lr or None for the method's default, weighting) of a fine-tuned system: what ``--tune``
         chose for it (``cfg.tune.chosen``), else its name's and the config's."""
         for choice in cfg.tune.chosen:
             if choice.system == self.name:
                 return choice.lr, choice.weighting
-        scheme = cfg.train.weighting if self.weighting == "config" else self.weighting
-        return self.configs(cfg)[3], scheme
+        return self.configs(cfg)[3], self.scheme(cfg)
 
 
 def _parse_overrides(name: str, text: str) -> tuple:

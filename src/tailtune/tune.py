@@ -36,7 +36,7 @@ def grid(spec, cfg: Config) -> list[tuple[float, str]]:
     from tailtune.classifier import TextClassifier
 
     method_cfg, train_cfg, bb_cfg, lr = spec.configs(cfg)
-    scheme = cfg.train.weighting if spec.weighting == "config" else spec.weighting
+    scheme = spec.scheme(cfg)
     base_lr = TextClassifier(bb_cfg, spec.method, method_cfg, train_cfg, lr=lr).learning_rate()
     lrs = [base_lr] if lr is not None else _default_first([base_lr * f for f in cfg.tune.lr_factors], base_lr)
     schemes = _default_first(list(cfg.tune.weightings), scheme) if spec.weighting == "config" else [scheme]
@@ -46,9 +46,7 @@ def grid(spec, cfg: Config) -> list[tuple[float, str]]:
 
 
 def _default_first(values: list, default) -> list:
-    close = [v for v in values if np.isclose(v, default)] if isinstance(default, float) else [v for v in values if v == default]
-    rest = [v for v in values if v not in close]
-    return [default, *rest] if close or not values else values
+    return sorted(values, key=lambda v: v != default)  # stable: the rest keep their order
 
 
 def subset(y: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
