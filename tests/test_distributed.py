@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 pytestmark = pytest.mark.distributed
 
@@ -240,6 +241,33 @@ def test_two_processes_resume_after_ctrl_c(tmp_path, runs):
     )
     assert a["prediction"].tolist() == b["prediction"].tolist()
     assert (a["confidence"] - b["confidence"]).abs().max() <= 1e-5
+
+
+def test_two_processes_tune_like_one(tmp_path, runs):
+    """`--tune --processes 2`: every process runs the trials, only rank 0 writes tune.json, and
+    trials, choice and the trained system equal one process with the same global batch."""
+    name = "encoder-lora-weighted"
+    tune = ["--tune", "tune.lr_factors=[1,4]", "tune.weightings=[none,sqrt_inverse]"]
+    one, two, audit = tmp_path / "one", tmp_path / "two", tmp_path / "audit"
+    audit.mkdir()
+    (audit / "sitecustomize.py").write_text(AUDIT)
+    _run(one, runs["backbone"], "train.grad_accum=2", *tune, systems=[name])
+    pythonpath = os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")]))
+    env = _env(PYTHONPATH=pythonpath, TT_AUDIT_OUT=str(two), TT_AUDIT_LOG=str(audit))
+    result = _run(two, runs["backbone"], "--processes", "2", *tune, systems=[name], env=env)
+    assert result.stdout.count(f"tune {name}") == 1  # one process prints
+
+    trials = [json.loads((out / "tune.json").read_text())["trials"] for out in (one, two)]
+    assert len(trials[0]) == 4
+    scores = [{k: t["val_macro_f1"] for k, t in trial.items()} for trial in trials]
+    assert scores[0] == scores[1]
+    chosen = [yaml.safe_load((out / "config.yaml").read_text())["tune"]["chosen"] for out in (one, two)]
+    assert chosen[0] == chosen[1] and len(chosen[0]) == 1
+    for w in (audit / "rank1.txt").read_text().splitlines():
+        event, path = w.split(" ", 1)
+        assert event == "os.mkdir" and Path(path).parent.name == "checkpoints", w
+    a, b = (pd.read_csv(out / "systems" / name / "predictions.csv") for out in (one, two))
+    assert a["prediction"].tolist() == b["prediction"].tolist()
 
 
 def test_relaunch_runs_in_place_when_nothing_to_launch(monkeypatch):
