@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pandas as pd
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A suite started in the background (`cmd &`, nohup) inherits SIGINT ignored, and so would every
+# `tailtune` it starts: the Ctrl-C tests' SIGINT would then do nothing and the run would finish.
+# A Python handler here becomes the default disposition in a child at exec, and the child's
+# Python turns that into KeyboardInterrupt, as it does for a run started from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
