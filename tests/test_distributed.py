@@ -129,23 +129,33 @@ def _files(out: Path) -> set[str]:
     return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
 
 
+def _audited_env(audit: Path, out: Path) -> dict:
+    """Environment whose non-main workers log, into ``audit``, what they change under ``out``."""
+    audit.mkdir()
+    (audit / "sitecustomize.py").write_text(AUDIT)
+    pythonpath = os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")]))
+    return _env(PYTHONPATH=pythonpath, TT_AUDIT_OUT=str(out), TT_AUDIT_LOG=str(audit))
+
+
+def _assert_rank1_only_made_checkpoint_folders(audit: Path) -> None:
+    # Rank 1 writes its RNG state into each checkpoint (the Trainer's design: a resume restores
+    # every process's RNG), through torch's C++ file writer, which the audit hook does not see;
+    # what it sees is the folder being made for it.
+    writes = (audit / "rank1.txt").read_text().splitlines()
+    assert writes, "the audit hook saw nothing: it did not run"
+    for w in writes:
+        event, path = w.split(" ", 1)
+        assert event == "os.mkdir" and Path(path).parent.name == "checkpoints", w
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """One process x batch 8 x grad_accum 2, and two processes x batch 8, the second audited."""
     base = tmp_path_factory.mktemp("distributed")
     backbone = _tiny_bert_without_dropout(base)
     one, two, audit = base / "one", base / "two", base / "audit"
-    audit.mkdir()
-    (audit / "sitecustomize.py").write_text(AUDIT)
     _run(one, backbone, "train.grad_accum=2")
-    pythonpath = os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")]))
-    result = _run(
-        two,
-        backbone,
-        "--processes",
-        "2",
-        env=_env(PYTHONPATH=pythonpath, TT_AUDIT_OUT=str(two), TT_AUDIT_LOG=str(audit)),
-    )
+    result = _run(two, backbone, "--processes", "2", env=_audited_env(audit, two))
     return {"one": one, "two": two, "audit": audit, "backbone": backbone, "stdout": result.stdout}
 
 
@@ -153,15 +163,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs):
     one, two, audit = runs["one"], runs["two"], runs["audit"]
     assert runs["stdout"].count("systems compared on the test split") == 1  # one process prints
 
-    # Only rank 0 wrote into the run directory. Rank 1 writes its RNG state into each checkpoint
-    # (the Trainer's design: a resume restores every process's RNG), through torch's C++ file
-    # writer, which the audit hook does not see; what it sees is the folder being made for it.
+    # Only rank 0 wrote into the run directory.
     assert _files(two) == _files(one)
-    writes = (audit / "rank1.txt").read_text().splitlines()
-    assert writes, "the audit hook saw nothing: it did not run"
-    for w in writes:
-        event, path = w.split(" ", 1)
-        assert event == "os.mkdir" and Path(path).parent.name == "checkpoints", w
+    _assert_rank1_only_made_checkpoint_folders(audit)
 
     for name in SYSTEMS:
         a, b = one / "systems" / name, two / "systems" / name
@@ -249,11 +253,8 @@ def test_two_processes_tune_like_one(tmp_path, runs):
     name = "encoder-lora-weighted"
     tune = ["--tune", "tune.lr_factors=[1,4]", "tune.weightings=[none,sqrt_inverse]"]
     one, two, audit = tmp_path / "one", tmp_path / "two", tmp_path / "audit"
-    audit.mkdir()
-    (audit / "sitecustomize.py").write_text(AUDIT)
     _run(one, runs["backbone"], "train.grad_accum=2", *tune, systems=[name])
-    pythonpath = os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")]))
-    env = _env(PYTHONPATH=pythonpath, TT_AUDIT_OUT=str(two), TT_AUDIT_LOG=str(audit))
+    env = _audited_env(audit, two)
     result = _run(two, runs["backbone"], "--processes", "2", *tune, systems=[name], env=env)
     assert result.stdout.count(f"tune {name}") == 1  # one process prints
 
@@ -263,9 +264,7 @@ def test_two_processes_tune_like_one(tmp_path, runs):
     assert scores[0] == scores[1]
     chosen = [yaml.safe_load((out / "config.yaml").read_text())["tune"]["chosen"] for out in (one, two)]
     assert chosen[0] == chosen[1] and len(chosen[0]) == 1
-    for w in (audit / "rank1.txt").read_text().splitlines():
-        event, path = w.split(" ", 1)
-        assert event == "os.mkdir" and Path(path).parent.name == "checkpoints", w
+    _assert_rank1_only_made_checkpoint_folders(audit)
     a, b = (pd.read_csv(out / "systems" / name / "predictions.csv") for out in (one, two))
     assert a["prediction"].tolist() == b["prediction"].tolist()
 
