@@ -354,13 +354,8 @@ class TextClassifier:
         from transformers import AutoTokenizer
 
         path = Path(path)
-        meta_file = path / "tailtune.json"
-        if not meta_file.exists():
-            raise TailtuneError(f"{path} is not a saved tailtune model (no tailtune.json)")
-        meta = json.loads(meta_file.read_text())
+        meta, config = read_saved(path)
         bb = meta["backbone"]
-        known = {f.name for f in dataclasses.fields(BackboneConfig)}
-        config = BackboneConfig(**{k: v for k, v in bb.items() if k in known and k != "pooling"})
         config.pooling = meta["pooling"]
         self = cls(config, meta["method"], MethodConfig(**meta["method_config"]), weighting=meta["weighting"])
         self.classes_ = meta["classes"]
@@ -375,12 +370,19 @@ class TextClassifier:
         model = _module()(base, len(self.classes_), self.pooling_, self.backbone_.is_decoder, bias="bias" in head)
         model.backbone = methods.get(self.method).load(base, path)
         model.score.load_state_dict(head)
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.model_ = model
+        self.model_ = model.eval().requires_grad_(False)
         self.trainable_params_, self.total_params_ = 0, count_params(model)[1]
         return self
+
+
+def read_saved(path: Path) -> tuple[dict, BackboneConfig]:
+    """The ``tailtune.json`` of a saved model folder and the backbone config it records."""
+    meta_file = path / "tailtune.json"
+    if not meta_file.exists():
+        raise TailtuneError(f"{path} is not a saved tailtune model (no tailtune.json)")
+    meta = json.loads(meta_file.read_text())
+    known = {f.name for f in dataclasses.fields(BackboneConfig)}
+    return meta, BackboneConfig(**{k: v for k, v in meta["backbone"].items() if k in known})
 
 
 # ----------------------------------------------------------------------------- probe

@@ -469,24 +469,18 @@ class GenerativeClassifier:
     @classmethod
     def load(cls, path: str | Path) -> GenerativeClassifier:
         """Reload a saved generative classifier (frozen, adapter not merged)."""
-        import dataclasses
-
         from transformers import AutoTokenizer
 
         from tailtune import methods
-        from tailtune.classifier import count_params
+        from tailtune.classifier import count_params, read_saved
 
         path = Path(path)
-        meta_file = path / "tailtune.json"
-        if not meta_file.exists():
-            raise TailtuneError(f"{path} is not a saved tailtune model (no tailtune.json)")
-        meta = json.loads(meta_file.read_text())
+        meta, config = read_saved(path)
         if meta.get("kind") != KIND:
             raise TailtuneError(f"{path} holds a '{meta.get('kind', 'finetune')}' system, not a {KIND} one")
         bb = meta["backbone"]
-        known = {f.name for f in dataclasses.fields(BackboneConfig)}
         self = cls(
-            BackboneConfig(**{k: v for k, v in bb.items() if k in known}), MethodConfig(**meta["method_config"]),
+            config, MethodConfig(**meta["method_config"]),
             template=meta["template"], label_template=meta["label_template"],
             prior_tau=meta.get("prior_tau", 0.0),
         )
@@ -500,10 +494,7 @@ class GenerativeClassifier:
         self.precision_ = meta["precision"]
         self.targets_ = meta["targets"]
         model = methods.get("lora").load(load_causal_lm(self.backbone_, self.tokenizer_), path)
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.model_ = model
+        self.model_ = model.eval().requires_grad_(False)
         self.trainable_params_, self.total_params_ = 0, count_params(model)[1]
         return self
 
