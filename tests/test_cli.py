@@ -15,8 +15,10 @@ import pytest
 SMOKE_SYSTEMS = ["tfidf-logreg", "encoder-probe", "encoder-lora", "encoder-lora-weighted", "decoder-lora"]
 
 
-def tailtune(*args, cwd=None, check=False):
-    env = {**os.environ, "COLUMNS": "120", "TOKENIZERS_PARALLELISM": "false"}
+def tailtune(*args, cwd=None, check=False, columns: str | None = "120"):
+    """``columns=None``: no COLUMNS, so the output is sized as in a user's log or pipe."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env.update({"TOKENIZERS_PARALLELISM": "false"}, **({"COLUMNS": columns} if columns else {}))
     result = subprocess.run(
         [sys.executable, "-m", "tailtune.cli", *map(str, args)],
         capture_output=True, text=True, cwd=cwd, env=env, timeout=900,
@@ -29,7 +31,7 @@ def tailtune(*args, cwd=None, check=False):
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "smoke"
-    result = tailtune("run", "smoke", "--out", out, check=True)
+    result = tailtune("run", "smoke", "--out", out, check=True, columns=None)
     return out, result
 
 
@@ -68,6 +70,9 @@ def test_smoke_run_writes_the_whole_contract(smoke_run):
     b = pd.read_csv(out / "systems" / "encoder-probe" / "predictions.csv")["prediction"]
     assert (a != b).any()
     assert "systems compared on the test split" in result.stdout
+    # Piped output (a log, CI) is not cut to 80 columns: every system is named whole in the table.
+    for name in SMOKE_SYSTEMS:
+        assert re.search(rf"^│ {re.escape(name)} +│", result.stdout, re.M), name
 
 
 def test_finetuned_model_dir_reloads_with_identical_predictions(smoke_run):

@@ -175,14 +175,13 @@ def data_inspect(
     encoding: str = typer.Option("utf-8", help="Text encoding of a CSV / TSV / JSON file (e.g. cp1252)."),
 ):
     """Class counts, frequency tiers and problems found, without training anything."""
-    from rich.console import Console
-
     from tailtune.config import DataConfig
     from tailtune.data import inspect_data
+    from tailtune.run import make_console
 
     cfg = DataConfig(path=str(path), label_column=label_column, text_column=text_column,
                      min_class_count=min_class_count, encoding=encoding)
-    inspect_data(cfg, Console())
+    inspect_data(cfg, make_console())
 
 
 @app.command()
@@ -217,13 +216,12 @@ def plan(
     classes: int = typer.Option(None, help="Head size (default: the classes of the config's data)."),
 ):
     """Memory of one training step per method and backbone (weights, grads, optimizer, activations), without training."""
-    from rich.console import Console
-
     from tailtune.plan import plan as make_plan
     from tailtune.plan import print_plan
+    from tailtune.run import make_console
 
     cfg = _config(config, overrides or [])
-    print_plan(make_plan(cfg, methods.split(",") if methods else None, classes), Console())
+    print_plan(make_plan(cfg, methods.split(",") if methods else None, classes), make_console())
 
 
 @app.command()
@@ -269,14 +267,13 @@ def predict(
     workers: int = typer.Option(None, help="Ray predictor actors (default: one per GPU, else CPUs - 1)."),
 ):
     """Classify a file of any size, streaming, in the input's order."""
-    from rich.console import Console
-
+    from tailtune.run import make_console
     from tailtune.scale import ORDER_KEY
     from tailtune.scale import predict as run_predict
 
     done = run_predict(
         engine, system_dir, input, output, text_column=text_column, id_column=id_column, k=top_k,
-        chunk_size=chunk_size, batch_size=batch_size, precision=precision, console=Console(stderr=True),
+        chunk_size=chunk_size, batch_size=batch_size, precision=precision, console=make_console(stderr=True),
         label_column=label_column,
         address=address, workers=workers,
     )
@@ -306,17 +303,16 @@ def bench(
     systems: str = typer.Option(None, help="Comma-separated subset of the run's systems."),
 ):
     """Latency, throughput, memory and cost of every finished system; writes <run>/bench.json."""
-    from rich.console import Console
-
     from tailtune.bench import bench as run_bench
     from tailtune.bench import print_bench
     from tailtune.errors import TailtuneError
+    from tailtune.run import make_console
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
     except ValueError:
         raise TailtuneError(f"--batch-sizes must be integers separated by commas, got '{batch_sizes}'") from None
-    console = Console()
+    console = make_console()
     result = run_bench(
         run_dir, batch_sizes=sizes, repeats=repeats, max_texts=max_texts, price_per_hour=price_per_hour,
         systems=systems.split(",") if systems else None, console=console,

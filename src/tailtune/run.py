@@ -126,6 +126,26 @@ def run(cfg: Config, console=None, report: bool = True) -> Path:
         return _run(cfg, console, report)
 
 
+LOG_WIDTH = 160
+
+
+def make_console(*, stderr: bool = False):
+    """A rich console for the CLI's output.
+
+    Written to a file or pipe (a log, CI, ``nohup``) rich would assume 80 columns and cut the
+    tables' system names to ``encoder-lo…``; there it is ``LOG_WIDTH`` wide instead. A terminal
+    keeps its own width, and ``COLUMNS``, when set, wins everywhere.
+    """
+    import os
+
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = LOG_WIDTH
+    return console
+
+
 def _run(cfg: Config, console=None, report: bool = True) -> Path:
     from rich.console import Console
 
@@ -136,7 +156,7 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
 
     dist = state()
     main = dist.is_main_process
-    console = (console or Console()) if main else Console(quiet=True)
+    console = (console or make_console()) if main else Console(quiet=True)
     out = Path(cfg.out)
     resuming = _check_run_dir(out, cfg)
     started = time.perf_counter()
