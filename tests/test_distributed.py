@@ -141,10 +141,19 @@ def _assert_rank1_only_made_checkpoint_folders(audit: Path) -> None:
     # Rank 1 writes its RNG state into each checkpoint (the Trainer's design: a resume restores
     # every process's RNG), through torch's C++ file writer, which the audit hook does not see;
     # what it sees is the folder being made for it.
+    # Every process also runs the preflight's write probe (so all of them stop on the same
+    # error); it lands in <out> when a run is made inside it (a split seed's folder), and is
+    # removed at once.
     writes = (audit / "rank1.txt").read_text().splitlines()
     assert writes, "the audit hook saw nothing: it did not run"
+    probes = [w.split(" ", 1) for w in writes if Path(w.split(" ", 1)[1]).name.startswith(".tailtune-write-check.")]
+    assert sorted(path for event, path in probes if event == "open") == sorted(
+        path for event, path in probes if event == "os.remove"
+    )
     for w in writes:
         event, path = w.split(" ", 1)
+        if Path(path).name.startswith(".tailtune-write-check."):
+            continue
         assert event == "os.mkdir" and Path(path).parent.name == "checkpoints", w
 
 
@@ -267,6 +276,23 @@ def test_two_processes_tune_like_one(tmp_path, runs):
     _assert_rank1_only_made_checkpoint_folders(audit)
     a, b = (pd.read_csv(out / "systems" / name / "predictions.csv") for out in (one, two))
     assert a["prediction"].tolist() == b["prediction"].tolist()
+
+
+def test_two_processes_split_seeds_like_one(tmp_path, runs):
+    """`--split-seeds --processes 2`: every process runs each seed, one prints, only rank 0
+    writes, and the per-seed table equals one process with the same global batch."""
+    name = "encoder-lora"
+    seeds = ["--split-seeds", "0,1"]
+    one, two, audit = tmp_path / "one", tmp_path / "two", tmp_path / "audit"
+    _run(one, runs["backbone"], "train.grad_accum=2", *seeds, systems=[name])
+    env = _audited_env(audit, two)
+    result = _run(two, runs["backbone"], "--processes", "2", *seeds, systems=[name], env=env)
+    assert result.stdout.count("systems over 2 split seeds") == 1
+    assert _files(two) == _files(one)
+    _assert_rank1_only_made_checkpoint_folders(audit)
+    a, b = (pd.read_csv(out / "splits.csv") for out in (one, two))
+    assert a[["system", "seed", "status"]].equals(b[["system", "seed", "status"]])
+    assert (a["macro_f1"] - b["macro_f1"]).abs().max() <= 1e-6
 
 
 def test_relaunch_runs_in_place_when_nothing_to_launch(monkeypatch):

@@ -93,9 +93,12 @@ def run(
     tune: bool = typer.Option(
         False, "--tune", help="First choose each fine-tuned system's lr (and weighting) on validation (tune.*)."
     ),
+    split_seeds: str = typer.Option(
+        None, "--split-seeds", help="Run once per split seed (e.g. 0,1,2) into <out>/seed-<s>, then summarise."
+    ),
 ):
     """Train and compare every system of a config, class by class; write a run directory."""
-    _launch(config, overrides, data, label_column, text_column, out, systems, report, processes, tune)
+    _launch(config, overrides, data, label_column, text_column, out, systems, report, processes, tune, split_seeds)
 
 
 @app.command()
@@ -122,9 +125,10 @@ def train(
 
 
 def _launch(config, overrides, data, label_column, text_column, out, systems, report: bool, processes: int,
-            tune: bool = False):
+            tune: bool = False, split_seeds: str | None = None):
     from tailtune.distributed import relaunch
     from tailtune.run import run as run_all
+    from tailtune.splits import check_out, parse_seeds, run_splits
 
     cfg = _config(
         config,
@@ -132,10 +136,16 @@ def _launch(config, overrides, data, label_column, text_column, out, systems, re
         **{"data.path": data, "data.label_column": label_column, "data.text_column": text_column,
            "out": out, "systems": systems, "tune.enabled": True if tune else None},
     )
+    seeds = parse_seeds(split_seeds) if split_seeds is not None else None
+    if seeds:
+        check_out(Path(cfg.out))
     code = relaunch(processes)  # checked the config first: one error line, not one per process
     if code is not None:
         raise SystemExit(code)  # not typer.Exit: `friendly` would report it as an internal error
-    run_all(cfg, report=report)
+    if seeds:
+        run_splits(cfg, seeds, report=report)
+    else:
+        run_all(cfg, report=report)
 
 
 @app.command()
@@ -188,11 +198,10 @@ def data_inspect(
 @friendly
 def report(run_dir: Path = typer.Argument(..., help="A run directory written by tailtune run.")):
     """Rebuild <run>/report.html from the run's files."""
-    from tailtune.errors import TailtuneError
     from tailtune.report import build_report
+    from tailtune.run import check_finished_run
 
-    if not (run_dir / "comparison.csv").exists():
-        raise TailtuneError(f"{run_dir} is not a finished tailtune run (no comparison.csv)")
+    check_finished_run(run_dir)
     typer.echo(build_report(run_dir))
 
 

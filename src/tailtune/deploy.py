@@ -214,11 +214,11 @@ def finished_systems(run_dir: str | Path, only: list[str] | None = None) -> list
     """Names of the run's systems with status ok, in comparison order (``only``: a subset)."""
     import pandas as pd
 
+    from tailtune.run import check_finished_run
+
     run_dir = Path(run_dir)
-    comparison_file = run_dir / "comparison.csv"
-    if not comparison_file.exists():
-        raise TailtuneError(f"{run_dir} is not a finished tailtune run (no comparison.csv)")
-    comparison = pd.read_csv(comparison_file)
+    check_finished_run(run_dir)
+    comparison = pd.read_csv(run_dir / "comparison.csv")
     names = comparison.loc[comparison["status"] == "ok", "system"].tolist()
     if only:
         unknown = [n for n in only if n not in names]
