@@ -947,7 +947,10 @@ def section_summary(run: Run, an: Analysis) -> Section:
                 "number of training examples, rarest first. Square brackets are 95% bootstrap "
                 "intervals over test rows. A difference between two systems is a "
                 "<em>paired</em> bootstrap (both scored on the same resamples); when its "
-                "interval covers 0 the report calls it <em>within noise</em>. Zero-F1 counts "
+                "interval covers 0 the report calls it <em>within noise</em>. The intervals "
+                "resample this split's test rows only: another split changes the training rows "
+                "too, and where classes have one or two test rows it can move macro-F1 by more than "
+                "these intervals show (<code>tailtune run --split-seeds 0,1,2</code> measures it). Zero-F1 counts "
                 "classes with test examples that a system never gets right. The best value of a "
                 'column is <span class="best-key">highlighted</span>.'
             ),
