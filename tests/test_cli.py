@@ -17,8 +17,9 @@ SMOKE_SYSTEMS = ["tfidf-logreg", "encoder-probe", "encoder-lora", "encoder-lora-
 
 def tailtune(*args, cwd=None, check=False, columns: str | None = "120"):
     """``columns=None``: no COLUMNS, so the output is sized as in a user's log or pipe."""
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    env.update({"TOKENIZERS_PARALLELISM": "false"}, **({"COLUMNS": columns} if columns else {}))
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"TOKENIZERS_PARALLELISM": "false"}
+    if columns:
+        env["COLUMNS"] = columns
     result = subprocess.run(
         [sys.executable, "-m", "tailtune.cli", *map(str, args)],
         capture_output=True, text=True, cwd=cwd, env=env, timeout=900,

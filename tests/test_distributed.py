@@ -144,17 +144,15 @@ def _assert_rank1_only_made_checkpoint_folders(audit: Path) -> None:
     # Every process also runs the preflight's write probe (so all of them stop on the same
     # error); it lands in <out> when a run is made inside it (a split seed's folder), and is
     # removed at once.
-    writes = (audit / "rank1.txt").read_text().splitlines()
+    from tailtune.preflight import WRITE_PROBE
+
+    writes = [w.split(" ", 1) for w in (audit / "rank1.txt").read_text().splitlines()]
     assert writes, "the audit hook saw nothing: it did not run"
-    probes = [w.split(" ", 1) for w in writes if Path(w.split(" ", 1)[1]).name.startswith(".tailtune-write-check.")]
-    assert sorted(path for event, path in probes if event == "open") == sorted(
-        path for event, path in probes if event == "os.remove"
-    )
-    for w in writes:
-        event, path = w.split(" ", 1)
-        if Path(path).name.startswith(".tailtune-write-check."):
-            continue
-        assert event == "os.mkdir" and Path(path).parent.name == "checkpoints", w
+    probes = [(event, path) for event, path in writes if Path(path).name.startswith(WRITE_PROBE)]
+    assert sorted(p for e, p in probes if e == "open") == sorted(p for e, p in probes if e == "os.remove")
+    for event, path in writes:
+        if (event, path) not in probes:
+            assert event == "os.mkdir" and Path(path).parent.name == "checkpoints", (event, path)
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,9 @@ ACT_PER_FFN = 3
 # ----------------------------------------------------------------------------- output and data
 
 
+WRITE_PROBE = ".tailtune-write-check."  # prefix of the file check_writable creates and removes
+
+
 def check_writable(out: Path) -> None:
     """Error unless ``out``, or the nearest existing folder it would be created in, accepts files.
 
@@ -46,7 +49,7 @@ def check_writable(out: Path) -> None:
     if not base.is_dir():
         raise TailtuneError(f"cannot create output directory {out}: {base} is a file")
     try:
-        fd, probe = tempfile.mkstemp(dir=base, prefix=".tailtune-write-check.")
+        fd, probe = tempfile.mkstemp(dir=base, prefix=WRITE_PROBE)
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
         raise TailtuneError(

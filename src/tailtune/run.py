@@ -107,12 +107,14 @@ def _check_run_dir(out: Path, cfg: Config) -> bool:
 
 def check_finished_run(run_dir: Path) -> None:
     """One line when ``run_dir`` has no comparison.csv (pointing into a split-seeds folder)."""
+    from tailtune.splits import seed_runs
+
     run_dir = Path(run_dir)
     if (run_dir / "comparison.csv").exists():
         return
-    seeds = sorted(p.name for p in run_dir.glob("seed-*") if p.is_dir())
+    seeds = seed_runs(run_dir)
     if seeds:
-        raise TailtuneError(f"{run_dir} holds one run per split seed; pass one of them, e.g. {run_dir / seeds[0]}")
+        raise TailtuneError(f"{run_dir} holds one run per split seed; pass one of them, e.g. {seeds[0]}")
     raise TailtuneError(f"{run_dir} is not a finished tailtune run (no comparison.csv)")
 
 

@@ -50,6 +50,11 @@ def seed_dir(out: Path, seed: int) -> Path:
     return Path(out) / f"seed-{seed}"
 
 
+def seed_runs(out: Path) -> list[Path]:
+    """The ``seed-<s>`` run folders in ``out``, by name."""
+    return sorted(p for p in Path(out).glob("seed-*") if p.is_dir() and _SEED_DIR.fullmatch(p.name))
+
+
 def seed_configs(cfg: Config, seeds: list[int]) -> list[Config]:
     """One config per seed: ``data.seed`` set and ``out`` moved to ``<out>/seed-<s>``."""
     return [
@@ -81,9 +86,8 @@ def per_seed(out: Path, seeds: list[int]) -> pd.DataFrame:
     for s in seeds:
         comparison = pd.read_csv(seed_dir(out, s) / "comparison.csv")
         frames.append(comparison[["system", "status", *METRICS]].assign(seed=s))
-    frame = pd.concat(frames, ignore_index=True)
-    frame.loc[frame["status"] != "ok", list(METRICS)] = np.nan
-    return frame[["system", "seed", "status", *METRICS]]
+    # A failed system's metrics are already empty (NaN) in comparison.csv.
+    return pd.concat(frames, ignore_index=True)[["system", "seed", "status", *METRICS]]
 
 
 def summarise(frame: pd.DataFrame, reference: str) -> pd.DataFrame:
