@@ -138,3 +138,16 @@ def test_split_seeds_bad_input_is_one_line(split_run, tmp_path):
     assert not (tmp_path / "a").exists()
     result = tailtune("report", out)
     assert result.returncode == 2 and "pass one of them" in result.stderr
+
+
+def test_split_seeds_with_tune_tune_each_seed(tmp_path):
+    out = tmp_path / "run"
+    result = tailtune("run", "smoke", "systems=tfidf-logreg,encoder-lora", "tune.lr_factors=[1,4]",
+                      "--out", out, "--split-seeds", "0,1", "--tune", "--no-report")
+    assert result.returncode == 0, result.stderr
+    for seed in (0, 1):
+        run = out / f"seed-{seed}"
+        assert (run / "tune.json").is_file()
+        chosen = yaml.safe_load((run / "config.yaml").read_text())["tune"]["chosen"]
+        assert [c["system"] for c in chosen] == ["encoder-lora"]
+    assert set(pd.read_csv(out / PER_SEED)["seed"]) == {0, 1}
