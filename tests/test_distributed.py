@@ -162,7 +162,12 @@ def runs(tmp_path_factory) -> dict:
     backbone = _tiny_bert_without_dropout(base)
     one, two, audit = base / "one", base / "two", base / "audit"
     _run(one, backbone, "train.grad_accum=2")
-    result = _run(two, backbone, "--processes", "2", env=_audited_env(audit, two))
+    temp = base / "temp"
+    temp.mkdir()
+    env = {**_audited_env(audit, two), "TMPDIR": str(temp)}
+    result = _run(two, backbone, "--processes", "2", env=env)
+    # torchrun makes a torchelastic_* log folder per launch and leaves it; --processes must not.
+    assert not list(temp.glob("torchelastic_*")), "the --processes launch left its log folder behind"
     return {"one": one, "two": two, "audit": audit, "backbone": backbone, "stdout": result.stdout}
 
 

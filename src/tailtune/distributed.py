@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 from tailtune.errors import TailtuneError
 
@@ -71,14 +72,17 @@ def relaunch(processes: int) -> int | None:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     # --standalone: a rendezvous on a free local port, so two runs on one machine don't collide.
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={processes}",
-        "-m",
-        "tailtune.cli",
-        *sys.argv[1:],
-    ]
-    return subprocess.call(command, env=env)
+    # --log-dir: torchrun otherwise leaves an empty torchelastic_* folder in the temp dir per run.
+    with tempfile.TemporaryDirectory(prefix="tailtune-torchrun-") as logs:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            f"--log-dir={logs}",
+            "-m",
+            "tailtune.cli",
+            *sys.argv[1:],
+        ]
+        return subprocess.call(command, env=env)
