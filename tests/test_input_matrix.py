@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -136,6 +137,32 @@ def test_messy_but_valid_csv_runs_and_reports_what_it_did(tmp_path, messy_csv):
     assert "Lonely class" in stdout
     assert "will be truncated" in stdout and "encoder max_length 32 tokens" in stdout
     assert "na_label 2" in stdout and "empty_label 1" in stdout
+
+
+def test_square_brackets_in_labels_and_paths_print_as_written(tmp_path, small_frame):
+    """The terminal output is rich, which reads '[...]' as markup: a label '[/x] ...' stopped
+    `data inspect` with an internal MarkupError, and the adapted modules' list
+    '[attention..., ...]' vanished from every run's log. User text and paths print as written."""
+    frame = small_frame[[TEXT, "Issue"]].copy()
+    first, second = frame["Issue"].value_counts().index[:2]
+    frame["Issue"] = frame["Issue"].replace({first: "[/x] Refund [bold]", second: "[red]Fees[/red]"})
+    extra = pd.DataFrame({TEXT: ["lonely text"], "Issue": ["[Lonely] class"]})
+    folder = tmp_path / "data [v2]"
+    folder.mkdir()
+    path = folder / "f.csv"
+    pd.concat([frame, extra]).to_csv(path, index=False)
+
+    inspect = tailtune("data", "inspect", path)
+    assert inspect.exit_code == 0, inspect.output
+    shown = " ".join(inspect.stdout.split())
+    for text in ("[/x] Refund [bold]", "[red]Fees[/red]", "[Lonely] class", "data [v2]"):
+        assert text in shown, text
+
+    result = run_smoke(path, tmp_path / "run", systems="tfidf-logreg,encoder-lora")
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.stdout.split())
+    assert "[Lonely] class" in shown and "data [v2]" in shown
+    assert re.search(r"adapted: \d+ layers x \[\w", shown), shown
 
 
 def test_quoted_newlines_stay_inside_one_text(tmp_path, messy_csv):

@@ -218,7 +218,7 @@ def convert_gguf(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    Console(stderr=True).print(f"[dim]converting {gguf.name} to a transformers folder (once)...[/]")
+    Console(stderr=True).print(f"converting {gguf.name} to a transformers folder (once)...", style="dim", markup=False)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF-backed model is flagged as quantised and refuses to save; a plain model built

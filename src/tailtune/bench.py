@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
 from tailtune.errors import TailtuneError
 
@@ -302,7 +303,7 @@ def bench(
     }
     for name in names:
         if console is not None:
-            console.print(f"[bold]{name}[/]")
+            console.print(name, style="bold", markup=False)
         method = system_method(run_dir / "systems" / name)
         variants, headline, reference = _variants(run_dir / "systems" / name, device, method)
         rows, skipped, accuracy = [], [], {}
@@ -399,8 +400,8 @@ def print_bench(result: dict, console) -> None:
         for r in entry["variants"]:
             change = "" if r["accuracy_change"] is None else f"{r['accuracy_change']:+.3f}"
             table.add_row(
-                name,
-                r["variant"],
+                escape(name),
+                escape(r["variant"]),
                 str(r["batch_size"]),
                 f"{r['ms_per_example']:.3f}",
                 f"{r['p50_ms']:.2f}",
@@ -416,8 +417,8 @@ def print_bench(result: dict, console) -> None:
     )
     for name, e in result["systems"].items():
         summary.add_row(
-            name,
-            e["variant"],
+            escape(name),
+            escape(e["variant"]),
             f"{e['ms_per_example']:.3f}",
             f"{e['examples_per_s']:,.0f}",
             f"{e['peak_mem_mb']:.0f}",
@@ -430,11 +431,13 @@ def print_bench(result: dict, console) -> None:
     if ratios["decoder_vs_encoder"] is not None:
         console.print(f"decoder / encoder latency: {ratios['decoder_vs_encoder']:.2f}x")
     for name, ratio in ratios["unmerged_vs_merged"].items():
-        console.print(f"{name}: unmerged / merged latency {ratio:.2f}x")
+        console.print(f"{name}: unmerged / merged latency {ratio:.2f}x", markup=False)
     for name, e in result["systems"].items():
         for s in e["skipped"]:
-            console.print(f"[dim]{name} {s['variant']} skipped: {s['reason']}[/]")
+            console.print(f"{name} {s['variant']} skipped: {s['reason']}", style="dim", markup=False)
     m = result["machine"]
     console.print(
-        f"[dim]machine: {m['cpu']}, {m['threads']} threads, GPU {m['gpu'] or 'none'}, torch {m['torch']}[/]"
+        f"machine: {m['cpu']}, {m['threads']} threads, GPU {m['gpu'] or 'none'}, torch {m['torch']}",
+        style="dim",
+        markup=False,
     )

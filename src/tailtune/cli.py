@@ -327,7 +327,7 @@ def bench(
         systems=systems.split(",") if systems else None, console=console,
     )
     print_bench(result, console)
-    console.print(f"written: {run_dir / 'bench.json'}")
+    console.print(f"written: {run_dir / 'bench.json'}", markup=False)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rich.markup import escape
 
 from tailtune.config import DataConfig
 from tailtune.errors import TailtuneError
@@ -374,7 +375,7 @@ def inspect_data(cfg: DataConfig, console) -> Prepared:
 
     prepared = prepare(cfg)
     s = prepared.summary
-    console.print(f"[bold]{s['source']}[/]: {s['rows_read']} rows read, {s['rows_kept']} kept")
+    console.print(f"[bold]{escape(s['source'])}[/]: {s['rows_read']} rows read, {s['rows_kept']} kept")
     for reason, n in s["dropped"].items():
         if n:
             console.print(f"  dropped {n} rows: {reason.replace('_', ' ')}")
@@ -400,7 +401,7 @@ def inspect_data(cfg: DataConfig, console) -> Prepared:
     shown = ranked if len(ranked) <= 30 else ranked[:15] + [("...", None)] + ranked[-15:]
     tier_of = dict(zip(prepared.classes, prepared.tiers, strict=True))
     for label, n in shown:
-        table.add_row(label, "" if n is None else str(n), tier_of.get(label, ""))
+        table.add_row(escape(label), "" if n is None else str(n), tier_of.get(label, ""))
     console.print(table)
     problems = []
     if s["dropped_classes"]:
@@ -412,5 +413,5 @@ def inspect_data(cfg: DataConfig, console) -> Prepared:
         problems.append(f"possible duplicate labels, differ only by case/spaces (kept apart): {variants}")
     console.print("[bold]problems found:[/] " + ("none" if not problems else ""))
     for p in problems:
-        console.print(f"  - {p}")
+        console.print(f"  - {p}", markup=False)
     return prepared

@@ -578,7 +578,7 @@ def run_system(spec, ctx, model_dir: Path):
         bb_cfg = dataclasses.replace(bb_cfg, lr=lr)
     template = prompt_template(ctx.cfg.data.label_column)
     if ctx.console is not None:
-        ctx.console.print(f"  backbone {bb_cfg.name}, LoRA, label generation; prompt {template!r}")
+        ctx.console.print(f"  backbone {bb_cfg.name}, LoRA, label generation; prompt {template!r}", markup=False)
     tau = train_cfg.logit_tau if spec.weighting == "logit_adjusted" else 0.0
     clf = GenerativeClassifier(bb_cfg, method_cfg, train_cfg, template=template, prior_tau=tau)
     clf.fit(

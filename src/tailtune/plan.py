@@ -226,6 +226,7 @@ def _leaves(loss) -> set[int]:
 
 def print_plan(rows: list[dict], console) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from tailtune.report import fmt_bytes
 
@@ -239,7 +240,7 @@ def print_plan(rows: list[dict], console) -> None:
         table.add_column(column, justify="left" if column in ("slot", "method", "note") else "right")
     for r in rows:
         if r.get("error"):
-            table.add_row(r["slot"], r["method"], *[""] * 9, f"[yellow]{r['error']}[/]")
+            table.add_row(r["slot"], r["method"], *[""] * 9, Text(r["error"], style="yellow"))
             continue
         note = "" if r["activations_from"] == "fake forward" else r["activations_from"]
         table.add_row(

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rich.markup import escape
 
 from tailtune import rundir
 from tailtune.config import Config, dump
@@ -191,7 +192,7 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
             shutil.rmtree(out, ignore_errors=True)
         raise
     if resuming:
-        console.print(f"[dim]resuming {out}: finished systems are kept[/]")
+        console.print(f"resuming {out}: finished systems are kept", style="dim", markup=False)
     if cfg.tune.enabled:
         cfg = ctx.cfg = _tuned(cfg, specs, ctx, out)
         if main:
@@ -209,7 +210,7 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
     rows = []
     for i, spec in enumerate(specs, 1):
         system_dir = out / "systems" / spec.name
-        console.rule(f"[bold]{spec.name}[/] ({i}/{len(specs)})")
+        console.rule(f"[bold]{escape(spec.name)}[/] ({i}/{len(specs)})")
         partial = out / "systems" / f".{spec.name}.partial"
         if finished[spec.name]:
             shutil.rmtree(partial, ignore_errors=True)  # killed between finishing and cleaning up
@@ -251,7 +252,7 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
             shutil.rmtree(partial, ignore_errors=True)
             shutil.rmtree(out / "systems" / f".{spec.name}.failed", ignore_errors=True)
             for w in outcome.warnings:
-                console.print(f"  [yellow]warning:[/] {w}")
+                console.print(f"  [yellow]warning:[/] {escape(w)}")
             console.print(
                 f"  accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}  "
                 f"zero-F1 classes {metrics['zero_f1_classes']}/{metrics['n_classes']}  "
@@ -261,7 +262,7 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
         except failures as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             _record_failure(out, spec.name, exc)
-            console.print(f"  [red]failed:[/] {reason}")
+            console.print(f"  [red]failed:[/] {escape(reason)}")
             rows.append(_row(spec.name, "failed", {}, reason))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -273,8 +274,8 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
         from tailtune.report import build_report
 
         path = build_report(out)
-        console.print(f"report: {path}")
-    console.print(f"run directory: {out}  ({time.perf_counter() - started:.0f} s)")
+        console.print(f"report: {path}", markup=False)
+    console.print(f"run directory: {out}  ({time.perf_counter() - started:.0f} s)", markup=False)
     dist.wait_for_everyone()
     return out
 
@@ -353,7 +354,8 @@ def _print_data(console, data) -> None:
     dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items() if v) or "none"
     console.print(
         f"data: {s['source']}\n  {s['rows_read']} rows read, {s['rows_kept']} kept (dropped: {dropped}); "
-        f"{s['n_classes']} classes; split {s['splits']['train']}/{s['splits']['val']}/{s['splits']['test']}"
+        f"{s['n_classes']} classes; split {s['splits']['train']}/{s['splits']['val']}/{s['splits']['test']}",
+        markup=False,
     )
     tiers = s["tiers"]
     parts = [f"{t} {tiers['ranges'][t]}: {len(tiers['classes'][t])}" for t in tiers["names"]]
@@ -362,10 +364,10 @@ def _print_data(console, data) -> None:
         names = ", ".join(s["dropped_classes"][:5]) + (", ..." if len(s["dropped_classes"]) > 5 else "")
         console.print(
             f"  [yellow]dropped {len(s['dropped_classes'])} classes below min_class_count "
-            f"({s['dropped']['rare_class_rows']} rows):[/] {names}"
+            f"({s['dropped']['rare_class_rows']} rows):[/] {escape(names)}"
         )
     for variants in s["possible_duplicate_labels"][:5]:
-        console.print(f"  [yellow]possible duplicate labels (differ only by case/spaces; kept apart):[/] {variants}")
+        console.print(f"  [yellow]possible duplicate labels (differ only by case/spaces; kept apart):[/] {escape(str(variants))}")
     for slot, t in s.get("truncation", {}).items():
         over = (
             f"about {t['texts_over']:,} of {t['texts']:,} texts ({100 * t['share']:.1f}%) are longer and will be truncated"
@@ -383,12 +385,12 @@ def _print_comparison(console, comparison: pd.DataFrame) -> None:
     notes = []
     for r in comparison.itertuples():
         if isinstance(r.note, str) and r.note:
-            notes.append(f"[{'red' if r.status != 'ok' else 'yellow'}]{r.system}:[/] {r.note}")
+            notes.append(f"[{'red' if r.status != 'ok' else 'yellow'}]{escape(r.system)}:[/] {escape(r.note)}")
         if r.status != "ok":
-            table.add_row(r.system, *["[red]failed[/]"] + ["-"] * 5)
+            table.add_row(escape(r.system), *["[red]failed[/]"] + ["-"] * 5)
             continue
         table.add_row(
-            r.system, f"{r.accuracy:.3f}", f"{r.macro_f1:.3f}", f"{r.weighted_f1:.3f}",
+            escape(r.system), f"{r.accuracy:.3f}", f"{r.macro_f1:.3f}", f"{r.weighted_f1:.3f}",
             str(int(r.zero_f1_classes)), f"{int(r.trainable_params):,}", f"{r.train_seconds:.0f}",
         )
     console.print(table)

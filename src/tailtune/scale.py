@@ -119,7 +119,7 @@ def predict_ray(
         if console is not None:
             where = f"cluster at {address}" if address else "local cluster"
             device = "1 GPU" if gpus else "1 CPU"
-            console.print(f"Ray {where}: {workers} predictor actors, {device} each")
+            console.print(f"Ray {where}: {workers} predictor actors, {device} each", markup=False)
         # ORDER_KEY's high bits are the index of the task that a block went to: they follow the
         # input's order only if blocks are handed to tasks in that order.
         ray.data.DataContext.get_current().execution_options.preserve_order = True

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rich.markup import escape
 
 from tailtune import rundir
 from tailtune.config import Config
@@ -144,7 +145,7 @@ def print_summary(console, summary: pd.DataFrame, seeds: list[int]) -> None:
         )
         higher = "-" if is_ref or not r["seeds_paired"] else f"{r['seeds_higher']} of {r['seeds_paired']}"
         finished = "" if r["finished"] == r["seeds"] else f" [red]({r['finished']} of {r['seeds']} finished)[/]"
-        table.add_row(r["system"] + finished, cell(r, "accuracy", 3), cell(r, "macro_f1", 3),
+        table.add_row(escape(r["system"]) + finished, cell(r, "accuracy", 3), cell(r, "macro_f1", 3),
                       cell(r, "zero_f1_classes", 1), diff, higher)
     console.print(table)
 
@@ -166,10 +167,12 @@ def run_splits(cfg: Config, seeds: list[int], report: bool = True, console=None)
     console = console or make_console()
     for i, seed_cfg in enumerate(seed_configs(cfg, seeds), 1):
         if main:
-            console.rule(f"[bold]split seed {seed_cfg.data.seed}[/] ({i}/{len(seeds)}) -> {seed_cfg.out}", characters="=")
+            console.rule(
+                f"[bold]split seed {seed_cfg.data.seed}[/] ({i}/{len(seeds)}) -> {escape(str(seed_cfg.out))}", characters="="
+            )
         run_one(seed_cfg, console if main else None, report=report)
     if main:
         _, summary = write_summary(out, seeds, cfg.systems[0])
         print_summary(console, summary, seeds)
-        console.print(f"written: {out / PER_SEED}, {out / SUMMARY}")
+        console.print(f"written: {out / PER_SEED}, {out / SUMMARY}", markup=False)
     return out

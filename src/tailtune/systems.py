@@ -322,7 +322,8 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Pat
     if ctx.console is not None:
         ctx.console.print(
             f"  backbone {bb_cfg.name} ({ctx.backbone(spec.slot).model_type}), method {spec.method}, "
-            f"weighting {scheme}, lr {clf.learning_rate():g}"
+            f"weighting {scheme}, lr {clf.learning_rate():g}",
+            markup=False,
         )
     clf.fit(
         data.texts("train"),
@@ -346,7 +347,8 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Pat
             adapted = "head only" if spec.method == "head" else f"{method_cfg.virtual_tokens} virtual tokens"
         ctx.console.print(
             f"  trainable {clf.trainable_params_:,} / {clf.total_params_:,} ({pct:.2f}%), "
-            f"precision {clf.precision_}; adapted: {adapted}"
+            f"precision {clf.precision_}; adapted: {adapted}",
+            markup=False,
         )
     texts = data.texts("test")
     with _bar(ctx.console, "  evaluating (test)", len(texts)) as advance:

@@ -234,14 +234,14 @@ def fit(
     if saved is not None and saved["done"]:
         # Killed after training ended: the checkpoint already holds everything fit returns.
         if console is not None:
-            console.print(f"  training had finished (step {saved['step']}); kept from {resume}")
+            console.print(f"  training had finished (step {saved['step']}); kept from {resume}", markup=False)
         _load_trainable(model, resume)
         epochs_run = saved["epoch"]
     else:
         callbacks = [Select()]
         if console is not None:
             if resume is not None:
-                console.print(f"  resuming from step {saved['step']}/{total_steps} ({resume})")
+                console.print(f"  resuming from step {saved['step']}/{total_steps} ({resume})", markup=False)
             callbacks.append(_rich_progress(console, total_steps))
         if class_sampling is None:
             trainer_cls = _length_grouped_trainer([len(ids) for ids in train_ids], per_step, train.seed, on_checkpoint)

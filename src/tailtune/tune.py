@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
 from tailtune import rundir
 from tailtune.config import Config, TuneChoice
@@ -84,7 +85,7 @@ def search(cfg: Config, specs, ctx, out: Path) -> list[TuneChoice]:
         if not trials:
             continue
         if ctx.console is not None:
-            ctx.console.rule(f"[bold]tune {spec.name}[/] ({len(trials)} trials on {len(rows)} training rows)")
+            ctx.console.rule(f"[bold]tune {escape(spec.name)}[/] ({len(trials)} trials on {len(rows)} training rows)")
         scores = []
         for lr, scheme in trials:
             name = f"{spec.name} lr={lr:g} weighting={scheme}"
