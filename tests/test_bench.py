@@ -152,6 +152,7 @@ def test_bench_command_runs(smoke_run):
         (["--batch-sizes", "a,b"], "--batch-sizes must be integers"),
         (["--systems", "nope"], "no finished system named nope"),
         (["--repeats", "0"], "must be at least 1"),
+        (["--price-per-hour", "-1"], "--price-per-hour must be 0 or more"),
     ],
 )
 def test_bench_bad_input_is_one_line_exit_2(smoke_run, args, message):

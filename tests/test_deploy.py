@@ -366,6 +366,7 @@ def test_predict_command_runs(smoke_run, tmp_path):
         ("", [], "input file is empty"),
         ("text\n", [], "no rows"),
         ("text\nhello\n", ["--top-k", "99"], "more than the system's"),
+        ("text\nhello\n", ["--batch-size", "-1"], "--batch-size must be at least 1"),
         ("text\nhello\n", ["--precision", "fp64"], "unknown precision 'fp64'"),
         (None, [], "input file not found"),
         ("text\nhello\n", ["--system", "."], "not a tailtune system folder"),

@@ -94,6 +94,7 @@ def assert_same_predictions(ray_dir: Path, local_file: Path, frame: pd.DataFrame
         (["--engine", "ray", "--output", "{file}"], "already exists and is not an empty folder"),
         (["--engine", "ray", "--top-k", "99"], "more than the system's 12 classes"),
         (["--engine", "ray", "--text-column", "body"], "text column 'body' not found"),
+        (["--engine", "ray", "--batch-size", "-1"], "--batch-size and --workers must be at least 1"),
     ],
 )
 def test_bad_ray_predict_is_one_line_exit_2(scale_run, tmp_path, args, message):

@@ -17,7 +17,7 @@ from test_deploy import make_lora_system
 
 from tailtune import deploy
 from tailtune.classifier import TextClassifier
-from tailtune.serve import create_app
+from tailtune.serve import check_port, create_app
 
 TEXTS = [
     "the debt collector keeps calling about a debt I do not owe",
@@ -135,6 +135,37 @@ def test_unknown_system_at_start_is_refused(adapter_run):
 
     with pytest.raises(TailtuneError, match="no finished system named nope"):
         create_app(adapter_run, systems=["nope"])
+
+
+def test_bad_limits_are_refused(adapter_run):
+    from tailtune.errors import TailtuneError
+
+    with pytest.raises(TailtuneError, match="--max-batch and --max-chars must be at least 1"):
+        create_app(adapter_run, max_batch=0)
+
+
+def test_a_taken_port_is_one_line_before_any_model_loads(adapter_run, monkeypatch):
+    """uvicorn found it only after the models loaded, and printed its own ERROR log; an
+    out-of-range port was an internal OverflowError."""
+    from typer.testing import CliRunner
+
+    from tailtune.cli import app
+    from tailtune.errors import TailtuneError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(TailtuneError, match=f"cannot listen on 127.0.0.1:{port}"):
+            check_port("127.0.0.1", port)
+        monkeypatch.setattr("tailtune.serve.create_app", lambda *a, **k: pytest.fail("models loaded first"))
+        result = CliRunner().invoke(app, ["serve", str(adapter_run), "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot listen on"), result.output
+    with pytest.raises(TailtuneError, match="--port must be between 0 and 65535, got 70000"):
+        check_port("127.0.0.1", 70000)
+    check_port("127.0.0.1", 0)  # any free port: accepted
 
 
 def test_serve_command_answers_and_stops_on_sigterm(adapter_run):

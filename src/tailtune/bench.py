@@ -287,6 +287,8 @@ def bench(
     run_dir = Path(run_dir)
     if not batch_sizes or min(batch_sizes) < 1 or repeats < 1 or max_texts < 1:
         raise TailtuneError("batch sizes, --repeats and --max-texts must be at least 1")
+    if not price_per_hour >= 0:
+        raise TailtuneError(f"--price-per-hour must be 0 or more, got {price_per_hour:g}")
     names = finished_systems(run_dir, systems)
     texts, labels = sample_texts(run_dir, max_texts)
     gold = np.asarray(labels, dtype=object)

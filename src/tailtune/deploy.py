@@ -797,8 +797,8 @@ def predict_file(
     out_kind = _Sink.KINDS.get(output_path.suffix.lower())
     if out_kind is None:
         raise TailtuneError(f"output must end in {', '.join(_Sink.KINDS)}: {output_path}")
-    if chunk_size < 1 or k < 1:
-        raise TailtuneError("--chunk-size and --top-k must be at least 1")
+    if chunk_size < 1 or k < 1 or (batch_size is not None and batch_size < 1):
+        raise TailtuneError("--chunk-size, --top-k and --batch-size must be at least 1")
     frames, total = _open_table(input_path, chunk_size)
     first = next(frames, None)
     if first is None or len(first[0]) == 0:

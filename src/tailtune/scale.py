@@ -88,8 +88,8 @@ def predict_ray(
         raise TailtuneError(
             f"output {output_dir} already exists and is not an empty folder (--engine ray writes a folder of Parquet parts)"
         )
-    if chunk_size < 1 or k < 1 or (workers is not None and workers < 1):
-        raise TailtuneError("--chunk-size, --top-k and --workers must be at least 1")
+    if chunk_size < 1 or k < 1 or any(n is not None and n < 1 for n in (workers, batch_size)):
+        raise TailtuneError("--chunk-size, --top-k, --batch-size and --workers must be at least 1")
     frames, _ = _open_table(input_path, 64)  # checks the file and reads its header only
     first = next(frames, None)
     frames.close()

@@ -30,6 +30,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from tailtune import deploy
+from tailtune.errors import TailtuneError
 
 
 class PredictRequest(BaseModel):
@@ -190,6 +191,8 @@ def create_app(
 
     ``precision`` as in :func:`tailtune.deploy.load_predictor` (auto: bf16 where native).
     """
+    if max_batch < 1 or max_chars < 1:
+        raise TailtuneError(f"--max-batch and --max-chars must be at least 1, got {max_batch} and {max_chars}")
     registry = Registry(run_dir, systems, device, precision)
 
     @asynccontextmanager
@@ -250,6 +253,27 @@ def create_app(
     return app
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port outside 0-65535, or one that ``host`` cannot bind (taken, or not allowed)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise TailtuneError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise TailtuneError(f"--host {host!r} does not resolve: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise TailtuneError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; pass another --port (or --host)"
+            ) from None
+
+
 def serve(
     run_dir: str | Path,
     *,
@@ -260,8 +284,12 @@ def serve(
     max_chars: int = 20000,
     precision: str = "auto",
 ) -> None:
-    """Build the app and run it with uvicorn until SIGINT/SIGTERM."""
+    """Build the app and run it with uvicorn until SIGINT/SIGTERM.
+
+    The port is checked before the models load, so a taken port is one line, not a traceback
+    after the wait."""
     import uvicorn
 
+    check_port(host, port)
     app = create_app(run_dir, systems, max_batch=max_batch, max_chars=max_chars, precision=precision)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30)
