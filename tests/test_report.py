@@ -512,6 +512,34 @@ def test_probe_and_second_weighting_pair(tmp_path):
     assert "Does the effect transfer from encoder to decoder?" in html
 
 
+def test_recommendation_names_the_probe_when_fine_tuning_does_not_beat_it(tmp_path):
+    """On the products sample encoder LoRA kept its LP-FT start (the probe's head), and the memo
+    still said 'Deploy encoder-lora', with section 5 saying fine-tuning added nothing."""
+    systems = (*DEFAULT_SYSTEMS, "encoder-probe")
+    ahead = _html(write_fake_run(tmp_path / "ahead", systems=systems))
+    assert re.search(r"Deploy encoder-lora(-weighted)? \(encoder \+ LoRA\)", ahead)
+    assert "It is the frozen probe" not in ahead
+
+    # encoder-lora makes the probe's predictions, as when it keeps its LP-FT start; so does the
+    # decoder, so the rule lands on the encoder row.
+    path = write_fake_run(tmp_path / "same", systems=(*systems[:3], "decoder-lora", "encoder-probe"))
+    probe = path / "systems" / "encoder-probe"
+    metrics = json.loads((probe / "metrics.json").read_text())
+    comparison = pd.read_csv(path / "comparison.csv")
+    for copy in ("encoder-lora", "decoder-lora"):
+        for name in ("predictions.csv", "per_class.csv"):
+            (path / "systems" / copy / name).write_bytes((probe / name).read_bytes())
+        own = json.loads((path / "systems" / copy / "metrics.json").read_text())
+        (path / "systems" / copy / "metrics.json").write_text(json.dumps({**metrics, "system": own["system"]}))
+        comparison.loc[comparison["system"] == copy, "macro_f1"] = metrics["macro_f1"]
+    (path / "systems" / "encoder-lora-weighted" / "metrics.json").unlink()  # one fine-tuned encoder
+    comparison[comparison["system"] != "encoder-lora-weighted"].to_csv(path / "comparison.csv", index=False)
+    html = _html(path)
+    assert "Deploy encoder-probe (frozen encoder + linear head).</strong> The decoder does not earn" in html
+    assert "It is the frozen probe, not encoder-lora: fine-tuning did not beat" in html
+    assert "+0.000 [+0.000, +0.000] macro-F1" in html
+
+
 def test_missing_run_files_are_a_clear_error(tmp_path):
     with pytest.raises(TailtuneError, match="does not exist"):
         build_report(tmp_path / "nope")

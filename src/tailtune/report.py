@@ -2001,6 +2001,32 @@ def _latency_ratio(run: Run, an: Analysis) -> float | None:
     return None
 
 
+def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[Markup, Markup]:
+    """(what to deploy, why) for the fine-tuned system the rule picked.
+
+    Its backbone's frozen probe instead, when fine-tuning does not beat the probe beyond noise:
+    at serving time both are one forward pass of the same backbone, and the probe needs no
+    fine-tuning (on the products sample LoRA kept the probe's head on two of three splits, so
+    the two made the same predictions).
+    """
+    backbone, method = tuned.info.get("backbone"), tuned.info.get("method")
+    name = Markup("{} ({} + {})").format(tuned.name, backbone, "LoRA" if method == "lora" else method)
+    probe = _best(
+        [s for s in run.ok_systems if s.info.get("kind") == "probe" and s.info.get("backbone") == backbone]
+    )
+    diff = None if probe is None else _bootstrap(run, tuned.name, probe.name, an.seed, an.n_boot)
+    if diff is None or diff["lo"] > 0:
+        return name, Markup("")
+    return (
+        Markup("{} (frozen {} + linear head)").format(probe.name, backbone),
+        Markup(
+            " It is the frozen probe, not {}: fine-tuning did not beat the probe beyond noise "
+            "({} macro-F1), and at serving time both are one forward pass of the same {}: the "
+            "probe is the simpler system, with no measurable loss."
+        ).format(tuned.name, fmt_boot(diff), backbone),
+    )
+
+
 def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
     """The recommendation in words and the row of RULES it corresponds to."""
     rare_res = an.enc_dec.get(run.tier_names[0]) if run.tier_names else None
@@ -2022,15 +2048,16 @@ def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
             None,
         )
     enc, dec = an.enc.name, an.dec.name
+    (enc_pick, enc_why), (dec_pick, dec_why) = _deployable(run, an, an.enc), _deployable(run, an, an.dec)
     cost = Markup(", at {:.1f}\u00d7 the encoder's latency").format(ratio) if ratio else Markup("")
     overall = an.enc_dec.get("all")
     if rare_res is not None and rare_res["lo"] > 0:
         return (
             Markup(
-                "<strong>Deploy {} (decoder + LoRA) if the rare classes matter and the latency "
-                "budget allows it.</strong> It beats {} on the rare tier beyond noise ({}){}. If "
-                "latency is tight or the rare classes carry little value, {} is the fallback.{}"
-            ).format(dec, enc, fmt_boot(rare_res), cost, enc, provisional),
+                "<strong>Deploy {} if the rare classes matter and the latency "
+                "budget allows it.</strong> {} beats {} on the rare tier beyond noise ({}){}. If "
+                "latency is tight or the rare classes carry little value, {} is the fallback.{}{}{}"
+            ).format(dec_pick, dec, enc, fmt_boot(rare_res), cost, enc_pick, dec_why, enc_why, provisional),
             RULES[1][0],
         )
     rare_words = (
@@ -2043,17 +2070,17 @@ def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
     if overall is not None and overall["lo"] > 0:
         return (
             Markup(
-                "<strong>Deploy {} (encoder + LoRA) under a latency budget; {} only if cost is "
+                "<strong>Deploy {} under a latency budget; {} only if cost is "
                 "no object.</strong> The decoder is better over all classes beyond noise ({}), "
-                "but {}: it buys quality on the classes that already work{}.{}"
-            ).format(enc, dec, fmt_boot(overall), rare_words, cost, provisional),
+                "but {}: it buys quality on the classes that already work{}.{}{}"
+            ).format(enc_pick, dec, fmt_boot(overall), rare_words, cost, enc_why, provisional),
             RULES[2][0],
         )
     return (
         Markup(
-            "<strong>Deploy {} (encoder + LoRA).</strong> The decoder does not earn its cost "
-            "here: {}{}.{}"
-        ).format(enc, rare_words, cost, provisional),
+            "<strong>Deploy {}.</strong> The decoder does not earn its cost "
+            "here: {}{}.{}{}"
+        ).format(enc_pick, rare_words, cost, enc_why, provisional),
         RULES[0][0],
     )
 
