@@ -27,6 +27,7 @@ def test_a_system_name_carries_its_own_settings():
     [
         ("encoder-lora@size=4", "key one of"),
         ("encoder-lora@rank=four", "rank must be a number"),
+        ("encoder-lora@lr=nan", "lr must be a number, got 'nan'"),
         ("encoder-lora@targets=attn", "targets must be roles"),
         ("encoder-probe@rank=4", "unknown system"),
     ],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -331,6 +332,16 @@ def dump(cfg: Config) -> str:
 # ----------------------------------------------------------------------------- validation
 
 
+def _check_method(m: MethodConfig, who: str = "", key: str = "method.") -> None:
+    """The method's numbers; errors start with ``who`` and name each setting as ``key<name>``."""
+    if m.rank < 1 or not 0 < m.alpha < math.inf:
+        raise TailtuneError(f"{who}{key}rank must be >= 1 and {key}alpha > 0")
+    if m.virtual_tokens < 1 or m.bottleneck < 1:
+        raise TailtuneError(f"{who}{key}virtual_tokens and {key}bottleneck must be >= 1")
+    if not 0 <= m.dropout < 1:
+        raise TailtuneError(f"{who}{key}dropout must be in [0, 1)")
+
+
 def validate(cfg: Config) -> None:
     """Check cross-field rules; raise :class:`TailtuneError` naming the first problem."""
     from tailtune import methods, systems, weighting
@@ -348,6 +359,8 @@ def validate(cfg: Config) -> None:
         raise TailtuneError("data.val_size and data.test_size must be in (0, 1) and sum below 1")
     if d.min_class_count < 2:
         raise TailtuneError("data.min_class_count must be >= 2 so every class can be split")
+    if d.max_rows is not None and d.max_rows < 1:
+        raise TailtuneError("data.max_rows must be >= 1 (or null for every row)")
     for key, edges in (("data.tier_edges", d.tier_edges), ("data.demo.tier_edges", d.demo.tier_edges or [])):
         if list(edges) != sorted(set(edges)) or any(e < 1 for e in edges):
             raise TailtuneError(f"{key} must be strictly increasing positive counts")
@@ -361,14 +374,11 @@ def validate(cfg: Config) -> None:
             raise TailtuneError(f"{slot}.pooling must be one of {', '.join(POOLINGS)}")
         if bb.max_length < 8 or bb.batch_size < 1 or bb.eval_batch_size < 1:
             raise TailtuneError(f"{slot}: max_length >= 8 and batch sizes >= 1 are required")
-        if bb.epochs is not None and bb.epochs <= 0:
+        if bb.epochs is not None and not 0 < bb.epochs < math.inf:
             raise TailtuneError(f"{slot}.epochs must be > 0 (or null for train.epochs)")
         if bb.adapt_layers is not None and bb.adapt_layers < 1:
             raise TailtuneError(f"{slot}.adapt_layers must be >= 1 (or null for all layers)")
-    if cfg.method.rank < 1 or cfg.method.alpha <= 0:
-        raise TailtuneError("method.rank must be >= 1 and method.alpha > 0")
-    if cfg.method.virtual_tokens < 1 or cfg.method.bottleneck < 1:
-        raise TailtuneError("method.virtual_tokens and method.bottleneck must be >= 1")
+    _check_method(cfg.method)
 
     for role in cfg.method.targets:
         if role not in methods.ROLES:
@@ -382,32 +392,48 @@ def validate(cfg: Config) -> None:
     if t.head_init not in HEAD_INITS:
         raise TailtuneError(f"train.head_init must be one of {', '.join(HEAD_INITS)}")
     weighting.check(t.weighting)
-    if t.logit_tau <= 0:
+    if not 0 < t.logit_tau < math.inf:
         raise TailtuneError("train.logit_tau must be > 0")
-    if t.epochs <= 0 or t.lr < 0 or t.head_lr < 0 or t.grad_accum < 1 or t.eval_per_epoch < 1:
+    # written as ranges so that NaN and inf fail them too
+    rates_ok = 0 < t.epochs < math.inf and 0 <= t.lr < math.inf and 0 <= t.head_lr < math.inf
+    if not rates_ok or t.grad_accum < 1 or t.eval_per_epoch < 1:
         raise TailtuneError("train: epochs > 0, lr >= 0, grad_accum >= 1, eval_per_epoch >= 1")
+    if t.early_stopping_patience < 1:
+        raise TailtuneError("train.early_stopping_patience must be >= 1 (evaluations without a gain before stopping)")
     if t.checkpoint_every < 0:
         raise TailtuneError("train.checkpoint_every must be >= 0 (0 = no checkpoints)")
     if t.backbone_dropout is not None and not 0 <= t.backbone_dropout < 1:
         raise TailtuneError("train.backbone_dropout must be in [0, 1) (or null for the checkpoint's own)")
     if not 0 <= t.warmup_ratio < 1:
         raise TailtuneError("train.warmup_ratio must be in [0, 1)")
+    for name in cfg.systems:  # settings in a system's name: the same rules
+        spec = systems.parse_system(name)
+        if spec.overrides:
+            method, train, backbone, lr = spec.configs(cfg)
+            where = f"system '{name}': "
+            _check_method(method, who=where, key="")
+            if backbone.epochs is not None and not 0 < backbone.epochs < math.inf:
+                raise TailtuneError(f"{where}epochs must be > 0")
+            if not all(0 <= v < math.inf for v in (train.head_lr, 0 if lr is None else lr)):
+                raise TailtuneError(f"{where}lr and head_lr must be >= 0")
     if cfg.tfidf.class_weight not in (None, "balanced"):
         raise TailtuneError("tfidf.class_weight must be null or 'balanced'")
+    if not 0 < cfg.tfidf.C < math.inf or cfg.tfidf.max_features < 1 or cfg.tfidf.ngram_max < 1:
+        raise TailtuneError("tfidf: C > 0, max_features >= 1 and ngram_max >= 1 are required")
     if cfg.eval.n_boot < 10:
         raise TailtuneError("eval.n_boot must be >= 10")
     tune = cfg.tune
-    if not tune.lr_factors or any(f <= 0 for f in tune.lr_factors):
+    if not tune.lr_factors or not all(0 < f < math.inf for f in tune.lr_factors):
         raise TailtuneError("tune.lr_factors must be a non-empty list of factors > 0")
     if not tune.weightings:
         raise TailtuneError("tune.weightings must name at least one weighting")
     for scheme in tune.weightings:
         weighting.check(scheme)
-    if tune.max_rows < 2 or tune.epochs <= 0:
+    if tune.max_rows < 2 or not 0 < tune.epochs < math.inf:
         raise TailtuneError("tune.max_rows must be >= 2 and tune.epochs > 0")
     for choice in tune.chosen:
         if choice.system not in cfg.systems:
             raise TailtuneError(f"tune.chosen names '{choice.system}', which is not in systems")
-        if choice.lr < 0:
+        if not 0 <= choice.lr < math.inf:
             raise TailtuneError(f"tune.chosen: lr of '{choice.system}' must be >= 0")
         weighting.check(choice.weighting)

@@ -22,6 +22,7 @@ probabilities plus what the comparison needs (parameters, time, warnings).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,9 +98,12 @@ def _parse_overrides(name: str, text: str) -> tuple:
             pairs.append((key, roles))
             continue
         try:
-            pairs.append((key, int(value) if value.lstrip("-").isdigit() else float(value)))
+            number = int(value) if value.lstrip("-").isdigit() else float(value)
         except ValueError:
-            raise TailtuneError(f"system '{name}': {key} must be a number, got '{value}'") from None
+            number = math.nan
+        if not math.isfinite(number):
+            raise TailtuneError(f"system '{name}': {key} must be a number, got '{value}'")
+        pairs.append((key, number))
     return tuple(pairs)
 
 
