@@ -208,6 +208,9 @@ def test_export_refuses_what_a_stock_class_cannot_hold(smoke_run, tmp_path):
         deploy.export_merged(systems / "encoder-lora", tmp_path / "a")
     with pytest.raises(TailtuneError, match="no adapter to merge"):
         deploy.export_merged(systems / "tfidf-logreg", tmp_path / "c")
+    for tolerance in (-1.0, float("nan")):  # nan passed the check and then reported "0.00e+00 > nan"
+        with pytest.raises(TailtuneError, match="--tolerance must be a number >= 0"):
+            deploy.export_merged(systems / "encoder-lora", tmp_path / "e", fmt="tailtune", tolerance=tolerance)
     assert not any(tmp_path.iterdir())
     result = cli("export", systems / "encoder-lora", "--merged", tmp_path / "d")
     assert result.exit_code == 2
@@ -390,6 +393,15 @@ def test_predict_bad_input_is_one_line_exit_2_and_no_output(
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not output.exists() and not (output.parent.exists() and any(output.parent.iterdir()))
+
+
+def test_predict_refuses_to_write_over_its_input(smoke_run, tmp_path):
+    """`--output` = `--input` replaced the user's file with the predictions."""
+    source = tmp_path / "in.csv"
+    source.write_text("text\nhello\n")
+    result = cli("predict", smoke_run / "systems" / "tfidf-logreg", "--input", source, "--output", source)
+    assert result.exit_code == 2 and "--output is the input file" in result.output
+    assert source.read_text() == "text\nhello\n"
 
 
 def test_predict_checks_true_labels_against_the_models_classes(smoke_run, tmp_path):

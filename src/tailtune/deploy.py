@@ -537,6 +537,8 @@ def export_merged(
 
     if fmt not in EXPORT_FORMATS:
         raise TailtuneError(f"unknown export format '{fmt}' (formats: {', '.join(EXPORT_FORMATS)})")
+    if not 0 <= tolerance < np.inf:
+        raise TailtuneError(f"--tolerance must be a number >= 0, got {tolerance:g}")
     kind, folder = resolve_system(system_dir)
     if kind != "finetune":
         raise TailtuneError(
@@ -794,6 +796,8 @@ def predict_file(
 
     input_path, output_path = Path(input_path), Path(output_path)
     resolve_system(system_dir)  # a bad folder fails before any data is read
+    if output_path.exists() and input_path.exists() and output_path.samefile(input_path):
+        raise TailtuneError(f"--output is the input file {input_path}; write the predictions elsewhere")
     out_kind = _Sink.KINDS.get(output_path.suffix.lower())
     if out_kind is None:
         raise TailtuneError(f"output must end in {', '.join(_Sink.KINDS)}: {output_path}")
