@@ -12,6 +12,10 @@ EXPECTED = {
         "ffn": ["intermediate.dense", "output.dense"],
     },
     "modernbert": {"attention": ["attn.Wo", "attn.Wqkv"], "ffn": ["mlp.Wi", "mlp.Wo"]},
+    "mpnet": {
+        "attention": ["attention.attn.k", "attention.attn.o", "attention.attn.q", "attention.attn.v"],
+        "ffn": ["intermediate.dense", "output.dense"],
+    },
     "qwen2": {
         "attention": ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"],
         "ffn": ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"],

@@ -21,12 +21,14 @@ TEXTS = [
 ]
 LABELS = ["fees", "collection", "mortgage", "fees", "collection", "mortgage"]
 TRAINED_HERE = [m for m in methods.METHODS if m != "qlora"]  # qlora needs a CUDA GPU
-ARCHS = ["bert", "modernbert", "qwen2"]
+ARCHS = ["bert", "modernbert", "mpnet", "qwen2"]
 
 
 def _applies(method: str, arch: str) -> bool:
-    # ModernBERT's attention takes no past key/values, and it has no bias terms at all
-    return not (method in ("prefix", "bitfit") and arch == "modernbert")
+    # ModernBERT's and MPNet's attention take no past key/values; ModernBERT has no bias terms
+    if method == "prefix":
+        return arch not in ("modernbert", "mpnet")
+    return not (method == "bitfit" and arch == "modernbert")
 
 
 def _classifier(arch: str, method: str) -> TextClassifier:
@@ -110,10 +112,11 @@ def test_prompt_tokens_are_prepended_and_dropped_before_pooling():
     assert not torch.allclose(first, model(**batch)["logits"])  # ...but the prompt is attended to
 
 
-def test_prefix_is_refused_where_attention_ignores_it():
-    bb = backbones.resolve("tiny:modernbert")
+@pytest.mark.parametrize("arch", ["modernbert", "mpnet"])
+def test_prefix_is_refused_where_attention_ignores_it(arch):
+    bb = backbones.resolve(f"tiny:{arch}")
     base = backbones.load_model(bb, backbones.load_tokenizer(bb))
-    with pytest.raises(TailtuneError, match="prefix tuning does not apply to modernbert"):
+    with pytest.raises(TailtuneError, match=f"prefix tuning does not apply to {arch}"):
         methods.get("prefix").apply(base, bb, MethodConfig())
 
 

@@ -61,7 +61,7 @@ def test_decoder_without_pad_or_eos_token(tmp_path, small_csv):
                  "neither a pad nor an eos token")
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "bert", "modernbert"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "bert", "modernbert", "mpnet"])
 def test_padding_check_passes_on_correct_models(arch, texts):
     model, tokenizer = _pooled(arch)
     preflight.check_padding(model, tokenizer, texts, max_length=32)

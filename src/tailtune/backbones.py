@@ -61,11 +61,19 @@ ROLE_PATTERNS: dict[str, dict[str, str]] = {
         "ffn_out": r"mlp\.Wo$",
         "residual_out": r"(attn|mlp)\.Wo$",
     },
+    # MPNet (all-mpnet-base-v2, the most used sentence-transformers checkpoint): attention.attn.{q,k,v,o}.
+    "mpnet": {
+        "attention": r"attention\.attn\.(q|k|v|o)$",
+        "ffn": r"(intermediate\.dense|layer\.\d+\.output\.dense)$",
+        "keys_values": r"attention\.attn\.(k|v)$",
+        "ffn_out": r"layer\.\d+\.output\.dense$",
+        "residual_out": r"(attention\.attn\.o|layer\.\d+\.output\.dense)$",
+    },
     **{t: _LLAMA_ROLES for t in DECODER_TYPES},
 }
 ROLE_PATTERNS["roberta"] = ROLE_PATTERNS["xlm-roberta"] = ROLE_PATTERNS["bert"]
 
-TINY_ARCHS = ("bert", "modernbert", "qwen2", "llama")
+TINY_ARCHS = ("bert", "modernbert", "mpnet", "qwen2", "llama")
 
 
 @dataclass
@@ -271,6 +279,9 @@ def make_tiny(arch: str, vocab_size: int = 512) -> Path:
     if arch == "bert":
         config = tf.BertConfig(vocab_size=vocab_size, max_position_embeddings=512, **dims)
         cls = tf.BertModel
+    elif arch == "mpnet":  # position ids count from the pad id, as in RoBERTa
+        config = tf.MPNetConfig(vocab_size=vocab_size, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id, **dims)
+        cls = tf.MPNetModel
     elif arch == "modernbert":
         config = tf.ModernBertConfig(
             vocab_size=vocab_size,
