@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -163,6 +164,47 @@ def test_square_brackets_in_labels_and_paths_print_as_written(tmp_path, small_fr
     shown = " ".join(result.stdout.split())
     assert "[Lonely] class" in shown and "data [v2]" in shown
     assert re.search(r"adapted: \d+ layers x \[\w", shown), shown
+
+
+def test_a_run_can_gain_systems_but_not_lose_them(tmp_path, small_csv):
+    """Adding a system to a finished run trains only the new one; the saved config keeps what
+    --tune chose for the others. Leaving one out is refused: the directory would hold a system
+    its config does not list."""
+    import yaml
+
+    out = tmp_path / "run"
+    chosen = "tune.chosen=[{system: encoder-lora, lr: 0.002, weighting: none, val_macro_f1: 0.5}]"
+    first = run_smoke(small_csv, out, chosen, systems="tfidf-logreg,encoder-lora")
+    assert first.exit_code == 0, first.output
+    before = (out / "systems" / "encoder-lora" / "predictions.csv").read_bytes()
+
+    more = run_smoke(small_csv, out, systems="tfidf-logreg,encoder-lora,encoder-probe")
+    assert more.exit_code == 0, more.output
+    assert more.stdout.count("done already") == 2
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["systems"] == ["tfidf-logreg", "encoder-lora", "encoder-probe"]
+    assert saved["tune"]["chosen"] == [
+        {"system": "encoder-lora", "lr": 0.002, "weighting": "none", "val_macro_f1": 0.5}
+    ]
+    assert pd.read_csv(out / "comparison.csv")["system"].tolist() == saved["systems"]
+    assert (out / "systems" / "encoder-lora" / "predictions.csv").read_bytes() == before
+
+    # A system not finished yet (its folder gone) is trained with what --tune chose, though
+    # the command does not repeat the choice: the run's config.yaml holds it.
+    shutil.rmtree(out / "systems" / "encoder-lora")
+    again = run_smoke(small_csv, out, systems="tfidf-logreg,encoder-lora,encoder-probe")
+    assert again.exit_code == 0, again.output
+    metrics = json.loads((out / "systems" / "encoder-lora" / "metrics.json").read_text())
+    assert metrics["system"]["lr"] == 0.002
+    assert (out / "systems" / "encoder-lora" / "predictions.csv").read_bytes() == before
+
+    config_before = (out / "config.yaml").read_text()
+    fewer = run_smoke(small_csv, out, systems="encoder-probe")
+    assert fewer.exit_code == 2
+    assert "also has tfidf-logreg, encoder-lora" in fewer.stderr and "Traceback" not in fewer.output
+    assert (out / "config.yaml").read_text() == config_before
+    other = run_smoke(small_csv, out, "train.epochs=7", systems="tfidf-logreg,encoder-lora,encoder-probe")
+    assert other.exit_code == 2 and "different config" in other.stderr
 
 
 def test_quoted_newlines_stay_inside_one_text(tmp_path, messy_csv):

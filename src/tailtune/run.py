@@ -71,24 +71,34 @@ def _preflight(cfg: Config, console):
     return specs, prepared
 
 
-def _untuned(text: str) -> str | None:
-    """A run's config text without what ``--tune`` chose (None when it is not a valid config)."""
+def _saved_config(path: Path) -> Config | None:
+    """The config a run directory saved (None when it is not a valid config)."""
     import yaml
 
     from tailtune.config import from_dict
 
     try:
-        cfg = from_dict(Config, yaml.safe_load(text) or {})
+        return from_dict(Config, yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     except (TailtuneError, yaml.YAMLError, TypeError):
         return None
-    cfg.tune.chosen = []
+
+
+def _comparable(cfg: Config) -> str:
+    """A config's text without what may change between runs in one directory: what ``--tune``
+    chose (written into the run's config.yaml) and the systems (a run can gain systems)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.tune.chosen, cfg.systems = [], []
     return dump(cfg)
 
 
 def _check_run_dir(out: Path, cfg: Config) -> bool:
-    """True when ``out`` holds this same run (resume); error when it holds something else.
+    """True when ``out`` holds this run (resume); error when it holds something else.
 
-    What ``--tune`` chose is written into the run's config.yaml, so it does not count here.
+    The same config resumes. So does one that only adds systems: the finished ones are kept
+    and the run's config.yaml gains the new names (see :func:`_run`). Dropping a system is
+    refused, since the directory would then hold a system its config does not list.
     """
     if not out.exists():
         return False
@@ -96,9 +106,16 @@ def _check_run_dir(out: Path, cfg: Config) -> bool:
         raise TailtuneError(f"output path exists and is not a directory: {out}")
     config_file = out / "config.yaml"
     if config_file.exists():
-        if _untuned(config_file.read_text(encoding="utf-8")) != _untuned(dump(cfg)):
+        saved = _saved_config(config_file)
+        if saved is None or _comparable(saved) != _comparable(cfg):
             raise TailtuneError(
                 f"{out} holds a run with a different config; choose another --out or delete it"
+            )
+        dropped = [s for s in saved.systems if s not in cfg.systems]
+        if dropped:
+            raise TailtuneError(
+                f"{out} holds a run that also has {', '.join(dropped)}; list every system of the run "
+                "(a run can gain systems, not lose them), or choose another --out"
             )
         return True
     if any(out.iterdir()):
@@ -173,6 +190,13 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
     console = (console or make_console()) if main else Console(quiet=True)
     out = Path(cfg.out)
     resuming = _check_run_dir(out, cfg)
+    saved = _saved_config(out / "config.yaml") if resuming else None
+    if saved is not None and saved.tune.chosen:  # what --tune chose holds for the rest of the run
+        import copy
+
+        named = {c.system for c in cfg.tune.chosen}
+        cfg = copy.deepcopy(cfg)
+        cfg.tune.chosen += [c for c in saved.tune.chosen if c.system not in named]
     started = time.perf_counter()
     specs, data = _preflight(cfg, console)
     ctx = Context(cfg, data, console, out / "cache")
@@ -184,7 +208,7 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
     try:
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            if not (out / "config.yaml").exists():
+            if saved is None or saved.systems != cfg.systems:  # a new run, or systems added
                 rundir.write_text(out / "config.yaml", dump(cfg))
             rundir.write_json(out / "data.json", data.summary)
     except OSError:
