@@ -31,6 +31,7 @@ the main one writes any, so all of them skip, train and resume the same systems.
 from __future__ import annotations
 
 import contextlib
+import copy
 import shutil
 import tempfile
 import time
@@ -86,8 +87,6 @@ def _saved_config(path: Path) -> Config | None:
 def _comparable(cfg: Config) -> str:
     """A config's text without what may change between runs in one directory: what ``--tune``
     chose (written into the run's config.yaml) and the systems (a run can gain systems)."""
-    import copy
-
     cfg = copy.deepcopy(cfg)
     cfg.tune.chosen, cfg.systems = [], []
     return dump(cfg)
@@ -192,8 +191,6 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
     resuming = _check_run_dir(out, cfg)
     saved = _saved_config(out / "config.yaml") if resuming else None
     if saved is not None and saved.tune.chosen:  # what --tune chose holds for the rest of the run
-        import copy
-
         named = {c.system for c in cfg.tune.chosen}
         cfg = copy.deepcopy(cfg)
         cfg.tune.chosen += [c for c in saved.tune.chosen if c.system not in named]
@@ -306,8 +303,6 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
 
 def _tuned(cfg: Config, specs, ctx, out: Path) -> Config:
     """``cfg`` with ``tune.chosen`` filled by :func:`tailtune.tune.search` for the systems it lacks."""
-    import copy
-
     from tailtune import tune
 
     have = {c.system for c in cfg.tune.chosen}
