@@ -349,8 +349,7 @@ def validate(cfg: Config) -> None:
 
     if not cfg.systems:
         raise TailtuneError("config 'systems' is empty: name at least one system (e.g. tfidf-logreg)")
-    for name in cfg.systems:
-        systems.parse_system(name)
+    specs = [systems.parse_system(name) for name in cfg.systems]
     if len(set(cfg.systems)) != len(cfg.systems):
         raise TailtuneError("config 'systems' lists a system twice")
     d = cfg.data
@@ -406,11 +405,10 @@ def validate(cfg: Config) -> None:
         raise TailtuneError("train.backbone_dropout must be in [0, 1) (or null for the checkpoint's own)")
     if not 0 <= t.warmup_ratio < 1:
         raise TailtuneError("train.warmup_ratio must be in [0, 1)")
-    for name in cfg.systems:  # settings in a system's name: the same rules
-        spec = systems.parse_system(name)
+    for spec in specs:  # settings in a system's name: the same rules
         if spec.overrides:
             method, train, backbone, lr = spec.configs(cfg)
-            where = f"system '{name}': "
+            where = f"system '{spec.name}': "
             _check_method(method, who=where, key="")
             if backbone.epochs is not None and not 0 < backbone.epochs < math.inf:
                 raise TailtuneError(f"{where}epochs must be > 0")

@@ -2048,10 +2048,11 @@ def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
             None,
         )
     enc, dec = an.enc.name, an.dec.name
-    (enc_pick, enc_why), (dec_pick, dec_why) = _deployable(run, an, an.enc), _deployable(run, an, an.dec)
+    enc_pick, enc_why = _deployable(run, an, an.enc)
     cost = Markup(", at {:.1f}\u00d7 the encoder's latency").format(ratio) if ratio else Markup("")
     overall = an.enc_dec.get("all")
     if rare_res is not None and rare_res["lo"] > 0:
+        dec_pick, dec_why = _deployable(run, an, an.dec)
         return (
             Markup(
                 "<strong>Deploy {} if the rare classes matter and the latency "

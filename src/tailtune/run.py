@@ -92,15 +92,16 @@ def _comparable(cfg: Config) -> str:
     return dump(cfg)
 
 
-def _check_run_dir(out: Path, cfg: Config) -> bool:
-    """True when ``out`` holds this run (resume); error when it holds something else.
+def _check_run_dir(out: Path, cfg: Config) -> Config | None:
+    """The config saved in ``out`` when it holds this run (resume); None for a new run; an
+    error when it holds something else.
 
     The same config resumes. So does one that only adds systems: the finished ones are kept
     and the run's config.yaml gains the new names (see :func:`_run`). Dropping a system is
     refused, since the directory would then hold a system its config does not list.
     """
     if not out.exists():
-        return False
+        return None
     if not out.is_dir():
         raise TailtuneError(f"output path exists and is not a directory: {out}")
     config_file = out / "config.yaml"
@@ -116,10 +117,10 @@ def _check_run_dir(out: Path, cfg: Config) -> bool:
                 f"{out} holds a run that also has {', '.join(dropped)}; list every system of the run "
                 "(a run can gain systems, not lose them), or choose another --out"
             )
-        return True
+        return saved
     if any(out.iterdir()):
         raise TailtuneError(f"{out} exists, is not empty and is not a tailtune run directory")
-    return False
+    return None
 
 
 def check_finished_run(run_dir: Path) -> None:
@@ -188,8 +189,7 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
     main = dist.is_main_process
     console = (console or make_console()) if main else Console(quiet=True)
     out = Path(cfg.out)
-    resuming = _check_run_dir(out, cfg)
-    saved = _saved_config(out / "config.yaml") if resuming else None
+    saved = _check_run_dir(out, cfg)
     if saved is not None and saved.tune.chosen:  # what --tune chose holds for the rest of the run
         named = {c.system for c in cfg.tune.chosen}
         cfg = copy.deepcopy(cfg)
@@ -212,7 +212,7 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
         if created:  # e.g. disk full: leave no run directory that holds no run
             shutil.rmtree(out, ignore_errors=True)
         raise
-    if resuming:
+    if saved is not None:
         console.print(f"resuming {out}: finished systems are kept", style="dim", markup=False)
     if cfg.tune.enabled:
         cfg = ctx.cfg = _tuned(cfg, specs, ctx, out)
