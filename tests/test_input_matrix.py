@@ -207,6 +207,53 @@ def test_a_run_can_gain_systems_but_not_lose_them(tmp_path, small_csv):
     assert other.exit_code == 2 and "different config" in other.stderr
 
 
+def test_train_jobs_fill_one_run_directory(tmp_path, small_csv, monkeypatch):
+    """`tailtune train` trains only the systems it names and adds them to the run's, so one job
+    per system fills one run directory. A job whose system fails exits 1 and leaves the reason in
+    comparison.csv for the jobs after it; `tailtune run` with every system then resumes the run."""
+    import yaml
+
+    from tailtune import systems as systems_lib
+
+    out = tmp_path / "run"
+
+    def train(system: str):
+        return tailtune("train", "smoke", "--data", small_csv, "--out", out, "--system", system)
+
+    first = train("tfidf-logreg")
+    assert first.exit_code == 0, first.output
+    before = (out / "systems" / "tfidf-logreg" / "predictions.csv").read_bytes()
+
+    real = systems_lib.run_system
+
+    def out_of_memory(spec, *args, **kwargs):
+        if spec.name == "encoder-probe":
+            raise RuntimeError("out of memory, on purpose\nsecond line of the message")
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(systems_lib, "run_system", out_of_memory)
+    broken = train("encoder-probe")
+    assert broken.exit_code == 1, broken.output
+    assert broken.stderr.strip() == "failed: encoder-probe (the reasons are in comparison.csv)"
+    monkeypatch.undo()
+
+    second = train("encoder-lora")
+    assert second.exit_code == 0, second.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["systems"] == ["tfidf-logreg", "encoder-probe", "encoder-lora"]
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert comparison["system"].tolist() == saved["systems"]
+    assert comparison["status"].tolist() == ["ok", "failed", "ok"]
+    assert comparison["note"][1] == "out of memory, on purpose"
+    assert (out / "systems" / "tfidf-logreg" / "predictions.csv").read_bytes() == before
+
+    resumed = run_smoke(small_csv, out, systems="tfidf-logreg,encoder-probe,encoder-lora")
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.stdout.count("done already") == 2
+    assert pd.read_csv(out / "comparison.csv")["status"].tolist() == ["ok", "ok", "ok"]
+    assert not (out / "systems" / ".encoder-probe.failed").exists()
+
+
 def test_quoted_newlines_stay_inside_one_text(tmp_path, messy_csv):
     path, _ = messy_csv
     frame = prepare(DataConfig(path=str(path))).frame

@@ -220,7 +220,8 @@ def test_run_marks_a_system_failed_when_padding_changes_its_predictions(tmp_path
     monkeypatch.setitem(classifier.POOLERS, "last", lambda hidden, mask: hidden[:, 0])
     out = tmp_path / "run"
     result = run_smoke(small_csv, out, "train.head_init=random", systems="tfidf-logreg,decoder-lora")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # after every system ran, so a job script sees it
+    assert result.stderr.strip() == "failed: decoder-lora (the reasons are in comparison.csv)"
     comparison = (out / "comparison.csv").read_text()
     assert "decoder-lora,failed" in comparison and "predictions change with padding" in comparison
     assert (out / "systems" / "tfidf-logreg" / "metrics.json").is_file()

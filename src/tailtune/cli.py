@@ -118,14 +118,17 @@ def train(
 ):
     """Train only the named system(s) into a run directory, without the report.
 
-    ``run --systems NAME --no-report`` under a name that reads well in a cluster job script:
-    the same run directory (metrics, predictions, model), resume and ``--processes``.
+    The run's other systems are left as they are, so one job per system can fill one run
+    directory, at the same time or one after another; ``tailtune run`` with every system then
+    resumes it (skipping what is finished) and writes the report. Resume and ``--processes``
+    work as in ``run``.
     """
-    _launch(config, overrides, data, label_column, text_column, out, system, False, processes, tune)
+    _launch(config, overrides, data, label_column, text_column, out, system, False, processes, tune,
+            named_only=True)
 
 
 def _launch(config, overrides, data, label_column, text_column, out, systems, report: bool, processes: int,
-            tune: bool = False, split_seeds: str | None = None):
+            tune: bool = False, split_seeds: str | None = None, named_only: bool = False):
     from tailtune.distributed import relaunch
     from tailtune.run import run as run_all
     from tailtune.splits import check_out, parse_seeds, run_splits
@@ -141,11 +144,29 @@ def _launch(config, overrides, data, label_column, text_column, out, systems, re
         check_out(Path(cfg.out))
     code = relaunch(processes)  # checked the config first: one error line, not one per process
     if code is not None:
+        if code == 0:
+            _exit_if_failed(Path(cfg.out), cfg.systems, seeds)
         raise SystemExit(code)  # not typer.Exit: `friendly` would report it as an internal error
     if seeds:
         run_splits(cfg, seeds, report=report)
     else:
-        run_all(cfg, report=report)
+        run_all(cfg, report=report, named_only=named_only)
+    if not os.environ.get("TAILTUNE_WORKER") and os.environ.get("RANK", "0") == "0":
+        _exit_if_failed(Path(cfg.out), cfg.systems, seeds)  # under `--processes`, the launcher does
+
+
+def _exit_if_failed(out: Path, names: list[str], seeds: list[int] | None) -> None:
+    """Exit 1 when a system this command trained failed, so that a job script sees it; the run
+    directory is complete either way, with the reasons in comparison.csv."""
+    from tailtune.run import failed_systems
+    from tailtune.splits import seed_dir
+
+    failed = {name for d in ([seed_dir(out, s) for s in seeds] if seeds else [out])
+              for name in failed_systems(d, names)}
+    if failed:
+        typer.echo(f"failed: {', '.join(n for n in names if n in failed)} (the reasons are in comparison.csv)",
+                   err=True)
+        raise SystemExit(1)
 
 
 @app.command()
@@ -172,7 +193,9 @@ def sweep(
         config, overrides,
         **{"data.path": data, "data.label_column": label_column, "systems": systems},
     )
-    run_all(sweep_config(cfg, axes, str(out) if out else None), report=report)
+    cfg = sweep_config(cfg, axes, str(out) if out else None)
+    run_all(cfg, report=report)
+    _exit_if_failed(Path(cfg.out), cfg.systems, None)
 
 
 @data_app.command("inspect")

@@ -71,6 +71,7 @@ def relaunch(processes: int) -> int | None:
         )
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    env["TAILTUNE_WORKER"] = "1"  # the launcher, not a worker, sets the exit status (no torchrun error report)
     # --standalone: a rendezvous on a free local port, so two runs on one machine don't collide.
     # --log-dir: torchrun otherwise leaves an empty torchelastic_* folder in the temp dir per run.
     with tempfile.TemporaryDirectory(prefix="tailtune-torchrun-") as logs:

@@ -10,12 +10,15 @@ Run directory contract (other commands and users build on it)::
     <out>/systems/<name>/per_class.csv   label, tier, train_count, support, precision, recall, f1
     <out>/systems/<name>/predictions.csv id, label, prediction, confidence
     <out>/systems/<name>/model/          everything needed to reload and predict
+    <out>/systems/.<name>.failed/        a failed system: reason.txt (one line), error.txt (traceback)
 
 Nothing is written before the data and backbones pass their checks. A system is built in
 ``<out>/systems/.<name>.partial/`` (``staging/`` for its files, ``checkpoints/`` for a
 fine-tuning's latest checkpoint) and its folder appears only when all its files are complete.
 Re-running the same command skips finished systems and resumes an interrupted fine-tuning
-from its checkpoint, ending with the same numbers as an uninterrupted run.
+from its checkpoint, ending with the same numbers as an uninterrupted run. ``tailtune train``
+trains only the systems it names and adds them to the run's: several such jobs can fill one run
+directory at once; config.yaml and comparison.csv are updated under a lock on the directory.
 
 Under ``torchrun`` / ``accelerate launch`` (or ``tailtune run --processes N``) every process
 runs this same pipeline. Fine-tuning is shared out by the Trainer (DDP, see
@@ -52,8 +55,9 @@ COMPARISON_COLUMNS = [
 ]
 
 
-def _preflight(cfg: Config, console):
-    """What can be checked before any backbone is touched. Returns the specs and prepared data.
+def _preflight(cfg: Config, names: list[str], console):
+    """What can be checked before any backbone is touched, for the systems ``names``. Returns
+    their specs and the prepared data.
 
     The backbone checks (:func:`tailtune.preflight.check_backbones`) follow in :func:`run`.
     """
@@ -62,7 +66,7 @@ def _preflight(cfg: Config, console):
     from tailtune.systems import parse_system
     from tailtune.train import resolve_precision
 
-    specs = [parse_system(name) for name in cfg.systems]
+    specs = [parse_system(name) for name in names]
     preflight.check_writable(Path(cfg.out))
     with console.status("reading and cleaning data..."):
         prepared = data_lib.prepare(cfg.data)
@@ -86,19 +90,28 @@ def _saved_config(path: Path) -> Config | None:
 
 def _comparable(cfg: Config) -> str:
     """A config's text without what may change between runs in one directory: what ``--tune``
-    chose (written into the run's config.yaml) and the systems (a run can gain systems)."""
-    cfg = copy.deepcopy(cfg)
+    chose (written into the run's config.yaml) and the systems (a run can gain systems).
+
+    Read back as config.yaml is, so that a Config built in Python (``epochs=3``) equals the
+    one its run saved (``epochs: 3.0``).
+    """
+    import yaml
+
+    from tailtune.config import from_dict
+
+    cfg = from_dict(Config, yaml.safe_load(dump(cfg)))
     cfg.tune.chosen, cfg.systems = [], []
     return dump(cfg)
 
 
-def _check_run_dir(out: Path, cfg: Config) -> Config | None:
+def _check_run_dir(out: Path, cfg: Config, *, keep_others: bool = False) -> Config | None:
     """The config saved in ``out`` when it holds this run (resume); None for a new run; an
     error when it holds something else.
 
     The same config resumes. So does one that only adds systems: the finished ones are kept
-    and the run's config.yaml gains the new names (see :func:`_run`). Dropping a system is
-    refused, since the directory would then hold a system its config does not list.
+    and the run's config.yaml gains the new names (see :func:`_joined`). Leaving out a system
+    the run has is refused (the command would no longer describe the run), unless
+    ``keep_others``: ``tailtune train`` names only the systems it trains.
     """
     if not out.exists():
         return None
@@ -112,7 +125,7 @@ def _check_run_dir(out: Path, cfg: Config) -> Config | None:
                 f"{out} holds a run with a different config; choose another --out or delete it"
             )
         dropped = [s for s in saved.systems if s not in cfg.systems]
-        if dropped:
+        if dropped and not keep_others:
             raise TailtuneError(
                 f"{out} holds a run that also has {', '.join(dropped)}; list every system of the run "
                 "(a run can gain systems, not lose them), or choose another --out"
@@ -121,6 +134,61 @@ def _check_run_dir(out: Path, cfg: Config) -> Config | None:
     if any(out.iterdir()):
         raise TailtuneError(f"{out} exists, is not empty and is not a tailtune run directory")
     return None
+
+
+def _joined(saved: Config | None, cfg: Config) -> Config:
+    """``cfg`` as the config of the run ``saved`` holds: the run's systems first, then the new
+    ones; and what ``--tune`` chose for systems ``cfg`` has no choice for."""
+    if saved is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.systems = [*saved.systems, *(s for s in cfg.systems if s not in saved.systems)]
+    named = {c.system for c in cfg.tune.chosen}
+    cfg.tune.chosen += [c for c in saved.tune.chosen if c.system not in named]
+    return cfg
+
+
+def _save_config(out: Path, cfg: Config, *, keep_others: bool) -> Config:
+    """Write ``cfg`` joined with ``out``'s config.yaml as it is now, and return the result.
+
+    Under the run's lock, and read again there: another process may have added systems or
+    tune choices since this one first read it (one ``tailtune train`` job per system).
+    """
+    with rundir.locked(out):
+        cfg = _joined(_check_run_dir(out, cfg, keep_others=keep_others), cfg)
+        path, text = out / "config.yaml", dump(cfg)
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            rundir.write_text(path, text)
+    return cfg
+
+
+def _comparison(out: Path, n_test: int) -> pd.DataFrame:
+    """comparison.csv, from the system folders of every system in ``out``'s config.yaml.
+
+    Built from the files rather than from what this process trained, so that a run several
+    processes fill (one ``tailtune train`` job per system) ends with every finished system,
+    whichever process writes it last. A system nobody has trained yet has no row.
+    """
+    systems = (_saved_config(out / "config.yaml") or Config()).systems
+    rows = []
+    for name in systems:
+        if _finished(out / "systems" / name, n_test):
+            m = rundir.read_json(out / "systems" / name / "metrics.json")
+            rows.append(_row(name, "ok", m, "; ".join(m.get("warnings", []))))
+        elif (failed := out / "systems" / f".{name}.failed").is_dir():
+            reason = failed / "reason.txt"
+            rows.append(_row(name, "failed", {}, reason.read_text(encoding="utf-8") if reason.exists()
+                             else f"failed; see {failed / 'error.txt'}"))
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def failed_systems(run_dir: Path, names: list[str]) -> list[str]:
+    """Those of ``names`` that ``run_dir``'s comparison.csv marks failed."""
+    path = Path(run_dir) / "comparison.csv"
+    if not path.exists():
+        return []
+    comparison = pd.read_csv(path)
+    return [name for name in comparison.loc[comparison["status"] != "ok", "system"] if name in names]
 
 
 def check_finished_run(run_dir: Path) -> None:
@@ -145,16 +213,20 @@ def _finished(system_dir: Path, n_test: int) -> bool:
     return "macro_f1" in metrics and len(preds) == n_test and (system_dir / "model" / "tailtune.json").exists()
 
 
-def run(cfg: Config, console=None, report: bool = True) -> Path:
+def run(cfg: Config, console=None, report: bool = True, *, named_only: bool = False) -> Path:
     """Run every system of ``cfg`` and return the run directory.
+
+    ``named_only`` (``tailtune train``): train only ``cfg.systems`` and add them to the run
+    directory's systems, leaving the others as they are, so that several jobs can each train
+    their own systems into one run directory, at the same time or one after another.
 
     The systems share each backbone's load and tokenised splits in memory
     (:func:`tailtune.backbones.shared_loads`): a sweep's points read the base once.
     """
     from tailtune.backbones import shared_loads
 
-    with shared_loads():
-        return _run(cfg, console, report)
+    with shared_loads(), contextlib.ExitStack() as held:
+        return _run(cfg, console, report, named_only, held)
 
 
 LOG_WIDTH = 160
@@ -177,7 +249,8 @@ def make_console(*, stderr: bool = False):
     return console
 
 
-def _run(cfg: Config, console=None, report: bool = True) -> Path:
+def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.ExitStack) -> Path:
+    """:func:`run`; ``held`` keeps the locks on the systems this process trains until it returns."""
     from rich.console import Console
 
     from tailtune import metrics as metrics_lib
@@ -189,13 +262,13 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
     main = dist.is_main_process
     console = (console or make_console()) if main else Console(quiet=True)
     out = Path(cfg.out)
-    saved = _check_run_dir(out, cfg)
-    if saved is not None and saved.tune.chosen:  # what --tune chose holds for the rest of the run
-        named = {c.system for c in cfg.tune.chosen}
-        cfg = copy.deepcopy(cfg)
-        cfg.tune.chosen += [c for c in saved.tune.chosen if c.system not in named]
+    names = list(cfg.systems)
+    saved = _check_run_dir(out, cfg, keep_others=named_only)
+    cfg = _joined(saved, cfg)  # what --tune chose holds for the rest of the run
+    if not named_only:
+        names = cfg.systems
     started = time.perf_counter()
-    specs, data = _preflight(cfg, console)
+    specs, data = _preflight(cfg, names, console)
     ctx = Context(cfg, data, console, out / "cache")
     with dist.main_process_first():  # the main process fills the backbone cache, the others read it
         check_backbones(ctx, specs)  # resolves (and converts GGUF) before the directory exists
@@ -205,8 +278,8 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
     try:
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            if saved is None or saved.systems != cfg.systems:  # a new run, or systems added
-                rundir.write_text(out / "config.yaml", dump(cfg))
+            cfg = ctx.cfg = _save_config(out, cfg, keep_others=named_only)
+            _hold(out, specs, held)
             rundir.write_json(out / "data.json", data.summary)
     except OSError:
         if created:  # e.g. disk full: leave no run directory that holds no run
@@ -217,7 +290,7 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
     if cfg.tune.enabled:
         cfg = ctx.cfg = _tuned(cfg, specs, ctx, out)
         if main:
-            rundir.write_text(out / "config.yaml", dump(cfg))
+            cfg = ctx.cfg = _save_config(out, cfg, keep_others=True)
 
     test = data.split("test")
     y_test = test["y"].to_numpy()
@@ -228,7 +301,6 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
         _follow(specs, finished, ctx, out, failures)
         dist.wait_for_everyone()  # returns when the main process's files are complete
         return out
-    rows = []
     for i, spec in enumerate(specs, 1):
         system_dir = out / "systems" / spec.name
         console.rule(f"[bold]{escape(spec.name)}[/] ({i}/{len(specs)})")
@@ -237,7 +309,6 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
             shutil.rmtree(partial, ignore_errors=True)  # killed between finishing and cleaning up
             m = rundir.read_json(system_dir / "metrics.json")
             console.print(f"  done already: macro-F1 {m['macro_f1']:.3f} (skipped)")
-            rows.append(_row(spec.name, "ok", m, "; ".join(m.get("warnings", []))))
             continue
         tmp = partial / "staging"
         shutil.rmtree(tmp, ignore_errors=True)  # files of a killed attempt; its checkpoints are kept
@@ -279,17 +350,16 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
                 f"zero-F1 classes {metrics['zero_f1_classes']}/{metrics['n_classes']}  "
                 f"({outcome.train_seconds:.0f} s training, {time.perf_counter() - system_started:.0f} s in all)"
             )
-            rows.append(_row(spec.name, "ok", metrics, "; ".join(outcome.warnings)))
         except failures as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            _record_failure(out, spec.name, exc)
+            _record_failure(out, spec.name, exc, reason)
             console.print(f"  [red]failed:[/] {escape(reason)}")
-            rows.append(_row(spec.name, "failed", {}, reason))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    comparison = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
-    rundir.write_csv(out / "comparison.csv", comparison)
+    with rundir.locked(out):
+        comparison = _comparison(out, len(test))
+        rundir.write_csv(out / "comparison.csv", comparison)
     _print_comparison(console, comparison)
     if report:
         from tailtune.report import build_report
@@ -299,6 +369,22 @@ def _run(cfg: Config, console=None, report: bool = True) -> Path:
     console.print(f"run directory: {out}  ({time.perf_counter() - started:.0f} s)", markup=False)
     dist.wait_for_everyone()
     return out
+
+
+def _hold(out: Path, specs, held: contextlib.ExitStack) -> None:
+    """Lock each system's work folder for this process, or refuse when another process has it.
+
+    Taken before the run decides what is finished: a system whose lock this process gets is
+    either finished or in nobody else's hands, never half-trained by another job.
+    """
+    for spec in specs:
+        partial = out / "systems" / f".{spec.name}.partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        if not held.enter_context(rundir.locked(partial, wait=False)):
+            raise TailtuneError(
+                f"another tailtune process is training {spec.name} in {out}; let it finish, "
+                f"or leave {spec.name} out of this command"
+            )
 
 
 def _tuned(cfg: Config, specs, ctx, out: Path) -> Config:
@@ -329,11 +415,12 @@ def _follow(specs, finished: dict, ctx, out: Path, failures: tuple) -> None:
                 run_system(spec, ctx, Path(scratch) / spec.name, checkpoints)
 
 
-def _record_failure(out: Path, name: str, exc: BaseException) -> None:
-    """Keep the traceback for the developer; the terminal gets one line."""
+def _record_failure(out: Path, name: str, exc: BaseException, reason: str) -> None:
+    """Keep the traceback for the developer; the terminal and comparison.csv get ``reason``."""
     where = out / "systems" / f".{name}.failed"
     where.mkdir(parents=True, exist_ok=True)
     rundir.write_text(where / "error.txt", "".join(traceback.format_exception(exc)))
+    rundir.write_text(where / "reason.txt", reason)
 
 
 def _describe(spec, cfg: Config, outcome) -> dict:

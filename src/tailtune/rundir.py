@@ -3,15 +3,19 @@
 Each file is written to a temporary sibling, flushed and fsynced, then renamed over the
 target (rename is atomic on POSIX). A system's outputs are written into a temporary folder
 that is renamed into place only when every file is complete.
+
+Several processes may share one run directory (``tailtune train --system X`` per cluster job):
+:func:`locked` serialises their updates of the run's shared files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +78,28 @@ def replace_dir(tmp: Path, target: Path) -> None:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def locked(folder: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on ``folder`` across processes; yields whether it is held.
+
+    The lock is ``flock`` on the folder itself, so there is no lock file to leave behind, and a
+    killed holder releases it. ``wait=False`` yields False at once when another process holds
+    it. Where ``fcntl`` does not exist (Windows) nothing is locked and it yields True.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock

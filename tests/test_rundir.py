@@ -1,0 +1,113 @@
+"""Several processes sharing one run directory: the lock, and config.yaml read again under it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tailtune import rundir
+from tailtune.config import Config, TuneChoice, dump
+from tailtune.errors import TailtuneError
+from tailtune.run import _save_config
+
+TRY_LOCK = "import sys; from tailtune.rundir import locked\nwith locked(sys.argv[1], wait=False) as held: print(held)"
+
+
+def _try_lock_elsewhere(folder: Path) -> str:
+    """Whether another process gets the lock on ``folder`` without waiting: 'True' or 'False'."""
+    return subprocess.run(
+        [sys.executable, "-c", TRY_LOCK, str(folder)], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.strip()
+
+
+def test_locked_keeps_other_processes_out_until_released(tmp_path):
+    with rundir.locked(tmp_path) as held:
+        assert held
+        assert _try_lock_elsewhere(tmp_path) == "False"
+    assert _try_lock_elsewhere(tmp_path) == "True"
+    assert os.listdir(tmp_path) == []  # no lock file left behind
+
+
+def test_save_config_keeps_what_another_job_wrote_since(tmp_path):
+    """Job 1 read an empty run directory; job 2 then wrote its system and tune choice. Job 1's
+    write joins them instead of replacing them (the write that loses job 2's system)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    other = Config(out=str(out), systems=["encoder-lora"])
+    other.tune.chosen = [TuneChoice(system="encoder-lora", lr=2e-3, weighting="none", val_macro_f1=0.5)]
+    (out / "config.yaml").write_text(dump(other))
+
+    joined = _save_config(out, Config(out=str(out), systems=["tfidf-logreg"]), keep_others=True)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["systems"] == joined.systems == ["encoder-lora", "tfidf-logreg"]
+    assert saved["tune"]["chosen"][0]["lr"] == 2e-3
+
+    with pytest.raises(TailtuneError, match="also has encoder-lora"):
+        _save_config(out, Config(out=str(out), systems=["tfidf-logreg"]), keep_others=False)
+    changed = Config(out=str(out), systems=["tfidf-logreg"])
+    changed.train.epochs = 7
+    with pytest.raises(TailtuneError, match="different config"):
+        _save_config(out, changed, keep_others=True)
+
+
+def test_train_jobs_at_the_same_time_fill_one_run_directory(tmp_path, small_csv):
+    """Two `tailtune train` jobs started together into one new directory: both systems end up in
+    config.yaml and comparison.csv, whichever job finishes last."""
+    out = tmp_path / "run"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tailtune.cli", "train", "smoke", "--data", str(small_csv), "--out", str(out),
+             "--system", system],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for system in ("encoder-probe", "tfidf-logreg")
+    ]
+    for job in jobs:
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err
+    systems = yaml.safe_load((out / "config.yaml").read_text())["systems"]
+    assert sorted(systems) == ["encoder-probe", "tfidf-logreg"]
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert comparison["system"].tolist() == systems and (comparison["status"] == "ok").all()
+
+
+def test_a_config_built_in_python_resumes_its_own_run(tmp_path):
+    """config.yaml reads `epochs: 3` back as 3.0; the Config that wrote it must still match it."""
+    from tailtune.run import _check_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = Config(out=str(out), systems=["tfidf-logreg"])
+    cfg.train.epochs = 2
+    _save_config(out, cfg, keep_others=False)
+    assert _check_run_dir(out, cfg).systems == ["tfidf-logreg"]
+
+
+def test_a_system_another_process_is_training_is_refused(tmp_path, small_csv):
+    """Two jobs on one system would delete each other's files: the second gets one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from tailtune.cli import app
+
+    out = tmp_path / "run"
+    train = ["train", "smoke", "--data", str(small_csv), "--out", str(out), "--system"]
+    assert CliRunner().invoke(app, [*train, "tfidf-logreg"]).exit_code == 0
+    partial = out / "systems" / ".encoder-probe.partial"
+    partial.mkdir(parents=True)
+    with rundir.locked(partial):  # what a job training encoder-probe holds
+        busy = CliRunner().invoke(app, [*train, "encoder-probe"])
+    assert busy.exit_code == 2, busy.output
+    assert busy.stderr.strip() == (
+        f"error: another tailtune process is training encoder-probe in {out}; let it finish, "
+        "or leave encoder-probe out of this command"
+    )
+    done = CliRunner().invoke(app, [*train, "encoder-probe"])
+    assert done.exit_code == 0, done.output
+    assert pd.read_csv(out / "comparison.csv")["system"].tolist() == ["tfidf-logreg", "encoder-probe"]
