@@ -51,7 +51,7 @@ def test_yaml_file_path(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["train.epoch=3"], "did you mean 'epochs'"),
+        (["train.epoch=3"], "did you mean 'train.epochs'"),
         (["trian.epochs=3"], "did you mean 'train'"),
         (["train.epochs=abc"], "must be float"),
         (["method.targets=[attn]"], "unknown target role 'attn'"),

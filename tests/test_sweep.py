@@ -1,6 +1,7 @@
 """Sweeps: axes become systems of one run, with per-system settings that really reach training."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -53,13 +54,16 @@ def test_axes_cross_and_baselines_stay_once():
     "items, message",
     [
         ([], "nothing to sweep"),
+        (["method.rnak=4,8"], "'method.rnak' is not a sweep axis (did you mean 'method.rank'?); the axes are method,"),
+        (["train.weight_decay=0.1,0.2"], "'train.weight_decay' is not a sweep axis; the axes are method,"),
+        (["eval.n_boot=50"], "nothing to sweep"),
         (["method=lora,nosuch"], "unknown method"),
         (["method.rank=4,,16"], "empty value"),
         (["method.rank=4,x"], "rank must be a number"),
     ],
 )
 def test_bad_axes_are_refused_before_anything_trains(items, message):
-    with pytest.raises(TailtuneError, match=message):
+    with pytest.raises(TailtuneError, match=re.escape(message)):
         axes, _ = parse_args(items)
         sweep_config(load_config("smoke"), axes)
 

@@ -220,7 +220,7 @@ def _preset_path(source: str | None) -> Path:
     stem = path.stem if path.suffix in (".yaml", ".yml") else source
     if (PRESET_DIR / f"{stem}.yaml").is_file():
         return PRESET_DIR / f"{stem}.yaml"
-    hint = _suggest(stem, available_presets())
+    hint = suggest(stem, available_presets())
     raise TailtuneError(
         f"unknown preset or missing config file '{source}'{hint} "
         f"(presets: {', '.join(available_presets())})"
@@ -266,9 +266,10 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _suggest(word: str, choices: list[str]) -> str:
+def suggest(word: str, choices: list[str], prefix: str = "") -> str:
+    """`` (did you mean '<prefix><closest choice>'?)``, or nothing when no choice is close."""
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -280,7 +281,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise TailtuneError(f"unknown config key '{prefix}{key}'{_suggest(str(key), names)}")
+            raise TailtuneError(f"unknown config key '{prefix}{key}'{suggest(str(key), names, prefix)}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -382,7 +383,7 @@ def validate(cfg: Config) -> None:
     for role in cfg.method.targets:
         if role not in methods.ROLES:
             raise TailtuneError(
-                f"unknown target role '{role}'{_suggest(role, list(methods.ROLES))} "
+                f"unknown target role '{role}'{suggest(role, list(methods.ROLES))} "
                 f"(roles: {', '.join(methods.ROLES)})"
             )
     t = cfg.train

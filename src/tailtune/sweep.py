@@ -47,6 +47,8 @@ def split_values(text: str) -> list[str]:
 
 def parse_args(items: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     """Split ``key=value`` items into sweep axes (``key=v1,v2``) and ordinary config overrides."""
+    from tailtune.config import suggest
+
     axes, overrides = {}, []
     keys = axis_keys()
     for item in items:
@@ -60,6 +62,14 @@ def parse_args(items: list[str]) -> tuple[dict[str, list[str]], list[str]]:
         else:
             overrides.append(item)
     if not axes:
+        for item in overrides:
+            key, _, value = item.partition("=")
+            # v1,v2 as an axis takes it; a [list] or the systems are a plain override's values
+            if "," in value and not value.startswith("[") and key != "systems":
+                section, _, leaf = key.rpartition(".")
+                near = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == section]
+                hint = suggest(leaf, near, f"{section}." if section else "")
+                raise TailtuneError(f"'{key}' is not a sweep axis{hint}; the axes are {', '.join(keys)}")
         raise TailtuneError(f"nothing to sweep: give at least one axis ({', '.join(keys)})")
     return axes, overrides
 
