@@ -189,3 +189,18 @@ def test_pipeline_benchmark_times_an_encoder_system_against_the_stock_class(smok
     assert result.returncode == 0, result.stderr
     assert "BertForSequenceClassification with the same weights" in result.stdout, result.stdout
     assert "x faster than the pipeline" in result.stdout
+
+
+def test_bench_of_some_systems_keeps_the_others_measured_alike(smoke_run, tmp_path):
+    """`bench --systems X` replaced bench.json, so the report lost every other system's numbers."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "bench.json").unlink(missing_ok=True)
+    alike = {"batch_sizes": (2,), "repeats": 1, "max_texts": 8}
+    bench.bench(run, systems=["tfidf-logreg"], **alike)
+    bench.bench(run, systems=["encoder-probe"], **alike)
+    assert list(json.loads((run / "bench.json").read_text())["systems"]) == ["encoder-probe", "tfidf-logreg"]
+    bench.bench(run, systems=["encoder-probe"], **{**alike, "repeats": 2})
+    assert list(json.loads((run / "bench.json").read_text())["systems"]) == ["encoder-probe"]

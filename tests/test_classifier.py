@@ -239,3 +239,66 @@ def test_train_backbone_dropout_is_applied_before_training_and_none_keeps_the_ch
     assert not _same_twice_in_training(kept, backbones.load_tokenizer(backbones.resolve("tiny:bert")))
     off = TextClassifier("tiny:bert", train=TrainConfig(backbone_dropout=0.0))._build(["a", "b"], imbalance)[0]
     assert _same_twice_in_training(off, backbones.load_tokenizer(backbones.resolve("tiny:bert")))
+
+
+def _tiny_clf(arch: str = "bert") -> TextClassifier:
+    return TextClassifier(
+        BackboneConfig(name=f"tiny:{arch}", max_length=32, batch_size=2, eval_batch_size=4),
+        "lora",
+        MethodConfig(rank=2, alpha=4),
+        TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32", head_init="random"),
+    )
+
+
+def test_numpy_labels_save_and_load_as_plain_values(tmp_path):
+    """np.int64 classes made save() fail in json.dumps and leave a folder without tailtune.json."""
+    clf = _tiny_clf().fit(TEXTS, np.array([3, 1, 2, 3]))
+    assert clf.classes_ == [1, 2, 3] and all(type(c) is int for c in clf.classes_)
+    loaded = TextClassifier.load(clf.save(tmp_path / "model"))
+    assert loaded.classes_ == [1, 2, 3] and loaded.predict(TEXTS) == clf.predict(TEXTS)
+
+
+def test_a_failed_save_leaves_the_old_model_whole(tmp_path, monkeypatch):
+    clf = _tiny_clf().fit(TEXTS, ["a", "b", "a", "b"])
+    path = clf.save(tmp_path / "model")
+    before = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+    def full_disk(folder):
+        (folder / "head.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(clf, "_write", full_disk)
+    with pytest.raises(OSError):
+        clf.save(path)
+    assert {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left
+
+
+def test_inputs_a_user_gets_wrong_are_named():
+    from sklearn.exceptions import NotFittedError
+
+    from tailtune.classifier import ProbeClassifier
+    from tailtune.errors import TailtuneError
+
+    with pytest.raises(NotFittedError):
+        _tiny_clf().predict(TEXTS)
+    with pytest.raises(NotFittedError):
+        ProbeClassifier("tiny:bert").predict_proba(TEXTS)
+    with pytest.raises(TailtuneError, match="missing value .* at row 1"):
+        _tiny_clf().fit(TEXTS, ["a", None, "a", "b"])
+    with pytest.raises(TailtuneError, match="val_labels has 1 label.* not classes, e.g. 'other'"):
+        _tiny_clf().fit(TEXTS, ["a", "b", "a", "b"], val_texts=TEXTS[:2], val_labels=["a", "other"])
+    clf = _tiny_clf().fit(TEXTS, ["a", "b", "a", "b"])
+    with pytest.raises(TypeError, match="got one string"):
+        clf.predict("debt collector")  # list() made one text per character
+    assert clf.predict([]) == [] and clf.predict_proba([]).shape == (0, 2)
+
+
+def test_loading_a_probe_folder_as_a_fine_tuned_model_says_what_it_is(tmp_path):
+    import json
+
+    from tailtune.errors import TailtuneError
+
+    (tmp_path / "tailtune.json").write_text(json.dumps({"kind": "probe", "classes": ["a"]}))
+    with pytest.raises(TailtuneError, match="holds a 'probe' system, not a finetune one; .*load_predictor"):
+        TextClassifier.load(tmp_path)

@@ -336,6 +336,38 @@ def test_predict_keeps_input_order_across_chunk_boundaries(smoke_run, tmp_path, 
     assert out.loc[~real, "label"].isna().all() and out.loc[~real, "confidence"].isna().all()
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_predict_copies_ids_exactly(smoke_run, tmp_path, suffix):
+    """A 64-bit id became 9007199254740992.0 and an id column went float in a chunk where one row
+    lacked it: predictions could not be joined back."""
+    ids = [9007199254740993, 3004095, None, 12]
+    frame = pd.DataFrame({"text": ["refund", "debt", "fee", "card"]})
+    source = tmp_path / f"in{suffix}"
+    if suffix == ".jsonl":
+        source.write_text("".join(
+            json.dumps({"text": t} if i is None else {"id": i, "text": t}) + "\n"
+            for i, t in zip(ids, frame["text"], strict=True)
+        ))
+    else:  # written by pyarrow, without pandas' metadata (that would restore Int64)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "text": frame["text"].tolist()}), source)
+    deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv", id_column="id",
+                        chunk_size=2)
+    out = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
+    assert out["id"].tolist() == ["9007199254740993", "3004095", "", "12"]
+
+
+def test_predict_on_a_csv_that_is_not_utf8_is_one_line(smoke_run, tmp_path):
+    source = tmp_path / "excel.csv"
+    source.write_bytes("Consumer complaint narrative\nle caf\u00e9\n".encode("cp1252"))
+    result = cli("predict", smoke_run / "systems" / "tfidf-logreg", "--input", source, "--output", tmp_path / "o.csv")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: {source} is not valid UTF-8; re-save it as UTF-8"
+    assert not (tmp_path / "o.csv").exists()
+
+
 def test_predict_command_runs(smoke_run, tmp_path):
     frame = _input_frame(20).rename(columns={"text": "Consumer complaint narrative"})
     frame.to_csv(tmp_path / "new.csv", index=False)
@@ -419,3 +451,39 @@ def test_predict_checks_true_labels_against_the_models_classes(smoke_run, tmp_pa
                  "--label-column", "Issue")
     assert result.exit_code == 0, result.output
     assert "2 rows carry labels the model cannot predict: 'A label the model never saw' (2)" in result.output
+
+
+def test_a_run_made_with_relative_paths_deploys_from_anywhere(tmp_path, small_frame, monkeypatch):
+    """The run recorded ./mybert and d.csv as typed: predict, export and bench failed from any other
+    folder ('backbone folder not found: ./mybert', 'data file not found: d.csv')."""
+    import shutil
+
+    from tailtune import backbones
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    shutil.copytree(backbones.make_tiny("bert"), work / "mybert")
+    small_frame.to_csv(work / "d.csv", index=False)
+    monkeypatch.chdir(work)
+    made = cli("run", "smoke", "encoder.name=./mybert", "--data", "d.csv", "--systems",
+               "tfidf-logreg,encoder-lora", "--out", "r", "--no-report")
+    assert made.exit_code == 0, made.output
+
+    monkeypatch.chdir(elsewhere)
+    small_frame.head(5).to_csv("in.csv", index=False)
+    system = work / "r" / "systems" / "encoder-lora"
+    predicted = cli("predict", system, "--input", "in.csv", "--output", "out.csv")
+    assert predicted.exit_code == 0, predicted.output
+    assert len(pd.read_csv("out.csv")) == 5
+    exported = cli("export", system, "--merged", "merged", "--format", "tailtune")
+    assert exported.exit_code == 0, exported.output
+    benched = cli("bench", work / "r", "--systems", "encoder-lora", "--max-texts", "8", "--repeats", "1",
+                  "--batch-sizes", "8")
+    assert benched.exit_code == 0, benched.output
+
+    # The merged export holds the whole backbone: it predicts where the base folder is gone.
+    (work / "mybert").rename(work / "gone")
+    alone = cli("predict", "merged", "--input", "in.csv", "--output", "merged.csv")
+    assert alone.exit_code == 0, alone.output
+    assert pd.read_csv("merged.csv")["label"].tolist() == pd.read_csv("out.csv")["label"].tolist()

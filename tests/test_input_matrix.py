@@ -385,3 +385,20 @@ def test_output_path_that_is_a_file(tmp_path, small_csv):
     assert taken.read_text() == "not a run"
     out = taken / "run"
     assert_error(run_smoke(small_csv, out), out, f"cannot create output directory {out}", "is a file")
+
+
+def test_a_run_is_not_resumed_on_changed_data(tmp_path, small_csv):
+    """Finished systems were tested on the old split: new ones on other data would not compare."""
+    out = tmp_path / "run"
+    assert run_smoke(small_csv, out).exit_code == 0
+    data_json = (out / "data.json").read_text()
+    frame = pd.read_csv(small_csv)
+    frame.loc[3, TEXT] = frame.loc[3, TEXT] + " (edited)"
+    frame.to_csv(small_csv, index=False)
+    changed = run_smoke(small_csv, out, systems="tfidf-logreg,encoder-probe")
+    assert changed.exit_code == 2, changed.output
+    assert changed.stderr.strip() == (
+        f"error: {out} holds a run on other data: {small_csv} has changed since (rows, texts, labels or "
+        "split); choose another --out, or restore the data the run was made with"
+    )
+    assert (out / "data.json").read_text() == data_json and not (out / "systems" / "encoder-probe").exists()

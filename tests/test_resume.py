@@ -260,6 +260,22 @@ def test_fit_after_early_stop_is_not_trained_further(tmp_path, corpus):
     np.testing.assert_array_equal(again.predict_logits(corpus[2]), first.predict_logits(corpus[2]))
 
 
+def test_fit_refuses_checkpoints_of_another_fit(tmp_path, corpus):
+    """A finished fit's checkpoint stays in work_dir; another fit there returned that model."""
+    from tailtune.errors import TailtuneError
+
+    _fit(corpus, "bert", "none", work_dir=tmp_path)
+    texts, labels, val_texts, val_labels, classes = corpus
+    other_rows = (texts[:60], labels[:60], val_texts, val_labels, classes)
+    with pytest.raises(TailtuneError, match="holds checkpoints of another fit"):
+        _fit(other_rows, "bert", "none", work_dir=tmp_path)
+    other_settings = _classifier("bert", "none")
+    other_settings.train.lr = 1e-3
+    with pytest.raises(TailtuneError, match="holds checkpoints of another fit"):
+        other_settings.fit(texts, labels, val_texts=val_texts, val_labels=val_labels, classes=classes,
+                           work_dir=tmp_path)
+
+
 def test_resume_point_skips_a_half_written_checkpoint(tmp_path):
     from tailtune.train import SELECTION_FILE, _resume_point
 

@@ -111,3 +111,20 @@ def test_a_system_another_process_is_training_is_refused(tmp_path, small_csv):
     done = CliRunner().invoke(app, [*train, "encoder-probe"])
     assert done.exit_code == 0, done.output
     assert pd.read_csv(out / "comparison.csv")["system"].tolist() == ["tfidf-logreg", "encoder-probe"]
+
+
+def test_run_from_python_checks_the_config_as_load_config_does(tmp_path, small_csv):
+    """run(cfg) skipped every check of load_config: a 12/72/80 split ran, and an `out` Path left
+    an empty run directory behind a yaml error."""
+    from tailtune.config import load_config
+    from tailtune.run import run
+
+    cfg = load_config("smoke", [f"data.path={small_csv}", "systems=[tfidf-logreg]"])
+    cfg.out = tmp_path / "run"  # a Path, as Python users write it
+    cfg.data.val_size, cfg.data.test_size = 0.5, 0.6
+    with pytest.raises(TailtuneError, match="val_size and data.test_size must be in"):
+        run(cfg)
+    assert not cfg.out.exists()
+    cfg.data.val_size, cfg.data.test_size = 0.2, 0.2
+    assert run(cfg, report=False) == cfg.out
+    assert (cfg.out / "comparison.csv").exists()

@@ -28,19 +28,21 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def adapter_run(tmp_path_factory):
-    """A run folder with two LoRA systems on one tiny BERT (different adapters and heads) and a decoder."""
+    """Two LoRA systems on one tiny BERT (different adapters and heads), and two on one tiny Qwen2
+    (bias-free heads: serve built every extra head with a bias and failed to start)."""
     run_dir = tmp_path_factory.mktemp("adapters")
     for name, arch, seed in (
         ("encoder-lora", "bert", 11),
         ("encoder-lora-weighted", "bert", 12),
         ("decoder-lora", "qwen2", 13),
+        ("decoder-lora-weighted", "qwen2", 14),
     ):
         make_lora_system(run_dir / "systems" / name / "model", arch, seed)
     pd.DataFrame(
         {
-            "system": ["encoder-lora", "encoder-lora-weighted", "decoder-lora"],
-            "status": ["ok", "ok", "ok"],
-            "macro_f1": [0.2, 0.3, 0.1],
+            "system": ["encoder-lora", "encoder-lora-weighted", "decoder-lora", "decoder-lora-weighted"],
+            "status": ["ok", "ok", "ok", "ok"],
+            "macro_f1": [0.2, 0.3, 0.1, 0.05],
         }
     ).to_csv(run_dir / "comparison.csv", index=False)
     return run_dir
@@ -56,15 +58,15 @@ def client(adapter_run):
 def test_health_and_systems(client):
     assert client.get("/health").json() == {
         "status": "ok",
-        "systems": 3,
+        "systems": 4,
         "default": "encoder-lora-weighted",
     }
     systems = {s["name"]: s for s in client.get("/systems").json()["systems"]}
-    assert set(systems) == {"encoder-lora", "encoder-lora-weighted", "decoder-lora"}
-    shared = systems["encoder-lora"]["shared_base"]
-    assert shared == {"backbone": "tiny:bert", "systems": ["encoder-lora", "encoder-lora-weighted"]}
-    assert systems["encoder-lora-weighted"]["shared_base"] == shared
-    assert systems["decoder-lora"]["shared_base"] is None
+    assert set(systems) == {"encoder-lora", "encoder-lora-weighted", "decoder-lora", "decoder-lora-weighted"}
+    for arch, slot in (("bert", "encoder"), ("qwen2", "decoder")):
+        shared = systems[f"{slot}-lora"]["shared_base"]
+        assert shared == {"backbone": f"tiny:{arch}", "systems": [f"{slot}-lora", f"{slot}-lora-weighted"]}
+        assert systems[f"{slot}-lora-weighted"]["shared_base"] == shared
     assert all(
         s["classes"] == 5 and s["kind"] == "finetune" and s["method"] == "lora"
         for s in systems.values()
@@ -87,18 +89,18 @@ def test_predict_answers_with_top_k(client):
     )
 
 
-def test_two_adapters_on_one_base_answer_as_each_alone(adapter_run, client):
+@pytest.mark.parametrize("slot", ["encoder", "decoder"])
+def test_two_adapters_on_one_base_answer_as_each_alone(adapter_run, client, slot):
     registry = client.app.state.registry
-    a, b = registry.predictors["encoder-lora"], registry.predictors["encoder-lora-weighted"]
+    names = (f"{slot}-lora", f"{slot}-lora-weighted")
+    a, b = (registry.predictors[n] for n in names)
     assert a.shared is b.shared and len(a.shared.model.backbone.peft_config) == 2
     alone = {
         name: TextClassifier.load(adapter_run / "systems" / name / "model").predict_proba(TEXTS)
-        for name in ("encoder-lora", "encoder-lora-weighted")
+        for name in names
     }
-    assert (
-        np.abs(alone["encoder-lora"] - alone["encoder-lora-weighted"]).max() > 1e-2
-    )  # the switch matters
-    for name in ("encoder-lora", "encoder-lora-weighted", "encoder-lora", "encoder-lora-weighted"):
+    assert np.abs(alone[names[0]] - alone[names[1]]).max() > 1e-2  # the switch matters
+    for name in (*names, *names):
         body = client.post("/predict", json={"texts": TEXTS, "system": name, "top_k": 5}).json()
         classes = TextClassifier.load(adapter_run / "systems" / name / "model").classes_
         served = np.array(
@@ -120,6 +122,7 @@ def test_two_adapters_on_one_base_answer_as_each_alone(adapter_run, client):
         ({"texts": ["x" * 501]}, 413),
         ({"texts": ["  "]}, 422),
         ({"texts": ["fine"], "system": "nope"}, 404),
+        ({"texts": ["fine"], "system": ""}, 404),
         ({"texts": ["fine"], "top_k": 6}, 422),
         ({"texts": ["fine"], "top_k": 0}, 422),
         ({}, 422),

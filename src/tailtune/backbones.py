@@ -96,13 +96,14 @@ class Backbone:
         }
 
     @classmethod
-    def from_saved(cls, saved: dict, pooling: str) -> Backbone:
-        """The backbone a saved model recorded (``describe()``), resolved again if its folder is gone."""
+    def from_saved(cls, saved: dict, pooling: str, *, weights: bool = True) -> Backbone:
+        """The backbone a saved model recorded (``describe()``), resolved again if its folder is
+        gone. ``weights=False``: the saved model holds the whole backbone, so the folder may be gone."""
         backbone = cls(
             spec=saved["spec"], path=saved["path"], model_type=saved["model_type"],
             is_decoder=saved["kind"] == "decoder", pooling=pooling,
         )
-        return backbone if Path(backbone.path).exists() else resolve(saved["spec"])
+        return backbone if not weights or Path(backbone.path).exists() else resolve(saved["spec"])
 
 
 def quiet_transformers() -> None:
@@ -151,7 +152,7 @@ def _local_folder(spec: str) -> str:
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and ggufs:
             return str(convert_gguf(ggufs[0]))
-        return str(path)
+        return str(path.resolve())  # saved models record it: valid from any working directory
     if path.exists():
         raise TailtuneError(f"backbone '{spec}' is a file but not a .gguf model")
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
@@ -384,9 +385,18 @@ def shared_copy(kind: str, key, load, clone=copy.deepcopy):
     return clone(cache[key])
 
 
+def check_texts(texts) -> None:
+    """A list of texts, not one string (``list()`` would make one text per character)."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of texts, got one string (wrap it: [text])")
+
+
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     """Token ids per text, truncated to ``max_length``, unpadded (shared, read-only lists)."""
+    check_texts(texts)
     texts = list(texts)
+    if not texts:
+        return []
 
     def load():
         return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]

@@ -23,11 +23,15 @@ milliseconds; ``ms_per_example`` is the median over repeats of (pass time / text
 while loading the system and classifying the texts once (peak allocated GPU memory on CUDA).
 Systems are measured one after another in one process: the first also pays for libraries
 imported on first use, and memory the allocator kept from an earlier system can hide part of
-a later one's; bench one system (``systems=[name]``) for a clean number.
+a later one's; bench one system (``systems=[name]``) for a clean number. Benching some
+systems keeps the others' numbers in bench.json when they were measured on the same machine
+with the same settings (``SETTINGS``); otherwise the file holds only this call's systems.
 ``time_64k_s``/``cost_64k`` extrapolate the headline numbers to 64,000 complaints at
-``price_per_hour``. The headline is the variant ``predict`` and ``serve`` run by default
-(merged, bf16 where native else fp32) at ``HEADLINE_BATCH`` (or the largest size timed);
-``variants`` lists every (variant, batch size), largest batch first within a variant.
+``price_per_hour``. The headline is the variant ``predict`` runs by default (merged, bf16
+where native else fp32) at ``HEADLINE_BATCH`` (or the largest size timed), and ``serve`` for a
+system alone on its base; LoRA systems that share a base are served unmerged (one base copy,
+adapters switched per request), which the ``unmerged-*`` rows time. ``variants`` lists every
+(variant, batch size), largest batch first within a variant.
 
 bench.json also holds, beyond what the report reads: ``texts`` and ``repeats`` (top level),
 ``params`` and ``skipped`` ([{variant, reason}]) per system.
@@ -365,9 +369,35 @@ def bench(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    kept = _keep_earlier(run_dir / "bench.json", result)
+    if kept and console is not None:
+        console.print(f"kept from bench.json (same machine and settings): {', '.join(kept)}", markup=False)
     result["ratios"]["decoder_vs_encoder"] = decoder_vs_encoder(result["systems"])
     rundir.write_json(run_dir / "bench.json", result)
     return result
+
+
+SETTINGS = ("machine", "price_per_hour", "batch_size", "texts", "repeats")
+
+
+def _keep_earlier(path: Path, result: dict) -> list[str]:
+    """Add to ``result`` the systems an earlier bench.json measured and this call did not
+    (``bench --systems X`` replaced the whole file before); only when the machine and settings
+    match, so every number in the file is comparable. Returns the names kept."""
+    from tailtune import rundir
+
+    try:
+        earlier = rundir.read_json(path)
+    except (OSError, ValueError):
+        return []
+    if any(earlier.get(key) != result[key] for key in SETTINGS):
+        return []
+    kept = [name for name in earlier.get("systems", {}) if name not in result["systems"]]
+    for name in kept:
+        result["systems"][name] = earlier["systems"][name]
+        if name in earlier["ratios"].get("unmerged_vs_merged", {}):
+            result["ratios"]["unmerged_vs_merged"][name] = earlier["ratios"]["unmerged_vs_merged"][name]
+    return kept
 
 
 def decoder_vs_encoder(systems: dict) -> float | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -175,7 +176,50 @@ def run_forward(model, tokenizer, ids, batch_size: int, precision: str, out: str
             result[rows] = values
             if progress is not None:
                 progress(len(rows))
+    if result is None:  # no texts
+        result = np.empty((0, model.score.out_features if out == "logits" else model.score.in_features), np.float32)
     return result
+
+
+def encode_labels(labels, classes=None, what: str = "labels") -> tuple[list, np.ndarray]:
+    """(classes, y (N,) class indices). ``classes``: the sorted distinct ``labels`` unless given.
+
+    Classes are plain Python values (a NumPy label array gives ``np.int64`` / ``np.str_``, which
+    a saved model's JSON cannot hold). A missing label, or one outside ``classes``, is an error
+    that names it.
+    """
+    def plain(value):
+        return value.item() if isinstance(value, np.generic) else value
+
+    if isinstance(labels, str):
+        raise TypeError(f"{what} must be a list of labels, got one string")
+    labels = [plain(v) for v in labels]
+    missing = next((i for i, v in enumerate(labels) if v is None or v != v), None)  # v != v: NaN
+    if missing is not None:
+        raise TailtuneError(f"{what} has a missing value (None or NaN) at row {missing}")
+    if classes is None:
+        try:
+            classes = sorted(set(labels))
+        except TypeError:
+            raise TailtuneError(f"{what} mix types ({', '.join(sorted({type(v).__name__ for v in labels}))}); "
+                                "use one type for every label") from None
+    classes = [plain(c) for c in classes]
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = list(dict.fromkeys(v for v in labels if v not in index))
+    if unknown:
+        raise TailtuneError(
+            f"{what} has {len(unknown)} label(s) that are not classes, e.g. {unknown[0]!r} "
+            "(the classes are the training labels, or those passed as classes=)"
+        )
+    return classes, np.array([index[v] for v in labels], dtype=np.int64)
+
+
+def _check_fitted(model) -> None:
+    """scikit-learn's NotFittedError before anything is loaded or computed."""
+    if not hasattr(model, "classes_"):
+        from sklearn.exceptions import NotFittedError
+
+        raise NotFittedError(f"this {type(model).__name__} is not fitted yet; call fit (or load) first")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -261,9 +305,12 @@ class TextClassifier:
         from tailtune import train as train_lib
         from tailtune import weighting
 
-        self.classes_ = list(classes) if classes is not None else sorted(set(labels))
-        index = {c: i for i, c in enumerate(self.classes_)}
-        y = np.array([index[label] for label in labels])
+        classes, y = encode_labels(labels, classes)
+        if val_texts is None:
+            val_texts, val_y = texts, y
+        else:
+            val_y = encode_labels(val_labels, classes, "val_labels")[1]
+        self.classes_ = classes
         counts = np.bincount(y, minlength=len(self.classes_))
         self.imbalance_ = weighting.plan(self.weighting, counts, self.train.logit_tau)
         base, model = self._build(self.classes_, self.imbalance_, backbone)
@@ -281,9 +328,6 @@ class TextClassifier:
         from tailtune.preflight import check_padding
 
         check_padding(model, self.tokenizer_, texts, self.backbone.max_length)  # before any step
-        if val_texts is None:
-            val_texts, val_labels = texts, labels
-        val_y = np.array([index[label] for label in val_labels])
         started = time.perf_counter()
         self.history_ = train_lib.fit(
             model,
@@ -307,6 +351,8 @@ class TextClassifier:
     # -- inference
 
     def predict_logits(self, texts: list[str], progress=None) -> np.ndarray:
+        """(N, C) logits, columns in ``classes_`` order."""
+        _check_fitted(self)
         ids = tokenize(self.tokenizer_, texts, self.backbone.max_length)
         return run_forward(
             self.model_, self.tokenizer_, ids, self.backbone.eval_batch_size, self.precision_, "logits", progress
@@ -322,11 +368,29 @@ class TextClassifier:
     # -- persistence
 
     def save(self, path: str | Path) -> Path:
-        """Write everything needed to reload: method weights, head, tokenizer, label map."""
+        """Write everything needed to reload: method weights, head, tokenizer, label map.
+
+        The files are written into a temporary sibling folder that replaces ``path`` when all
+        of them are complete, so a failed save leaves the old folder (or none), never half a model.
+        """
+        import tempfile
+
+        from tailtune import rundir
+
+        _check_fitted(self)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        try:
+            self._write(tmp)
+            rundir.replace_dir(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    def _write(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         methods.get(self.method).save(self.model_.backbone, path)
         head = {k: v.detach().cpu().contiguous() for k, v in self.model_.score.state_dict().items()}
         save_file(head, str(path / "head.safetensors"))
@@ -345,7 +409,6 @@ class TextClassifier:
             "pad_token": self.tokenizer_.pad_token,
         }
         (path / "tailtune.json").write_text(json.dumps(meta, indent=2))
-        return path
 
     @classmethod
     def load(cls, path: str | Path) -> TextClassifier:
@@ -359,28 +422,40 @@ class TextClassifier:
         config.pooling = meta["pooling"]
         self = cls(config, meta["method"], MethodConfig(**meta["method_config"]), weighting=meta["weighting"])
         self.classes_ = meta["classes"]
-        self.backbone_ = backbones.Backbone.from_saved(bb, meta["pooling"])
+        method = methods.get(self.method)
+        self.backbone_ = backbones.Backbone.from_saved(bb, meta["pooling"], weights=not method.saves_backbone)
         self.pooling_ = meta["pooling"]
         self.precision_ = meta["precision"]
         self.targets_ = meta["targets"]
         self.tokenizer_ = AutoTokenizer.from_pretrained(path / "tokenizer")
         self.tokenizer_.padding_side = meta["padding_side"]
-        base = backbones.load_model(self.backbone_, self.tokenizer_)
+        # A merged export or full fine-tuning holds the whole backbone: the base is not read.
+        base = method.load(None, path) if method.saves_backbone else backbones.load_model(self.backbone_, self.tokenizer_)
         head = load_file(str(path / "head.safetensors"))
         model = _module()(base, len(self.classes_), self.pooling_, self.backbone_.is_decoder, bias="bias" in head)
-        model.backbone = methods.get(self.method).load(base, path)
+        if not method.saves_backbone:
+            model.backbone = method.load(base, path)
         model.score.load_state_dict(head)
         self.model_ = model.eval().requires_grad_(False)
         self.trainable_params_, self.total_params_ = 0, count_params(model)[1]
         return self
 
 
-def read_saved(path: Path) -> tuple[dict, BackboneConfig]:
-    """The ``tailtune.json`` of a saved model folder and the backbone config it records."""
+def read_saved(path: Path, kind: str = "finetune") -> tuple[dict, BackboneConfig]:
+    """The ``tailtune.json`` of a saved model folder of ``kind`` and the backbone config it records.
+
+    A fine-tuned classifier's file has no ``kind``; a run's probe, TF-IDF and generate systems
+    name theirs.
+    """
     meta_file = path / "tailtune.json"
     if not meta_file.exists():
         raise TailtuneError(f"{path} is not a saved tailtune model (no tailtune.json)")
     meta = json.loads(meta_file.read_text())
+    if meta.get("kind", "finetune") != kind:
+        raise TailtuneError(
+            f"{path} holds a '{meta.get('kind', 'finetune')}' system, not a {kind} one; tailtune.deploy.load_predictor "
+            "loads every kind"
+        )
     known = {f.name for f in dataclasses.fields(BackboneConfig)}
     return meta, BackboneConfig(**{k: v for k, v in meta["backbone"].items() if k in known})
 
@@ -482,6 +557,7 @@ class ProbeClassifier:
 
     def features(self, texts: list[str], progress=None) -> np.ndarray:
         """(N, H) pooled features of the frozen backbone."""
+        backbones.check_texts(texts)  # before the backbone loads
         if not hasattr(self, "model_"):
             self.load_encoder()
         ids = tokenize(self.tokenizer_, texts, self.backbone.max_length)
@@ -533,14 +609,15 @@ class ProbeClassifier:
         return next(C for C in self.C_GRID if self.C_scores_[C] >= best - 1e-9)
 
     def fit(self, texts: list[str], labels: list[str], classes: list[str] | None = None) -> ProbeClassifier:
-        classes = list(classes) if classes is not None else sorted(set(labels))
-        index = {c: i for i, c in enumerate(classes)}
-        return self.fit_features(self.features(texts), np.array([index[c] for c in labels]), classes)
+        classes, y = encode_labels(labels, classes)
+        return self.fit_features(self.features(texts), y, classes)
 
     def proba_from_features(self, features: np.ndarray) -> np.ndarray:
+        _check_fitted(self)
         return softmax(features @ self.W_.T + self.b_)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
+        _check_fitted(self)  # before the backbone is loaded
         return self.proba_from_features(self.features(texts))
 
     def predict(self, texts: list[str]) -> list[str]:

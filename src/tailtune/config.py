@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -323,7 +324,31 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain values only (a ``Path`` becomes its string), as config.yaml holds them."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def resolved(cfg: Config) -> Config:
+    """``cfg`` as a run records it: read back through YAML, so its values have the types
+    config.yaml gives them (``epochs=3`` becomes 3.0, a ``Path`` a string), ``data.path``
+    absolute, and validated.
+
+    For configs built in Python, which skip ``load_config``'s checks otherwise.
+    """
+    cfg = from_dict(Config, yaml.safe_load(dump(cfg)))
+    if cfg.data.path and "://" not in cfg.data.path:
+        # config.yaml records it, and bench / report read the data again, from anywhere
+        cfg.data.path = os.path.abspath(os.path.expanduser(cfg.data.path))
+    validate(cfg)
+    return cfg
 
 
 def dump(cfg: Config) -> str:

@@ -347,6 +347,7 @@ def prepare(cfg: DataConfig, frame: pd.DataFrame | None = None, source: str | No
             "splits": {s: int((out["split"] == s).sum()) for s in ("train", "val", "test")},
             "text_words": _length_summary(out["text"]),
             "seed": cfg.seed,
+            "fingerprint": fingerprint(out[["id", "text", "label", "split"]]),
         }
     )
     return Prepared(
@@ -357,6 +358,13 @@ def prepare(cfg: DataConfig, frame: pd.DataFrame | None = None, source: str | No
         tier_names=list(cfg.tier_names),
         summary=report,
     )
+
+
+def fingerprint(frame: pd.DataFrame) -> str:
+    """SHA-256 (16 hex digits) of the frame as CSV: equal exactly when every value and the order are."""
+    import hashlib
+
+    return hashlib.sha256(frame.to_csv(index=False).encode("utf-8")).hexdigest()[:16]
 
 
 def _length_summary(texts: pd.Series) -> dict:

@@ -155,7 +155,8 @@ class SklearnPredictor(Predictor):
 def _pipeline_proba(pipeline, inputs, n_classes: int) -> np.ndarray:
     # The pipeline only knows the classes it saw in training (its classes_ are class indices).
     proba = np.zeros((len(inputs), n_classes))
-    proba[:, pipeline[-1].classes_] = pipeline.predict_proba(inputs)
+    if len(inputs):  # scikit-learn refuses 0 rows
+        proba[:, pipeline[-1].classes_] = pipeline.predict_proba(inputs)
     return proba
 
 
@@ -632,7 +633,8 @@ def _open_table(path: Path, chunk_size: int) -> tuple[Iterator, int]:
             done = 0
             for batch in parquet.iter_batches(batch_size=chunk_size):
                 done += batch.num_rows
-                yield batch.to_pandas(), done
+                # integer_object_nulls: a nullable int64 id stays an int (to_pandas makes it float64)
+                yield batch.to_pandas(integer_object_nulls=True), done
 
         return batches(), parquet.metadata.num_rows
 
@@ -640,19 +642,19 @@ def _open_table(path: Path, chunk_size: int) -> tuple[Iterator, int]:
 
     raw = open(path, "rb")  # noqa: SIM115 - closed when the iterator finishes
     text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-    if kind == "jsonl":
-        reader = pd.read_json(text, lines=True, dtype=False, chunksize=chunk_size)
-    else:
-        reader = pd.read_csv(
-            text,
-            sep="\t" if kind == "tsv" else ",",
-            dtype=str,
-            keep_default_na=False,
-            chunksize=chunk_size,
-        )
 
     def frames():
-        try:
+        try:  # read_csv decodes the header when it is created: inside the try too
+            if kind == "jsonl":
+                reader = _jsonl_chunks(text, chunk_size)
+            else:
+                reader = pd.read_csv(
+                    text,
+                    sep="\t" if kind == "tsv" else ",",
+                    dtype=str,  # ids and texts exactly as written
+                    keep_default_na=False,
+                    chunksize=chunk_size,
+                )
             for frame in reader:
                 yield frame, raw.tell()
         except UnicodeDecodeError:
@@ -665,6 +667,31 @@ def _open_table(path: Path, chunk_size: int) -> tuple[Iterator, int]:
             raw.close()
 
     return frames(), path.stat().st_size
+
+
+def _jsonl_chunks(text, chunk_size: int) -> Iterator:
+    """DataFrames of up to ``chunk_size`` JSON lines; numbers kept as written, as strings.
+
+    pandas' reader made a 64-bit id a float (9007199254740993 -> 9007199254740992.0), and an
+    int id column float in a chunk where one row lacks it; predictions must join back by id.
+    """
+    import pandas as pd
+
+    rows = []
+    for number, line in enumerate(text, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line, parse_int=str, parse_float=str))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {number}: {exc.msg}") from None
+        if not isinstance(rows[-1], dict):
+            raise ValueError(f"line {number} is not a JSON object")
+        if len(rows) == chunk_size:
+            yield pd.DataFrame.from_records(rows)
+            rows = []
+    if rows:
+        yield pd.DataFrame.from_records(rows)
 
 
 class _Sink:

@@ -475,9 +475,7 @@ class GenerativeClassifier:
         from tailtune.classifier import count_params, read_saved
 
         path = Path(path)
-        meta, config = read_saved(path)
-        if meta.get("kind") != KIND:
-            raise TailtuneError(f"{path} holds a '{meta.get('kind', 'finetune')}' system, not a {KIND} one")
+        meta, config = read_saved(path, KIND)
         bb = meta["backbone"]
         self = cls(
             config, MethodConfig(**meta["method_config"]),

@@ -37,6 +37,8 @@ class Method:
     paper: str = ""
     # Trains base weights themselves (full, head, bitfit): "merged" and "unmerged" are one model.
     in_place: bool = False
+    # Saves the whole backbone (full): ``load(None, folder)`` needs no base model.
+    saves_backbone: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -233,12 +235,14 @@ def _full_save(model, folder: Path) -> None:
 
 
 def _full_load(base, folder: Path):
+    import torch
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(folder / "backbone", dtype=base.dtype)
+    return AutoModel.from_pretrained(folder / "backbone", dtype=torch.float32 if base is None else base.dtype)
 
 
-register(Method("full", True, _full_apply, _full_save, _full_load, 2e-5, "Devlin et al. 2019, full fine-tuning", True))
+register(Method("full", True, _full_apply, _full_save, _full_load, 2e-5, "Devlin et al. 2019, full fine-tuning", True,
+                saves_backbone=True))
 
 
 def _head_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):

@@ -95,11 +95,9 @@ def _comparable(cfg: Config) -> str:
     Read back as config.yaml is, so that a Config built in Python (``epochs=3``) equals the
     one its run saved (``epochs: 3.0``).
     """
-    import yaml
+    from tailtune.config import resolved
 
-    from tailtune.config import from_dict
-
-    cfg = from_dict(Config, yaml.safe_load(dump(cfg)))
+    cfg = resolved(cfg)
     cfg.tune.chosen, cfg.systems = [], []
     return dump(cfg)
 
@@ -134,6 +132,19 @@ def _check_run_dir(out: Path, cfg: Config, *, keep_others: bool = False) -> Conf
     if any(out.iterdir()):
         raise TailtuneError(f"{out} exists, is not empty and is not a tailtune run directory")
     return None
+
+
+def _check_same_data(out: Path, summary: dict) -> None:
+    """Refuse to resume ``out`` on data other than its systems were trained and tested on."""
+    try:
+        before = rundir.read_json(out / "data.json").get("fingerprint")
+    except (OSError, ValueError):
+        return  # killed before data.json was written: nothing was trained on it yet
+    if before is not None and before != summary["fingerprint"]:
+        raise TailtuneError(
+            f"{out} holds a run on other data: {summary['source']} has changed since (rows, texts, "
+            "labels or split); choose another --out, or restore the data the run was made with"
+        )
 
 
 def _joined(saved: Config | None, cfg: Config) -> Config:
@@ -224,7 +235,9 @@ def run(cfg: Config, console=None, report: bool = True, *, named_only: bool = Fa
     (:func:`tailtune.backbones.shared_loads`): a sweep's points read the base once.
     """
     from tailtune.backbones import shared_loads
+    from tailtune.config import resolved
 
+    cfg = resolved(cfg)  # a Config built in Python gets load_config's checks
     with shared_loads(), contextlib.ExitStack() as held:
         return _run(cfg, console, report, named_only, held)
 
@@ -269,6 +282,8 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
         names = cfg.systems
     started = time.perf_counter()
     specs, data = _preflight(cfg, names, console)
+    if saved is not None:
+        _check_same_data(out, data.summary)
     ctx = Context(cfg, data, console, out / "cache")
     with dist.main_process_first():  # the main process fills the backbone cache, the others read it
         check_backbones(ctx, specs)  # resolves (and converts GGUF) before the directory exists

@@ -66,8 +66,10 @@ class SharedBase:
                 self.model.backbone.load_adapter(
                     str(folders[name] / "adapter"), adapter_name=adapter
                 )
-                head = torch.nn.Linear(self.model.score.in_features, len(meta["classes"]))
-                head.load_state_dict(load_file(str(folders[name] / "head.safetensors")))
+                state = load_file(str(folders[name] / "head.safetensors"))
+                # decoder heads are bias-free, like transformers' <Family>ForSequenceClassification.score
+                head = torch.nn.Linear(self.model.score.in_features, len(meta["classes"]), bias="bias" in state)
+                head.load_state_dict(state)
                 head = head.to(device).eval().requires_grad_(False)
                 tokenizer = AutoTokenizer.from_pretrained(folders[name] / "tokenizer")
                 tokenizer.padding_side = meta["padding_side"]
@@ -225,7 +227,7 @@ def create_app(
                 )
             if not text.strip():
                 raise HTTPException(422, f"text {i} is empty")
-        name = request.system or registry.default
+        name = registry.default if request.system is None else request.system  # "" is no system's name
         if name not in registry.predictors:
             raise HTTPException(
                 404, f"unknown system '{name}' (served: {', '.join(registry.predictors)})"

@@ -166,6 +166,12 @@ def fit(
     # A probe's score can differ in the last bit between GPUs; selection must not.
     start_val_f1 = broadcast_object_list([start_val_f1])[0]
     saved = rundir.read_json(resume / SELECTION_FILE) if resume is not None else None
+    key = _fit_key(model, train_ids, y, val_ids, val_y, train, backbone, class_sampling)
+    if saved is not None and saved.get("fit", key) != key:  # checkpoints written before the key resume
+        raise TailtuneError(
+            f"{work_dir} holds checkpoints of another fit (other data, settings or model); pass another "
+            "work_dir, or delete it to train from the start"
+        )
     if saved is not None and saved.get("processes", 1) != dist.num_processes:
         # Steps per epoch, the data order and the per-process RNG states all depend on it.
         raise TailtuneError(
@@ -194,6 +200,7 @@ def fit(
             "step": state.global_step,
             "epoch": state.epoch,
             "done": bool(control.should_training_stop),
+            "fit": key,
             "processes": dist.num_processes,
             "seconds": history.get("seconds_before_resume", 0.0) + time.perf_counter() - started,
             "best": {k: best[k] for k in ("f1", "step", "bad")},
@@ -302,6 +309,27 @@ def fit(
     )
     model.eval()
     return history
+
+
+def _fit_key(model, train_ids, y, val_ids, val_y, train: TrainConfig, backbone: BackboneConfig,
+             class_sampling) -> str:
+    """What a checkpoint must come from for :func:`fit` to resume it: the rows (token ids and
+    labels, in order), the settings, and the trainable parameters' names and shapes (the method
+    and its rank). 16 hex digits of SHA-256."""
+    import dataclasses
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for ids, labels in ((train_ids, y), (val_ids, val_y)):
+        digest.update(np.asarray([len(row) for row in ids], dtype=np.int64).tobytes())
+        digest.update(np.concatenate([np.asarray(row, dtype=np.int64) for row in ids] or [[]]).tobytes())
+        digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+    trainable = [(n, list(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+    sampling = None if class_sampling is None else np.asarray(class_sampling).tolist()
+    settings = [dataclasses.asdict(train), dataclasses.asdict(backbone), sampling, trainable]
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 def _resume_point(work_dir: Path, clean: bool = True) -> Path | None:
