@@ -280,7 +280,7 @@ def test_chunking_does_not_change_the_resamples(monkeypatch):
 def test_paired_bootstrap_with_itself_is_exactly_zero(metric):
     y_true, y_pred = _random_case(3)
     r = paired_bootstrap(y_true, y_pred, y_pred.copy(), metric=metric, n_boot=300)
-    assert r == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p_better": 0.0, "n_boot": 300}
+    assert r == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p_better": 0.0, "n_boot": 300, "decisive": 0}
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])

@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from tailtune.errors import TailtuneError
-from tailtune.report import build_report, fmt_boot, fmt_ci, fmt_metric, pareto_frontier
+from tailtune.report import build_report, fmt_boot, fmt_ci, fmt_cost, fmt_metric, pareto_frontier
+from tailtune.report import noise_word as report_noise_word
 
 ISSUES = [
     "Incorrect information on your report",
@@ -426,7 +427,7 @@ def test_bench_numbers_are_shown(full_run):
     for system, b in bench["systems"].items():
         row = _rows(html, system)[1]  # the latency table comes after table 1
         assert f">{b['ms_per_example']:.2f}<" in row
-        assert f">${b['cost_64k']:,.2f}<" in row
+        assert f">{fmt_cost(b['cost_64k'])}<" in row
     assert bench["machine"]["gpu"] in html
 
 
@@ -481,7 +482,7 @@ def test_one_system_run_says_what_is_missing(tmp_path):
     html = _html(path)
     assert "Only one system" in html
     assert "<code>encoder-lora-weighted</code>" in html
-    assert "no fine-tuned decoder" in html
+    assert "no finished fine-tuned decoder" in html
     assert f">{fmt_metric(_metrics(path, 'encoder-lora')['macro_f1'])}<" in _row(
         html, "encoder-lora"
     )
@@ -534,10 +535,68 @@ def test_recommendation_names_the_probe_when_fine_tuning_does_not_beat_it(tmp_pa
         comparison.loc[comparison["system"] == copy, "macro_f1"] = metrics["macro_f1"]
     (path / "systems" / "encoder-lora-weighted" / "metrics.json").unlink()  # one fine-tuned encoder
     comparison[comparison["system"] != "encoder-lora-weighted"].to_csv(path / "comparison.csv", index=False)
+    baseline = path / "systems" / "tfidf-logreg" / "predictions.csv"  # one class for every row: the probe beats it
+    preds = pd.read_csv(baseline)
+    preds.assign(prediction=preds["label"].mode()[0]).to_csv(baseline, index=False)
     html = _html(path)
     assert "Deploy encoder-probe (frozen encoder + linear head).</strong> The decoder does not earn" in html
     assert "It is the frozen probe, not encoder-lora: fine-tuning did not beat" in html
     assert "+0.000 [+0.000, +0.000] macro-F1" in html
+
+
+def _predict_as(path: Path, source: str, copies: list[str]) -> None:
+    """Give ``copies`` the predictions and metrics of ``source`` (each keeps its own system info)."""
+    src = path / "systems" / source
+    metrics = json.loads((src / "metrics.json").read_text())
+    comparison = pd.read_csv(path / "comparison.csv")
+    for copy in copies:
+        for name in ("predictions.csv", "per_class.csv"):
+            (path / "systems" / copy / name).write_bytes((src / name).read_bytes())
+        own = json.loads((path / "systems" / copy / "metrics.json").read_text())
+        (path / "systems" / copy / "metrics.json").write_text(json.dumps({**metrics, "system": own["system"]}))
+        comparison.loc[comparison["system"] == copy, "macro_f1"] = metrics["macro_f1"]
+    comparison.to_csv(path / "comparison.csv", index=False)
+
+
+def test_recommendation_names_the_baseline_when_nothing_beats_it(tmp_path):
+    """The memo recommended encoder-probe on a run where tfidf-logreg was as good and faster, and
+    section 5 said fine-tuning beat the probe on point estimates the memo called noise."""
+    path = write_fake_run(tmp_path / "run", systems=(*DEFAULT_SYSTEMS, "encoder-probe"))
+    _predict_as(path, "tfidf-logreg", ["encoder-lora", "encoder-lora-weighted", "decoder-lora", "encoder-probe"])
+    html = _html(path)
+    assert "Deploy tfidf-logreg (TF-IDF + logistic regression).</strong>" in html
+    assert "Nor does encoder-probe beat the baseline tfidf-logreg beyond noise" in html
+    assert "Fine-tuning does not beat the frozen encoder probe beyond noise" in html
+
+
+def test_a_difference_that_one_test_row_carries_is_noise():
+    """Classes with one test row always draw that row in the stratified bootstrap: a rare tier of
+    such classes gave '+0.095 [+0.095, +0.095]' and the memo called it beyond noise."""
+    from tailtune.metrics import beyond_noise, paired_bootstrap
+
+    y_true = np.array([0, 1, 2, 3, 3, 3, 3, 3, 3, 3])
+    a = y_true.copy()
+    b = y_true.copy()
+    b[0] = 3  # class 0's one row: only b gets it wrong
+    res = paired_bootstrap(y_true, a, b, classes=[0, 1, 2], n_boot=200)
+    assert res["lo"] == res["hi"] == res["diff"] > 0 and res["decisive"] == 1
+    assert not beyond_noise(res)
+    assert "only 1 test rows differ" in report_noise_word(res)
+
+
+def test_sweep_points_pair_weighting_within_their_own_settings(tmp_path, monkeypatch):
+    """A sweep's encoder-lora-weighted@rank=4 was compared with encoder-lora@rank=2 (the key
+    ignored the settings), and the advice named 'decoder-lora@rank=2-weighted', no system."""
+    for rank in (2, 4):
+        for name in ("encoder-lora", "encoder-lora-weighted", "decoder-lora"):
+            monkeypatch.setitem(SYSTEMS, f"{name}@rank={rank}", SYSTEMS[name])
+    systems = ("tfidf-logreg", *(f"{n}@rank={r}" for r in (2, 4) for n in ("encoder-lora", "encoder-lora-weighted")),
+               "decoder-lora@rank=2")
+    text = re.sub(r"<[^>]+>", "", _html(write_fake_run(tmp_path / "run", systems=systems)))
+    for rank in (2, 4):
+        assert f"encoder-lora-weighted@rank={rank} vs encoder-lora@rank={rank}" in text
+    assert "encoder-lora-weighted@rank=4 vs encoder-lora@rank=2" not in text
+    assert "decoder-lora-weighted@rank=2" in text and "rank=2-weighted" not in text
 
 
 def test_missing_run_files_are_a_clear_error(tmp_path):

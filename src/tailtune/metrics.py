@@ -288,7 +288,12 @@ def paired_bootstrap(
     Returns:
         {``diff``: point estimate on the full test set, ``lo``/``hi``: 2.5th / 97.5th
         percentile of the resampled differences, ``p_better``: share of resamples where a
-        beats b strictly, ``n_boot``}.
+        beats b strictly, ``n_boot``, ``decisive``: test rows (of ``classes``) that one system
+        gets right and the other wrong}.
+
+    The resamples keep each class's test support, so a class with one test row always draws
+    that row: on a tier of such classes the interval can have no width at all. ``decisive``
+    says how many rows the difference rests on (:func:`beyond_noise`).
     """
     if metric not in METRICS:
         raise TailtuneError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
@@ -315,10 +320,23 @@ def paired_bootstrap(
     boot_a, boot_b = _bootstrap(y_true, [pred_a, pred_b], classes, n_classes, n_boot, seed)
     diffs = boot_a[metric] - boot_b[metric]
     lo, hi = _interval(diffs)
+    rows = np.isin(y_true, classes)
     return {
         "diff": float(point_a - point_b),
         "lo": lo,
         "hi": hi,
         "p_better": float((diffs > 0).mean()),
         "n_boot": int(n_boot),
+        "decisive": int(((pred_a == y_true) != (pred_b == y_true))[rows].sum()),
     }
+
+
+# A two-sided sign test cannot reach p < 0.05 on fewer discordant rows: 5 of 5 gives p = 0.0625.
+MIN_DECISIVE = 6
+
+
+def beyond_noise(res: dict) -> bool:
+    """Whether a :func:`paired_bootstrap` difference is a finding: its interval excludes 0 and
+    at least ``MIN_DECISIVE`` test rows carry it (a tier of one-row classes has an interval of
+    no width, and one row could flip it)."""
+    return not res["lo"] <= 0 <= res["hi"] and res.get("decisive", MIN_DECISIVE) >= MIN_DECISIVE

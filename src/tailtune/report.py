@@ -397,6 +397,11 @@ def fmt_seconds(s: float | None) -> str:
     return f"{s / 3600:.1f} h"
 
 
+def fmt_cost(usd: float) -> str:
+    """'$0.000136' for fractions of a cent, '$1.23' otherwise: a cost never reads $0.00."""
+    return f"${usd:,.2f}" if usd >= 0.01 or usd == 0 else f"${usd:.2g}"
+
+
 def fmt_pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -410,7 +415,26 @@ def code(text: str) -> Markup:
 
 
 def noise_word(res: dict) -> str:
-    return "within noise" if res["lo"] <= 0 <= res["hi"] else "outside noise"
+    from tailtune.metrics import MIN_DECISIVE, beyond_noise
+
+    if beyond_noise(res):
+        return "outside noise"
+    if not res["lo"] <= 0 <= res["hi"]:  # an interval off 0 that too few rows carry
+        return f"within noise (only {res['decisive']} test rows differ; {MIN_DECISIVE} needed)"
+    return "within noise"
+
+
+def _better(res: dict | None) -> bool:
+    """``res`` (a minus b) says a is better, beyond noise."""
+    from tailtune.metrics import beyond_noise
+
+    return res is not None and beyond_noise(res) and res["diff"] > 0
+
+
+def _worse(res: dict | None) -> bool:
+    from tailtune.metrics import beyond_noise
+
+    return res is not None and beyond_noise(res) and res["diff"] < 0
 
 
 def fmt_boot(res: dict) -> str:
@@ -860,11 +884,12 @@ def _weighting_pairs(run: Run, n_boot: int, seed: int) -> list[dict]:
             info.get("backbone"),
             info.get("method"),
             info.get("backbone_name"),
+            s.name.partition("@")[2],  # a sweep point's settings: rank=4 pairs with rank=4 only
         )
         side = "none" if (info.get("weighting") or "none") == "none" else "weighted"
         groups.setdefault(key, {"none": [], "weighted": []})[side].append(s)
     pairs = []
-    for (kind, backbone, method, _), group in groups.items():
+    for (kind, backbone, method, _, _), group in groups.items():
         base = _best(group["none"])
         for w in group["weighted"]:
             if base is None:
@@ -1078,8 +1103,8 @@ def section_systems(run: Run, an: Analysis) -> Section:
         info, failed = s.info, s.status != "ok"
         ci = (s.metrics or {}).get("ci") or {}
         total, trainable = _num(s.value("total_params")), _num(s.value("trainable_params"))
-        notes = [s.note] if s.note else []
-        notes += [w for w in (s.metrics or {}).get("warnings", []) if w not in notes]
+        # comparison.csv's note is the warnings joined with "; " (or a failure's reason)
+        notes = list((s.metrics or {}).get("warnings", [])) or ([s.note] if s.note else [])
 
         shown = {  # column -> (value, line under it)
             "accuracy": (fmt_metric(_num(s.value("accuracy"))), fmt_ci(ci.get("accuracy"))),
@@ -1334,10 +1359,16 @@ def _paired_row(
     ]
 
 
+def _weighted_name(name: str) -> str:
+    """The weighted twin's system name: the suffix goes before a sweep point's ``@settings``."""
+    base, at, settings = name.partition("@")
+    return f"{base}-weighted{at}{settings}"
+
+
 def _missing_pair_advice(run: Run) -> Markup:
     have = [s for s in run.ok_systems if s.info.get("kind") == "finetune"]
     suggestions = [
-        f"{s.name}-weighted" for s in have if (s.info.get("weighting") or "none") == "none"
+        _weighted_name(s.name) for s in have if (s.info.get("weighting") or "none") == "none"
     ]
     if not suggestions:
         suggestions = ["encoder-lora", "encoder-lora-weighted"]
@@ -1351,9 +1382,9 @@ def _missing_pair_advice(run: Run) -> Markup:
 def _effect(res: dict | None) -> str:
     if res is None:
         return "unknown"
-    if res["lo"] > 0:
+    if _better(res):
         return "helped"
-    if res["hi"] < 0:
+    if _worse(res):
         return "hurt"
     return "within noise"
 
@@ -1450,7 +1481,7 @@ def _transfer_verdict(run: Run, an: Analysis) -> Markup:
     source = enc or dec
     missing_base = an.dec if missing == "decoder" else an.enc
     suggestion = (
-        f"{missing_base.name}-weighted"
+        _weighted_name(missing_base.name)
         if missing_base and (missing_base.info.get("weighting") or "none") == "none"
         else f"{missing}-lora and {missing}-lora-weighted"
     )
@@ -1480,20 +1511,25 @@ def section_per_class(run: Run, an: Analysis) -> Section:
 
     sec.blocks.append(Heading("Encoder against decoder, class by class"))
     if an.enc is None or an.dec is None:
-        missing = " and ".join(
-            b for b, s in (("encoder", an.enc), ("decoder", an.dec)) if s is None
+        missing = [b for b, s in (("encoder", an.enc), ("decoder", an.dec)) if s is None]
+        failed = [
+            s.name for s in run.systems
+            if s.status != "ok" and s.info.get("kind") in ("finetune", None)
+            and s.info.get("backbone", s.name.split("-", 1)[0]) in missing
+        ]
+        advice = (
+            Markup("{} failed (its reason is in section 1); fix it and run again.").format(
+                Markup(", ").join(code(n) for n in failed)
+            )
+            if failed
+            else Markup("Add {} to the config.").format(Markup(" and ").join(code(f"{b}-lora") for b in missing))
         )
         sec.blocks.append(
             Para(
                 Markup(
                     "This comparison needs a fine-tuned encoder and a fine-tuned decoder "
-                    "system; this run has no fine-tuned {}. Add {} to the config."
-                ).format(
-                    missing,
-                    Markup(" and ").join(
-                        code(f"{b}-lora") for b in ("encoder", "decoder") if b in missing
-                    ),
-                ),
+                    "system; this run has no finished fine-tuned {}. {}"
+                ).format(" and ".join(missing), advice),
                 style="warning",
             )
         )
@@ -1594,8 +1630,12 @@ def _tier_prose(run: Run, systems: list[SystemRun]) -> Markup:
     elif gaps:
         text += Markup(
             " The gap between the {} and the {} tier ranges from {} to {} macro-F1 across "
-            "systems: the aggregate numbers of section 1 are mostly the common classes."
+            "systems."
         ).format(last, first, fmt_metric(min(gaps)), fmt_metric(max(gaps)))
+    if run.y_true is not None and run.tier_classes(last).size:
+        text += Markup(
+            " Accuracy in section 1 weighs classes by their test rows: the {} tier is {} of them."
+        ).format(last, fmt_pct(np.isin(run.y_true, run.tier_classes(last)).mean()))
     return text
 
 
@@ -1678,10 +1718,8 @@ def _enc_dec_tier_table(run: Run, an: Analysis) -> Table:
 
 
 def _enc_dec_prose(run: Run, an: Analysis) -> Markup:
-    outside = {
-        k: v for k, v in an.enc_dec.items() if k != "all" and noise_word(v) == "outside noise"
-    }
-    inside = [k for k, v in an.enc_dec.items() if k != "all" and noise_word(v) == "within noise"]
+    outside = {k: v for k, v in an.enc_dec.items() if k != "all" and (_better(v) or _worse(v))}
+    inside = [k for k in an.enc_dec if k != "all" and k not in outside]
     overall = an.enc_dec["all"]
     text = Markup("Over all classes the decoder is {} ({}).").format(
         "ahead" if overall["diff"] > 0 else "behind" if overall["diff"] < 0 else "level",
@@ -1802,7 +1840,7 @@ def _bench_tables(run: Run, bench: dict) -> list[Any]:
     best = {
         "ms_per_example": _best_cells(col("ms_per_example"), False),
         "examples_per_s": _best_cells(col("examples_per_s"), True),
-        "peak_mem_mb": _best_cells(col("peak_mem_mb"), False),
+        "peak_mem_mb": [False] * len(entries),  # measured one after another in one process: no best
         "time_64k_s": _best_cells(col("time_64k_s"), False),
         "cost_64k": _best_cells(col("cost_64k"), False),
     }
@@ -1849,7 +1887,7 @@ def _bench_tables(run: Run, bench: dict) -> list[Any]:
                 ),
                 Cell(fmt_seconds(_num(e.get("time_64k_s"))), num=True, best=best["time_64k_s"][i]),
                 Cell(
-                    f"${e['cost_64k']:,.2f}" if e.get("cost_64k") is not None else EM_DASH,
+                    fmt_cost(e["cost_64k"]) if e.get("cost_64k") is not None else EM_DASH,
                     num=True,
                     best=best["cost_64k"][i],
                 ),
@@ -1872,8 +1910,11 @@ def _bench_tables(run: Run, bench: dict) -> list[Any]:
             rows,
             f"Inference on {where}, batch size {bench.get('batch_size', EM_DASH)}; cost at "
             + (f"${price:,.2f} per hour" if price is not None else "an unknown price")
-            + ". The variant is the one tailtune predict and serve run by default for each system "
-            "(merged weights; bf16 only on hardware with native bf16); all variants are listed below.",
+            + ". The variant is the one tailtune predict runs by default for each system (merged "
+            "weights; bf16 only on hardware with native bf16), and serve for a system alone on its "
+            "base; LoRA systems that share a base are served unmerged (the unmerged rows below). "
+            "Peak memory is the growth of one process that loads the systems one after another, so "
+            "a later system can show less than it needs alone; bench one system for its own number.",
         )
     ]
     variant_rows = [
@@ -1925,9 +1966,10 @@ def _recommendation(run: Run, an: Analysis) -> list[Any]:
         rare_rows = np.isin(run.y_true, run.tier_classes(rare)).mean()
         n_rare = len(run.data["tiers"]["classes"][rare])
         facts.append(
-            f"The {rare} tier is {n_rare} of {len(run.train_counts)} classes "
-            f"({fmt_pct(n_rare / max(1, len(run.train_counts)))}) but {fmt_pct(rare_rows)} of "
-            "test rows: it matters for macro-F1, hardly for accuracy."
+            f"The {rare} tier is {n_rare} of {len(run.train_counts)} classes and "
+            f"{fmt_pct(rare_rows)} of test rows: it weighs "
+            f"{fmt_pct(n_rare / max(1, len(run.train_counts)))} in macro-F1 and {fmt_pct(rare_rows)} "
+            "in accuracy."
         )
     ms = _ms_per_example(run)
     tail = [s for s in run.ok_systems if rare and s.tier_f1(rare) is not None]
@@ -2001,30 +2043,46 @@ def _latency_ratio(run: Run, an: Analysis) -> float | None:
     return None
 
 
-def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[Markup, Markup]:
-    """(what to deploy, why) for the fine-tuned system the rule picked.
+def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[str, Markup, Markup]:
+    """(system to deploy, its description, why) for the fine-tuned system the rule picked.
 
     Its backbone's frozen probe instead, when fine-tuning does not beat the probe beyond noise:
     at serving time both are one forward pass of the same backbone, and the probe needs no
     fine-tuning (on the products sample LoRA kept the probe's head on two of three splits, so
-    the two made the same predictions).
+    the two made the same predictions). And the TF-IDF baseline when that system does not beat
+    it beyond noise either: nothing then earns the extra serving cost.
     """
     backbone, method = tuned.info.get("backbone"), tuned.info.get("method")
+    pick = tuned.name
     name = Markup("{} ({} + {})").format(tuned.name, backbone, "LoRA" if method == "lora" else method)
+    why = Markup("")
     probe = _best(
         [s for s in run.ok_systems if s.info.get("kind") == "probe" and s.info.get("backbone") == backbone]
     )
     diff = None if probe is None else _bootstrap(run, tuned.name, probe.name, an.seed, an.n_boot)
-    if diff is None or diff["lo"] > 0:
-        return name, Markup("")
-    return (
-        Markup("{} (frozen {} + linear head)").format(probe.name, backbone),
-        Markup(
+    if diff is not None and not _better(diff):
+        pick = probe.name
+        name = Markup("{} (frozen {} + linear head)").format(probe.name, backbone)
+        why = Markup(
             " It is the frozen probe, not {}: fine-tuning did not beat the probe beyond noise "
             "({} macro-F1), and at serving time both are one forward pass of the same {}: the "
             "probe is the simpler system, with no measurable loss."
-        ).format(tuned.name, fmt_boot(diff), backbone),
-    )
+        ).format(tuned.name, fmt_boot(diff), backbone)
+    baseline = _best([s for s in run.ok_systems if s.info.get("kind") == "baseline"])
+    versus = None if baseline is None else _bootstrap(run, pick, baseline.name, an.seed, an.n_boot)
+    if versus is not None and not _better(versus):
+        return (
+            baseline.name,
+            Markup("{} (TF-IDF + logistic regression)").format(baseline.name),
+            why + Markup(
+                " Nor does {} beat the baseline {} beyond noise ({} macro-F1): on this data the "
+                "baseline, the simplest system to serve, is the one to deploy until a system beats it."
+            ).format(pick, baseline.name, fmt_boot(versus)),
+        )
+    ms = _ms_per_example(run)
+    if pick in ms:
+        why += Markup(" {} takes {:.2f} ms per example in bench.json.").format(pick, ms[pick])
+    return pick, name, why
 
 
 def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
@@ -2048,11 +2106,12 @@ def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
             None,
         )
     enc, dec = an.enc.name, an.dec.name
-    enc_pick, enc_why = _deployable(run, an, an.enc)
+    _, enc_pick, enc_why = _deployable(run, an, an.enc)
+    dec_system, dec_pick, dec_why = _deployable(run, an, an.dec)
+    baseline = next(s for s in run.ok_systems if s.name == dec_system).info.get("kind") == "baseline"
     cost = Markup(", at {:.1f}\u00d7 the encoder's latency").format(ratio) if ratio else Markup("")
     overall = an.enc_dec.get("all")
-    if rare_res is not None and rare_res["lo"] > 0:
-        dec_pick, dec_why = _deployable(run, an, an.dec)
+    if _better(rare_res) and not baseline:  # a decoder the baseline matches is not worth its cost
         return (
             Markup(
                 "<strong>Deploy {} if the rare classes matter and the latency "
@@ -2068,7 +2127,7 @@ def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
         if rare_res is not None
         else Markup("the rare tier could not be compared (no paired predictions)")
     )
-    if overall is not None and overall["lo"] > 0:
+    if _better(overall):
         return (
             Markup(
                 "<strong>Deploy {} under a latency budget; {} only if cost is "
@@ -2132,8 +2191,8 @@ def section_next(run: Run, an: Analysis) -> Section:
                 )
     for pair in an.weighting:
         items.append(
-            Markup("Weighting on the {} backbone: {} ({}).").format(
-                pair["backbone"],
+            Markup("Weighting ({}): {} ({}).").format(
+                pair["label"],
                 _effect(pair["macro"]),
                 fmt_boot(pair["macro"]) if pair["macro"] else "no predictions",
             )
@@ -2146,7 +2205,7 @@ def section_next(run: Run, an: Analysis) -> Section:
         and not all(any(p["backbone"] == b for p in an.weighting) for b in ("encoder", "decoder"))
     ):
         items.append(_transfer_verdict(run, an))
-    items.extend(_probe_checks(run))
+    items.extend(_probe_checks(run, an))
     items.extend(_collapse_checks(run))
     for s in run.systems:
         if s.status != "ok":
@@ -2175,7 +2234,7 @@ def section_next(run: Run, an: Analysis) -> Section:
         and not any(p["backbone"] == "decoder" for p in an.weighting)
     ):
         experiment = (
-            f"Train {an.dec.name}-weighted to test whether weighting transfers to the decoder."
+            f"Train {_weighted_name(an.dec.name)} to test whether weighting transfers to the decoder."
         )
     if experiment is None and an.best is not None:
         experiment = (
@@ -2189,7 +2248,9 @@ def section_next(run: Run, an: Analysis) -> Section:
     return sec
 
 
-def _probe_checks(run: Run) -> list[str]:
+def _probe_checks(run: Run, an: Analysis) -> list[str]:
+    """Per backbone, the best fine-tuned system against the frozen probe, by paired bootstrap
+    (as the recommendation of section 4 judges them)."""
     out = []
     ok = run.ok_systems
     for backbone in ("encoder", "decoder"):
@@ -2202,17 +2263,18 @@ def _probe_checks(run: Run) -> list[str]:
         if not probes or not tuned:
             continue
         probe, tune = _best(probes), _best(tuned)
-        if probe.macro_f1 >= tune.macro_f1:
-            out.append(
-                f"The frozen {backbone} probe {probe.name} ({fmt_metric(probe.macro_f1)}) is at "
-                f"least as good as fine-tuned {tune.name} ({fmt_metric(tune.macro_f1)}): "
-                "fine-tuning added nothing or collapsed. Check its training loss, learning rate "
-                "and epochs before trusting the fine-tuned numbers."
-            )
+        res = _bootstrap(run, tune.name, probe.name, an.seed, an.n_boot)
+        versus = (
+            f"{tune.name} {fmt_metric(tune.macro_f1)} vs {probe.name} {fmt_metric(probe.macro_f1)}"
+            + (f", {fmt_boot(res)} {noise_word(res)}" if res else "")
+        )
+        if _better(res):
+            out.append(f"Fine-tuning beats the frozen {backbone} probe: {versus}.")
         else:
             out.append(
-                f"Fine-tuning beats the frozen {backbone} probe: {tune.name} "
-                f"{fmt_metric(tune.macro_f1)} vs {probe.name} {fmt_metric(probe.macro_f1)}."
+                f"Fine-tuning does not beat the frozen {backbone} probe beyond noise ({versus}): "
+                "it added nothing measurable, or collapsed. Check its training loss, learning "
+                "rate and epochs before trusting the fine-tuned numbers."
             )
     return out
 
@@ -2222,11 +2284,13 @@ def _collapse_checks(run: Run) -> list[str]:
     for name, pred in run.preds.items():
         counts = np.bincount(pred, minlength=len(run.labels))
         top = int(counts.argmax())
-        if counts[top] / pred.size > 0.5 or np.count_nonzero(counts) <= 2:
+        share, used = counts[top] / pred.size, np.count_nonzero(counts)
+        true_share = float(np.mean(run.y_true == top)) if run.y_true is not None else 0.0
+        if used <= 2 or (share > 0.5 and share > 1.5 * true_share):
             out.append(
-                f"{name} predicts {run.labels[top]!r} for {fmt_pct(counts[top] / pred.size)} of "
-                f"test rows and uses {np.count_nonzero(counts)} classes in all: it looks "
-                "collapsed onto the majority class."
+                f"{name} predicts {run.labels[top]!r} for {fmt_pct(share)} of test rows (the "
+                f"labels: {fmt_pct(true_share)}) and uses {used} of {len(run.labels)} classes: "
+                + ("it looks collapsed." if used <= 2 else "it over-predicts that class.")
             )
     return out
 
