@@ -124,3 +124,47 @@ def test_bom_and_crlf_and_quoted_newlines(tmp_path):
     out = read_table(path)
     assert list(out.columns) == [TEXT, "Issue"]
     assert len(out) == 4 and "line two" in out[TEXT][0]
+
+
+def test_max_rows_sample_keeps_no_class_below_min_class_count():
+    """Sampled after the class-size rule, 300 of the products rows kept a class with 1 row."""
+    labels = ["big"] * 400 + ["mid"] * 60 + ["small"] * 12
+    frame = pd.DataFrame({TEXT: [f"complaint number {i}" for i in range(len(labels))], "Issue": labels})
+    for seed in range(5):
+        p = prepare(DataConfig(max_rows=100, min_class_count=5, seed=seed), frame=frame, source="test")
+        counts = p.frame["label"].value_counts()
+        assert counts.min() >= 5, (seed, counts.to_dict())
+        assert len(p.frame) + p.summary["dropped"]["rare_class_rows"] == 100
+
+
+def test_a_missing_part_of_a_joined_label_drops_the_row():
+    """'Mortgage' + '' became the class 'Mortgage / ' (and 'N/A' one of its own) from a CSV."""
+    frame = pd.DataFrame({
+        TEXT: [f"complaint {i}" for i in range(8)],
+        "P": ["Mortgage"] * 4 + ["Card"] * 4,
+        "I": ["Escrow", "Escrow", "", " ", "Fees", "Fees", "N/A", None],
+    })
+    out, report = clean(frame, DataConfig(label_column="P+I", min_class_count=1))
+    assert sorted(out["label"].unique()) == ["Card / Fees", "Mortgage / Escrow"]
+    assert report["dropped"]["empty_label"] + report["dropped"]["na_label"] == 4
+
+
+def test_numbers_read_as_written_in_jsonl_and_parquet(tmp_path):
+    """An int label column with one null became '1.0', '2.0' in training, while predict read '1'."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels, ids = [1, 2, None, 2], [9007199254740993, 11, 12, 13]
+    (tmp_path / "d.jsonl").write_text("".join(
+        json.dumps({"id": i, "text": f"t {i}", "label": label}) + "\n" for i, label in zip(ids, labels, strict=True)
+    ))
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "text": [f"t {i}" for i in ids],
+                             "label": pa.array(labels, pa.int64())}), tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.parquet"):
+        cfg = DataConfig(path=str(tmp_path / name), text_column="text", label_column="label", id_column="id",
+                         min_class_count=1)
+        out, _ = clean(read_table(cfg.path), cfg)
+        assert out["label"].tolist() == ["1", "2", "2"], name
+        assert out["id"].tolist() == ["9007199254740993", "11", "13"], name

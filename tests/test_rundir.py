@@ -128,3 +128,33 @@ def test_run_from_python_checks_the_config_as_load_config_does(tmp_path, small_c
     cfg.data.val_size, cfg.data.test_size = 0.2, 0.2
     assert run(cfg, report=False) == cfg.out
     assert (cfg.out / "comparison.csv").exists()
+
+
+def test_a_run_resumes_under_another_spelling_of_its_path_and_after_a_move(tmp_path, small_csv, monkeypatch):
+    """`out` was part of the config comparison: --out t5 then --out /abs/t5, or the folder
+    moved, was 'a run with a different config'."""
+    from typer.testing import CliRunner
+
+    from tailtune.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    run = ["run", "smoke", "--data", str(small_csv), "--systems", "tfidf-logreg", "--no-report", "--out"]
+    assert CliRunner().invoke(app, [*run, "t5"]).exit_code == 0
+    again = CliRunner().invoke(app, [*run, str(tmp_path / "t5")])
+    assert again.exit_code == 0 and "done already" in again.stdout, again.output
+    (tmp_path / "t5").rename(tmp_path / "moved")
+    moved = CliRunner().invoke(app, [*run, "moved"])
+    assert moved.exit_code == 0 and "done already" in moved.stdout, moved.output
+
+
+def test_tune_trials_of_two_jobs_both_stay_in_tune_json(tmp_path):
+    """Each job read tune.json once and rewrote it whole: the other job's trials were lost."""
+    import json
+
+    from tailtune.tune import TUNE_FILE, _record
+
+    (tmp_path / TUNE_FILE).write_text(json.dumps({"key": "k", "trials": {"a lr=1": {"val_macro_f1": 0.5}}}))
+    _record(tmp_path, "k", "b lr=1", {"val_macro_f1": 0.4})
+    assert set(json.loads((tmp_path / TUNE_FILE).read_text())["trials"]) == {"a lr=1", "b lr=1"}
+    _record(tmp_path, "other rows", "c lr=1", {"val_macro_f1": 0.3})  # another search: starts over
+    assert set(json.loads((tmp_path / TUNE_FILE).read_text())["trials"]) == {"c lr=1"}

@@ -8,6 +8,8 @@ is counted in :attr:`Prepared.summary`, which the run writes to ``data.json``.
 from __future__ import annotations
 
 import codecs
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,10 +94,18 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
         if kind in ("csv", "tsv"):
             return _read_delimited(path, "\t" if kind == "tsv" else ",", codec)
         if kind == "jsonl":
-            return pd.read_json(path, lines=True, dtype=False, encoding=codec)
+            with open(path, encoding=codec, newline="") as f:
+                frames = list(jsonl_frames(f, 65_536))
+            if not frames:
+                raise TailtuneError(f"data file has no rows: {path}")
+            return pd.concat(frames, ignore_index=True)
         if kind == "json":
             return pd.read_json(path, dtype=False, encoding=codec)
-        return pd.read_parquet(path)
+        import pyarrow.parquet as pq
+
+        # integer_object_nulls: an int64 column with a null (pyarrow, Spark, polars) stays ints,
+        # so labels and ids read 1, not 1.0, as predict reads them
+        return pq.read_table(path).to_pandas(integer_object_nulls=True)
     except TailtuneError:
         raise
     except UnicodeDecodeError:
@@ -103,6 +113,31 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TailtuneError(f"could not read {path} as {kind}: {first}") from None
+
+
+def jsonl_frames(text, chunk_size: int) -> Iterator[pd.DataFrame]:
+    """DataFrames of up to ``chunk_size`` JSON lines from the text stream ``text``; blank lines
+    skipped; numbers kept as written, as strings.
+
+    pandas' reader made a 64-bit id a float (9007199254740993 -> 9007199254740992.0), and an int
+    column float ("1.0") in a file where one row lacks it, so training and ``predict`` read the
+    same labels differently. A line that is not a JSON object is a ValueError naming it.
+    """
+    rows = []
+    for number, line in enumerate(text, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line, parse_int=str, parse_float=str))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {number}: {exc.msg}") from None
+        if not isinstance(rows[-1], dict):
+            raise ValueError(f"line {number} is not a JSON object")
+        if len(rows) == chunk_size:
+            yield pd.DataFrame.from_records(rows)
+            rows = []
+    if rows:
+        yield pd.DataFrame.from_records(rows)
 
 
 def _read_delimited(path: Path, sep: str, codec: str) -> pd.DataFrame:
@@ -152,9 +187,13 @@ def _label_series(df: pd.DataFrame, label_column: str) -> pd.Series:
     parts = [c.strip() for c in label_column.split("+")]
     for col in parts:
         _require_column(df, col, "label")
-    labels = df[parts[0]].astype("string")
-    for col in parts[1:]:
-        labels = labels.str.cat(df[col].astype("string"), sep=" / ")
+    columns = [df[col].astype("string") for col in parts]
+    labels = columns[0]
+    for column in columns[1:]:
+        labels = labels.str.cat(column, sep=" / ")
+    if len(columns) > 1:  # a missing part makes the label missing, not a class ("Mortgage / ")
+        missing = [c.fillna("").str.strip().isin(["", *NA_MARKERS]) for c in columns]
+        labels = labels.mask(pd.concat(missing, axis=1).any(axis=1))
     return labels
 
 
@@ -191,9 +230,9 @@ def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
 def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
     """Return ``(frame with id/text/label, report)`` after dropping unusable rows.
 
-    Order: empty text -> empty or missing-value label (``NA_MARKERS``) -> exact duplicate
-    texts (first kept when labels agree, all copies dropped when they conflict) -> classes
-    below ``min_class_count``.
+    Order: empty text -> empty or missing-value label (``NA_MARKERS``; with ``A+B`` label
+    columns, in any part) -> exact duplicate texts (first kept when labels agree, all copies
+    dropped when they conflict) -> the ``max_rows`` sample -> classes below ``min_class_count``.
     """
     _require_column(df, cfg.text_column, "text")
     labels = _label_series(df, cfg.label_column)
@@ -241,15 +280,17 @@ def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
     dropped["duplicate_text"] = int(dup.sum())
     out = out[~dup]
 
+    if cfg.max_rows is not None and len(out) > cfg.max_rows:
+        # Before the class-size rule: sampled after it, a class could fall below min_class_count
+        # (1 training row, no test row) and still be trained on.
+        dropped["max_rows_subsample"] = int(len(out) - cfg.max_rows)
+        out = out.sample(n=cfg.max_rows, random_state=cfg.seed)
+
     counts = out["label"].value_counts()
     too_few = counts[counts < cfg.min_class_count]
     dropped["rare_class_rows"] = int(too_few.sum())
     report["dropped_classes"] = sorted(map(str, too_few.index))
     out = out[~out["label"].isin(too_few.index)]
-
-    if cfg.max_rows is not None and len(out) > cfg.max_rows:
-        out = out.sample(n=cfg.max_rows, random_state=cfg.seed)
-        dropped["max_rows_subsample"] = int(report["rows_read"] - sum(dropped.values()) - len(out))
 
     if len(out) == 0 and report["dropped_classes"]:
         raise TailtuneError(

@@ -606,7 +606,7 @@ def _open_table(path: Path, chunk_size: int) -> tuple[Iterator, int]:
     Positions are bytes read for text files and rows for Parquet, so the bar has a total
     without a pass over the file.
     """
-    from tailtune.data import READERS
+    from tailtune.data import READERS, jsonl_frames
 
     if not path.exists():
         raise TailtuneError(f"input file not found: {path}")
@@ -646,7 +646,7 @@ def _open_table(path: Path, chunk_size: int) -> tuple[Iterator, int]:
     def frames():
         try:  # read_csv decodes the header when it is created: inside the try too
             if kind == "jsonl":
-                reader = _jsonl_chunks(text, chunk_size)
+                reader = jsonl_frames(text, chunk_size)
             else:
                 reader = pd.read_csv(
                     text,
@@ -667,31 +667,6 @@ def _open_table(path: Path, chunk_size: int) -> tuple[Iterator, int]:
             raw.close()
 
     return frames(), path.stat().st_size
-
-
-def _jsonl_chunks(text, chunk_size: int) -> Iterator:
-    """DataFrames of up to ``chunk_size`` JSON lines; numbers kept as written, as strings.
-
-    pandas' reader made a 64-bit id a float (9007199254740993 -> 9007199254740992.0), and an
-    int id column float in a chunk where one row lacks it; predictions must join back by id.
-    """
-    import pandas as pd
-
-    rows = []
-    for number, line in enumerate(text, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line, parse_int=str, parse_float=str))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"line {number}: {exc.msg}") from None
-        if not isinstance(rows[-1], dict):
-            raise ValueError(f"line {number} is not a JSON object")
-        if len(rows) == chunk_size:
-            yield pd.DataFrame.from_records(rows)
-            rows = []
-    if rows:
-        yield pd.DataFrame.from_records(rows)
 
 
 class _Sink:

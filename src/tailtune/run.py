@@ -90,7 +90,8 @@ def _saved_config(path: Path) -> Config | None:
 
 def _comparable(cfg: Config) -> str:
     """A config's text without what may change between runs in one directory: what ``--tune``
-    chose (written into the run's config.yaml) and the systems (a run can gain systems).
+    chose (written into the run's config.yaml), the systems (a run can gain systems), and the
+    directory's own path.
 
     Read back as config.yaml is, so that a Config built in Python (``epochs=3``) equals the
     one its run saved (``epochs: 3.0``).
@@ -99,6 +100,7 @@ def _comparable(cfg: Config) -> str:
 
     cfg = resolved(cfg)
     cfg.tune.chosen, cfg.systems = [], []
+    cfg.out = ""  # where the run is: --out t5, --out /abs/t5 and a moved folder are one run
     return dump(cfg)
 
 

@@ -95,7 +95,7 @@ def search(cfg: Config, specs, ctx, out: Path) -> list[TuneChoice]:
                 done["trials"][name] = {"system": spec.name, "lr": lr, "weighting": scheme,
                                         "val_macro_f1": f1, "seconds": round(time.perf_counter() - started, 1)}
                 if is_main():
-                    rundir.write_json(path, done)
+                    _record(out, key, name, done["trials"][name])
             trial = done["trials"][name]
             scores.append(trial["val_macro_f1"])
             if ctx.console is not None:
@@ -108,6 +108,18 @@ def search(cfg: Config, specs, ctx, out: Path) -> list[TuneChoice]:
         if ctx.console is not None:
             ctx.console.print(f"  chosen: lr {lr:g}, weighting {scheme}")
     return chosen
+
+
+def _record(out: Path, key: str, name: str, trial: dict) -> None:
+    """Add one trial to tune.json, read again under the run's lock: ``train --system X --tune``
+    jobs in one run directory each add their own (writing the whole file lost the others')."""
+    path = out / TUNE_FILE
+    with rundir.locked(out):
+        on_disk = rundir.read_json(path) if path.exists() else {}
+        if on_disk.get("key") != key:
+            on_disk = {"key": key, "trials": {}}
+        on_disk["trials"][name] = trial
+        rundir.write_json(path, on_disk)
 
 
 def _trial(spec, ctx, lr: float, scheme: str, rows: np.ndarray) -> float:
