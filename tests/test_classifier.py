@@ -302,3 +302,19 @@ def test_loading_a_probe_folder_as_a_fine_tuned_model_says_what_it_is(tmp_path):
     (tmp_path / "tailtune.json").write_text(json.dumps({"kind": "probe", "classes": ["a"]}))
     with pytest.raises(TailtuneError, match="holds a 'probe' system, not a finetune one; .*load_predictor"):
         TextClassifier.load(tmp_path)
+
+
+@pytest.mark.parametrize(("method", "start_competes"), [("lora", True), ("prompt", False), ("prefix", False)])
+def test_the_lp_ft_start_competes_only_where_the_method_keeps_the_output(method, start_competes):
+    """Virtual tokens change the output before any step: prompt and prefix were credited with the
+    probe's validation score at step 0 and kept a state that scored 0.012, not 0.098."""
+    clf = TextClassifier(
+        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2, eval_batch_size=4),
+        method,
+        MethodConfig(rank=2, alpha=4, virtual_tokens=4),
+        TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32"),
+    )
+    head = (np.zeros((2, 32), np.float32), np.zeros(2, np.float32))
+    clf.fit(TEXTS, ["a", "b", "a", "b"], head_init=head, start_val_f1=0.99)  # a start no state can beat
+    assert (clf.history_["evals"][0]["step"] == 0) is start_competes
+    assert (clf.history_["best_step"] == 0) is start_competes

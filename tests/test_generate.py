@@ -248,3 +248,22 @@ def test_a_run_reads_the_causal_lm_once_and_hands_out_copies():
     with torch.no_grad():
         weight.add_(1.0)  # training one copy leaves the other as read
     assert torch.equal(next(second.parameters()), before)
+
+
+def test_a_generate_system_prints_and_records_its_lr_and_settings(tmp_path, learnable):
+    """The README says the rate used is printed and recorded per system; generate did neither."""
+    import json
+
+    import pandas as pd
+    from test_input_matrix import run_smoke
+
+    texts, labels = keyword_task(120, seed=0)
+    pd.DataFrame({"Consumer complaint narrative": texts, "Issue": labels}).to_csv(tmp_path / "k.csv", index=False)
+    name = "decoder-generate@lr=0.02+epochs=12+rank=8"
+    out = tmp_path / "run"
+    result = run_smoke(tmp_path / "k.csv", out, f"decoder.name={learnable['qwen2']}", "train.eval_per_epoch=1",
+                       "method.targets=[all]", "method.dropout=0", "train.warmup_ratio=0", "decoder.batch_size=8",
+                       systems=name)  # the recipe of `trained`, which learns the keyword task
+    assert "label generation, lr 0.02;" in " ".join(result.stdout.split()), result.output
+    info = json.loads((out / "systems" / name / "metrics.json").read_text())["system"]
+    assert info["lr"] == 0.02 and info["settings"] == {"lr": 0.02, "epochs": 12, "rank": 8}

@@ -226,3 +226,15 @@ def test_run_marks_a_system_failed_when_padding_changes_its_predictions(tmp_path
     assert "decoder-lora,failed" in comparison and "predictions change with padding" in comparison
     assert (out / "systems" / "tfidf-logreg" / "metrics.json").is_file()
     assert not (out / "systems" / "decoder-lora").exists()
+
+
+@pytest.mark.parametrize("system", ["encoder-prompt", "encoder-prefix@virtual_tokens=8"])
+def test_virtual_tokens_must_fit_the_position_table(tmp_path, small_csv, system):
+    """512 tokens + 20 virtual tokens stopped a prompt system mid-run with a tensor size error."""
+    virtual = 8 if "@" in system else 20
+    out = tmp_path / "run"
+    assert_error(
+        run_smoke(small_csv, out, "encoder.max_length=510", systems=f"tfidf-logreg,{system}"), out,
+        f"{system}: 510 tokens + {virtual} virtual tokens exceed the 512 positions of bert; "
+        f"set encoder.max_length to at most {512 - virtual}",
+    )

@@ -219,3 +219,15 @@ def test_serve_command_answers_and_stops_on_sigterm(adapter_run):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_a_system_name_with_a_dot_is_served(tmp_path):
+    """peft refuses '.' in an adapter name: a sweep's encoder-lora@dropout=0.1 stopped serve."""
+    for name, seed in (("encoder-lora", 11), ("encoder-lora@dropout=0.1", 12)):
+        make_lora_system(tmp_path / "systems" / name / "model", "bert", seed)
+    pd.DataFrame({"system": ["encoder-lora", "encoder-lora@dropout=0.1"], "status": ["ok", "ok"],
+                  "macro_f1": [0.2, 0.3]}).to_csv(tmp_path / "comparison.csv", index=False)
+    with TestClient(create_app(tmp_path, max_batch=8, max_chars=500, precision="fp32")) as c:
+        body = c.post("/predict", json={"texts": TEXTS, "system": "encoder-lora@dropout=0.1"}).json()
+    alone = TextClassifier.load(tmp_path / "systems" / "encoder-lora@dropout=0.1" / "model").predict(TEXTS)
+    assert [p["label"] for p in body["predictions"]] == alone

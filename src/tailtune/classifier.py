@@ -340,7 +340,9 @@ class TextClassifier:
             backbone=dataclasses.replace(self.backbone, lr=self.learning_rate()),
             work_dir=work_dir,
             console=console,
-            start_val_f1=start_val_f1 if head_init is not None else None,
+            # the probe's score is this model's start only if the method leaves the output as it
+            # was (LoRA's B = 0); virtual tokens change it before any step
+            start_val_f1=start_val_f1 if head_init is not None and not method.changes_output_at_init else None,
             class_sampling=self.imbalance_.class_sampling,
         )
         self.precision_ = self.history_["precision"]

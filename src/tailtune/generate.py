@@ -575,8 +575,11 @@ def run_system(spec, ctx, model_dir: Path):
     if lr is not None:
         bb_cfg = dataclasses.replace(bb_cfg, lr=lr)
     template = prompt_template(ctx.cfg.data.label_column)
+    used_lr = bb_cfg.lr if bb_cfg.lr is not None else train_cfg.lr  # what fit's optimizer uses
     if ctx.console is not None:
-        ctx.console.print(f"  backbone {bb_cfg.name}, LoRA, label generation; prompt {template!r}", markup=False)
+        ctx.console.print(
+            f"  backbone {bb_cfg.name}, LoRA, label generation, lr {used_lr:g}; prompt {template!r}", markup=False
+        )
     tau = train_cfg.logit_tau if spec.weighting == "logit_adjusted" else 0.0
     clf = GenerativeClassifier(bb_cfg, method_cfg, train_cfg, template=template, prior_tau=tau)
     clf.fit(
@@ -617,6 +620,8 @@ def run_system(spec, ctx, model_dir: Path):
             "length_normalised": False,
             "prior_tau": tau,
             "history": clf.history_,
+            "lr": used_lr,
+            "settings": dict(spec.overrides),
         },
         warnings,
     )

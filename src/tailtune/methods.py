@@ -8,8 +8,8 @@ Each entry records what a deployment decision needs: whether it folds into the b
 (``mergeable``: no added inference latency) or stays in the forward pass (adapters, prompts,
 prefixes), and the backbone learning rate its paper trains with (``lr``; ``None`` = the run's
 ``train.lr``, tuned for the LoRA family). The knobs come from :class:`~tailtune.config.MethodConfig`:
-``rank``/``alpha``/``dropout``/``targets`` (LoRA family, LoHa, LoKr), ``virtual_tokens`` (prompt,
-prefix), ``bottleneck`` (adapter).
+``rank``/``alpha``/``targets`` (LoRA family, LoHa, LoKr), ``dropout`` (LoRA family),
+``virtual_tokens`` (prompt, prefix), ``bottleneck`` (adapter); ``uses`` lists each method's.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ class Method:
     in_place: bool = False
     # Saves the whole backbone (full): ``load(None, folder)`` needs no base model.
     saves_backbone: bool = False
+    # The MethodConfig keys it reads: a system name may set only these (ia3@rank=64 trained what
+    # ia3 trains, under another name).
+    uses: frozenset = frozenset()
+    # Changes the model's output before any step (virtual tokens): the LP-FT start's probe score
+    # is not this model's, so it must not compete for "best" (prompt/prefix kept a collapsed state).
+    changes_output_at_init: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -68,7 +74,8 @@ def _peft_load(base, folder: Path):
     return PeftModel.from_pretrained(base, folder / "adapter")
 
 
-def _peft_method(name: str, make_config: Callable, *, mergeable=True, lr=None, paper="") -> Method:
+def _peft_method(name: str, make_config: Callable, *, mergeable=True, lr=None, paper="", uses=frozenset(),
+                 changes_output_at_init=False) -> Method:
     """A method that is one peft config: ``make_config(model, backbone, cfg, top_layers)`` -> (config, names)."""
 
     def apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
@@ -77,7 +84,8 @@ def _peft_method(name: str, make_config: Callable, *, mergeable=True, lr=None, p
         config, names = make_config(model, backbone, cfg, top_layers)
         return get_peft_model(model, config), names
 
-    return register(Method(name, mergeable, apply, _peft_save, _peft_load, lr, paper))
+    return register(Method(name, mergeable, apply, _peft_save, _peft_load, lr, paper, uses=uses,
+                           changes_output_at_init=changes_output_at_init))
 
 
 def _lora_config(**extra) -> Callable:
@@ -90,11 +98,12 @@ def _lora_config(**extra) -> Callable:
     return make
 
 
-_peft_method("lora", _lora_config(), paper="Hu et al. 2021, LoRA")
+LORA_KEYS = frozenset({"rank", "alpha", "dropout", "targets"})
+_peft_method("lora", _lora_config(), paper="Hu et al. 2021, LoRA", uses=LORA_KEYS)
 # scaling alpha / sqrt(r) instead of alpha / r keeps high ranks learning (Kalajdzievski 2023)
-_peft_method("rslora", _lora_config(use_rslora=True), paper="Kalajdzievski 2023, rsLoRA")
+_peft_method("rslora", _lora_config(use_rslora=True), paper="Kalajdzievski 2023, rsLoRA", uses=LORA_KEYS)
 # LoRA on the direction, a learned magnitude per output (Liu et al. 2024); merges like LoRA
-_peft_method("dora", _lora_config(use_dora=True), paper="Liu et al. 2024, DoRA")
+_peft_method("dora", _lora_config(use_dora=True), paper="Liu et al. 2024, DoRA", uses=LORA_KEYS)
 
 
 def _lycoris_config(kind: str) -> Callable:
@@ -108,8 +117,9 @@ def _lycoris_config(kind: str) -> Callable:
     return make
 
 
-_peft_method("loha", _lycoris_config("loha"), paper="Hyeon-Woo et al. 2022, LoHa (FedPara)")
-_peft_method("lokr", _lycoris_config("lokr"), paper="Edalati et al. 2022, LoKr")
+_peft_method("loha", _lycoris_config("loha"), paper="Hyeon-Woo et al. 2022, LoHa (FedPara)",
+             uses=frozenset({"rank", "alpha", "targets"}))
+_peft_method("lokr", _lycoris_config("lokr"), paper="Edalati et al. 2022, LoKr", uses=frozenset({"rank", "alpha", "targets"}))
 
 
 def _ia3_config(model, backbone, cfg, top_layers):
@@ -137,7 +147,8 @@ def _prompt_config(model, backbone, cfg, top_layers):
 
 
 # Lester et al. train with lr 0.3 under Adafactor; 3e-2 is peft's AdamW equivalent.
-_peft_method("prompt", _prompt_config, mergeable=False, lr=3e-2, paper="Lester et al. 2021, prompt tuning")
+_peft_method("prompt", _prompt_config, mergeable=False, lr=3e-2, paper="Lester et al. 2021, prompt tuning",
+             uses=frozenset({"virtual_tokens"}), changes_output_at_init=True)
 
 
 def _prefix_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
@@ -172,7 +183,8 @@ def _prefix_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int 
     return peft_model, []
 
 
-register(Method("prefix", False, _prefix_apply, _peft_save, _peft_load, 1e-2, "Li & Liang 2021, prefix tuning"))
+register(Method("prefix", False, _prefix_apply, _peft_save, _peft_load, 1e-2, "Li & Liang 2021, prefix tuning",
+                uses=frozenset({"virtual_tokens"}), changes_output_at_init=True))
 
 
 def _qlora_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
@@ -207,7 +219,8 @@ def _qlora_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int |
 
 
 # Reloaded for inference onto the full-precision base, where the adapter merges like LoRA.
-register(Method("qlora", True, _qlora_apply, _peft_save, _peft_load, None, "Dettmers et al. 2023, QLoRA"))
+register(Method("qlora", True, _qlora_apply, _peft_save, _peft_load, None, "Dettmers et al. 2023, QLoRA",
+                uses=LORA_KEYS))
 
 
 # ----------------------------------------------------------------------------- weights in place
@@ -367,4 +380,4 @@ def _adapter_load(base, folder: Path):
 
 
 register(Method("adapter", False, _adapter_apply, _adapter_save, _adapter_load, 1e-3,
-                "Houlsby et al. 2019, bottleneck adapters"))
+                "Houlsby et al. 2019, bottleneck adapters", uses=frozenset({"bottleneck"})))

@@ -94,6 +94,7 @@ def check_backbones(ctx, specs) -> None:
         truncation[slot] = {"backbone": bb_cfg.name, **count_truncated(tokenizer, texts, bb_cfg.max_length)}
         seq_len = min(bb_cfg.max_length, truncation[slot]["longest_tokens"])
         for spec in (s for s in specs if s.slot == slot and s.kind == "finetune"):
+            check_positions(spec, cfg, backbone)
             shape = model_shape(spec, cfg, backbone, len(data.classes))  # errors if a role matches nothing
             precision = resolve_precision(cfg.train.precision)
             need = training_memory(shape, bb_cfg.batch_size, seq_len, precision)
@@ -101,6 +102,33 @@ def check_backbones(ctx, specs) -> None:
             if need["total"] > free:
                 raise TailtuneError(_memory_message(spec, cfg, shape, seq_len, precision, need, free, device))
     data.summary["truncation"] = truncation
+
+
+# Encoders with a learned position table; RoBERTa-style ones start counting after the pad id.
+ABSOLUTE_POSITIONS = {"bert": False, "distilbert": False, "electra": False, "roberta": True,
+                      "xlm-roberta": True, "camembert": True, "mpnet": True}
+
+
+def check_positions(spec, cfg, backbone) -> None:
+    """Prompt and prefix tuning put virtual tokens before the text: with an absolute position
+    table, ``max_length`` plus them must fit in it (512 + 20 failed mid-run with a tensor size
+    error on BERT, MPNet and RoBERTa)."""
+    from transformers import AutoConfig
+
+    from tailtune import methods
+
+    if "virtual_tokens" not in methods.get(spec.method).uses or backbone.model_type not in ABSOLUTE_POSITIONS:
+        return
+    config = AutoConfig.from_pretrained(backbone.path)
+    offset = (config.pad_token_id or 0) + 1 if ABSOLUTE_POSITIONS[backbone.model_type] else 0
+    positions = config.max_position_embeddings - offset
+    method_cfg, _, bb_cfg, _ = spec.configs(cfg)
+    if bb_cfg.max_length + method_cfg.virtual_tokens > positions:
+        raise TailtuneError(
+            f"{spec.name}: {bb_cfg.max_length} tokens + {method_cfg.virtual_tokens} virtual tokens exceed the "
+            f"{positions} positions of {backbone.model_type}; set {spec.slot}.max_length to at most "
+            f"{positions - method_cfg.virtual_tokens}, or fewer method.virtual_tokens"
+        )
 
 
 def check_tokenizer(tokenizer, backbone) -> None:

@@ -62,7 +62,7 @@ class SharedBase:
             if name == names[0]:
                 adapter, head, tokenizer = "default", self.model.score, clf.tokenizer_
             else:
-                adapter = name
+                adapter = f"system_{len(self.systems)}"  # peft refuses '.' in a name (@dropout=0.1)
                 self.model.backbone.load_adapter(
                     str(folders[name] / "adapter"), adapter_name=adapter
                 )

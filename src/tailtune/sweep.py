@@ -77,7 +77,7 @@ def parse_args(items: list[str]) -> tuple[dict[str, list[str]], list[str]]:
 def grid_systems(systems: list[str], axes: dict[str, list[str]]) -> list[str]:
     """The run's system list with each fine-tuned system replaced by one system per grid point."""
     from tailtune import methods
-    from tailtune.systems import parse_system
+    from tailtune.systems import parse_system, settings_of
 
     for method in axes.get(METHOD_AXIS, []):
         methods.get(method)
@@ -94,8 +94,10 @@ def grid_systems(systems: list[str], axes: dict[str, list[str]]) -> list[str]:
             raise TailtuneError(f"system '{spec.name}' already has settings; sweep a plain system name")
         suffix = spec.name[len(f"{spec.slot}-{spec.method}"):]  # "", "-weighted", "-<scheme>"
         for method in axes.get(METHOD_AXIS, [spec.method]):
-            for point in itertools.product(*(values for _, values in setting_axes)):
-                settings = "+".join(f"{k}={v}" for (k, _), v in zip(setting_axes, point, strict=True))
+            # an axis the method does not use (ia3 has no rank) is not crossed with it
+            used = [(k, v) for k, v in setting_axes if k in settings_of("finetune", method)]
+            for point in itertools.product(*(values for _, values in used)):
+                settings = "+".join(f"{k}={v}" for (k, _), v in zip(used, point, strict=True))
                 name = f"{spec.slot}-{method}{suffix}" + (f"@{settings}" if settings else "")
                 parse_system(name)  # every point must be a valid system before anything trains
                 names.append(name)

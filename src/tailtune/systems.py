@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def _parse_overrides(name: str, text: str) -> tuple:
     from tailtune.config import MethodConfig
 
     allowed = [f.name for f in dataclasses.fields(MethodConfig)] + list(TRAIN_KEYS)
+    hints = typing.get_type_hints(MethodConfig)
+    whole = {key for key, kind in hints.items() if kind is int}  # rank=2.5 was an internal TypeError
     pairs = []
     for item in text.split("+"):
         key, sep, value = item.partition("=")
@@ -103,8 +106,34 @@ def _parse_overrides(name: str, text: str) -> tuple:
             number = math.nan
         if not math.isfinite(number):
             raise TailtuneError(f"system '{name}': {key} must be a number, got '{value}'")
+        if key in whole and not isinstance(number, int):
+            raise TailtuneError(f"system '{name}': {key} must be a whole number, got '{value}'")
         pairs.append((key, number))
     return tuple(pairs)
+
+
+def settings_of(kind: str, method: str) -> set[str]:
+    """The ``@key=value`` settings a system of ``kind`` and ``method`` uses."""
+    from tailtune import methods
+
+    uses = set(methods.get(method).uses) | set(TRAIN_KEYS)
+    if method == "head":
+        uses.discard("lr")  # no backbone weight trains
+    if kind == "generate":
+        uses.discard("head_lr")  # the LM head writes the label; there is no classification head
+    return uses
+
+
+def _check_uses(name: str, kind: str, method: str, overrides: tuple) -> None:
+    """Refuse a setting the system does not use: ``encoder-ia3@rank=64`` trained plain ia3 under
+    another name, and a sweep crossing it made duplicate points."""
+    uses = settings_of(kind, method)
+    unused = [key for key, _ in overrides if key not in uses]
+    if unused:
+        raise TailtuneError(
+            f"system '{name}': {method if kind == 'finetune' else kind} does not use {', '.join(unused)} "
+            f"(its settings: {', '.join(sorted(uses))})"
+        )
 
 
 @dataclass
@@ -129,13 +158,16 @@ def parse_system(name: str) -> SystemSpec:
         return SystemSpec(name, "probe", slot)
     if base in ("decoder-generate", "decoder-generate-logit_adjusted"):  # the decoder writes the label
         scheme = "logit_adjusted" if base.endswith("logit_adjusted") else "none"
-        return SystemSpec(name, "generate", "decoder", "lora", scheme, _parse_overrides(name, settings) if at else ())
+        overrides = _parse_overrides(name, settings) if at else ()
+        _check_uses(name, "generate", "lora", overrides)
+        return SystemSpec(name, "generate", "decoder", "lora", scheme, overrides)
     if slot in SLOTS and rest:
         method, _, suffix = rest.partition("-")
         if method in methods.METHODS:
             scheme = {"": "none", "weighted": "config"}.get(suffix, suffix)
             if scheme in ("none", "config") or scheme in weighting.names():
                 overrides = _parse_overrides(name, settings) if at else ()
+                _check_uses(name, "finetune", method, overrides)
                 return SystemSpec(name, "finetune", slot, method, scheme, overrides)
     raise TailtuneError(
         f"unknown system '{name}': use tfidf-logreg, <encoder|decoder>-probe or "
