@@ -57,3 +57,13 @@ def report(seconds: dict[str, np.ndarray], n_texts: int, reference: str) -> None
             f"{name:<12} {np.median(per_example):13.4f} {np.percentile(per_example, 95):10.4f} "
             f"{np.median(s) / ref:13.3f}x"
         )
+
+
+def at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1 (--texts 0 printed inf ms, --repeats 0 an IndexError)."""
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -25,16 +25,16 @@ import argparse
 import warnings
 
 import numpy as np
-from _common import locate, report, texts_for
+from _common import at_least_one, locate, report, texts_for
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="run directory or LoRA system folder")
     parser.add_argument("--system", help="one system of the run (default: every LoRA system)")
-    parser.add_argument("--texts", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--texts", type=at_least_one, default=512)
+    parser.add_argument("--batch-size", type=at_least_one, default=32)
+    parser.add_argument("--repeats", type=at_least_one, default=7)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 

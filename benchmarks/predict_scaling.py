@@ -35,7 +35,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from _common import locate
+from _common import at_least_one, locate
 
 from tailtune.demo import bulk_texts
 
@@ -136,10 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="run directory or system folder")
     parser.add_argument("--system", default="tfidf-logreg", help="system of the run")
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--loading-rows", type=int, default=1_000_000)
-    parser.add_argument("--chunk-size", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rows", type=at_least_one, default=200_000)
+    parser.add_argument("--loading-rows", type=at_least_one, default=1_000_000)
+    parser.add_argument("--chunk-size", type=at_least_one, default=4096)
+    parser.add_argument("--repeats", type=at_least_one, default=2)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -42,7 +42,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from _common import locate, report, texts_for
+from _common import at_least_one, locate, report, texts_for
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--system", help="system of the run (default: its first fine-tuned decoder system)"
     )
-    parser.add_argument("--texts", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--texts", type=at_least_one, default=512)
+    parser.add_argument("--batch-size", type=at_least_one, default=32)
+    parser.add_argument("--repeats", type=at_least_one, default=5)
     parser.add_argument(
         "--max-length", type=int, help="truncate both sides here (default: the system's own)"
     )
@@ -163,7 +163,8 @@ def _encoder(args, system_dir: Path, run_dir: Path | None) -> None:
         raise SystemExit(f"the stock class does not hold this encoder's weights: {missing or unexpected}")
     tokenizer = ours.tokenizer
     tokenizer.model_max_length = ours.max_length
-    pipe = pipeline("text-classification", model=stock.eval(), tokenizer=tokenizer, device=next(stock.parameters()).device)
+    device = next(encoder.parameters()).device  # where load_predictor put ours (CUDA when there is one)
+    pipe = pipeline("text-classification", model=stock.to(device).eval(), tokenizer=tokenizer, device=device)
     texts = texts_for(run_dir, args.texts)
     lengths = np.asarray([len(x) for x in tokenizer(texts, truncation=False)["input_ids"]])
     print(

@@ -175,3 +175,21 @@ def test_report_numbers_equal_metrics_json(smoke_run):
         for key in ("accuracy", "macro_f1", "weighted_f1"):
             assert f"{m[key]:.3f}" in html, (name, key)
     assert not re.findall(r'(?:src|href)=["\']https?://', html)  # self-contained, offline
+
+
+def test_ctrl_c_says_whether_the_same_command_resumes(capsys):
+    """predict, export and bench said 'run the same command again to resume'; they start over."""
+    import typer
+
+    from tailtune.cli import friendly
+
+    def run():
+        raise KeyboardInterrupt
+
+    def predict():
+        raise KeyboardInterrupt
+
+    for fn, says in ((run, "run the same command again to resume"), (predict, "nothing was written")):
+        with pytest.raises(typer.Exit) as stopped:
+            friendly(fn)()
+        assert stopped.value.exit_code == 130 and says in capsys.readouterr().err

@@ -310,3 +310,19 @@ def test_relaunch_runs_in_place_when_nothing_to_launch(monkeypatch):
     assert relaunch(2) is None and relaunch(1) is None
     with pytest.raises(TailtuneError, match="launched with 2 processes"):
         relaunch(3)
+
+
+def test_bad_input_under_processes_is_one_line_and_exit_2(tmp_path):
+    """Each worker printed the error, then torchrun a ChildFailedError traceback and a table, and
+    the command exited 1; without --processes it is one line and exit 2."""
+    (tmp_path / "n.csv").write_text("text,Issue\nhi,a\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "tailtune.cli", "run", "smoke", "--data", str(tmp_path / "n.csv"), "--out",
+         str(tmp_path / "run"), "--systems", "tfidf-logreg", "--processes", "2"],
+        capture_output=True, text=True, env=_env(TMPDIR=str(tmp_path)), timeout=600,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "error: text column 'Consumer complaint narrative' not found; columns are: text, Issue"
+    )
+    assert not (tmp_path / "run").exists()

@@ -95,6 +95,7 @@ def assert_same_predictions(ray_dir: Path, local_file: Path, frame: pd.DataFrame
         (["--engine", "ray", "--top-k", "99"], "more than the system's 12 classes"),
         (["--engine", "ray", "--text-column", "body"], "text column 'body' not found"),
         (["--engine", "ray", "--batch-size", "-1"], "--batch-size and --workers must be at least 1"),
+        (["--engine", "ray", "--precision", "fp64"], "unknown precision 'fp64'"),  # was an ActorDiedError
     ],
 )
 def test_bad_ray_predict_is_one_line_exit_2(scale_run, tmp_path, args, message):
@@ -185,6 +186,39 @@ def test_ray_equals_local_with_a_torch_system(scale_run, ray_session, tmp_path):
         system, tmp_path / "in.jsonl", tmp_path / "local.parquet", k=3, batch_size=1
     )
     assert_same_predictions(tmp_path / "ray", tmp_path / "local.parquet", frame)
+
+
+def test_ray_reads_what_the_local_engine_reads_and_spreads_a_small_parquet(scale_run, ray_session, tmp_path):
+    """.ndjson and .pq were 'No input files found'; a small Parquet file was one block, so one
+    actor did all the work whatever --workers said."""
+    frame = complaints(4_000, seed=2)
+    frame.to_json(tmp_path / "in.ndjson", orient="records", lines=True)
+    frame.to_parquet(tmp_path / "in.pq")
+    system = scale_run / "systems" / "tfidf-logreg"
+    deploy.predict_file(system, tmp_path / "in.ndjson", tmp_path / "local.parquet")
+    for name in ("in.ndjson", "in.pq"):
+        done = scale.predict_ray(system, tmp_path / name, tmp_path / f"ray-{name}", workers=2, chunk_size=256)
+        assert done["parts"] >= 4, done  # one part per block: blocks for both actors, not one
+        assert_same_predictions(tmp_path / f"ray-{name}", tmp_path / "local.parquet", frame)
+
+
+def test_a_row_ray_cannot_read_is_one_line(scale_run, tmp_path):
+    """A CSV row with an extra field was 'internal error RayTaskError(ValueError): ray::ReadCSV...'."""
+    # past the rows the header check reads, so the error comes from Ray's reader
+    (tmp_path / "in.csv").write_text("text,Issue\n" + "fine,a\n" * 500 + "one,too,many\n")
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tailtune.cli", "predict", str(scale_run / "systems" / "tfidf-logreg"), "--input",
+         str(tmp_path / "in.csv"), "--output", str(tmp_path / "out"), "--engine", "ray", "--workers", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not classify {tmp_path / 'in.csv'} on Ray: ValueError: Failed to read CSV"), last
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_predict_command_starts_and_stops_its_own_cluster(scale_run, tmp_path):

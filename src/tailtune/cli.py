@@ -21,6 +21,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Look at a data file before tr
 app.add_typer(data_app, name="data")
 
 
+RESUMABLE = {"run", "train", "sweep"}  # the commands whose rerun continues where Ctrl-C stopped them
+
+
 def friendly(fn):
     """Bad input -> 'error: <one line>' and exit 2; Ctrl-C -> a clean stop; no tracebacks."""
 
@@ -36,10 +39,16 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except TailtuneError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            if not (os.environ.get("TAILTUNE_WORKER") and os.environ.get("RANK", "0") != "0"):
+                typer.echo(f"error: {exc}", err=True)  # bad input fails every rank alike: rank 0 says it
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
+            typer.echo(
+                "interrupted: finished work is kept; run the same command again to resume"
+                if fn.__name__ in RESUMABLE
+                else "interrupted: nothing was written (outputs appear only when complete)",
+                err=True,
+            )
             raise typer.Exit(130) from None
         except OSError as exc:
             if exc.errno == errno.ENOSPC:

@@ -45,6 +45,21 @@ def is_main() -> bool:
     return state().is_main_process
 
 
+# torchrun, whose failure report (a traceback and a table per rank) would follow the workers'
+# own one-line error: a failed worker's exit code is the launcher's, and the report is dropped.
+TORCHRUN = """
+import logging, sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser, run
+logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+try:
+    run(get_args_parser().parse_args(sys.argv[1:]))
+except ChildFailedError as exc:
+    code = exc.get_first_failure()[1].exitcode
+    sys.exit(code if code > 0 else 128 - code)  # a signal: 128 + its number, as a shell reports it
+"""
+
+
 def relaunch(processes: int) -> int | None:
     """Run this command line again in ``processes`` processes on this machine, under torchrun.
 
@@ -77,8 +92,8 @@ def relaunch(processes: int) -> int | None:
     with tempfile.TemporaryDirectory(prefix="tailtune-torchrun-") as logs:
         command = [
             sys.executable,
-            "-m",
-            "torch.distributed.run",
+            "-c",
+            TORCHRUN,
             "--standalone",
             f"--nproc-per-node={processes}",
             f"--log-dir={logs}",

@@ -15,6 +15,7 @@ be installed on every node.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -77,6 +78,7 @@ def predict_ray(
     try:
         import ray
         import ray.data
+        import ray.exceptions
     except ImportError:
         raise TailtuneError(
             f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}"
@@ -90,6 +92,9 @@ def predict_ray(
         )
     if chunk_size < 1 or k < 1 or any(n is not None and n < 1 for n in (workers, batch_size)):
         raise TailtuneError("--chunk-size, --top-k, --batch-size and --workers must be at least 1")
+    from tailtune.config import check_precision
+
+    check_precision(precision)  # before Ray starts: in an actor it was an ActorDiedError
     frames, _ = _open_table(input_path, 64)  # checks the file and reads its header only
     first = next(frames, None)
     frames.close()
@@ -123,7 +128,9 @@ def predict_ray(
         # ORDER_KEY's high bits are the index of the task that a block went to: they follow the
         # input's order only if blocks are handed to tasks in that order.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-        ds = _read(input_path, [c for c in (text_col, id_col) if c is not None])
+        # At least 4 blocks per actor: a Parquet file under ~128 MB was one block, so one actor
+        # classified every row whatever --workers said.
+        ds = _read(input_path, [c for c in (text_col, id_col) if c is not None], 4 * workers)
         from ray.data.expressions import monotonically_increasing_id
 
         ds = ds.with_column(ORDER_KEY, monotonically_increasing_id())
@@ -145,7 +152,17 @@ def predict_ray(
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
         try:
-            ds.write_parquet(str(tmp))
+            ray_data_log = logging.getLogger("ray.data")
+            level = ray_data_log.level
+            ray_data_log.setLevel(logging.CRITICAL)  # a failed task's ~160 lines; the error below says it in one
+            try:
+                ds.write_parquet(str(tmp))
+            except ray.exceptions.RayTaskError as exc:  # a row Ray's reader refuses, a bad byte, ...
+                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+                raise TailtuneError(f"could not classify {input_path} on Ray: {type(cause).__name__}: {first}") from None
+            finally:
+                ray_data_log.setLevel(level)
             parts = sorted(tmp.glob("*.parquet"))
             rows = _count_rows(parts)
             if output_dir.exists():
@@ -230,8 +247,10 @@ def _quiet_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
-def _read(path: Path, columns: list[str]):
-    """A Ray Dataset of ``columns`` of a CSV / TSV / JSONL / Parquet file, every CSV column as text."""
+def _read(path: Path, columns: list[str], blocks: int):
+    """A Ray Dataset of ``columns`` of a CSV / TSV / JSONL / Parquet file, every CSV column as text,
+    in at least ``blocks`` blocks. Any file extension the local engine reads (.ndjson, .pq):
+    Ray's readers otherwise look for their own and find "no input files"."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import ray.data
@@ -239,16 +258,26 @@ def _read(path: Path, columns: list[str]):
     from tailtune.data import READERS
 
     kind = READERS[path.suffix.lower()]
+    common = {"file_extensions": [path.suffix.lstrip(".")], "override_num_blocks": blocks}
     if kind == "parquet":
-        return ray.data.read_parquet(str(path), columns=columns)
+        import math
+
+        import pyarrow.parquet as pq
+
+        rows = pq.ParquetFile(path).metadata.num_rows
+        ds = ray.data.read_parquet(str(path), columns=columns, file_extensions=common["file_extensions"])
+        # Ray reads a Parquet file under ~128 MB as one block whatever override_num_blocks says;
+        # split it (in order), at most 65,536 rows a block
+        return ds.repartition(max(blocks, math.ceil(rows / 65_536)))
     if kind == "jsonl":
         # Ray's pyarrow reader (lines=False) reads JSON lines and keeps "007" a string, as the
         # local engine does; lines=True goes through pandas, which makes it the number 7.
-        return ray.data.read_json(str(path)).select_columns(columns)
+        return ray.data.read_json(str(path), **common).select_columns(columns)
     # As the local engine reads them (dtype=str, keep_default_na=False): "007" stays "007",
     # "NA" stays "NA". Narratives hold line breaks inside quotes.
     return ray.data.read_csv(
         str(path),
+        **common,
         parse_options=pacsv.ParseOptions(
             delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True
         ),
