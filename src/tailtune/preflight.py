@@ -217,8 +217,13 @@ def model_shape(spec, cfg, backbone, n_classes: int) -> dict:
     base_params = sum(p.numel() for p in model.parameters())
     model, _ = methods.get(spec.method).apply(model, backbone, method_cfg, bb_cfg.adapt_layers)
     head = config.hidden_size * n_classes + (0 if backbone.is_decoder else n_classes)
-    # Backpropagation stops at the lowest layer that holds a trainable weight.
-    adapted = [int(m.group(1)) for n, p in model.named_parameters() if p.requires_grad and (m := LAYER_INDEX.search(n))]
+    # Backpropagation stops at the lowest layer that holds a trainable weight; a trainable weight
+    # outside the layers (embeddings, prompt/prefix virtual tokens) takes it through all of them
+    # (prompt tuning was planned at 0 activation bytes: 26.7 MiB against 209.6 MiB measured).
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    adapted = [int(m.group(1)) for n in trainable if (m := LAYER_INDEX.search(n))]
+    if any(not LAYER_INDEX.search(n) for n in trainable):
+        adapted.append(0)
     return {
         "params": sum(p.numel() for p in model.parameters()) + head,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad) + head,
