@@ -27,6 +27,8 @@ def test_the_grid_searches_what_the_name_leaves_open_default_first():
     assert [lr for lr, _ in grid(parse_system("encoder-full"), cfg)] == [2e-5, 1e-5, 4e-5]
     assert grid(parse_system("encoder-lora-weighted@lr=3e-4"), cfg) == [(3e-4, "sqrt_inverse"), (3e-4, "none")]
     assert grid(parse_system("encoder-lora@lr=3e-4"), cfg) == []  # nothing left to search
+    assert grid(parse_system("encoder-head"), cfg) == []  # head-only training has no backbone lr
+    assert {lr for lr, _ in grid(parse_system("encoder-head-weighted"), cfg)} == {cfg.train.lr}
 
 
 def test_the_subset_is_stratified_and_keeps_every_class():

@@ -45,6 +45,9 @@ class Method:
     # Changes the model's output before any step (virtual tokens): the LP-FT start's probe score
     # is not this model's, so it must not compete for "best" (prompt/prefix kept a collapsed state).
     changes_output_at_init: bool = False
+    # Trains backbone weights at the backbone lr (not head: only the head's head_lr matters), so
+    # an @lr setting and an lr search mean something.
+    uses_lr: bool = True
 
 
 METHODS: dict[str, Method] = {}
@@ -265,7 +268,7 @@ def _head_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | 
 
 
 register(Method("head", True, _head_apply, lambda model, folder: None, lambda base, folder: base, None,
-                "linear probing, trained end to end", True))
+                "linear probing, trained end to end", True, uses_lr=False))
 
 
 BIASES_FILE = "biases.safetensors"

@@ -2043,7 +2043,7 @@ def _latency_ratio(run: Run, an: Analysis) -> float | None:
     return None
 
 
-def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[str, Markup, Markup]:
+def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[SystemRun, Markup, Markup]:
     """(system to deploy, its description, why) for the fine-tuned system the rule picked.
 
     Its backbone's frozen probe instead, when fine-tuning does not beat the probe beyond noise:
@@ -2053,7 +2053,7 @@ def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[str, Markup, 
     it beyond noise either: nothing then earns the extra serving cost.
     """
     backbone, method = tuned.info.get("backbone"), tuned.info.get("method")
-    pick = tuned.name
+    pick = tuned
     name = Markup("{} ({} + {})").format(tuned.name, backbone, "LoRA" if method == "lora" else method)
     why = Markup("")
     probe = _best(
@@ -2061,7 +2061,7 @@ def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[str, Markup, 
     )
     diff = None if probe is None else _bootstrap(run, tuned.name, probe.name, an.seed, an.n_boot)
     if diff is not None and not _better(diff):
-        pick = probe.name
+        pick = probe
         name = Markup("{} (frozen {} + linear head)").format(probe.name, backbone)
         why = Markup(
             " It is the frozen probe, not {}: fine-tuning did not beat the probe beyond noise "
@@ -2069,19 +2069,19 @@ def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[str, Markup, 
             "probe is the simpler system, with no measurable loss."
         ).format(tuned.name, fmt_boot(diff), backbone)
     baseline = _best([s for s in run.ok_systems if s.info.get("kind") == "baseline"])
-    versus = None if baseline is None else _bootstrap(run, pick, baseline.name, an.seed, an.n_boot)
+    versus = None if baseline is None else _bootstrap(run, pick.name, baseline.name, an.seed, an.n_boot)
     if versus is not None and not _better(versus):
         return (
-            baseline.name,
+            baseline,
             Markup("{} (TF-IDF + logistic regression)").format(baseline.name),
             why + Markup(
                 " Nor does {} beat the baseline {} beyond noise ({} macro-F1): on this data the "
                 "baseline, the simplest system to serve, is the one to deploy until a system beats it."
-            ).format(pick, baseline.name, fmt_boot(versus)),
+            ).format(pick.name, baseline.name, fmt_boot(versus)),
         )
     ms = _ms_per_example(run)
-    if pick in ms:
-        why += Markup(" {} takes {:.2f} ms per example in bench.json.").format(pick, ms[pick])
+    if pick.name in ms:
+        why += Markup(" {} takes {:.2f} ms per example in bench.json.").format(pick.name, ms[pick.name])
     return pick, name, why
 
 
@@ -2108,7 +2108,7 @@ def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
     enc, dec = an.enc.name, an.dec.name
     _, enc_pick, enc_why = _deployable(run, an, an.enc)
     dec_system, dec_pick, dec_why = _deployable(run, an, an.dec)
-    baseline = next(s for s in run.ok_systems if s.name == dec_system).info.get("kind") == "baseline"
+    baseline = dec_system.info.get("kind") == "baseline"
     cost = Markup(", at {:.1f}\u00d7 the encoder's latency").format(ratio) if ratio else Markup("")
     overall = an.enc_dec.get("all")
     if _better(rare_res) and not baseline:  # a decoder the baseline matches is not worth its cost

@@ -258,14 +258,15 @@ def _read(path: Path, columns: list[str], blocks: int):
     from tailtune.data import READERS
 
     kind = READERS[path.suffix.lower()]
-    common = {"file_extensions": [path.suffix.lstrip(".")], "override_num_blocks": blocks}
+    extensions = [path.suffix.lstrip(".")]
+    common = {"file_extensions": extensions, "override_num_blocks": blocks}
     if kind == "parquet":
         import math
 
         import pyarrow.parquet as pq
 
         rows = pq.ParquetFile(path).metadata.num_rows
-        ds = ray.data.read_parquet(str(path), columns=columns, file_extensions=common["file_extensions"])
+        ds = ray.data.read_parquet(str(path), columns=columns, file_extensions=extensions)
         # Ray reads a Parquet file under ~128 MB as one block whatever override_num_blocks says;
         # split it (in order), at most 65,536 rows a block
         return ds.repartition(max(blocks, math.ceil(rows / 65_536)))

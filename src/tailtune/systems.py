@@ -117,8 +117,8 @@ def settings_of(kind: str, method: str) -> set[str]:
     from tailtune import methods
 
     uses = set(methods.get(method).uses) | set(TRAIN_KEYS)
-    if method == "head":
-        uses.discard("lr")  # no backbone weight trains
+    if not methods.get(method).uses_lr:
+        uses.discard("lr")
     if kind == "generate":
         uses.discard("head_lr")  # the LM head writes the label; there is no classification head
     return uses

@@ -34,12 +34,14 @@ TUNE_FILE = "tune.json"
 
 def grid(spec, cfg: Config) -> list[tuple[float, str]]:
     """(lr, weighting) trials of ``spec``, its default first; [] when the name fixes both."""
+    from tailtune import methods
     from tailtune.classifier import TextClassifier
 
     method_cfg, train_cfg, bb_cfg, lr = spec.configs(cfg)
     scheme = spec.scheme(cfg)
     base_lr = TextClassifier(bb_cfg, spec.method, method_cfg, train_cfg, lr=lr).learning_rate()
-    lrs = [base_lr] if lr is not None else _default_first([base_lr * f for f in cfg.tune.lr_factors], base_lr)
+    searched = lr is None and methods.get(spec.method).uses_lr  # head-only training has no lr to search
+    lrs = _default_first([base_lr * f for f in cfg.tune.lr_factors], base_lr) if searched else [base_lr]
     schemes = _default_first(list(cfg.tune.weightings), scheme) if spec.weighting == "config" else [scheme]
     if len(lrs) == 1 and len(schemes) == 1:
         return []
