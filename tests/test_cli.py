@@ -112,6 +112,12 @@ def test_report_and_inspect_and_presets(smoke_run, small_csv):
     assert (out / "report.html").is_file() and "report.html" in result.stdout
     inspect = tailtune("data", "inspect", small_csv, "--label-column", "Issue", check=True)
     assert "frequency tiers" in inspect.stdout and "problems found" in inspect.stdout
+    assert "(seed 0)" in inspect.stdout
+    # a preset and overrides split the data as `tailtune run` with them would
+    inspect = tailtune("data", "inspect", small_csv, "smoke", "data.seed=5", "data.test_size=0.3", check=True)
+    assert "(seed 5)" in inspect.stdout
+    wrong = tailtune("data", "inspect", small_csv, "smoke", "data.sed=5")
+    assert wrong.returncode == 2 and wrong.stderr.strip() == "error: unknown config key 'data.sed' (did you mean 'data.seed'?)"
     presets = tailtune("presets", check=True)
     assert all(p in presets.stdout for p in ("demo", "smoke", "cpu-real", "cfpb-paper"))
     assert tailtune("--help", check=True).stdout

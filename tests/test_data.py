@@ -126,6 +126,21 @@ def test_bom_and_crlf_and_quoted_newlines(tmp_path):
     assert len(out) == 4 and "line two" in out[TEXT][0]
 
 
+def test_tsv_is_read_quoted_or_literally_as_it_was_written(tmp_path):
+    """A plain TSV text starting with a quote made CSV quoting swallow the rows up to the next
+    quote, with no error; Excel's tab-delimited export quotes fields with tabs or line breaks."""
+    plain = tmp_path / "plain.tsv"
+    plain.write_text(f'{TEXT}\tIssue\n"Pay now" they said\tA\nsecond\tB\nthird "x" fee\tA\n"open quote\tB\n')
+    out = read_table(plain)
+    assert out[TEXT].tolist() == ['"Pay now" they said', "second", 'third "x" fee', '"open quote']
+    assert out["Issue"].tolist() == ["A", "B", "A", "B"]
+    excel = tmp_path / "excel.tsv"
+    excel.write_text(f'{TEXT}\tIssue\n"tab\there"\tA\n"two\nlines"\tB\n"""quoted"" word"\tA\nplain\tB\n')
+    out = read_table(excel)
+    assert out[TEXT].tolist() == ["tab\there", "two\nlines", '"quoted" word', "plain"]
+    assert out["Issue"].tolist() == ["A", "B", "A", "B"]
+
+
 def test_max_rows_sample_keeps_no_class_below_min_class_count():
     """Sampled after the class-size rule, 300 of the products rows kept a class with 1 row."""
     labels = ["big"] * 400 + ["mid"] * 60 + ["small"] * 12

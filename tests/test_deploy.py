@@ -364,8 +364,26 @@ def test_predict_on_a_csv_that_is_not_utf8_is_one_line(smoke_run, tmp_path):
     source.write_bytes("Consumer complaint narrative\nle caf\u00e9\n".encode("cp1252"))
     result = cli("predict", smoke_run / "systems" / "tfidf-logreg", "--input", source, "--output", tmp_path / "o.csv")
     assert result.exit_code == 2, result.output
-    assert result.stderr.strip() == f"error: {source} is not valid UTF-8; re-save it as UTF-8"
+    assert result.stderr.strip() == (
+        f"error: {source} is not valid UTF-8: byte 0xe9 at line 2 (byte offset 35); if the file was saved in "
+        "another encoding say which (--encoding cp1252), or re-save it as UTF-8"
+    )
     assert not (tmp_path / "o.csv").exists()
+    result = cli("predict", smoke_run / "systems" / "tfidf-logreg", "--input", source, "--output", tmp_path / "o.csv",
+                 "--encoding", "cp1252")
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(tmp_path / "o.csv")) == 1
+    result = cli("predict", smoke_run / "systems" / "tfidf-logreg", "--input", source, "--output", tmp_path / "p.csv",
+                 "--encoding", "klingon")
+    assert result.exit_code == 2 and result.stderr.strip().startswith("error: --encoding 'klingon' is not a known")
+
+
+def test_predict_reads_a_plain_tsv_whose_text_starts_with_a_quote(smoke_run, tmp_path):
+    """CSV quoting read the quote as opening a field: 3 of 4 rows vanished into one text."""
+    source = tmp_path / "in.tsv"
+    source.write_text('id\ttext\n1\t"Pay now" they said\n2\tsecond\n3\tthird "x"\n4\tfourth\n')
+    deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv", chunk_size=2)
+    assert pd.read_csv(tmp_path / "out.csv")["id"].tolist() == [1, 2, 3, 4]
 
 
 def test_predict_command_runs(smoke_run, tmp_path):
@@ -487,3 +505,30 @@ def test_a_run_made_with_relative_paths_deploys_from_anywhere(tmp_path, small_fr
     alone = cli("predict", "merged", "--input", "in.csv", "--output", "merged.csv")
     assert alone.exit_code == 0, alone.output
     assert pd.read_csv("merged.csv")["label"].tolist() == pd.read_csv("out.csv")["label"].tolist()
+
+
+def test_predict_scores_joined_label_columns_as_training_joined_them(tmp_path, small_csv):
+    """A run trained on `Product+Issue` could not be scored: predict --label-column took one column."""
+    import io
+
+    from rich.console import Console
+
+    from tailtune.config import load_config
+    from tailtune.run import run
+
+    out = tmp_path / "run"
+    cfg = load_config("smoke", [f"out={out}", "systems=[tfidf-logreg]", f"data.path={small_csv}",
+                                "data.label_column=Product+Issue"])
+    run(cfg, console=Console(file=io.StringIO()), report=False)
+    system = out / "systems" / "tfidf-logreg"
+    frame = pd.read_csv(small_csv)
+    frame.loc[0, "Issue"] = ""  # a missing part: no label, as in training
+    frame.to_csv(tmp_path / "labelled.csv", index=False)
+    done = deploy.predict_file(system, tmp_path / "labelled.csv", tmp_path / "p.csv", label_column="Product+Issue")
+    assert done["unknown_labels"] == {}
+    predicted = pd.read_csv(tmp_path / "p.csv")["label"][1:]
+    truth = (frame["Product"] + " / " + frame["Issue"])[1:]
+    assert done["accuracy"] == pytest.approx((predicted == truth).mean())
+    result = cli("predict", system, "--input", tmp_path / "labelled.csv", "--output", tmp_path / "q.csv",
+                 "--label-column", "Product+Isue")
+    assert result.exit_code == 2 and "label column 'Isue' not found" in result.output, result.output

@@ -96,6 +96,8 @@ def assert_same_predictions(ray_dir: Path, local_file: Path, frame: pd.DataFrame
         (["--engine", "ray", "--text-column", "body"], "text column 'body' not found"),
         (["--engine", "ray", "--batch-size", "-1"], "--batch-size and --workers must be at least 1"),
         (["--engine", "ray", "--precision", "fp64"], "unknown precision 'fp64'"),  # was an ActorDiedError
+        (["--engine", "ray", "--encoding", "klingon"], "--encoding 'klingon' is not a known text encoding"),
+        (["--engine", "ray", "--encoding", "cp1252", "--input", "{jsonl}"], "reads JSON lines as UTF-8 only"),
     ],
 )
 def test_bad_ray_predict_is_one_line_exit_2(scale_run, tmp_path, args, message):
@@ -103,11 +105,14 @@ def test_bad_ray_predict_is_one_line_exit_2(scale_run, tmp_path, args, message):
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "part.parquet").write_text("x")
     (tmp_path / "file").write_text("x")
-    args = [a.format(existing=tmp_path / "existing", file=tmp_path / "file") for a in args]
+    complaints(5).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
+    args = [a.format(existing=tmp_path / "existing", file=tmp_path / "file", jsonl=tmp_path / "in.jsonl") for a in args]
     if "--output" not in args:
         args += ["--output", tmp_path / "out"]
+    if "--input" not in args:
+        args += ["--input", tmp_path / "in.csv"]
     system = scale_run / "systems" / "tfidf-logreg"
-    result = cli("predict", system, "--input", tmp_path / "in.csv", *args)
+    result = cli("predict", system, *args)
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
@@ -200,6 +205,25 @@ def test_ray_reads_what_the_local_engine_reads_and_spreads_a_small_parquet(scale
         done = scale.predict_ray(system, tmp_path / name, tmp_path / f"ray-{name}", workers=2, chunk_size=256)
         assert done["parts"] >= 4, done  # one part per block: blocks for both actors, not one
         assert_same_predictions(tmp_path / f"ray-{name}", tmp_path / "local.parquet", frame)
+
+
+def test_ray_reads_tsv_dialects_and_encodings_as_the_local_engine(scale_run, ray_session, tmp_path):
+    """A plain TSV whose text starts with a quote, and a cp1252 CSV with --encoding."""
+    frame = complaints(600, seed=3)
+    frame["text"] = frame["text"].str.replace("\n", " ")
+    frame.loc[::50, "text"] = '"Pay now, caf\u00e9'  # an open quote, closed 25 rows below
+    frame.loc[25::50, "text"] = 'they said "stop" twice'
+    with open(tmp_path / "in.tsv", "w") as f:  # as a plain TSV writer does: no quoting
+        f.write("\t".join(frame.columns) + "\n")
+        f.writelines("\t".join(row) + "\n" for row in frame.astype(str).itertuples(index=False))
+    frame.to_csv(tmp_path / "in.csv", index=False, encoding="cp1252")
+    system = scale_run / "systems" / "tfidf-logreg"
+    deploy.predict_file(system, tmp_path / "in.tsv", tmp_path / "local.parquet")
+    assert len(pd.read_parquet(tmp_path / "local.parquet")) == len(frame)
+    scale.predict_ray(system, tmp_path / "in.tsv", tmp_path / "ray-tsv", workers=2, chunk_size=128)
+    assert_same_predictions(tmp_path / "ray-tsv", tmp_path / "local.parquet", frame)
+    scale.predict_ray(system, tmp_path / "in.csv", tmp_path / "ray-csv", workers=2, chunk_size=128, encoding="cp1252")
+    assert_same_predictions(tmp_path / "ray-csv", tmp_path / "local.parquet", frame)
 
 
 def test_a_row_ray_cannot_read_is_one_line(scale_run, tmp_path):

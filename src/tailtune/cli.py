@@ -210,20 +210,26 @@ def sweep(
 @data_app.command("inspect")
 @friendly
 def data_inspect(
-    path: Path = typer.Argument(..., help="CSV / JSONL / Parquet file."),
-    label_column: str = typer.Option("Issue", help="Label column, or columns joined by '+'."),
-    text_column: str = typer.Option("Consumer complaint narrative", help="Text column."),
-    min_class_count: int = typer.Option(2, help="Classes with fewer rows are dropped."),
-    encoding: str = typer.Option("utf-8", help="Text encoding of a CSV / TSV / JSON file (e.g. cp1252)."),
+    path: Path = typer.Argument(..., help="CSV / TSV / JSONL / JSON / Parquet file."),
+    config: str = typer.Argument(
+        None, help="Preset or YAML whose data settings (split, seed, tiers, max_rows) to use; default: demo's."
+    ),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. data.seed=1."),
+    label_column: str = typer.Option(None, help="Label column, or columns joined by '+' (default: Issue)."),
+    text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
+    min_class_count: int = typer.Option(None, help="Classes with fewer rows are dropped (default: 2)."),
+    encoding: str = typer.Option(None, help="Text encoding of a CSV / TSV / JSON file (e.g. cp1252)."),
 ):
-    """Class counts, frequency tiers and problems found, without training anything."""
-    from tailtune.config import DataConfig
+    """Class counts, frequency tiers and problems found, as `tailtune run` with the same config would split the data."""
     from tailtune.data import inspect_data
     from tailtune.run import make_console
 
-    cfg = DataConfig(path=str(path), label_column=label_column, text_column=text_column,
-                     min_class_count=min_class_count, encoding=encoding)
-    inspect_data(cfg, make_console())
+    cfg = _config(
+        config, overrides or [],
+        **{"data.path": path, "data.label_column": label_column, "data.text_column": text_column,
+           "data.min_class_count": min_class_count, "data.encoding": encoding},
+    )
+    inspect_data(cfg.data, make_console())
 
 
 @app.command()
@@ -299,13 +305,14 @@ def predict(
         "auto", help="auto (bf16 where the CPU/GPU computes it natively), fp32, bf16 or fp16."
     ),
     label_column: str = typer.Option(
-        None, help="True labels in the input: checked against the model's classes, and accuracy reported."
+        None, help="True labels in the input (one column, or columns joined by '+' as in training): checked against the model's classes, and accuracy reported."
     ),
     engine: str = typer.Option(
         "local", help="local (this process) or ray (Ray Data; --output is a folder of Parquet parts)."
     ),
     address: str = typer.Option(None, help="Ray cluster to join (host:port or auto; default: start a local one)."),
     workers: int = typer.Option(None, help="Ray predictor actors (default: one per GPU, else CPUs - 1)."),
+    encoding: str = typer.Option("utf-8", help="Text encoding of a CSV / TSV / JSONL input (e.g. cp1252)."),
 ):
     """Classify a file of any size, streaming, in the input's order."""
     from tailtune.run import make_console
@@ -315,7 +322,7 @@ def predict(
     done = run_predict(
         engine, system_dir, input, output, text_column=text_column, id_column=id_column, k=top_k,
         chunk_size=chunk_size, batch_size=batch_size, precision=precision, console=make_console(stderr=True),
-        label_column=label_column,
+        label_column=label_column, encoding=encoding,
         address=address, workers=workers,
     )
     typer.echo(f"{done['rows']:,} rows -> {done['output']} ({done['seconds']:.1f} s)")

@@ -8,6 +8,7 @@ is counted in :attr:`Prepared.summary`, which the run writes to ``data.json``.
 from __future__ import annotations
 
 import codecs
+import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,13 +61,13 @@ class Prepared:
 # ----------------------------------------------------------------------------- reading
 
 
-def text_codec(encoding: str) -> str:
+def text_codec(encoding: str, setting: str = "data.encoding") -> str:
     """The Python codec that reads files in ``encoding``; UTF-8 reads through a leading BOM."""
     try:
         name = codecs.lookup(encoding).name
     except LookupError:
         raise TailtuneError(
-            f"data.encoding '{encoding}' is not a known text encoding (e.g. utf-8, cp1252, latin-1)"
+            f"{setting} '{encoding}' is not a known text encoding (e.g. utf-8, cp1252, latin-1)"
         ) from None
     return "utf-8-sig" if name == "utf-8" else name
 
@@ -109,7 +110,7 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
     except TailtuneError:
         raise
     except UnicodeDecodeError:
-        raise TailtuneError(_decode_problem(path, codec)) from None
+        raise TailtuneError(decode_problem(path, codec)) from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TailtuneError(f"could not read {path} as {kind}: {first}") from None
@@ -140,16 +141,48 @@ def jsonl_frames(text, chunk_size: int) -> Iterator[pd.DataFrame]:
         yield pd.DataFrame.from_records(rows)
 
 
+def tsv_quoting(path: Path, codec: str) -> int:
+    """How to read the TSV file ``path``: ``csv.QUOTE_MINIMAL`` or ``csv.QUOTE_NONE``.
+
+    TSV has two dialects. Excel and Python's csv module quote a field holding a tab, a line
+    break or a quote (``"a<TAB>b"``, ``""`` for a quote); plain TSV writers never quote, and a
+    text that merely starts with ``"`` then made CSV quoting swallow the rows up to the next
+    quote, without an error. The file is read with quoting when every quote in it forms a
+    well-formed quoted field and every row then has the header's field count; otherwise
+    literally, when every line has the header's field count read that way; otherwise with
+    quoting, whose reader names the malformed line.
+    """
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a narrative may pass 128 KiB
+
+    def rectangular(**dialect) -> bool:
+        try:
+            with open(path, encoding=codec, newline="") as f:
+                rows = csv.reader(f, delimiter="\t", **dialect)
+                width = len(next(rows, []))
+                return all(len(row) in (0, width) for row in rows)
+        except csv.Error:
+            return False
+
+    if rectangular(strict=True):
+        return csv.QUOTE_MINIMAL
+    return csv.QUOTE_NONE if rectangular(quoting=csv.QUOTE_NONE) else csv.QUOTE_MINIMAL
+
+
 def _read_delimited(path: Path, sep: str, codec: str) -> pd.DataFrame:
+    quoting = tsv_quoting(path, codec) if sep == "\t" else csv.QUOTE_MINIMAL
     try:
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding=codec)
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding=codec, quoting=quoting)
     except pd.errors.EmptyDataError:
         raise TailtuneError(f"data file has no rows or header: {path}") from None
 
 
-def _decode_problem(path: Path, codec: str) -> str:
+DATA_ENCODING_HINT = ("data.encoding", "data.encoding=cp1252, or --encoding cp1252 for data inspect")
+
+
+def decode_problem(path: Path, codec: str, hint: tuple[str, str] = DATA_ENCODING_HINT) -> str:
     """One line locating the first byte of ``path`` that ``codec`` cannot decode, with the fix.
 
+    ``hint`` is (the setting, an example of setting it) as the command reading the file takes it.
     pandas reports offsets inside its read buffer, so the file is scanned again here; this
     only runs on the error path.
     """
@@ -169,7 +202,7 @@ def _decode_problem(path: Path, codec: str) -> str:
         else:
             return f"{path} is not valid {name} (it ends inside a character); re-save it as {name}"
     if name != "UTF-8":
-        return f"{path} is not valid {name}: {where}; check data.encoding"
+        return f"{path} is not valid {name}: {where}; check {hint[0]}"
     if utf8_before:
         # A file with UTF-8 text before the bad byte mixes encodings: no single encoding
         # setting reads it right, so the line must be fixed.
@@ -179,11 +212,12 @@ def _decode_problem(path: Path, codec: str) -> str:
         )
     return (
         f"{path} is not valid UTF-8: {where}; if the file was saved in another encoding say "
-        "which (data.encoding=cp1252, or --encoding cp1252 for data inspect), or re-save it as UTF-8"
+        f"which ({hint[1]}), or re-save it as UTF-8"
     )
 
 
-def _label_series(df: pd.DataFrame, label_column: str) -> pd.Series:
+def label_series(df: pd.DataFrame, label_column: str) -> pd.Series:
+    """The labels of ``df``: one column, or ``A+B`` columns joined as "a / b" (missing if a part is)."""
     parts = [c.strip() for c in label_column.split("+")]
     for col in parts:
         _require_column(df, col, "label")
@@ -235,7 +269,7 @@ def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
     dropped when they conflict) -> the ``max_rows`` sample -> classes below ``min_class_count``.
     """
     _require_column(df, cfg.text_column, "text")
-    labels = _label_series(df, cfg.label_column)
+    labels = label_series(df, cfg.label_column)
     if len(df) == 0:
         raise TailtuneError("data file has a header but no rows")
     ids = df[cfg.id_column].astype(str) if cfg.id_column in df.columns else pd.Series(

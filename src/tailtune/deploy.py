@@ -598,16 +598,20 @@ def export_merged(
 # ----------------------------------------------------------------------------- streaming predict
 
 STREAMABLE = ("csv", "tsv", "jsonl", "parquet")
+ENCODING_HINT = ("--encoding", "--encoding cp1252")
 
 
-def _open_table(path: Path, chunk_size: int) -> tuple[Iterator, int]:
+def _open_table(path: Path, chunk_size: int, encoding: str = "utf-8") -> tuple[Iterator, int]:
     """(iterator of (frame, progress position), progress total) for a data file.
+
+    ``encoding`` applies to CSV, TSV and JSON lines; a TSV is read as :func:`tailtune.data.tsv_quoting` says.
 
     Positions are bytes read for text files and rows for Parquet, so the bar has a total
     without a pass over the file.
     """
-    from tailtune.data import READERS, jsonl_frames
+    from tailtune.data import READERS, decode_problem, jsonl_frames, text_codec, tsv_quoting
 
+    codec = text_codec(encoding, ENCODING_HINT[0])
     if not path.exists():
         raise TailtuneError(f"input file not found: {path}")
     if path.is_dir():
@@ -638,10 +642,18 @@ def _open_table(path: Path, chunk_size: int) -> tuple[Iterator, int]:
 
         return batches(), parquet.metadata.num_rows
 
+    import csv
+
     import pandas as pd
 
+    quoting = csv.QUOTE_MINIMAL
+    if kind == "tsv":
+        try:
+            quoting = tsv_quoting(path, codec)
+        except UnicodeDecodeError:
+            raise TailtuneError(decode_problem(path, codec, ENCODING_HINT)) from None
     raw = open(path, "rb")  # noqa: SIM115 - closed when the iterator finishes
-    text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+    text = io.TextIOWrapper(raw, encoding=codec, newline="")
 
     def frames():
         try:  # read_csv decodes the header when it is created: inside the try too
@@ -654,11 +666,12 @@ def _open_table(path: Path, chunk_size: int) -> tuple[Iterator, int]:
                     dtype=str,  # ids and texts exactly as written
                     keep_default_na=False,
                     chunksize=chunk_size,
+                    quoting=quoting,
                 )
             for frame in reader:
                 yield frame, raw.tell()
         except UnicodeDecodeError:
-            raise TailtuneError(f"{path} is not valid UTF-8; re-save it as UTF-8") from None
+            raise TailtuneError(decode_problem(path, codec, ENCODING_HINT)) from None
         except (ValueError, pd.errors.ParserError) as exc:
             raise TailtuneError(
                 f"could not read {path} as {kind}: {str(exc).strip().splitlines()[0]}"
@@ -775,8 +788,11 @@ def predict_file(
     precision: str = "auto",
     console=None,
     label_column: str | None = None,
+    encoding: str = "utf-8",
 ) -> dict:
     """Classify every row of ``input_path`` with the system in ``system_dir``; write ``output_path``.
+
+    ``encoding`` is the input's text encoding (CSV, TSV, JSON lines).
 
     ``precision`` (auto | fp32 | bf16 | fp16) as in :func:`load_predictor`: auto is bf16 where the
     device computes it natively, which can flip a near-tie against the run's fp32 predictions.
@@ -794,6 +810,7 @@ def predict_file(
     when complete. Returns {"rows", "seconds", "output", "text_column", "id_column"}.
     """
     from tailtune.config import DataConfig
+    from tailtune.data import label_series
     from tailtune.rundir import atomic_write
 
     input_path, output_path = Path(input_path), Path(output_path)
@@ -805,7 +822,7 @@ def predict_file(
         raise TailtuneError(f"output must end in {', '.join(_Sink.KINDS)}: {output_path}")
     if chunk_size < 1 or k < 1 or (batch_size is not None and batch_size < 1):
         raise TailtuneError("--chunk-size, --top-k and --batch-size must be at least 1")
-    frames, total = _open_table(input_path, chunk_size)
+    frames, total = _open_table(input_path, chunk_size, encoding)
     first = next(frames, None)
     if first is None or len(first[0]) == 0:
         raise TailtuneError(f"input file has no rows: {input_path}")
@@ -813,12 +830,15 @@ def predict_file(
     defaults = DataConfig()
     text_col = _pick_column(columns, text_column, (defaults.text_column, "text"), "text")
     id_col = _pick_column(columns, id_column, (defaults.id_column, "id"), "id")
+    def truth_of(frame):
+        return label_series(frame, label_column).fillna("").str.strip()
+
     if label_column is not None:
-        _pick_column(columns, label_column, (), "label")
+        truth_of(first[0])  # names a missing column before the model loads
     predictor = load_predictor(system_dir, batch_size=batch_size, precision=precision)
     known = set(predictor.classes_)
     if label_column is not None:
-        _check_label_set(first[0][label_column], known, label_column)
+        _check_label_set(truth_of(first[0]), known, label_column)
     unknown: dict[str, int] = {}
     scored = [0, 0]  # rows with a known label, correct predictions among them
     if k > len(predictor.classes_):
@@ -845,7 +865,7 @@ def predict_file(
                 )
                 if label_column is not None:
                     real = out["confidence"].notna().to_numpy()  # rows with a text
-                    truth = frame[label_column].astype("string").fillna("").str.strip().to_numpy()
+                    truth = truth_of(frame).to_numpy()
                     seen = np.array([t in known for t in truth], dtype=bool)
                     for t in truth[~seen & (truth != "")]:
                         unknown[t] = unknown.get(t, 0) + 1
@@ -872,7 +892,7 @@ def predict_file(
 
 def _check_label_set(labels, known: set[str], column: str) -> None:
     """Pre-flight: the input's labels must overlap the model's, or the column/model is wrong."""
-    present = set(labels.astype("string").dropna().str.strip()) - {""}
+    present = set(labels) - {""}
     if present and not present & known:
         example = ", ".join(repr(x) for x in sorted(present)[:3])
         raise TailtuneError(

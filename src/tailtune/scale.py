@@ -64,6 +64,7 @@ def predict_ray(
     workers: int | None = None,
     address: str | None = None,
     console=None,
+    encoding: str = "utf-8",
 ) -> dict:
     """Classify every row of ``input_path`` on Ray; write Parquet part files into ``output_dir``.
 
@@ -95,7 +96,11 @@ def predict_ray(
     from tailtune.config import check_precision
 
     check_precision(precision)  # before Ray starts: in an actor it was an ActorDiedError
-    frames, _ = _open_table(input_path, 64)  # checks the file and reads its header only
+    from tailtune.data import READERS, text_codec
+
+    if READERS.get(input_path.suffix.lower()) == "jsonl" and text_codec(encoding, "--encoding") != "utf-8-sig":
+        raise TailtuneError(f"--engine ray reads JSON lines as UTF-8 only; leave out --encoding {encoding}")
+    frames, _ = _open_table(input_path, 64, encoding)  # checks the file and reads its header only
     first = next(frames, None)
     frames.close()
     if first is None or len(first[0]) == 0:
@@ -130,7 +135,7 @@ def predict_ray(
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         # At least 4 blocks per actor: a Parquet file under ~128 MB was one block, so one actor
         # classified every row whatever --workers said.
-        ds = _read(input_path, [c for c in (text_col, id_col) if c is not None], 4 * workers)
+        ds = _read(input_path, [c for c in (text_col, id_col) if c is not None], 4 * workers, encoding)
         from ray.data.expressions import monotonically_increasing_id
 
         ds = ds.with_column(ORDER_KEY, monotonically_increasing_id())
@@ -247,17 +252,21 @@ def _quiet_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
-def _read(path: Path, columns: list[str], blocks: int):
+def _read(path: Path, columns: list[str], blocks: int, encoding: str = "utf-8"):
     """A Ray Dataset of ``columns`` of a CSV / TSV / JSONL / Parquet file, every CSV column as text,
     in at least ``blocks`` blocks. Any file extension the local engine reads (.ndjson, .pq):
-    Ray's readers otherwise look for their own and find "no input files"."""
+    Ray's readers otherwise look for their own and find "no input files". A TSV is quoted or
+    literal as the local engine reads it (:func:`tailtune.data.tsv_quoting`)."""
+    import csv
+
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import ray.data
 
-    from tailtune.data import READERS
+    from tailtune.data import READERS, text_codec, tsv_quoting
 
     kind = READERS[path.suffix.lower()]
+    codec = text_codec(encoding, "--encoding")
     extensions = [path.suffix.lstrip(".")]
     common = {"file_extensions": extensions, "override_num_blocks": blocks}
     if kind == "parquet":
@@ -279,8 +288,11 @@ def _read(path: Path, columns: list[str], blocks: int):
     return ray.data.read_csv(
         str(path),
         **common,
+        read_options=pacsv.ReadOptions(encoding="utf8" if codec == "utf-8-sig" else codec),
         parse_options=pacsv.ParseOptions(
-            delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True
+            delimiter="\t" if kind == "tsv" else ",",
+            newlines_in_values=True,
+            quote_char=False if kind == "tsv" and tsv_quoting(path, codec) == csv.QUOTE_NONE else '"',
         ),
         convert_options=pacsv.ConvertOptions(
             include_columns=columns,
