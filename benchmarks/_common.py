@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 
+def entry(main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main``; a TailtuneError (bad path, unsuitable system) is one line, exit 2."""
+    from tailtune.errors import TailtuneError
+
+    try:
+        main()
+    except TailtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def locate(
-    path: str, system: str | None, wanted: Callable[[dict], bool]
+    path: str, system: str | None, wanted: Callable[[dict], bool], what: str = "system"
 ) -> tuple[list[Path], Path | None]:
     """(system folders to benchmark, run directory or None) for a run dir or a system folder.
 
-    In a run directory, ``system`` picks one; otherwise every finished system whose
-    ``tailtune.json`` satisfies ``wanted`` is returned.
+    Every folder returned has a ``tailtune.json`` that satisfies ``wanted`` (``what`` names such
+    a system in the error): in a run directory, ``system`` picks one, else every finished one is
+    a candidate; a system folder given directly must satisfy it too.
     """
     from tailtune import deploy
     from tailtune.errors import TailtuneError
@@ -25,8 +38,10 @@ def locate(
         folders = [path / "systems" / n for n in names]
         chosen = [f for f in folders if wanted(_meta(f))]
         if not chosen:
-            raise TailtuneError(f"no suitable system in {path} (finished: {', '.join(names)})")
+            raise TailtuneError(f"no {what} in {path} (finished: {', '.join(names)})")
         return chosen, path
+    if not wanted(_meta(path)):
+        raise TailtuneError(f"{path} is not a {what}")
     run_dir = next((p for p in path.resolve().parents if (p / "config.yaml").exists()), None)
     return [path], run_dir
 
@@ -47,15 +62,16 @@ def texts_for(run_dir: Path | None, n: int) -> list[str]:
     return bench.sample_texts(run_dir, n, split=None)[0]
 
 
-def report(seconds: dict[str, np.ndarray], n_texts: int, reference: str) -> None:
-    """Median and p95 ms per example of every contender, and each one's ratio to ``reference``."""
+def report(seconds: dict[str, np.ndarray], n_texts: int, reference: str, unit: str = "ms/ex") -> None:
+    """Median and p95 ms per example (``n_texts`` per pass) of every contender, and each one's
+    ratio to ``reference``; ``unit`` heads the columns (ms/step with ``n_texts`` = 1)."""
     ref = np.median(seconds[reference])
-    print(f"{'contender':<12} {'median ms/ex':>13} {'p95 ms/ex':>10} {'vs ' + reference:>14}")
+    print(f"{'contender':<12} {'median ' + unit:>15} {'p95 ' + unit:>12} {'vs ' + reference:>16}")
     for name, s in seconds.items():
         per_example = s * 1000 / n_texts
         print(
-            f"{name:<12} {np.median(per_example):13.4f} {np.percentile(per_example, 95):10.4f} "
-            f"{np.median(s) / ref:13.3f}x"
+            f"{name:<12} {np.median(per_example):15.4f} {np.percentile(per_example, 95):12.4f} "
+            f"{np.median(s) / ref:15.3f}x"
         )
 
 

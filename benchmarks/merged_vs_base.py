@@ -25,7 +25,7 @@ import argparse
 import warnings
 
 import numpy as np
-from _common import at_least_one, locate, report, texts_for
+from _common import at_least_one, entry, locate, report, texts_for
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     from tailtune import deploy
     from tailtune.bench import compare
 
-    folders, run_dir = locate(args.path, args.system, lambda m: m.get("method") == "lora")
+    folders, run_dir = locate(args.path, args.system, lambda m: m.get("method") == "lora", "LoRA system")
     texts = texts_for(run_dir, args.texts)
     for system_dir in folders:
         unmerged = deploy.load_predictor(system_dir, merged=False, batch_size=args.batch_size)
@@ -68,4 +68,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -35,7 +35,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from _common import at_least_one, locate
+from _common import at_least_one, entry, locate
 
 from tailtune.demo import bulk_texts
 
@@ -159,4 +159,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -42,7 +42,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from _common import at_least_one, locate, report, texts_for
+from _common import at_least_one, entry, locate, report, texts_for
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,11 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     from tailtune.classifier import TextClassifier
 
     quiet_transformers()
+    in_run = (Path(args.path) / "comparison.csv").exists()  # a run: its decoder unless --system says
     folders, run_dir = locate(
         args.path,
         args.system,
         lambda m: m["kind"] == "export"
-        or (m["kind"] == "finetune" and (args.system or m["backbone"]["kind"] == "decoder")),
+        or (m["kind"] == "finetune" and (args.system or not in_run or m["backbone"]["kind"] == "decoder")),
+        "fine-tuned system or export",
     )
     system_dir = folders[0]
     kind, folder = deploy.resolve_system(system_dir)
@@ -183,4 +185,4 @@ def _encoder(args, system_dir: Path, run_dir: Path | None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

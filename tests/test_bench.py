@@ -176,6 +176,20 @@ def test_pipeline_benchmark_truncates_both_sides_at_max_length(smoke_run):
     assert bad.returncode == 2 and "--max-length must be at least 1" in bad.stderr
 
 
+def test_benchmarks_refuse_an_unsuitable_system_folder_in_one_line(smoke_run):
+    """merged_vs_base.py on the TF-IDF folder ended in an AttributeError traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "merged_vs_base.py"
+    system = smoke_run / "systems" / "tfidf-logreg"
+    result = subprocess.run([sys.executable, str(script), str(system), "--texts", "4", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"error: {system} is not a LoRA system"
+
+
 def test_pipeline_benchmark_times_an_encoder_system_against_the_stock_class(smoke_run):
     import subprocess
     import sys

@@ -111,6 +111,47 @@ def test_cached_scoring_equals_naive_full_sequence_scoring(arch, monkeypatch):
     np.testing.assert_allclose(generate.score_labels(model, tok, prompts, labels, 2, "fp32"), naive, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_label_only_logits_give_the_loss_and_gradients_of_a_plain_right_padded_batch(arch):
+    """Training built (B, T, vocab) logits though only the label tokens are scored."""
+    bb = backbones.resolve(f"tiny:{arch}")
+    tok = backbones.load_tokenizer(bb)
+    torch.manual_seed(0)
+    config = MethodConfig(rank=4, alpha=8, dropout=0.0)  # training mode: no random dropout between the two passes
+    model, _ = methods.get("lora").apply(generate.load_causal_lm(bb, tok), bb, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    labels = generate.encode_labels(tok, ["credit", "credit card", "debt collection"])
+    texts = ["my mortgage servicer lost my payment", "?", "collector calls me every day about a debt i do not owe"]
+    prompts = generate.encode_prompts(tok, texts, generate.TEMPLATE, 24)
+    rows = [{"input_ids": p + t, "labels": [-100] * len(p) + t} for p, t in zip(prompts, labels, strict=True)]
+    pad = tok.pad_token_id
+    width = max(len(r["input_ids"]) for r in rows)  # the plain batch: right-padded, positions 0.. per row
+    plain = {
+        "input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]),
+        "labels": torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows]),
+    }
+    batch = generate.collate_label_batch(rows, pad)
+    assert batch["logits_to_keep"] == max(len(t) for t in labels) + 1 < width
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(inputs):
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        return out.loss.item(), out.logits.shape, [p.grad.clone() for p in trainable]
+
+    loss, shape, grads = loss_and_grads(batch)
+    plain_loss, plain_shape, plain_grads = loss_and_grads(plain)
+    assert shape[1] == batch["logits_to_keep"] and plain_shape[1] == width
+    assert loss == pytest.approx(plain_loss, abs=1e-5)
+    for g, h in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(g, h, atol=1e-5, rtol=1e-4)
+
+
 def test_truncation_cuts_the_text_not_the_template():
     tok = backbones.load_tokenizer(backbones.resolve("tiny:qwen2"))
     short, long = generate.encode_prompts(tok, ["card", "card " * 500], generate.TEMPLATE, 24)

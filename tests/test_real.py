@@ -56,3 +56,19 @@ def test_lora_on_bundled_models_trains_saves_and_reloads(tmp_path, name):
     before = clf.predict_logits(TEXTS)
     clf.save(tmp_path / "m")
     np.testing.assert_allclose(TextClassifier.load(tmp_path / "m").predict_logits(TEXTS), before, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bundled:minilm", "bundled:smollm2"])
+def test_long_texts_are_cut_without_changing_the_ids_on_the_real_tokenizers(name, monkeypatch):
+    """WordPiece and byte-level BPE: cutting a long text first gives the ids of tokenising it whole."""
+    from tailtune import generate
+
+    tok = backbones.load_tokenizer(backbones.resolve(name))
+    long = " ".join(TEXTS) * 500 + "\n\n  café — 12,345.67 "
+    texts = [long, long.replace(" ", "  "), "no" * 5000 + " " + long]
+    assert all(len(c) < len(t) for c, t in zip(backbones.clip_long(tok, texts, 256), texts, strict=True))
+    cut = backbones.tokenize(tok, texts, 256), generate.encode_prompts(tok, texts, generate.TEMPLATE, 128)
+    monkeypatch.setattr(backbones, "CHARS_PER_TOKEN", 10**9)  # never cut: tokenise whole
+    assert backbones.clip_long(tok, texts, 256) == texts
+    whole = backbones.tokenize(tok, texts, 256), generate.encode_prompts(tok, texts, generate.TEMPLATE, 128)
+    assert cut == whole

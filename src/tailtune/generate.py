@@ -81,7 +81,8 @@ def encode_prompts(tokenizer, texts: list[str], template: str, max_length: int) 
             f"max_length {max_length} leaves no room for the text after the prompt template "
             f"({len(head_ids) + len(tail_ids)} tokens); raise decoder.max_length"
         )
-    texts_ids = tokenizer([space + t for t in texts], add_special_tokens=False)["input_ids"]
+    texts = backbones.clip_long(tokenizer, [space + t for t in texts], room)
+    texts_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [head_ids + ids[:room] + tail_ids for ids in texts_ids]
 
 
@@ -174,6 +175,35 @@ def score_labels(
             if progress is not None:
                 progress(n)
     return result
+
+
+def collate_label_batch(batch: list[dict], pad: int, label_logits_only: bool = True) -> dict:
+    """A training batch of prompt + label rows ({"input_ids", "labels"}, -100 on the prompt).
+
+    Left-padded, positions counted over real tokens (as in scoring), so every row's label
+    ends at the last position. With ``label_logits_only`` the model computes logits for the
+    last ``longest label + 1`` positions only (``logits_to_keep``), and ``labels`` are cut to
+    match: the loss is the same, but a (B, T, V) logits tensor is not built for the prompts
+    (SmolLM2: 49,152 columns per position; Qwen2.5: 151,936). Without it: logits everywhere,
+    as a plain causal-LM batch.
+    """
+    import torch
+
+    width = max(len(r["input_ids"]) for r in batch)
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    for r in batch:
+        gap = width - len(r["input_ids"])
+        out["input_ids"].append([pad] * gap + r["input_ids"])
+        out["attention_mask"].append([0] * gap + [1] * len(r["input_ids"]))
+        out["labels"].append([-100] * gap + r["labels"])
+    out = {k: torch.tensor(v) for k, v in out.items()}
+    out["position_ids"] = (out["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    if label_logits_only:
+        # Position t predicts token t + 1: the first label token needs the position before it.
+        keep = max(sum(x != -100 for x in r["labels"]) for r in batch) + 1
+        out["labels"] = out["labels"][:, -keep:]
+        out["logits_to_keep"] = keep
+    return out
 
 
 def naive_score_labels(model, prompts: list[list[int]], labels: list[list[int]]) -> np.ndarray:
@@ -355,15 +385,7 @@ class GenerativeClassifier:
         pad = self.tokenizer_.pad_token_id
 
         def collate(batch: list[dict]) -> dict:
-            # Right padding: positions then start at 0 for every row, as in scoring.
-            width = max(len(r["input_ids"]) for r in batch)
-            out = {"input_ids": [], "attention_mask": [], "labels": []}
-            for r in batch:
-                gap = width - len(r["input_ids"])
-                out["input_ids"].append(r["input_ids"] + [pad] * gap)
-                out["attention_mask"].append([1] * len(r["input_ids"]) + [0] * gap)
-                out["labels"].append(r["labels"] + [-100] * gap)
-            return {k: torch.tensor(v) for k, v in out.items()}
+            return collate_label_batch(batch, pad)
 
         callbacks = [Select()]
         if console is not None:
