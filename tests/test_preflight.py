@@ -197,6 +197,26 @@ def test_not_enough_memory_suggests_what_fits(tmp_path, small_csv, small_frame, 
         assert "encoder.batch_size=2 train.grad_accum=8" in line
 
 
+def test_decoder_generate_is_planned_with_its_label_logits_and_refused_when_it_cannot_fit(
+    tmp_path, small_csv, small_frame, monkeypatch
+):
+    """decoder-generate had no memory check: a model that could not fit failed mid-run."""
+    from tailtune import generate
+
+    cfg = load_config("smoke", ["systems=decoder-generate"])
+    data = prepare(cfg.data, frame=small_frame, source="test")
+    backbone = backbones.resolve(cfg.decoder.name)
+    longest = max(len(x) for x in generate.encode_labels(backbones.load_tokenizer(backbone), data.classes))
+    shape = preflight.model_shape(parse_system("decoder-generate"), cfg, backbone, len(data.classes), longest)
+    assert shape["logit_positions"] == longest + 1 and shape["probe_params"] == 0
+    need = preflight.training_memory(shape, 4, 20, "bf16")
+    assert need["logits"] == 4 * (longest + 1) * shape["vocab"] * 10
+    monkeypatch.setattr(preflight, "available_memory", lambda: (1000, "test RAM"))
+    out = tmp_path / "run"
+    assert_error(run_smoke(small_csv, out, systems="decoder-generate"), out, "decoder-generate needs about",
+                 "label logits", "test RAM")
+
+
 # ----------------------------------------------------------------------------- cost
 
 

@@ -93,14 +93,20 @@ def check_backbones(ctx, specs) -> None:
         check_tokenizer(tokenizer, backbone)
         truncation[slot] = {"backbone": bb_cfg.name, **count_truncated(tokenizer, texts, bb_cfg.max_length)}
         seq_len = min(bb_cfg.max_length, truncation[slot]["longest_tokens"])
-        for spec in (s for s in specs if s.slot == slot and s.kind == "finetune"):
+        for spec in (s for s in specs if s.slot == slot and s.kind in ("finetune", "generate")):
             check_positions(spec, cfg, backbone)
-            shape = model_shape(spec, cfg, backbone, len(data.classes))  # errors if a role matches nothing
+            label_tokens = None
+            if spec.kind == "generate":  # prompt + the longest label (its tokens and eos)
+                from tailtune.generate import encode_labels
+
+                label_tokens = max(len(x) for x in encode_labels(tokenizer, data.classes))
+            shape = model_shape(spec, cfg, backbone, len(data.classes), label_tokens)  # errors if a role matches nothing
             precision = resolve_precision(cfg.train.precision)
-            need = training_memory(shape, bb_cfg.batch_size, seq_len, precision)
+            tokens = seq_len + (label_tokens or 0)
+            need = training_memory(shape, bb_cfg.batch_size, tokens, precision)
             free, device = available_memory()
             if need["total"] > free:
-                raise TailtuneError(_memory_message(spec, cfg, shape, seq_len, precision, need, free, device))
+                raise TailtuneError(_memory_message(spec, cfg, shape, tokens, precision, need, free, device))
     data.summary["truncation"] = truncation
 
 
@@ -197,14 +203,16 @@ def available_memory() -> tuple[int, str]:
     return int(free), "CPU RAM"
 
 
-def model_shape(spec, cfg, backbone, n_classes: int) -> dict:
+def model_shape(spec, cfg, backbone, n_classes: int, label_tokens: int | None = None) -> dict:
     """Parameter counts and sizes of ``spec``'s model, from its config on the meta device.
 
     The method is really applied (to a model without weights), so the trainable count is the
     method's own and a target role that matches no module fails here, before training.
+    ``label_tokens`` (decoder-generate: the longest label's tokens) replaces the classification
+    head by the language-model head's logits at the label positions.
     """
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from tailtune import methods
     from tailtune.backbones import LAYER_INDEX, quiet_transformers
@@ -212,11 +220,12 @@ def model_shape(spec, cfg, backbone, n_classes: int) -> dict:
     method_cfg, _, bb_cfg, _ = spec.configs(cfg)
     quiet_transformers()
     config = AutoConfig.from_pretrained(backbone.path)
+    writes = label_tokens is not None  # decoder-generate: no head, no probe; logits over the vocabulary
     with torch.device("meta"):  # shapes only: nothing allocated, no weights read
-        model = AutoModel.from_config(config)
+        model = (AutoModelForCausalLM if writes else AutoModel).from_config(config)
     base_params = sum(p.numel() for p in model.parameters())
     model, _ = methods.get(spec.method).apply(model, backbone, method_cfg, bb_cfg.adapt_layers)
-    head = config.hidden_size * n_classes + (0 if backbone.is_decoder else n_classes)
+    head = 0 if writes else config.hidden_size * n_classes + (0 if backbone.is_decoder else n_classes)
     # Backpropagation stops at the lowest layer that holds a trainable weight; a trainable weight
     # outside the layers (embeddings, prompt/prefix virtual tokens) takes it through all of them
     # (prompt tuning was planned at 0 activation bytes: 26.7 MiB against 209.6 MiB measured).
@@ -227,7 +236,12 @@ def model_shape(spec, cfg, backbone, n_classes: int) -> dict:
     return {
         "params": sum(p.numel() for p in model.parameters()) + head,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad) + head,
-        "probe_params": base_params if cfg.train.head_init == "probe" or f"{spec.slot}-probe" in cfg.systems else 0,
+        "probe_params": 0 if writes else (
+            base_params if cfg.train.head_init == "probe" or f"{spec.slot}-probe" in cfg.systems else 0
+        ),
+        # generate.collate_label_batch keeps logits at the label positions and the one before them
+        "logit_positions": label_tokens + 1 if writes else 0,
+        "vocab": config.get_text_config().vocab_size,
         "adapted_layers": config.num_hidden_layers - min(adapted) if adapted else 0,
         "hidden": config.hidden_size,
         "ffn": getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
@@ -241,14 +255,18 @@ def training_memory(shape: dict, batch_size: int, seq_len: int, precision: str) 
     fp32 weights (4 bytes/param; tailtune keeps fp32 master weights) + gradients and two Adam
     moments of the trainable parameters (12 bytes each, so full fine-tuning is 16 bytes/param)
     + activations of the adapted layers for ``batch_size`` x ``seq_len`` tokens + the frozen
-    probe model the LP-FT head comes from, which stays loaded.
+    probe model the LP-FT head comes from, which stays loaded + (decoder-generate) the
+    vocabulary logits at the label positions: autocast's copy, the fp32 copy the loss takes and
+    its gradient (10 bytes each, 12 in fp32).
     """
     per_token = ACT_PER_HIDDEN * shape["hidden"] + ACT_PER_FFN * shape["ffn"] + shape["heads"] * seq_len
+    width = 4 if precision == "fp32" else 2
     parts = {
         "weights": 4 * shape["params"],
         "gradients_adam": 12 * shape["trainable"],
-        "activations": batch_size * seq_len * shape["adapted_layers"] * per_token * (4 if precision == "fp32" else 2),
+        "activations": batch_size * seq_len * shape["adapted_layers"] * per_token * width,
         "probe_copy": 4 * shape["probe_params"],
+        "logits": batch_size * shape.get("logit_positions", 0) * shape.get("vocab", 0) * (width + 8),
     }
     return {**parts, "total": sum(parts.values())}
 
@@ -269,7 +287,9 @@ def _memory_message(spec, cfg, shape, seq_len, precision, need, free, device) ->
     return (
         f"{spec.name} needs about {_size(need['total'])} to train (weights {_size(need['weights'])}, "
         f"gradients + Adam {_size(need['gradients_adam'])}, activations {_size(need['activations'])} "
-        f"at batch {bb_cfg.batch_size} x {seq_len} tokens) but {device} has {_size(free)} free; {fix}"
+        f"at batch {bb_cfg.batch_size} x {seq_len} tokens"
+        + (f", label logits {_size(need['logits'])}" if need["logits"] else "")
+        + f") but {device} has {_size(free)} free; {fix}"
     )
 
 
