@@ -122,7 +122,7 @@ def _config_folder(tmp_path, arch: str):
     return str(folder)
 
 
-def measured_peak(model, batch: int, length: int) -> int:
+def measured_peak(model, batch: int, length: int, label_tokens: int | None = None) -> int:
     """Peak bytes of torch tensors alive during a steady-state training step (fp32, AdamW, clipping).
 
     Steady state: a first step creates AdamW's state, which every later step holds from its
@@ -136,12 +136,19 @@ def measured_peak(model, batch: int, length: int) -> int:
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    ids = torch.randint(5, 500, (batch, length))
+    ids = torch.randint(5, 500, (batch, length + (label_tokens or 0)))
     mask, labels = torch.ones_like(ids), torch.randint(0, N_CLASSES, (batch,))
+    extra = {}
+    if label_tokens is not None:  # decoder-generate's batch: logits at the label positions only
+        from tailtune import generate
+
+        rows = [{"input_ids": r.tolist(), "labels": [-100] * length + r[length:].tolist()} for r in ids]
+        batch_in = generate.collate_label_batch(rows, 0)
+        labels, extra = batch_in["labels"], {"position_ids": batch_in["position_ids"], "logits_to_keep": label_tokens + 1}
     model.train()
 
     def step():
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels)["loss"]
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, **extra)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -180,6 +187,42 @@ def test_total_is_near_the_measured_peak_of_a_training_step(arch, method, tmp_pa
     assert LOW <= ratio <= HIGH
     # The tolerance has teeth: planning twice the batch that ran falls outside it.
     assert not LOW <= planned(2 * BATCH) / peak <= HIGH
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_generate_total_is_near_the_measured_peak_of_its_training_step(arch, tmp_path):
+    """decoder-generate was planned as a classifier: no vocabulary logits, no label tokens."""
+    import torch
+
+    folder = _config_folder(tmp_path, arch)
+    backbone = backbones.resolve(folder)
+    method_cfg = MethodConfig(rank=8, alpha=16, dropout=0.1)
+    label_tokens = 6
+
+    def planned(batch: int) -> int:
+        bb_cfg = BackboneConfig(name=folder, batch_size=batch, max_length=LENGTH)
+        row = plan_one(backbone, bb_cfg, "lora", method_cfg, N_CLASSES, "fp32", label_tokens=label_tokens)
+        assert row["max_length"] == LENGTH + label_tokens
+        return row["total"]
+
+    torch.manual_seed(0)
+    model = build(backbone, BackboneConfig(name=folder), "lora", method_cfg, N_CLASSES, "cpu", causal=True)
+    peak = measured_peak(model, BATCH, LENGTH, label_tokens)
+    ratio = planned(BATCH) / peak
+    print(json.dumps({"arch": arch, "method": "generate", "planned": planned(BATCH), "measured": peak, "ratio": ratio}))
+    assert LOW <= ratio <= HIGH
+    assert not LOW <= planned(2 * BATCH) / peak <= HIGH
+
+
+def test_plan_adds_a_generate_row_for_a_decoder_generate_system():
+    cfg = load_config("smoke", ["systems=[tfidf-logreg,decoder-generate]"])
+    rows = plan(cfg, None, None)
+    generate_rows = [r for r in rows if r["method"] == "generate"]
+    assert [r["slot"] for r in generate_rows] == ["decoder"] and generate_rows[0]["error"] is None
+    assert {r["slot"] for r in rows} == {"decoder"}  # tfidf-logreg has no backbone
+    only = plan(cfg, ["generate"], 5)
+    assert [(r["slot"], r["method"]) for r in only] == [("decoder", "generate")]
+    assert only[0]["max_length"] == cfg.decoder.max_length + 16  # no class names: 16 label tokens
 
 
 # ----------------------------------------------------------------------------- command line

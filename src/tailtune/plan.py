@@ -33,69 +33,102 @@ from tailtune.errors import TailtuneError
 FIELDS = ("weights", "grads", "optimizer", "activations")
 
 
+GENERATE = "generate"  # the decoder LoRA-tuned to write the label (decoder-generate), as a plan row
+
+
 def plan(cfg: Config, methods: list[str] | None = None, n_classes: int | None = None) -> list[dict]:
     """One row per (slot, method) for the slots the config's systems use (all methods by default).
 
-    ``n_classes`` sizes the head; None counts the classes of ``cfg.data`` (the demo corpus's
-    ``n_classes``, or the labels in ``data.path`` after cleaning).
+    ``n_classes`` sizes the head; None counts the classes of ``cfg.data`` (the demo corpus's,
+    or the labels in ``data.path`` after cleaning). The decoder also gets a ``generate`` row
+    when ``methods`` names it, or by default when the config has a decoder-generate system: its
+    causal-LM head's logits at the label positions replace the classification head, with the
+    data's longest label (tokens + eos; 16 tokens with ``n_classes`` given, as names are unknown).
     """
     from tailtune import backbones, systems
     from tailtune import methods as registry
     from tailtune.train import resolve_precision
 
+    specs = [systems.parse_system(n) for n in cfg.systems]
     names = list(methods) if methods else list(registry.METHODS)
+    if methods is None and any(s.kind == "generate" for s in specs):
+        names.append(GENERATE)
     for name in names:
-        registry.get(name)
-    used = [s for s in systems.SLOTS if any(systems.parse_system(n).slot == s for n in cfg.systems)]
-    n_classes = n_classes or count_classes(cfg.data)
+        if name != GENERATE:
+            registry.get(name)
+    used = [s for s in systems.SLOTS if any(spec.slot == s for spec in specs)]
+    if GENERATE in names and "decoder" not in used:
+        used.append("decoder")
+    classes = None if n_classes else class_names(cfg.data)
+    n_classes = n_classes or len(classes)
     precision = resolve_precision(cfg.train.precision)
     rows = []
     for slot in used or list(systems.SLOTS):
         bb_cfg: BackboneConfig = getattr(cfg, slot)
         backbone = backbones.resolve(bb_cfg.name)
         for name in names:
+            if name == GENERATE and slot != "decoder":
+                continue
             try:
-                row = plan_one(backbone, bb_cfg, name, cfg.method, n_classes, precision)
+                if name == GENERATE:
+                    row = {**plan_one(backbone, bb_cfg, "lora", cfg.method, n_classes, precision,
+                                      label_tokens=_longest_label(backbone, classes)), "method": GENERATE}
+                else:
+                    row = plan_one(backbone, bb_cfg, name, cfg.method, n_classes, precision)
             except TailtuneError as exc:
                 row = {"method": name, "error": str(exc)}
             rows.append({"slot": slot, "backbone": bb_cfg.name, **row})
     return rows
 
 
-def count_classes(data: DataConfig) -> int:
-    """Number of classes the head will have: the demo corpus's, or the cleaned data file's."""
-    if data.path is None:
-        return data.demo.n_classes
+def class_names(data: DataConfig) -> list[str]:
+    """The classes the head will have: the demo corpus's, or the cleaned data file's."""
     from tailtune.data import clean, load_frame
 
     frame, _ = load_frame(data)
-    return int(clean(frame, data)[0]["label"].nunique())
+    return sorted(clean(frame, data)[0]["label"].unique())
+
+
+def _longest_label(backbone, classes: list[str] | None) -> int:
+    """Tokens of the longest label as decoder-generate writes it (with eos); 16 without names."""
+    from tailtune import backbones
+    from tailtune.generate import encode_labels
+
+    if classes is None:
+        return 16
+    return max(len(x) for x in encode_labels(backbones.load_tokenizer(backbone), classes))
 
 
 def plan_one(
     backbone, bb_cfg: BackboneConfig, method: str, method_cfg: MethodConfig, n_classes: int, precision: str,
-    device: str | None = None,
+    device: str | None = None, label_tokens: int | None = None,
 ) -> dict:
-    """The plan of ``method`` on one resolved backbone; raises TailtuneError when the method refuses."""
+    """The plan of ``method`` on one resolved backbone; raises TailtuneError when the method refuses.
+
+    With ``label_tokens``, the model is the causal LM that decoder-generate trains: prompts of
+    ``max_length`` tokens + that many label tokens, logits at the label positions only
+    (:func:`tailtune.generate.collate_label_batch`).
+    """
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch, length = bb_cfg.batch_size, bb_cfg.max_length
     try:
-        model = build(backbone, bb_cfg, method, method_cfg, n_classes, "meta")
-        activations, reached = trace_forward(model, batch, length, precision, device, fake=True)
+        model = build(backbone, bb_cfg, method, method_cfg, n_classes, "meta", label_tokens is not None)
+        activations, reached = trace_forward(model, batch, length, precision, device, True, label_tokens)
         source = "fake forward"
     except TailtuneError:
         raise
     except Exception:  # the method needs real values to apply or run: real rows, extrapolated
-        model = build(backbone, bb_cfg, method, method_cfg, n_classes, device)
-        one, reached = trace_forward(model, 1, length, precision, device, fake=False)
-        two, _ = trace_forward(model, 2, length, precision, device, fake=False)
+        model = build(backbone, bb_cfg, method, method_cfg, n_classes, device, label_tokens is not None)
+        one, reached = trace_forward(model, 1, length, precision, device, False, label_tokens)
+        two, _ = trace_forward(model, 2, length, precision, device, False, label_tokens)
         # Two sizes, not one row times the batch: LoHa/LoKr save weight-sized products once per step.
         activations = one + (batch - 1) * (two - one)
         source = "real forwards of 1 and 2 rows, extrapolated"
-    adapted = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
-    if adapted and not any(id(p) in reached for p in model.backbone.parameters() if p.requires_grad):
+    core = getattr(model, "backbone", model)  # the causal LM has no separate head module
+    adapted = [n for n, p in core.named_parameters() if p.requires_grad]
+    if adapted and not any(id(p) in reached for p in core.parameters() if p.requires_grad):
         raise TailtuneError(
             f"{method} does not apply to {backbone.model_type}: none of its {len(adapted)} trainable "
             f"tensors (e.g. {adapted[0]}) reaches the loss, so it cannot change the output"
@@ -114,7 +147,7 @@ def plan_one(
         "total": sum(sizes.values()) + activations,
         "checkpoint": sum(p.nbytes for p in model.parameters() if p.requires_grad),
         "batch_size": batch,
-        "max_length": length,
+        "max_length": length + (label_tokens or 0),
         "precision": precision,
         "device": device,
         "activations_from": source,
@@ -122,13 +155,17 @@ def plan_one(
     }
 
 
-def build(backbone, bb_cfg: BackboneConfig, method: str, method_cfg: MethodConfig, n_classes: int, device: str):
-    """The classifier training would build (backbone from its config, method applied, head), on ``device``.
+def build(
+    backbone, bb_cfg: BackboneConfig, method: str, method_cfg: MethodConfig, n_classes: int, device: str,
+    causal: bool = False,
+):
+    """The classifier training would build (backbone from its config, method applied, head), on ``device``;
+    with ``causal``, the causal LM with the method applied, as decoder-generate trains it.
 
     On "meta" nothing is allocated; elsewhere the weights are random, never read from disk.
     """
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from tailtune import methods
     from tailtune.backbones import quiet_transformers
@@ -138,6 +175,9 @@ def build(backbone, bb_cfg: BackboneConfig, method: str, method_cfg: MethodConfi
     config = AutoConfig.from_pretrained(backbone.path)
     pooling = bb_cfg.pooling if bb_cfg.pooling != "auto" else backbone.pooling
     with torch.device(device):
+        if causal:
+            base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            return methods.get(method).apply(base, backbone, method_cfg, bb_cfg.adapt_layers)[0]
         base = AutoModel.from_config(config, dtype=torch.float32)
         model = _module()(base, n_classes, pooling, backbone.is_decoder)
         model.backbone, _ = methods.get(method).apply(base, backbone, method_cfg, bb_cfg.adapt_layers)
@@ -159,12 +199,16 @@ def state_bytes(model, reached: set[int]) -> dict:
     }
 
 
-def trace_forward(model, batch: int, length: int, precision: str, device: str, fake: bool) -> tuple[int, set[int]]:
+def trace_forward(
+    model, batch: int, length: int, precision: str, device: str, fake: bool, label_tokens: int | None = None
+) -> tuple[int, set[int]]:
     """(bytes the forward of (batch, length) tokens saves for backward, ids of the parameters the loss reaches).
 
     Each saved storage counts once (views and tensors saved by several ops share it);
     parameters and buffers are not counted (they are weights). ``fake`` first swaps the meta
     model's tensors for fake ones on ``device``, so no memory is used and nothing is computed.
+    With ``label_tokens``, ``model`` is a causal LM fed as decoder-generate trains it: each row
+    ``length`` prompt tokens + the label's, logits and loss at the last ``label_tokens + 1``.
     """
     import contextlib
     import logging
@@ -196,12 +240,18 @@ def trace_forward(model, batch: int, length: int, precision: str, device: str, f
                     saved[storage._cdata] = (storage.nbytes(), t)
                 return t
 
-            ids = torch.zeros(batch, length, dtype=torch.long, device=device)  # (B, T)
-            mask = torch.ones(batch, length, dtype=torch.long, device=device)
-            labels = torch.zeros(batch, dtype=torch.long, device=device)
+            width = length + (label_tokens or 0)
+            ids = torch.zeros(batch, width, dtype=torch.long, device=device)  # (B, T)
+            mask = torch.ones(batch, width, dtype=torch.long, device=device)
+            inputs = {"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(batch, dtype=torch.long, device=device)}
+            if label_tokens is not None:
+                keep = label_tokens + 1
+                positions = torch.arange(width, device=device).expand(batch, width)
+                labels = torch.zeros(batch, keep, dtype=torch.long, device=device)
+                inputs |= {"position_ids": positions, "labels": labels, "logits_to_keep": keep}
             model.train()  # dropout masks are saved too
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(precision, torch.device(device)):
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels)["loss"]
+                loss = model(**inputs)["loss"]
     finally:
         fake_log.setLevel(level)
     return sum(nbytes for nbytes, _ in saved.values()), _leaves(loss)
