@@ -225,6 +225,13 @@ def test_plan_adds_a_generate_row_for_a_decoder_generate_system():
     assert only[0]["max_length"] == cfg.decoder.max_length + 16  # no class names: 16 label tokens
 
 
+def test_a_system_with_its_own_settings_is_planned_with_them():
+    """plan used the config's method settings for every row, so encoder-lora@rank=64 was planned at rank 16."""
+    cfg = load_config("smoke", ["systems=[encoder-lora,encoder-lora@rank=64]"])
+    rows = {r["method"]: r for r in plan(cfg, None, 5)}
+    assert rows["encoder-lora@rank=64"]["trainable"] > 4 * rows["lora"]["trainable"]  # the preset's rank is 4
+
+
 # ----------------------------------------------------------------------------- command line
 
 

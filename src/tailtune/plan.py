@@ -44,6 +44,8 @@ def plan(cfg: Config, methods: list[str] | None = None, n_classes: int | None = 
     when ``methods`` names it, or by default when the config has a decoder-generate system: its
     causal-LM head's logits at the label positions replace the classification head, with the
     data's longest label (tokens + eos; 16 tokens with ``n_classes`` given, as names are unknown).
+    By default, a system with its own settings (``encoder-lora@rank=64``) also gets a row of
+    its own, named by the system.
     """
     from tailtune import backbones, systems
     from tailtune import methods as registry
@@ -78,6 +80,16 @@ def plan(cfg: Config, methods: list[str] | None = None, n_classes: int | None = 
             except TailtuneError as exc:
                 row = {"method": name, "error": str(exc)}
             rows.append({"slot": slot, "backbone": bb_cfg.name, **row})
+        if methods is None:  # a system with its own settings (encoder-lora@rank=64) is planned as it trains
+            for spec in (s for s in specs if s.slot == slot and s.overrides and s.kind in ("finetune", "generate")):
+                method_cfg, _, spec_bb, _ = spec.configs(cfg)
+                label_tokens = _longest_label(backbone, classes) if spec.kind == "generate" else None
+                try:
+                    row = {**plan_one(backbone, spec_bb, spec.method, method_cfg, n_classes, precision,
+                                      label_tokens=label_tokens), "method": spec.name}
+                except TailtuneError as exc:
+                    row = {"method": spec.name, "error": str(exc)}
+                rows.append({"slot": slot, "backbone": spec_bb.name, **row})
     return rows
 
 
