@@ -167,8 +167,16 @@ def measured_peak(model, batch: int, length: int, label_tokens: int | None = Non
     return before + ids.nbytes + mask.nbytes + labels.nbytes + peak
 
 
-@pytest.mark.parametrize("arch,method", [("bert", "lora"), ("bert", "full"), ("modernbert", "lora"), ("qwen2", "lora")])
+@pytest.mark.parametrize(
+    "arch,method",
+    [("bert", "lora"), ("bert", "full"), ("modernbert", "lora"), ("qwen2", "lora"), ("bert", "prompt"), ("bert", "prefix"),
+     ("qwen2", "prompt"), ("qwen2", "prefix")],
+)
 def test_total_is_near_the_measured_peak_of_a_training_step(arch, method, tmp_path):
+    """Prompt and prefix tuning backpropagate through every layer, so backward's in-flight
+    gradients, which the plan leaves out, are a larger share of their peak: measured 0.85-0.94
+    (2026-12-02), against 0.94-1.02 for LoRA and full; they get a lower bound of 0.85."""
+    low = 0.85 if method in ("prompt", "prefix") else LOW
     import torch
 
     folder = _config_folder(tmp_path, arch)
@@ -184,9 +192,9 @@ def test_total_is_near_the_measured_peak_of_a_training_step(arch, method, tmp_pa
     peak = measured_peak(model, BATCH, LENGTH)
     ratio = planned(BATCH) / peak
     print(json.dumps({"arch": arch, "method": method, "planned": planned(BATCH), "measured": peak, "ratio": ratio}))
-    assert LOW <= ratio <= HIGH
+    assert low <= ratio <= HIGH
     # The tolerance has teeth: planning twice the batch that ran falls outside it.
-    assert not LOW <= planned(2 * BATCH) / peak <= HIGH
+    assert not low <= planned(2 * BATCH) / peak <= HIGH
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
