@@ -5,7 +5,7 @@ causal-LM batch still computes (B, T, vocab) logits and their softmax for every 
 tailtune's batch (:func:`tailtune.generate.collate_label_batch`) keeps the logits of the last
 ``longest label + 1`` positions. Both contenders train the same LoRA model on the same rows
 (prompts of demo complaints, labels of the demo classes) at the same batch size and precision;
-steps interleave after a warm-up. Prints median ms per step (forward, backward, AdamW step),
+steps interleave after a warm-up, who goes first alternating. Prints median ms per step (forward, backward, AdamW step),
 the ratio, and the size of the logits tensor each builds. The loss is the same (tested in
 ``tests/test_generate.py``).
 
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     shapes = {}
     for i in range(args.steps + 1):  # the first round warms up
         batch_rows = [rows_all[j] for j in rng.choice(len(rows_all), args.batch_size, replace=False)]
-        for name, only in contenders.items():
+        order = list(contenders.items())
+        for name, only in order if i % 2 else order[::-1]:  # who goes first alternates
             took, shapes[name] = step(only, batch_rows)
             if i:
                 seconds[name].append(took)

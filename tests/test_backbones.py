@@ -110,7 +110,8 @@ def test_a_very_long_text_is_cut_before_tokenising_with_the_same_ids(arch):
     clipped = backbones.clip_long(tok, texts, 64)
     assert len(clipped[0]) < 10_000 and clipped[1] == "short text"
     assert clipped[2] == texts[2]  # one 300K-character word: no cut keeps enough tokens
-    assert all(not c[-1].isspace() for c in clipped)
+    assert clipped[3] == texts[3]  # every space follows a line break: never cut there
+    assert all(not c[-1].isspace() for c, t in zip(clipped, texts, strict=True) if c != t)
     for max_length in (16, 64):
         whole = tok(texts, truncation=True, max_length=max_length)["input_ids"]
         assert backbones.tokenize(tok, texts, max_length) == whole

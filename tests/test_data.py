@@ -139,6 +139,17 @@ def test_tsv_is_read_quoted_or_literally_as_it_was_written(tmp_path):
     out = read_table(excel)
     assert out[TEXT].tolist() == ["tab\there", "two\nlines", '"quoted" word', "plain"]
     assert out["Issue"].tolist() == ["A", "B", "A", "B"]
+    # a stray quote at the start of one text and at the end of a later one: a well-formed quoted
+    # field, but one that spans whole rows (tab and line break inside); and a short row
+    stray = tmp_path / "stray.tsv"
+    stray.write_text(f'{TEXT}\tIssue\n"Pay now, they wrote\tA\nsecond\tB\nthe TV was 55"\tA\nfourth\tB\nno label\n')
+    out = read_table(stray)
+    assert out[TEXT].tolist() == ['"Pay now, they wrote', "second", 'the TV was 55"', "fourth", "no label"]
+    assert out["Issue"].tolist() == ["A", "B", "A", "B", ""]
+    wide = tmp_path / "wide.tsv"
+    wide.write_text(f"{TEXT}\tIssue\none\tA\ntwo\tB\textra\n")
+    with pytest.raises(TailtuneError, match="line 3 has 3 tab-separated fields, the header 2"):
+        read_table(wide)
 
 
 def test_max_rows_sample_keeps_no_class_below_min_class_count():

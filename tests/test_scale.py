@@ -226,6 +226,20 @@ def test_ray_reads_tsv_dialects_and_encodings_as_the_local_engine(scale_run, ray
     assert_same_predictions(tmp_path / "ray-csv", tmp_path / "local.parquet", frame)
 
 
+def test_a_bad_byte_past_the_header_on_ray_names_the_line_and_the_option(scale_run, tmp_path):
+    """Ray's reader said 'ValueError: Failed to read CSV file ... check the CSV file has correct format'."""
+    (tmp_path / "late.csv").write_bytes(("text\n" + "fine\n" * 3000 + "caf\u00e9\n").encode("cp1252"))
+    result = subprocess.run(
+        [sys.executable, "-m", "tailtune.cli", "predict", str(scale_run / "systems" / "tfidf-logreg"), "--input",
+         str(tmp_path / "late.csv"), "--output", str(tmp_path / "out"), "--engine", "ray", "--workers", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'late.csv'} is not valid UTF-8: byte 0xe9 at line 3002"), last
+    assert "--encoding cp1252" in last and not (tmp_path / "out").exists()
+
+
 def test_a_row_ray_cannot_read_is_one_line(scale_run, tmp_path):
     """A CSV row with an extra field was 'internal error RayTaskError(ValueError): ray::ReadCSV...'."""
     # past the rows the header check reads, so the error comes from Ray's reader

@@ -399,9 +399,9 @@ def clip_long(tokenizer, texts: list[str], n_tokens: int) -> list[str]:
 
     A fast tokenizer tokenises the whole text before truncating it: one 9.4M-character text
     took 7.7 s and 1.3 GB for 256 tokens (bundled MiniLM). A text longer than
-    ``CHARS_PER_TOKEN * n_tokens`` characters is cut at a whitespace boundary, and the cut is
+    ``CHARS_PER_TOKEN * n_tokens`` characters is cut before a space, and the cut is
     kept only if its head still has more than ``n_tokens + 8`` tokens; tokenizers split words
-    at whitespace before anything else, so those tokens are the whole text's first ones. A head
+    at spaces before anything else, so those tokens are the whole text's first ones. A head
     with too few tokens (very long words) is retried four times longer, up to the whole text.
     """
     out = list(texts)
@@ -421,8 +421,13 @@ def clip_long(tokenizer, texts: list[str], n_tokens: int) -> list[str]:
 
 
 def _space_before(text: str, end: int) -> int:
-    """The start of the last run of whitespace that begins before ``end`` (0: none)."""
-    match = re.search(r"\S(\s+)\S*$", text[:end])
+    """The start of the last run of spaces after a non-whitespace character before ``end`` (0: none).
+
+    Spaces only: every tokenizer splits words there. Other whitespace is not always a split:
+    BERT's normalizer deletes form feeds and other control characters (``\\f``, ``\\x1c``,
+    ``\\x85``), so a cut there made two words of one and changed the ids. And not after a line
+    break: byte-level BPE writes "\\n" + spaces as one token, which a cut would split."""
+    match = re.search(r"\S( +)[^ ]*$", text[:end])
     return match.start(1) if match else 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -74,6 +75,9 @@ def friendly(fn):
     return wrapper
 
 
+TEXT_OPTIONS = {"data.path", "data.label_column", "data.text_column", "data.encoding", "out"}
+
+
 def _config(config: str | None, overrides: list[str], **options):
     from tailtune.config import load_config
 
@@ -81,7 +85,12 @@ def _config(config: str | None, overrides: list[str], **options):
     if config is not None and "=" in config:
         overrides = [config, *overrides]
         config = None
-    extra = [f"{key}={value}" for key, value in options.items() if value is not None]
+    # A path or column name is text as typed: "complaints #2.csv" lost its " #2.csv" as a YAML
+    # comment and "Issue: main" became a mapping when parsed as override values.
+    extra = [
+        f"{key}={json.dumps(str(value)) if key in TEXT_OPTIONS else value}"
+        for key, value in options.items() if value is not None
+    ]
     return load_config(config, [*overrides, *extra])
 
 

@@ -147,25 +147,43 @@ def tsv_quoting(path: Path, codec: str) -> int:
     TSV has two dialects. Excel and Python's csv module quote a field holding a tab, a line
     break or a quote (``"a<TAB>b"``, ``""`` for a quote); plain TSV writers never quote, and a
     text that merely starts with ``"`` then made CSV quoting swallow the rows up to the next
-    quote, without an error. The file is read with quoting when every quote in it forms a
-    well-formed quoted field and every row then has the header's field count; otherwise
-    literally, when every line has the header's field count read that way; otherwise with
-    quoting, whose reader names the malformed line.
+    quote, without an error. Both readings are tried (rows may be shorter than the header,
+    as pandas pads them, never longer):
+
+    - quoting, when every quote forms a well-formed quoted field and no quoted field holds
+      both a line break and a tab (whole rows swallowed between two stray quotes) where the
+      literal reading also fits;
+    - otherwise literally, when every line fits;
+    - otherwise an error naming the first line too long for the header.
     """
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a narrative may pass 128 KiB
 
-    def rectangular(**dialect) -> bool:
+    def read(**dialect) -> tuple[bool, bool, tuple[int, int, int] | None]:
+        """(parsed, a field spans lines and tabs, (line, fields, header fields) of the first too-long row)."""
+        spans = False
         try:
             with open(path, encoding=codec, newline="") as f:
                 rows = csv.reader(f, delimiter="\t", **dialect)
                 width = len(next(rows, []))
-                return all(len(row) in (0, width) for row in rows)
+                for row in rows:
+                    if len(row) > width:
+                        return True, spans, (rows.line_num, len(row), width)
+                    spans = spans or any("\t" in x and ("\n" in x or "\r" in x) for x in row)
         except csv.Error:
-            return False
+            return False, spans, None
+        return True, spans, None
 
-    if rectangular(strict=True):
+    quoted, spans, quoted_long = read(strict=True)
+    _, _, literal_long = read(quoting=csv.QUOTE_NONE)
+    if quoted and quoted_long is None and not (spans and literal_long is None):
         return csv.QUOTE_MINIMAL
-    return csv.QUOTE_NONE if rectangular(quoting=csv.QUOTE_NONE) else csv.QUOTE_MINIMAL
+    if literal_long is None:
+        return csv.QUOTE_NONE
+    line, fields, width = literal_long
+    raise TailtuneError(
+        f"could not read {path} as tsv: line {line} has {fields} tab-separated fields, the header {width} "
+        "(and no quoting of the fields explains it)"
+    )
 
 
 def _read_delimited(path: Path, sep: str, codec: str) -> pd.DataFrame:
@@ -174,6 +192,19 @@ def _read_delimited(path: Path, sep: str, codec: str) -> pd.DataFrame:
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding=codec, quoting=quoting)
     except pd.errors.EmptyDataError:
         raise TailtuneError(f"data file has no rows or header: {path}") from None
+
+
+def decodes(path: Path, codec: str) -> bool:
+    """Whether every byte of ``path`` decodes in ``codec`` (read in 1 MiB pieces)."""
+    decoder = codecs.getincrementaldecoder(codec)()
+    try:
+        with open(path, "rb") as f:
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                decoder.decode(piece)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 DATA_ENCODING_HINT = ("data.encoding", "data.encoding=cp1252, or --encoding cp1252 for data inspect")

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from tailtune.deploy import (
+    ENCODING_HINT,
     _open_table,
     _pick_column,
     load_predictor,
@@ -163,6 +164,11 @@ def predict_ray(
             try:
                 ds.write_parquet(str(tmp))
             except ray.exceptions.RayTaskError as exc:  # a row Ray's reader refuses, a bad byte, ...
+                from tailtune.data import decode_problem, decodes, text_codec
+
+                codec = text_codec(encoding, "--encoding")
+                if not decodes(input_path, codec):  # pyarrow's message does not say which byte, or the fix
+                    raise TailtuneError(decode_problem(input_path, codec, ENCODING_HINT)) from None
                 cause = exc.cause if isinstance(exc.cause, BaseException) else exc
                 first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
                 raise TailtuneError(f"could not classify {input_path} on Ray: {type(cause).__name__}: {first}") from None
