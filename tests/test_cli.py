@@ -102,7 +102,7 @@ def test_rerun_resumes_and_other_config_is_refused(smoke_run):
     assert (out / "comparison.csv").read_text() == before
     refused = tailtune("run", "smoke", "train.epochs=5", "--out", out)
     assert refused.returncode == 2
-    assert "different config" in refused.stderr
+    assert "different config (train.epochs: " in refused.stderr and ", 5.0 now)" in refused.stderr
 
 
 def test_report_and_inspect_and_presets(smoke_run, small_csv):

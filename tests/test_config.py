@@ -1,6 +1,6 @@
 import pytest
 
-from tailtune.config import Config, available_presets, dump, load_config
+from tailtune.config import PRESET_DIR, Config, available_presets, dump, load_config
 from tailtune.errors import TailtuneError
 
 
@@ -56,6 +56,8 @@ def test_yaml_file_path(tmp_path):
         (["train.epochs=abc"], "must be float"),
         (["method.targets=[attn]"], "unknown target role 'attn'"),
         (["systems=encoder-lorax"], "unknown system 'encoder-lorax'"),
+        (["systems=encoder-generate"], r"unknown system 'encoder-generate' \(did you mean 'decoder-generate'\?\).*"
+                                       r"decoder-generate\[-logit_adjusted\].*schemes: none, sqrt_inverse"),
         (["train.weighting=sqrt"], "unknown class weighting"),
         (["data.tier_names=[a,b]"], "tier_names needs 4 names"),
         (["train.precision=fp8"], "precision must be one of"),
@@ -85,6 +87,15 @@ def test_bad_config_is_one_clear_error(overrides, message):
 def test_unknown_preset_suggests():
     with pytest.raises(TailtuneError, match="did you mean 'demo'"):
         load_config("dmeo")
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    """`tailtune run smoke --out smoke`, run again to resume: "config 'smoke' is a directory"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smoke").mkdir()
+    assert load_config("smoke") == load_config(str(PRESET_DIR / "smoke.yaml"))
+    with pytest.raises(TailtuneError, match="is a directory"):
+        load_config("./smoke")
 
 
 def test_dump_round_trips(tmp_path):

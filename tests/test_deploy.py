@@ -532,3 +532,26 @@ def test_predict_scores_joined_label_columns_as_training_joined_them(tmp_path, s
     result = cli("predict", system, "--input", tmp_path / "labelled.csv", "--output", tmp_path / "q.csv",
                  "--label-column", "Product+Isue")
     assert result.exit_code == 2 and "label column 'Isue' not found" in result.output, result.output
+
+
+def test_predict_on_a_failed_system_says_it_failed_and_why(tmp_path):
+    """It said 'system folder not found' for a system the run had tried and marked failed."""
+    failed = tmp_path / "systems" / ".encoder-lora.failed"
+    failed.mkdir(parents=True)
+    (failed / "reason.txt").write_text("collapsed: predicts 1 of 12 classes\n")
+    (tmp_path / "in.csv").write_text("text\nhello\n")
+    result = cli("predict", tmp_path / "systems" / "encoder-lora", "--input", tmp_path / "in.csv",
+                 "--output", tmp_path / "o.csv")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: encoder-lora failed in this run, so it has no model: collapsed: predicts 1 of 12 classes "
+        f"(see {failed / 'reason.txt'})"
+    )
+
+
+def test_predict_on_a_run_directory_names_its_systems(smoke_run, tmp_path):
+    (tmp_path / "in.csv").write_text("text\nhello\n")
+    result = cli("predict", smoke_run, "--input", tmp_path / "in.csv", "--output", tmp_path / "o.csv")
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith(f"error: {smoke_run} is a run directory; pass one of its systems, e.g. ")
+    assert "tfidf-logreg" in result.stderr

@@ -244,6 +244,8 @@ def test_run_marks_a_system_failed_when_padding_changes_its_predictions(tmp_path
     assert result.stderr.strip() == "failed: decoder-lora (the reasons are in comparison.csv)"
     comparison = (out / "comparison.csv").read_text()
     assert "decoder-lora,failed" in comparison and "predictions change with padding" in comparison
+    tfidf = next(line for line in comparison.splitlines() if line.startswith("tfidf-logreg,")).split(",")
+    assert all(field.isdigit() for field in tfidf[5:8]), tfidf  # counts stay whole beside a failed row (was 6.0)
     assert (out / "systems" / "tfidf-logreg" / "metrics.json").is_file()
     assert not (out / "systems" / "decoder-lora").exists()
 

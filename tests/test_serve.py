@@ -231,3 +231,16 @@ def test_a_system_name_with_a_dot_is_served(tmp_path):
         body = c.post("/predict", json={"texts": TEXTS, "system": "encoder-lora@dropout=0.1"}).json()
     alone = TextClassifier.load(tmp_path / "systems" / "encoder-lora@dropout=0.1" / "model").predict(TEXTS)
     assert [p["label"] for p in body["predictions"]] == alone
+
+
+def test_serve_without_fastapi_says_what_to_install(tmp_path, monkeypatch):
+    """It was 'internal error ModuleNotFoundError: No module named fastapi'."""
+    from typer.testing import CliRunner
+
+    from tailtune.cli import app
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
+    monkeypatch.delitem(sys.modules, "tailtune.serve")
+    result = CliRunner().invoke(app, ["serve", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: serve needs fastapi: pip install 'tailtune[serve]'"

@@ -99,7 +99,7 @@ def _config(config: str | None, overrides: list[str], **options):
 def run(
     config: str = typer.Argument(None, help="Preset name (demo, smoke, cpu-real, cfpb-paper) or YAML path."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.epochs=3."),
-    data: Path = typer.Option(None, "--data", help="CSV / JSONL / Parquet file (default: built-in demo corpus)."),
+    data: Path = typer.Option(None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."),
     label_column: str = typer.Option(None, help="Label column, or columns joined by '+' (e.g. Product+Issue)."),
     text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
     out: Path = typer.Option(None, "--out", help="Run directory (default from the preset)."),
@@ -125,7 +125,7 @@ def train(
     config: str = typer.Argument(None, help="Preset name or YAML path."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.epochs=3."),
     system: str = typer.Option(..., "--system", help="System(s) to train, comma-separated, e.g. encoder-lora."),
-    data: Path = typer.Option(None, "--data", help="CSV / JSONL / Parquet file (default: built-in demo corpus)."),
+    data: Path = typer.Option(None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."),
     label_column: str = typer.Option(None, help="Label column, or columns joined by '+'."),
     text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
     out: Path = typer.Option(None, "--out", help="Run directory (default from the preset)."),
@@ -136,10 +136,7 @@ def train(
 ):
     """Train only the named system(s) into a run directory, without the report.
 
-    The run's other systems are left as they are, so one job per system can fill one run
-    directory, at the same time or one after another; ``tailtune run`` with every system then
-    resumes it (skipping what is finished) and writes the report. Resume and ``--processes``
-    work as in ``run``.
+    The run's other systems are left as they are, so one job per system can fill one run directory, at the same time or one after another; `tailtune run` with every system then resumes it (skipping what is finished) and writes the report. Resume and --processes work as in `run`.
     """
     _launch(config, overrides, data, label_column, text_column, out, system, False, processes, tune,
             named_only=True)
@@ -194,7 +191,7 @@ def sweep(
     items: list[str] = typer.Argument(
         None, help="Axes (method=lora,dora  method.rank=4,16  train.lr=1e-4,1e-3) and plain overrides."
     ),
-    data: Path = typer.Option(None, "--data", help="CSV / JSONL / Parquet file (default: built-in demo corpus)."),
+    data: Path = typer.Option(None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."),
     label_column: str = typer.Option(None, help="Label column, or columns joined by '+'."),
     out: Path = typer.Option(None, "--out", help="Run directory (default: the preset's, plus -sweep)."),
     systems: str = typer.Option(None, help="Comma-separated systems to sweep from (default: the config's)."),
@@ -259,7 +256,7 @@ def presets():
     from tailtune.config import PRESET_DIR, available_presets
 
     for name in available_presets():
-        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").rstrip(":")
         typer.echo(f"{name:12s} {first}")
 
 
@@ -391,8 +388,14 @@ def serve(
         "auto", help="auto (bf16 where the CPU/GPU computes it natively), fp32, bf16 or fp16."
     ),
 ):
-    """Serve the run's systems over HTTP: POST /predict, GET /systems, GET /health."""
-    from tailtune.serve import serve as run_server
+    """Serve the run's systems over HTTP: POST /predict {"texts": [...], "system"?, "top_k"?}
+    (without "system", the run's best system by test macro-F1 answers), GET /systems, GET /health."""
+    from tailtune.errors import TailtuneError
+
+    try:
+        from tailtune.serve import serve as run_server
+    except ImportError as exc:  # fastapi / uvicorn are the serve extra
+        raise TailtuneError(f"serve needs {exc.name}: pip install 'tailtune[serve]'") from None
 
     run_server(run_dir, host=host, port=port, systems=systems.split(",") if systems else None,
                max_batch=max_batch, max_chars=max_chars, precision=precision)

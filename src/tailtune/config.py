@@ -213,6 +213,8 @@ def available_presets() -> list[str]:
 def _preset_path(source: str | None) -> Path:
     if source is None:
         return PRESET_DIR / f"{DEFAULT_PRESET}.yaml"
+    if source in available_presets():  # a run folder called "smoke" (--out smoke) must not hide the preset
+        return PRESET_DIR / f"{source}.yaml"
     path = Path(source)
     if path.is_file():
         return path

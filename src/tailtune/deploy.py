@@ -169,6 +169,13 @@ def resolve_system(path: str | Path) -> tuple[str, Path]:
     """(kind, folder holding the model files) for ``<run>/systems/<name>``, its ``model/`` or an export."""
     path = Path(path)
     if not path.exists():
+        failed = path.parent / f".{path.name}.failed" / "reason.txt"
+        if failed.is_file():  # the run tried it: say why there is no model
+            reason = failed.read_text(encoding="utf-8").strip().splitlines()
+            raise TailtuneError(
+                f"{path.name} failed in this run, so it has no model: {reason[0] if reason else 'no reason recorded'} "
+                f"(see {failed})"
+            )
         raise TailtuneError(f"system folder not found: {path}")
     for folder in (path / "model", path):
         meta = folder / "tailtune.json"
@@ -176,6 +183,12 @@ def resolve_system(path: str | Path) -> tuple[str, Path]:
             return load_meta(folder).get("kind", "finetune"), folder
     if (path / EXPORT_INFO).is_file() and (path / "config.json").is_file():
         return "export", path
+    finished = sorted(p.name for p in (path / "systems").glob("*") if (p / "model" / "tailtune.json").is_file())
+    if finished:  # a run directory: name what to pass instead
+        raise TailtuneError(
+            f"{path} is a run directory; pass one of its systems, e.g. {path / 'systems' / finished[0]} "
+            f"({', '.join(finished)})"
+        )
     raise TailtuneError(
         f"{path} is not a tailtune system folder (expected <run>/systems/<name>, its model/ "
         "folder, or a folder written by tailtune export)"

@@ -104,6 +104,23 @@ def _comparable(cfg: Config) -> str:
     return dump(cfg)
 
 
+def _differences(before: str, after: str, shown: int = 3) -> str:
+    """'train.epochs: 1 in the run, 5 now; ...' for the keys where two dumped configs differ."""
+    import yaml
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from flat(value, f"{prefix}{key}.")
+        else:
+            yield prefix.rstrip("."), node
+
+    old, new = dict(flat(yaml.safe_load(before))), dict(flat(yaml.safe_load(after)))
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    listed = "; ".join(f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in keys[:shown])
+    return listed + (f"; and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
 def _check_run_dir(out: Path, cfg: Config, *, keep_others: bool = False) -> Config | None:
     """The config saved in ``out`` when it holds this run (resume); None for a new run; an
     error when it holds something else.
@@ -121,8 +138,9 @@ def _check_run_dir(out: Path, cfg: Config, *, keep_others: bool = False) -> Conf
     if config_file.exists():
         saved = _saved_config(config_file)
         if saved is None or _comparable(saved) != _comparable(cfg):
+            changed = "" if saved is None else f" ({_differences(_comparable(saved), _comparable(cfg))})"
             raise TailtuneError(
-                f"{out} holds a run with a different config; choose another --out or delete it"
+                f"{out} holds a run with a different config{changed}; choose another --out or delete it"
             )
         dropped = [s for s in saved.systems if s not in cfg.systems]
         if dropped and not keep_others:
@@ -192,7 +210,9 @@ def _comparison(out: Path, n_test: int) -> pd.DataFrame:
             reason = failed / "reason.txt"
             rows.append(_row(name, "failed", {}, reason.read_text(encoding="utf-8") if reason.exists()
                              else f"failed; see {failed / 'error.txt'}"))
-    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    # counts stay whole numbers when a failed system leaves them empty (not 6.0, 10912.0)
+    return frame.astype({c: "Int64" for c in ("zero_f1_classes", "trainable_params", "total_params")})
 
 
 def failed_systems(run_dir: Path, names: list[str]) -> list[str]:

@@ -149,6 +149,7 @@ class Outcome:
 def parse_system(name: str) -> SystemSpec:
     """Parse a system name (grammar in the module docstring)."""
     from tailtune import methods, weighting
+    from tailtune.config import suggest
 
     if name in BASELINES:
         return SystemSpec(name, "baseline")
@@ -169,9 +170,13 @@ def parse_system(name: str) -> SystemSpec:
                 overrides = _parse_overrides(name, settings) if at else ()
                 _check_uses(name, "finetune", method, overrides)
                 return SystemSpec(name, "finetune", slot, method, scheme, overrides)
+    close = suggest(name, [*BASELINES, *(f"{s}-probe" for s in SLOTS), "decoder-generate",
+                           *(f"{s}-{m}" for s in SLOTS for m in methods.METHODS)])
     raise TailtuneError(
-        f"unknown system '{name}': use tfidf-logreg, <encoder|decoder>-probe or "
-        f"<encoder|decoder>-<{'|'.join(methods.METHODS)}>[-weighted|-<scheme>][@key=value+...]"
+        f"unknown system '{name}'{close}: use tfidf-logreg, <encoder|decoder>-probe, "
+        f"<encoder|decoder>-<{'|'.join(methods.METHODS)}>[-weighted|-<scheme>][@key=value+...] or "
+        f"decoder-generate[-logit_adjusted][@key=value+...] (the decoder writes the label; not for "
+        f"encoders); schemes: {', '.join(weighting.names())}"
     )
 
 
