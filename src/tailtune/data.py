@@ -524,7 +524,7 @@ def inspect_data(cfg: DataConfig, console) -> Prepared:
     if s["conflicting_duplicate_texts"]:
         problems.append(f"{s['conflicting_duplicate_texts']} texts appear with conflicting labels (all copies dropped)")
     for variants in s["possible_duplicate_labels"]:
-        problems.append(f"possible duplicate labels, differ only by case/spaces (kept apart): {variants}")
+        problems.append(f"possible duplicate labels, differ only by case/spaces (not merged): {variants}")
     console.print("[bold]problems found:[/] " + ("none" if not problems else ""))
     for p in problems:
         console.print(f"  - {p}", markup=False)

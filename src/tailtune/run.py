@@ -510,7 +510,7 @@ def _print_data(console, data) -> None:
             f"({s['dropped']['rare_class_rows']} rows):[/] {escape(names)}"
         )
     for variants in s["possible_duplicate_labels"][:5]:
-        console.print(f"  [yellow]possible duplicate labels (differ only by case/spaces; kept apart):[/] {escape(str(variants))}")
+        console.print(f"  [yellow]possible duplicate labels (differ only by case/spaces; not merged):[/] {escape(str(variants))}")
     for slot, t in s.get("truncation", {}).items():
         over = (
             f"about {t['texts_over']:,} of {t['texts']:,} texts ({100 * t['share']:.1f}%) are longer and will be truncated"
