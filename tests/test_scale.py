@@ -229,34 +229,31 @@ def test_ray_reads_tsv_dialects_and_encodings_as_the_local_engine(scale_run, ray
 def test_a_bad_byte_past_the_header_on_ray_names_the_line_and_the_option(scale_run, tmp_path):
     """Ray's reader said 'ValueError: Failed to read CSV file ... check the CSV file has correct format'."""
     (tmp_path / "late.csv").write_bytes(("text\n" + "fine\n" * 3000 + "caf\u00e9\n").encode("cp1252"))
+    result, last = _ray_predict_fails(scale_run, tmp_path / "late.csv", tmp_path / "out")
+    assert last.startswith(f"error: {tmp_path / 'late.csv'} is not valid UTF-8: byte 0xe9 at line 3002"), last
+    assert "--encoding cp1252" in last
+
+
+def _ray_predict_fails(run: Path, source: Path, out: Path) -> tuple:
+    """(result, last stderr line) of `predict --engine ray` in a subprocess, which must exit 2
+    without a traceback and without writing ``out``."""
     result = subprocess.run(
-        [sys.executable, "-m", "tailtune.cli", "predict", str(scale_run / "systems" / "tfidf-logreg"), "--input",
-         str(tmp_path / "late.csv"), "--output", str(tmp_path / "out"), "--engine", "ray", "--workers", "1"],
+        [sys.executable, "-m", "tailtune.cli", "predict", str(run / "systems" / "tfidf-logreg"), "--input",
+         str(source), "--output", str(out), "--engine", "ray", "--workers", "1"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 2, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {tmp_path / 'late.csv'} is not valid UTF-8: byte 0xe9 at line 3002"), last
-    assert "--encoding cp1252" in last and not (tmp_path / "out").exists()
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert not out.exists()
+    return result, result.stderr.strip().splitlines()[-1]
 
 
 def test_a_row_ray_cannot_read_is_one_line(scale_run, tmp_path):
     """A CSV row with an extra field was 'internal error RayTaskError(ValueError): ray::ReadCSV...'."""
     # past the rows the header check reads, so the error comes from Ray's reader
     (tmp_path / "in.csv").write_text("text,Issue\n" + "fine,a\n" * 500 + "one,too,many\n")
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "-m", "tailtune.cli", "predict", str(scale_run / "systems" / "tfidf-logreg"), "--input",
-         str(tmp_path / "in.csv"), "--output", str(tmp_path / "out"), "--engine", "ray", "--workers", "1"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 2, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    _, last = _ray_predict_fails(scale_run, tmp_path / "in.csv", tmp_path / "out")
     assert last.startswith(f"error: could not classify {tmp_path / 'in.csv'} on Ray: ValueError: Failed to read CSV"), last
-    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
-    assert not (tmp_path / "out").exists()
 
 
 def test_predict_command_starts_and_stops_its_own_cluster(scale_run, tmp_path):
