@@ -155,11 +155,15 @@ def count_truncated(tokenizer, texts, max_length: int, sample: int = 256, seed: 
     texts (the median over texts, so one huge text does not set it) and applied to every
     text's word count, so the cost does not grow with the data.
     """
+    from tailtune.backbones import clip_long
+
     words = texts.str.split().str.len().to_numpy()
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(texts), size=min(sample, len(texts)), replace=False)
-    ids = tokenizer([texts.iloc[i] for i in rows], add_special_tokens=False)["input_ids"]
-    per_word = float(np.median([len(x) / max(1, n) for x, n in zip(ids, words[rows], strict=True)]))
+    # a huge text is measured on a head of it (tokenising 9.4M characters whole took 7.7 s)
+    heads = clip_long(tokenizer, [texts.iloc[i] for i in rows], max_length)
+    ids = tokenizer(heads, add_special_tokens=False)["input_ids"]
+    per_word = float(np.median([len(x) / max(1, len(h.split())) for x, h in zip(ids, heads, strict=True)]))
     tokens = words * per_word + tokenizer.num_special_tokens_to_add()
     over = int((tokens > max_length).sum())
     return {
