@@ -117,12 +117,12 @@ def test_report_and_inspect_and_presets(smoke_run, small_csv):
     inspect = tailtune("data", "inspect", small_csv, "smoke", "data.seed=5", "data.test_size=0.3", check=True)
     assert "(seed 5)" in inspect.stdout
     # paths and column names are text as typed, not YAML (" #2" was a comment, "a: b" a mapping)
-    odd = small_csv.parent / "complaints #2.csv"
+    odd = small_csv.parent / "complaints #2 données 😀.csv"  # an emoji was written as two surrogates
     import pandas as pd
 
     pd.read_csv(small_csv).rename(columns={"Issue": "Issue: main"}).to_csv(odd, index=False)
     inspect = tailtune("data", "inspect", odd, "--label-column", "Issue: main", check=True)
-    assert "complaints #2.csv: " in inspect.stdout
+    assert "complaints #2 données 😀.csv: " in inspect.stdout
     wrong = tailtune("data", "inspect", small_csv, "smoke", "data.sed=5")
     assert wrong.returncode == 2 and wrong.stderr.strip() == "error: unknown config key 'data.sed' (did you mean 'data.seed'?)"
     presets = tailtune("presets", check=True)

@@ -240,6 +240,24 @@ def test_a_system_with_its_own_settings_is_planned_with_them():
     assert rows["encoder-lora@rank=64"]["trainable"] > 4 * rows["lora"]["trainable"]  # the preset's rank is 4
 
 
+def test_plan_rows_name_what_training_would_refuse_and_keep_tied_weights_tied():
+    """A system's settings beyond the position table crashed plan; an encoder under decoder-generate
+    crashed it or was planned; the fake forward untied lm_head and counted it twice."""
+    rows = plan(load_config("smoke", ["systems=[encoder-prompt@virtual_tokens=600]"]), None, 5)
+    row = next(r for r in rows if r["method"] == "encoder-prompt@virtual_tokens=600")
+    assert "virtual tokens exceed the 512 positions of bert" in row["error"]
+    cfg = load_config("smoke", ["decoder.name=tiny:bert", "systems=[encoder-lora,decoder-generate@rank=8]"])
+    rows = {(r["slot"], r["method"]): r for r in plan(cfg, None, None)}  # did not abort the other rows
+    assert rows[("encoder", "lora")]["error"] is None
+    assert "needs a decoder backbone" in rows[("decoder", "decoder-generate@rank=8")]["error"]
+    for name in ("tiny:mpnet", "tiny:bert"):
+        (row,) = plan(load_config("smoke", [f"decoder.name={name}"]), ["generate"], 12)
+        assert "decoder-generate needs a decoder backbone" in row["error"]
+    lora, generate = plan(load_config("smoke"), ["lora", "generate"], 12)[-2:]
+    head = 12 * 32  # hidden 32, no bias on a decoder head
+    assert generate["weights"] == lora["weights"] - 4 * head  # lm_head is the embedding matrix, once
+
+
 # ----------------------------------------------------------------------------- command line
 
 

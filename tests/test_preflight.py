@@ -211,6 +211,9 @@ def test_decoder_generate_is_planned_with_its_label_logits_and_refused_when_it_c
     assert shape["logit_positions"] == longest + 1 and shape["probe_params"] == 0
     need = preflight.training_memory(shape, 4, 20, "bf16")
     assert need["logits"] == 4 * (longest + 1) * shape["vocab"] * 10
+    with pytest.raises(TailtuneError, match="decoder-generate needs a decoder backbone; 'tiny:bert' is an encoder"):
+        preflight.model_shape(parse_system("decoder-generate"), load_config("smoke", ["decoder.name=tiny:bert"]),
+                              backbones.resolve("tiny:bert"), len(data.classes), longest)
     monkeypatch.setattr(preflight, "available_memory", lambda: (1000, "test RAM"))
     out = tmp_path / "run"
     assert_error(run_smoke(small_csv, out, systems="decoder-generate"), out, "decoder-generate needs about",

@@ -233,14 +233,16 @@ def test_a_system_name_with_a_dot_is_served(tmp_path):
     assert [p["label"] for p in body["predictions"]] == alone
 
 
-def test_serve_without_fastapi_says_what_to_install(tmp_path, monkeypatch):
-    """It was 'internal error ModuleNotFoundError: No module named fastapi'."""
+def test_serve_without_fastapi_or_uvicorn_says_what_to_install(tmp_path, monkeypatch):
+    """It was 'internal error ModuleNotFoundError: No module named fastapi' (or uvicorn)."""
     from typer.testing import CliRunner
 
     from tailtune.cli import app
 
-    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
-    monkeypatch.delitem(sys.modules, "tailtune.serve")
-    result = CliRunner().invoke(app, ["serve", str(tmp_path)])
-    assert result.exit_code == 2
-    assert result.output.strip() == "error: serve needs fastapi: pip install 'tailtune[serve]'"
+    for missing in ("fastapi", "uvicorn"):
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, missing, None)  # import it -> ImportError
+            m.delitem(sys.modules, "tailtune.serve")
+            result = CliRunner().invoke(app, ["serve", str(tmp_path)])
+        assert result.exit_code == 2
+        assert result.output.strip() == f"error: serve needs {missing}: pip install 'tailtune[serve]'"

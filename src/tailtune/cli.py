@@ -88,7 +88,7 @@ def _config(config: str | None, overrides: list[str], **options):
     # A path or column name is text as typed: "complaints #2.csv" lost its " #2.csv" as a YAML
     # comment and "Issue: main" became a mapping when parsed as override values.
     extra = [
-        f"{key}={json.dumps(str(value)) if key in TEXT_OPTIONS else value}"
+        f"{key}={json.dumps(str(value), ensure_ascii=False) if key in TEXT_OPTIONS else value}"
         for key, value in options.items() if value is not None
     ]
     return load_config(config, [*overrides, *extra])
@@ -393,6 +393,8 @@ def serve(
     from tailtune.errors import TailtuneError
 
     try:
+        import uvicorn  # noqa: F401 - imported where the server starts; checked here
+
         from tailtune.serve import serve as run_server
     except ImportError as exc:  # fastapi / uvicorn are the serve extra
         raise TailtuneError(f"serve needs {exc.name}: pip install 'tailtune[serve]'") from None

@@ -83,8 +83,8 @@ def plan(cfg: Config, methods: list[str] | None = None, n_classes: int | None = 
         if methods is None:  # a system with its own settings (encoder-lora@rank=64) is planned as it trains
             for spec in (s for s in specs if s.slot == slot and s.overrides and s.kind in ("finetune", "generate")):
                 method_cfg, _, spec_bb, _ = spec.configs(cfg)
-                label_tokens = _longest_label(backbone, classes) if spec.kind == "generate" else None
                 try:
+                    label_tokens = _longest_label(backbone, classes) if spec.kind == "generate" else None
                     row = {**plan_one(backbone, spec_bb, spec.method, method_cfg, n_classes, precision,
                                       label_tokens=label_tokens), "method": spec.name}
                 except TailtuneError as exc:
@@ -106,6 +106,8 @@ def _longest_label(backbone, classes: list[str] | None) -> int:
     from tailtune import backbones
     from tailtune.generate import encode_labels
 
+    if not backbone.is_decoder:  # before its tokenizer is asked for an eos token it may not have
+        raise TailtuneError(f"decoder-generate needs a decoder backbone; '{backbone.spec}' is an encoder")
     if classes is None:
         return 16
     return max(len(x) for x in encode_labels(backbones.load_tokenizer(backbone), classes))
@@ -123,6 +125,11 @@ def plan_one(
     """
     import torch
 
+    from tailtune.preflight import check_method_positions
+
+    if label_tokens is not None and not backbone.is_decoder:
+        raise TailtuneError(f"decoder-generate needs a decoder backbone; '{bb_cfg.name}' is an encoder")
+    check_method_positions(method, "", method, method_cfg, bb_cfg, backbone)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch, length = bb_cfg.batch_size, bb_cfg.max_length
     try:
@@ -244,6 +251,10 @@ def trace_forward(
         with mode:
             if fake:
                 model.to_empty(device=device)
+                for module in model.modules():  # to_empty unties lm_head from the embeddings; tie again
+                    if hasattr(module, "tie_weights") and hasattr(module, "get_output_embeddings"):
+                        module.tie_weights()
+                        break
             held = {t.untyped_storage()._cdata for t in chain(model.parameters(), model.buffers())}
 
             def pack(t):
@@ -299,7 +310,8 @@ def print_plan(rows: list[dict], console) -> None:
     )
     table = Table(title="memory plan (one training step)", caption=caption)
     for column in ("slot", "method", "trainable", "%", *FIELDS, "total", "checkpoint", "batch x len", "note"):
-        table.add_column(column, justify="left" if column in ("slot", "method", "note") else "right")
+        table.add_column(column, justify="left" if column in ("slot", "method", "note") else "right",
+                         no_wrap=column == "method")  # a system's name with its settings, whole
     for r in rows:
         if r.get("error"):
             table.add_row(r["slot"], r["method"], *[""] * 9, Text(r["error"], style="yellow"))

@@ -119,20 +119,25 @@ def check_positions(spec, cfg, backbone) -> None:
     """Prompt and prefix tuning put virtual tokens before the text: with an absolute position
     table, ``max_length`` plus them must fit in it (512 + 20 failed mid-run with a tensor size
     error on BERT, MPNet and RoBERTa)."""
+    method_cfg, _, bb_cfg, _ = spec.configs(cfg)
+    check_method_positions(spec.name, spec.slot, spec.method, method_cfg, bb_cfg, backbone)
+
+
+def check_method_positions(name: str, slot: str, method: str, method_cfg, bb_cfg, backbone) -> None:
+    """:func:`check_positions` for ``method`` with these settings (``name`` starts the message)."""
     from transformers import AutoConfig
 
     from tailtune import methods
 
-    if "virtual_tokens" not in methods.get(spec.method).uses or backbone.model_type not in ABSOLUTE_POSITIONS:
+    if "virtual_tokens" not in methods.get(method).uses or backbone.model_type not in ABSOLUTE_POSITIONS:
         return
     config = AutoConfig.from_pretrained(backbone.path)
     offset = (config.pad_token_id or 0) + 1 if ABSOLUTE_POSITIONS[backbone.model_type] else 0
     positions = config.max_position_embeddings - offset
-    method_cfg, _, bb_cfg, _ = spec.configs(cfg)
     if bb_cfg.max_length + method_cfg.virtual_tokens > positions:
         raise TailtuneError(
-            f"{spec.name}: {bb_cfg.max_length} tokens + {method_cfg.virtual_tokens} virtual tokens exceed the "
-            f"{positions} positions of {backbone.model_type}; set {spec.slot}.max_length to at most "
+            f"{name}: {bb_cfg.max_length} tokens + {method_cfg.virtual_tokens} virtual tokens exceed the "
+            f"{positions} positions of {backbone.model_type}; set {slot}.max_length to at most "
             f"{positions - method_cfg.virtual_tokens}, or fewer method.virtual_tokens"
         )
 
@@ -225,6 +230,8 @@ def model_shape(spec, cfg, backbone, n_classes: int, label_tokens: int | None = 
     quiet_transformers()
     config = AutoConfig.from_pretrained(backbone.path)
     writes = label_tokens is not None  # decoder-generate: no head, no probe; logits over the vocabulary
+    if writes and not backbone.is_decoder:
+        raise TailtuneError(f"decoder-generate needs a decoder backbone; '{bb_cfg.name}' is an encoder")
     with torch.device("meta"):  # shapes only: nothing allocated, no weights read
         model = (AutoModelForCausalLM if writes else AutoModel).from_config(config)
     base_params = sum(p.numel() for p in model.parameters())
