@@ -283,6 +283,21 @@ def test_paired_bootstrap_with_itself_is_exactly_zero(metric):
     assert r == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p_better": 0.0, "n_boot": 300, "decisive": 0}
 
 
+def test_two_systems_right_on_the_same_rows_can_differ_beyond_noise_in_macro_f1():
+    """Both right on the same rows, wrong in different ways: macro-F1 differs (0.26 in a review), but the
+    rows that decide it were counted as only those one system gets right: 0, so "within noise"."""
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 6, size=600)
+    right = rng.random(600) < 0.6
+    a = np.where(right, y_true, np.where(y_true == 0, 1, 0))  # mistakes piled on class 0 (1 for its own rows)
+    b = np.where(right, y_true, (y_true + 1) % 6)  # mistakes spread over every class: all fall
+    r = paired_bootstrap(y_true, a, b, n_boot=300)
+    assert r["diff"] > 0.04 and r["lo"] > 0
+    assert r["decisive"] == int((a != b).sum()) > 100
+    assert metrics.beyond_noise(r)
+    assert paired_bootstrap(y_true, a, b, metric="accuracy", n_boot=300)["decisive"] == 0
+
+
 @pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
 def test_paired_bootstrap_detects_a_clearly_better_system(metric):
     rng = np.random.default_rng(0)

@@ -288,8 +288,10 @@ def paired_bootstrap(
     Returns:
         {``diff``: point estimate on the full test set, ``lo``/``hi``: 2.5th / 97.5th
         percentile of the resampled differences, ``p_better``: share of resamples where a
-        beats b strictly, ``n_boot``, ``decisive``: test rows (of ``classes``) that one system
-        gets right and the other wrong}.
+        beats b strictly, ``n_boot``, ``decisive``: the test rows the difference can rest on:
+        for accuracy, those one system gets right and the other wrong; for macro-F1, those the
+        two systems predict differently where the true or a predicted class is one of
+        ``classes`` (two different mistakes change two classes' precision)}.
 
     The resamples keep each class's test support, so a class with one test row always draws
     that row: on a tier of such classes the interval can have no width at all. ``decisive``
@@ -320,14 +322,18 @@ def paired_bootstrap(
     boot_a, boot_b = _bootstrap(y_true, [pred_a, pred_b], classes, n_classes, n_boot, seed)
     diffs = boot_a[metric] - boot_b[metric]
     lo, hi = _interval(diffs)
-    rows = np.isin(y_true, classes)
+    if metric == "accuracy":  # a row counts when one system is right and the other wrong
+        decisive = (pred_a == y_true) != (pred_b == y_true)
+    else:  # macro-F1 also moves when both are wrong in different ways (another class's precision)
+        touches = np.isin(y_true, classes) | np.isin(pred_a, classes) | np.isin(pred_b, classes)
+        decisive = (pred_a != pred_b) & touches
     return {
         "diff": float(point_a - point_b),
         "lo": lo,
         "hi": hi,
         "p_better": float((diffs > 0).mean()),
         "n_boot": int(n_boot),
-        "decisive": int(((pred_a == y_true) != (pred_b == y_true))[rows].sum()),
+        "decisive": int(decisive.sum()),
     }
 
 
