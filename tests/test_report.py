@@ -488,6 +488,21 @@ def test_one_system_run_says_what_is_missing(tmp_path):
     )
 
 
+def test_a_weighted_system_tuned_to_no_weighting_gets_no_impossible_advice(tmp_path):
+    """--tune chose 'none' for encoder-lora-weighted: the memo said to add it (it was there) and
+    'encoder-lora-weighted-weighted' (not a system name)."""
+    import json
+
+    path = write_fake_run(tmp_path / "run", systems=("encoder-lora-weighted",), with_bench=False)
+    metrics_file = path / "systems" / "encoder-lora-weighted" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["system"]["weighting"] = "none"
+    metrics_file.write_text(json.dumps(metrics))
+    html = _html(path)
+    assert "chose no weighting for <code>encoder-lora-weighted</code>" in html
+    assert "weighted-weighted" not in html
+
+
 def test_failed_system_is_listed_with_its_reason(tmp_path):
     path = write_fake_run(tmp_path / "run", failed=("decoder-lora-weighted",))
     assert not (path / "systems" / "decoder-lora-weighted").exists()

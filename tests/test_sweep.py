@@ -64,12 +64,17 @@ def test_axes_cross_and_baselines_stay_once():
         (["method=lora,nosuch"], "unknown method"),
         (["method.rank=4,,16"], "empty value"),
         (["method.rank=4,x"], "rank must be a number"),
+        # the same value written twice trained the same model twice
+        (["method.rank=4,04"], "the sweep produces the same system twice (encoder-lora@rank=4 and encoder-lora@rank=04)"),
+        (["train.lr=1e-3,0.001"], "the sweep produces the same system twice"),
+        # an axis no swept method uses was dropped without a word (ia3 has no rank)
+        (["method=ia3", "method.rank=4,16"], "sweep axis 'method.rank' applies to none of the swept methods (ia3)"),
     ],
 )
 def test_bad_axes_are_refused_before_anything_trains(items, message):
     with pytest.raises(TailtuneError, match=re.escape(message)):
         axes, _ = parse_args(items)
-        sweep_config(load_config("smoke"), axes)
+        sweep_config(load_config("smoke", ["systems=[tfidf-logreg,encoder-lora]"]), axes)
 
 
 def test_sweep_command_runs_every_point_with_its_settings(tmp_path):

@@ -29,6 +29,13 @@ def test_the_grid_searches_what_the_name_leaves_open_default_first():
     assert grid(parse_system("encoder-lora@lr=3e-4"), cfg) == []  # nothing left to search
     assert grid(parse_system("encoder-head"), cfg) == []  # head-only training has no backbone lr
     assert {lr for lr, _ in grid(parse_system("encoder-head-weighted"), cfg)} == {cfg.train.lr}
+    # a one-point grid that is not the default is that point; it was ignored ([]), so the system
+    # trained at 1e-3 while an -weighted one beside it used the 0.5x
+    half = load_config("smoke", ["tune.lr_factors=[0.5]"])
+    assert grid(parse_system("encoder-lora"), half) == [(5e-4, "none")]
+    other = load_config("smoke", ["tune.lr_factors=[1.0]", "tune.weightings=[logit_adjusted]"])
+    assert grid(parse_system("encoder-lora-weighted"), other) == [(1e-3, "logit_adjusted")]
+    assert grid(parse_system("encoder-lora"), load_config("smoke", ["tune.lr_factors=[1.0]"])) == []
 
 
 def test_the_subset_is_stratified_and_keeps_every_class():

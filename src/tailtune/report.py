@@ -1366,17 +1366,30 @@ def _weighted_name(name: str) -> str:
 
 
 def _missing_pair_advice(run: Run) -> Markup:
+    from tailtune.systems import parse_system
+
     have = [s for s in run.ok_systems if s.info.get("kind") == "finetune"]
-    suggestions = [
-        _weighted_name(s.name) for s in have if (s.info.get("weighting") or "none") == "none"
-    ]
-    if not suggestions:
+    unweighted = [s.name for s in have if (s.info.get("weighting") or "none") == "none"]
+    # a -weighted system that --tune set to no weighting has no weighted twin to add
+    tuned_none = [n for n in unweighted if parse_system(n).weighting == "config"]
+    names = {s.name for s in run.systems}
+    suggestions = [w for n in unweighted if n not in tuned_none and (w := _weighted_name(n)) not in names]
+    if not suggestions and not tuned_none:
         suggestions = ["encoder-lora", "encoder-lora-weighted"]
-    return Markup(
+    text = Markup(
         "No system has both an unweighted and a weighted version, so the effect of class "
-        "weighting cannot be measured in this run. Add {} to <code>systems</code> in the config "
-        "(same backbone and method, with <code>train.weighting</code> set) and run again."
-    ).format(Markup(" and ").join(code(x) for x in suggestions))
+        "weighting cannot be measured in this run."
+    )
+    if tuned_none:
+        text += Markup(" <code>--tune</code> chose no weighting for {}.").format(
+            Markup(", ").join(code(x) for x in tuned_none)
+        )
+    if suggestions:
+        text += Markup(
+            " Add {} to <code>systems</code> in the config (same backbone and method, with "
+            "<code>train.weighting</code> set) and run again."
+        ).format(Markup(" and ").join(code(x) for x in suggestions))
+    return text
 
 
 def _effect(res: dict | None) -> str:

@@ -89,6 +89,7 @@ def grid_systems(systems: list[str], axes: dict[str, list[str]]) -> list[str]:
         raise TailtuneError("the config has no fine-tuned system to sweep (e.g. systems=encoder-lora)")
     setting_axes = [(k.split(".", 1)[1], v) for k, v in axes.items() if k != METHOD_AXIS]
     names = [s.name for s in out]
+    crossed: set[str] = set()
     for spec in tuned:
         if spec.overrides:
             raise TailtuneError(f"system '{spec.name}' already has settings; sweep a plain system name")
@@ -96,13 +97,23 @@ def grid_systems(systems: list[str], axes: dict[str, list[str]]) -> list[str]:
         for method in axes.get(METHOD_AXIS, [spec.method]):
             # an axis the method does not use (ia3 has no rank) is not crossed with it
             used = [(k, v) for k, v in setting_axes if k in settings_of("finetune", method)]
+            crossed.update(k for k, _ in used)
             for point in itertools.product(*(values for _, values in used)):
                 settings = "+".join(f"{k}={v}" for (k, _), v in zip(used, point, strict=True))
                 name = f"{spec.slot}-{method}{suffix}" + (f"@{settings}" if settings else "")
                 parse_system(name)  # every point must be a valid system before anything trains
                 names.append(name)
-    if len(set(names)) != len(names):
-        raise TailtuneError("the sweep produces the same system twice; check the axes")
+    idle = [k for k in axes if k != METHOD_AXIS and k.split(".", 1)[1] not in crossed]
+    if idle:  # it was dropped without a word: method.rank=4,16 with ia3 trained plain ia3 once
+        swept = sorted({m for spec in tuned for m in axes.get(METHOD_AXIS, [spec.method])})
+        raise TailtuneError(f"sweep axis '{idle[0]}' applies to none of the swept methods ({', '.join(swept)})")
+    seen: dict[tuple, str] = {}
+    for name in names:  # by value: rank=4 and rank=04, lr=1e-3 and lr=0.001 are one system
+        spec = parse_system(name)
+        key = (spec.kind, spec.slot, spec.method, spec.weighting, tuple(sorted(spec.overrides)))
+        if key in seen:
+            raise TailtuneError(f"the sweep produces the same system twice ({seen[key]} and {name}); check the axes")
+        seen[key] = name
     return names
 
 

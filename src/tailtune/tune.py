@@ -33,7 +33,9 @@ TUNE_FILE = "tune.json"
 
 
 def grid(spec, cfg: Config) -> list[tuple[float, str]]:
-    """(lr, weighting) trials of ``spec``, its default first; [] when the name fixes both."""
+    """(lr, weighting) trials of ``spec``, its default first; [] when the only point is the default
+    (the name fixes both, or the grid is the default alone). A one-point grid elsewhere
+    (``tune.lr_factors=[0.5]``) is one trial, so it is used and recorded like any choice."""
     from tailtune import methods
     from tailtune.classifier import TextClassifier
 
@@ -43,7 +45,7 @@ def grid(spec, cfg: Config) -> list[tuple[float, str]]:
     searched = lr is None and methods.get(spec.method).uses_lr  # head-only training has no lr to search
     lrs = _default_first([base_lr * f for f in cfg.tune.lr_factors], base_lr) if searched else [base_lr]
     schemes = _default_first(list(cfg.tune.weightings), scheme) if spec.weighting == "config" else [scheme]
-    if len(lrs) == 1 and len(schemes) == 1:
+    if lrs == [base_lr] and schemes == [scheme]:  # one point, the default: nothing to choose
         return []
     return [(float(f"{x:.3g}"), s) for s in schemes for x in lrs]
 
