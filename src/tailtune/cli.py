@@ -393,10 +393,8 @@ def serve(
     from tailtune.errors import TailtuneError
 
     try:
-        import uvicorn  # noqa: F401 - imported where the server starts; checked here
-
         from tailtune.serve import serve as run_server
-    except ImportError as exc:  # fastapi / uvicorn are the serve extra
+    except ImportError as exc:  # fastapi / uvicorn (imported by tailtune.serve) are the serve extra
         raise TailtuneError(f"serve needs {exc.name}: pip install 'tailtune[serve]'") from None
 
     run_server(run_dir, host=host, port=port, systems=systems.split(",") if systems else None,

@@ -110,7 +110,7 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
     except TailtuneError:
         raise
     except UnicodeDecodeError:
-        raise TailtuneError(decode_problem(path, codec)) from None
+        raise decode_error(path, codec) from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TailtuneError(f"could not read {path} as {kind}: {first}") from None
@@ -141,7 +141,10 @@ def jsonl_frames(text, chunk_size: int) -> Iterator[pd.DataFrame]:
         yield pd.DataFrame.from_records(rows)
 
 
-def tsv_quoting(path: Path, codec: str) -> int:
+DATA_ENCODING_HINT = ("data.encoding", "data.encoding=cp1252, or --encoding cp1252 for data inspect")
+
+
+def tsv_quoting(path: Path, codec: str, hint: tuple[str, str] = DATA_ENCODING_HINT) -> int:
     """How to read the TSV file ``path``: ``csv.QUOTE_MINIMAL`` or ``csv.QUOTE_NONE``.
 
     TSV has two dialects. Excel and Python's csv module quote a field holding a tab, a line
@@ -155,6 +158,8 @@ def tsv_quoting(path: Path, codec: str) -> int:
       literal reading also fits;
     - otherwise literally, when every line fits;
     - otherwise an error naming the first line too long for the header.
+
+    A byte ``codec`` cannot decode is an error naming it, with ``hint`` (see :func:`decode_problem`).
     """
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a narrative may pass 128 KiB
 
@@ -173,8 +178,11 @@ def tsv_quoting(path: Path, codec: str) -> int:
             return False, spans, None
         return True, spans, None
 
-    quoted, spans, quoted_long = read(strict=True)
-    _, _, literal_long = read(quoting=csv.QUOTE_NONE)
+    try:
+        quoted, spans, quoted_long = read(strict=True)
+        _, _, literal_long = read(quoting=csv.QUOTE_NONE)
+    except UnicodeDecodeError:
+        raise decode_error(path, codec, hint) from None
     if quoted and quoted_long is None and not (spans and literal_long is None):
         return csv.QUOTE_MINIMAL
     if literal_long is None:
@@ -194,28 +202,18 @@ def _read_delimited(path: Path, sep: str, codec: str) -> pd.DataFrame:
         raise TailtuneError(f"data file has no rows or header: {path}") from None
 
 
-def decodes(path: Path, codec: str) -> bool:
-    """Whether every byte of ``path`` decodes in ``codec`` (read in 1 MiB pieces)."""
-    decoder = codecs.getincrementaldecoder(codec)()
-    try:
-        with open(path, "rb") as f:
-            for piece in iter(lambda: f.read(1 << 20), b""):
-                decoder.decode(piece)
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return False
-    return True
+def decode_error(path: Path, codec: str, hint: tuple[str, str] = DATA_ENCODING_HINT) -> TailtuneError:
+    """The one-line error for a file a reader could not decode (see :func:`decode_problem`)."""
+    return TailtuneError(decode_problem(path, codec, hint) or f"{path} could not be decoded as {codec}")
 
 
-DATA_ENCODING_HINT = ("data.encoding", "data.encoding=cp1252, or --encoding cp1252 for data inspect")
-
-
-def decode_problem(path: Path, codec: str, hint: tuple[str, str] = DATA_ENCODING_HINT) -> str:
-    """One line locating the first byte of ``path`` that ``codec`` cannot decode, with the fix.
+def decode_problem(path: Path, codec: str, hint: tuple[str, str] = DATA_ENCODING_HINT) -> str | None:
+    """One line locating the first byte of ``path`` that ``codec`` cannot decode, with the fix;
+    None when every byte decodes.
 
     ``hint`` is (the setting, an example of setting it) as the command reading the file takes it.
-    pandas reports offsets inside its read buffer, so the file is scanned again here; this
-    only runs on the error path.
+    pandas and pyarrow report offsets inside their read buffers (or nothing), so the file is
+    scanned again here; this only runs on an error path.
     """
     decoder = codecs.getincrementaldecoder(codec)()
     name = "UTF-8" if codec == "utf-8-sig" else codec
@@ -231,7 +229,11 @@ def decode_problem(path: Path, codec: str, hint: tuple[str, str] = DATA_ENCODING
             utf8_before = utf8_before or not text.isascii()
             offset += len(line)
         else:
-            return f"{path} is not valid {name} (it ends inside a character); re-save it as {name}"
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                return f"{path} is not valid {name} (it ends inside a character); re-save it as {name}"
+            return None
     if name != "UTF-8":
         return f"{path} is not valid {name}: {where}; check {hint[0]}"
     if utf8_before:

@@ -614,15 +614,18 @@ STREAMABLE = ("csv", "tsv", "jsonl", "parquet")
 ENCODING_HINT = ("--encoding", "--encoding cp1252")
 
 
-def _open_table(path: Path, chunk_size: int, encoding: str = "utf-8") -> tuple[Iterator, int]:
+def _open_table(
+    path: Path, chunk_size: int, encoding: str = "utf-8", quoting: int | None = None
+) -> tuple[Iterator, int]:
     """(iterator of (frame, progress position), progress total) for a data file.
 
-    ``encoding`` applies to CSV, TSV and JSON lines; a TSV is read as :func:`tailtune.data.tsv_quoting` says.
+    ``encoding`` applies to CSV, TSV and JSON lines; a TSV is read with ``quoting``, by default
+    what :func:`tailtune.data.tsv_quoting` decides (a caller that also needs it passes it in).
 
     Positions are bytes read for text files and rows for Parquet, so the bar has a total
     without a pass over the file.
     """
-    from tailtune.data import READERS, decode_problem, jsonl_frames, text_codec, tsv_quoting
+    from tailtune.data import READERS, decode_error, jsonl_frames, text_codec, tsv_quoting
 
     codec = text_codec(encoding, ENCODING_HINT[0])
     if not path.exists():
@@ -659,12 +662,8 @@ def _open_table(path: Path, chunk_size: int, encoding: str = "utf-8") -> tuple[I
 
     import pandas as pd
 
-    quoting = csv.QUOTE_MINIMAL
-    if kind == "tsv":
-        try:
-            quoting = tsv_quoting(path, codec)
-        except UnicodeDecodeError:
-            raise TailtuneError(decode_problem(path, codec, ENCODING_HINT)) from None
+    if quoting is None:
+        quoting = tsv_quoting(path, codec, ENCODING_HINT) if kind == "tsv" else csv.QUOTE_MINIMAL
     raw = open(path, "rb")  # noqa: SIM115 - closed when the iterator finishes
     text = io.TextIOWrapper(raw, encoding=codec, newline="")
 
@@ -684,7 +683,7 @@ def _open_table(path: Path, chunk_size: int, encoding: str = "utf-8") -> tuple[I
             for frame in reader:
                 yield frame, raw.tell()
         except UnicodeDecodeError:
-            raise TailtuneError(decode_problem(path, codec, ENCODING_HINT)) from None
+            raise decode_error(path, codec, ENCODING_HINT) from None
         except (ValueError, pd.errors.ParserError) as exc:
             raise TailtuneError(
                 f"could not read {path} as {kind}: {str(exc).strip().splitlines()[0]}"
@@ -843,6 +842,7 @@ def predict_file(
     defaults = DataConfig()
     text_col = _pick_column(columns, text_column, (defaults.text_column, "text"), "text")
     id_col = _pick_column(columns, id_column, (defaults.id_column, "id"), "id")
+
     def truth_of(frame):
         return label_series(frame, label_column).fillna("").str.strip()
 

@@ -86,6 +86,18 @@ def encode_prompts(tokenizer, texts: list[str], template: str, max_length: int) 
     return [head_ids + ids[:room] + tail_ids for ids in texts_ids]
 
 
+def require_decoder(backbone: backbones.Backbone) -> None:
+    """decoder-generate continues the text with the label: an encoder has no such head."""
+    if not backbone.is_decoder:
+        raise TailtuneError(f"decoder-generate needs a decoder backbone; '{backbone.spec}' is an encoder")
+
+
+def longest_label(backbone: backbones.Backbone, tokenizer, classes: list[str]) -> int:
+    """Tokens of the longest label as decoder-generate writes it (with eos), on a decoder."""
+    require_decoder(backbone)  # before the tokenizer is asked for an eos token it may not have
+    return max(len(x) for x in encode_labels(tokenizer, classes))
+
+
 def encode_labels(tokenizer, classes: list[str], label_template: str = LABEL_TEMPLATE) -> list[list[int]]:
     """Token ids of each class as the model must write it, ending in eos; error if two coincide."""
     if tokenizer.eos_token_id is None:
@@ -315,8 +327,7 @@ class GenerativeClassifier:
         # What adjust() subtracts from each label's score: tau * log(train prior), or nothing.
         self.prior_offset_ = logit_adjustment(counts, self.prior_tau) if self.prior_tau > 0 else None
         self.backbone_ = backbone or backbones.resolve(self.backbone.name)
-        if not self.backbone_.is_decoder:
-            raise TailtuneError(f"decoder-generate needs a decoder backbone; '{self.backbone.name}' is an encoder")
+        require_decoder(self.backbone_)
         self.tokenizer_ = backbones.load_tokenizer(self.backbone_)
         base = load_causal_lm(self.backbone_, self.tokenizer_)
         self.label_ids_ = encode_labels(self.tokenizer_, self.classes_, self.label_template)

@@ -104,13 +104,12 @@ def class_names(data: DataConfig) -> list[str]:
 def _longest_label(backbone, classes: list[str] | None) -> int:
     """Tokens of the longest label as decoder-generate writes it (with eos); 16 without names."""
     from tailtune import backbones
-    from tailtune.generate import encode_labels
+    from tailtune.generate import longest_label, require_decoder
 
-    if not backbone.is_decoder:  # before its tokenizer is asked for an eos token it may not have
-        raise TailtuneError(f"decoder-generate needs a decoder backbone; '{backbone.spec}' is an encoder")
     if classes is None:
+        require_decoder(backbone)
         return 16
-    return max(len(x) for x in encode_labels(backbones.load_tokenizer(backbone), classes))
+    return longest_label(backbone, backbones.load_tokenizer(backbone), classes)
 
 
 def plan_one(
@@ -125,10 +124,11 @@ def plan_one(
     """
     import torch
 
+    from tailtune.generate import require_decoder
     from tailtune.preflight import check_method_positions
 
-    if label_tokens is not None and not backbone.is_decoder:
-        raise TailtuneError(f"decoder-generate needs a decoder backbone; '{bb_cfg.name}' is an encoder")
+    if label_tokens is not None:
+        require_decoder(backbone)
     check_method_positions(method, "", method, method_cfg, bb_cfg, backbone)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch, length = bb_cfg.batch_size, bb_cfg.max_length

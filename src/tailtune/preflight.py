@@ -97,9 +97,9 @@ def check_backbones(ctx, specs) -> None:
             check_positions(spec, cfg, backbone)
             label_tokens = None
             if spec.kind == "generate":  # prompt + the longest label (its tokens and eos)
-                from tailtune.generate import encode_labels
+                from tailtune.generate import longest_label
 
-                label_tokens = max(len(x) for x in encode_labels(tokenizer, data.classes))
+                label_tokens = longest_label(backbone, tokenizer, data.classes)
             shape = model_shape(spec, cfg, backbone, len(data.classes), label_tokens)  # errors if a role matches nothing
             precision = resolve_precision(cfg.train.precision)
             tokens = seq_len + (label_tokens or 0)
@@ -230,8 +230,10 @@ def model_shape(spec, cfg, backbone, n_classes: int, label_tokens: int | None = 
     quiet_transformers()
     config = AutoConfig.from_pretrained(backbone.path)
     writes = label_tokens is not None  # decoder-generate: no head, no probe; logits over the vocabulary
-    if writes and not backbone.is_decoder:
-        raise TailtuneError(f"decoder-generate needs a decoder backbone; '{bb_cfg.name}' is an encoder")
+    if writes:
+        from tailtune.generate import require_decoder
+
+        require_decoder(backbone)
     with torch.device("meta"):  # shapes only: nothing allocated, no weights read
         model = (AutoModelForCausalLM if writes else AutoModel).from_config(config)
     base_params = sum(p.numel() for p in model.parameters())

@@ -137,8 +137,9 @@ def _check_run_dir(out: Path, cfg: Config, *, keep_others: bool = False) -> Conf
     config_file = out / "config.yaml"
     if config_file.exists():
         saved = _saved_config(config_file)
-        if saved is None or _comparable(saved) != _comparable(cfg):
-            changed = "" if saved is None else f" ({_differences(_comparable(saved), _comparable(cfg))})"
+        before, now = (None, None) if saved is None else (_comparable(saved), _comparable(cfg))
+        if before is None or before != now:
+            changed = "" if before is None else f" ({_differences(before, now)})"
             raise TailtuneError(
                 f"{out} holds a run with a different config{changed}; choose another --out or delete it"
             )

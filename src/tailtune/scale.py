@@ -97,11 +97,16 @@ def predict_ray(
     from tailtune.config import check_precision
 
     check_precision(precision)  # before Ray starts: in an actor it was an ActorDiedError
-    from tailtune.data import READERS, text_codec
+    import csv
 
-    if READERS.get(input_path.suffix.lower()) == "jsonl" and text_codec(encoding, "--encoding") != "utf-8-sig":
+    from tailtune.data import READERS, decode_problem, text_codec, tsv_quoting
+
+    kind, codec = READERS.get(input_path.suffix.lower()), text_codec(encoding, "--encoding")
+    if kind == "jsonl" and codec != "utf-8-sig":
         raise TailtuneError(f"--engine ray reads JSON lines as UTF-8 only; leave out --encoding {encoding}")
-    frames, _ = _open_table(input_path, 64, encoding)  # checks the file and reads its header only
+    # decided once for the header check here and Ray's reader (each decision reads the file twice)
+    quoting = tsv_quoting(input_path, codec, ENCODING_HINT) if kind == "tsv" and input_path.is_file() else None
+    frames, _ = _open_table(input_path, 64, encoding, quoting)  # checks the file and reads its header only
     first = next(frames, None)
     frames.close()
     if first is None or len(first[0]) == 0:
@@ -136,7 +141,8 @@ def predict_ray(
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         # At least 4 blocks per actor: a Parquet file under ~128 MB was one block, so one actor
         # classified every row whatever --workers said.
-        ds = _read(input_path, [c for c in (text_col, id_col) if c is not None], 4 * workers, encoding)
+        ds = _read(input_path, [c for c in (text_col, id_col) if c is not None], 4 * workers, codec,
+                   quoting == csv.QUOTE_NONE)
         from ray.data.expressions import monotonically_increasing_id
 
         ds = ds.with_column(ORDER_KEY, monotonically_increasing_id())
@@ -164,11 +170,9 @@ def predict_ray(
             try:
                 ds.write_parquet(str(tmp))
             except ray.exceptions.RayTaskError as exc:  # a row Ray's reader refuses, a bad byte, ...
-                from tailtune.data import decode_problem, decodes, text_codec
-
-                codec = text_codec(encoding, "--encoding")
-                if not decodes(input_path, codec):  # pyarrow's message does not say which byte, or the fix
-                    raise TailtuneError(decode_problem(input_path, codec, ENCODING_HINT)) from None
+                problem = decode_problem(input_path, codec, ENCODING_HINT)
+                if problem:  # pyarrow's message does not say which byte, or the fix
+                    raise TailtuneError(problem) from None
                 cause = exc.cause if isinstance(exc.cause, BaseException) else exc
                 first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
                 raise TailtuneError(f"could not classify {input_path} on Ray: {type(cause).__name__}: {first}") from None
@@ -258,21 +262,19 @@ def _quiet_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
-def _read(path: Path, columns: list[str], blocks: int, encoding: str = "utf-8"):
+def _read(path: Path, columns: list[str], blocks: int, codec: str = "utf-8-sig", literal: bool = False):
     """A Ray Dataset of ``columns`` of a CSV / TSV / JSONL / Parquet file, every CSV column as text,
     in at least ``blocks`` blocks. Any file extension the local engine reads (.ndjson, .pq):
-    Ray's readers otherwise look for their own and find "no input files". A TSV is quoted or
-    literal as the local engine reads it (:func:`tailtune.data.tsv_quoting`)."""
-    import csv
-
+    Ray's readers otherwise look for their own and find "no input files". ``codec`` is the
+    text files' (:func:`tailtune.data.text_codec`); ``literal`` reads a TSV without quoting, as
+    the local engine does when :func:`tailtune.data.tsv_quoting` says so."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import ray.data
 
-    from tailtune.data import READERS, text_codec, tsv_quoting
+    from tailtune.data import READERS
 
     kind = READERS[path.suffix.lower()]
-    codec = text_codec(encoding, "--encoding")
     extensions = [path.suffix.lstrip(".")]
     common = {"file_extensions": extensions, "override_num_blocks": blocks}
     if kind == "parquet":
@@ -298,7 +300,7 @@ def _read(path: Path, columns: list[str], blocks: int, encoding: str = "utf-8"):
         parse_options=pacsv.ParseOptions(
             delimiter="\t" if kind == "tsv" else ",",
             newlines_in_values=True,
-            quote_char=False if kind == "tsv" and tsv_quoting(path, codec) == csv.QUOTE_NONE else '"',
+            quote_char=False if literal else '"',
         ),
         convert_options=pacsv.ConvertOptions(
             include_columns=columns,

@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
@@ -290,8 +291,6 @@ def serve(
 
     The port is checked before the models load, so a taken port is one line, not a traceback
     after the wait."""
-    import uvicorn
-
     check_port(host, port)
     app = create_app(run_dir, systems, max_batch=max_batch, max_chars=max_chars, precision=precision)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30)

@@ -90,6 +90,7 @@ def grid_systems(systems: list[str], axes: dict[str, list[str]]) -> list[str]:
     setting_axes = [(k.split(".", 1)[1], v) for k, v in axes.items() if k != METHOD_AXIS]
     names = [s.name for s in out]
     crossed: set[str] = set()
+    points = list(out)
     for spec in tuned:
         if spec.overrides:
             raise TailtuneError(f"system '{spec.name}' already has settings; sweep a plain system name")
@@ -101,19 +102,18 @@ def grid_systems(systems: list[str], axes: dict[str, list[str]]) -> list[str]:
             for point in itertools.product(*(values for _, values in used)):
                 settings = "+".join(f"{k}={v}" for (k, _), v in zip(used, point, strict=True))
                 name = f"{spec.slot}-{method}{suffix}" + (f"@{settings}" if settings else "")
-                parse_system(name)  # every point must be a valid system before anything trains
+                points.append(parse_system(name))  # every point must be a valid system before anything trains
                 names.append(name)
     idle = [k for k in axes if k != METHOD_AXIS and k.split(".", 1)[1] not in crossed]
     if idle:  # it was dropped without a word: method.rank=4,16 with ia3 trained plain ia3 once
         swept = sorted({m for spec in tuned for m in axes.get(METHOD_AXIS, [spec.method])})
         raise TailtuneError(f"sweep axis '{idle[0]}' applies to none of the swept methods ({', '.join(swept)})")
     seen: dict[tuple, str] = {}
-    for name in names:  # by value: rank=4 and rank=04, lr=1e-3 and lr=0.001 are one system
-        spec = parse_system(name)
+    for spec in points:  # by value: rank=4 and rank=04, lr=1e-3 and lr=0.001 are one system
         key = (spec.kind, spec.slot, spec.method, spec.weighting, tuple(sorted(spec.overrides)))
         if key in seen:
-            raise TailtuneError(f"the sweep produces the same system twice ({seen[key]} and {name}); check the axes")
-        seen[key] = name
+            raise TailtuneError(f"the sweep produces the same system twice ({seen[key]} and {spec.name}); check the axes")
+        seen[key] = spec.name
     return names
 
 
