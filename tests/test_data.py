@@ -194,3 +194,13 @@ def test_numbers_read_as_written_in_jsonl_and_parquet(tmp_path):
         out, _ = clean(read_table(cfg.path), cfg)
         assert out["label"].tolist() == ["1", "2", "2"], name
         assert out["id"].tolist() == ["9007199254740993", "11", "13"], name
+
+
+def test_decode_problem_names_a_cut_character_and_is_none_for_a_clean_file(tmp_path):
+    from tailtune.data import decode_problem
+
+    (tmp_path / "cut.csv").write_bytes(b"text,Issue\nhello,A\ncaf\xc3")
+    (tmp_path / "clean.csv").write_bytes(b"text,Issue\nhello,A\n")
+    assert decode_problem(tmp_path / "clean.csv", "utf-8-sig") is None
+    with pytest.raises(TailtuneError, match=r"cut.csv is not valid UTF-8 \(it ends inside a character\)"):
+        read_table(tmp_path / "cut.csv")
