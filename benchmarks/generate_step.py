@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     backbones.quiet_transformers()
     backbone = backbones.resolve(args.backbone)
+    generate.require_decoder(backbone)
     tokenizer = backbones.load_tokenizer(backbone)
     torch.manual_seed(0)
     model, _ = methods.get("lora").apply(

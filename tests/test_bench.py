@@ -190,6 +190,21 @@ def test_benchmarks_refuse_an_unsuitable_system_folder_in_one_line(smoke_run):
     assert result.stderr.strip() == f"error: {system} is not a LoRA system"
 
 
+def test_generate_step_benchmark_times_both_batches_and_refuses_an_encoder():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "generate_step.py"
+    args = [sys.executable, str(script), "--steps", "1", "--max-length", "16", "--batch-size", "4"]
+    result = subprocess.run([*args, "--backbone", "tiny:qwen2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "label logits: logits (4, " in result.stdout and "x" in result.stdout.splitlines()[-1]
+    refused = subprocess.run([*args, "--backbone", "tiny:bert"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "error: decoder-generate needs a decoder backbone; 'tiny:bert' is an encoder"
+
+
 def test_pipeline_benchmark_times_an_encoder_system_against_the_stock_class(smoke_run):
     import subprocess
     import sys

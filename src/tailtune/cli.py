@@ -265,7 +265,9 @@ def presets():
 def plan(
     config: str = typer.Argument(None, help="Preset name or YAML path."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. encoder.batch_size=32."),
-    methods: str = typer.Option(None, help="Comma-separated methods (default: every registered method)."),
+    methods: str = typer.Option(
+        None, help="Comma-separated methods, or generate for decoder-generate (default: every registered method)."
+    ),
     classes: int = typer.Option(None, help="Head size (default: the classes of the config's data)."),
 ):
     """Memory of one training step per method and backbone (weights, grads, optimizer, activations), without training."""
