@@ -93,6 +93,19 @@ def test_plan_refuses_prefix_on_modernbert_and_qlora_on_cpu():
         assert "CUDA" in rows["encoder", "qlora"]["error"]
 
 
+def test_a_method_measured_with_real_forwards_is_refused_when_its_weights_do_not_fit(monkeypatch):
+    """LoHa cannot run on fake tensors, so it is measured on random weights; those must fit first."""
+    from tailtune import preflight
+
+    cfg = load_config("smoke")
+    backbone = backbones.resolve(cfg.encoder.name)
+    assert plan_one(backbone, cfg.encoder, "loha", cfg.method, 5, "fp32")["activations_from"].startswith("real")
+    monkeypatch.setattr(preflight, "available_memory", lambda: (1000, "test RAM"))
+    with pytest.raises(TailtuneError, match=r"loha on bert is measured with real forwards, and its weights alone "
+                                            r"\(.+\) exceed the 1.0 kB free on test RAM"):
+        plan_one(backbone, cfg.encoder, "loha", cfg.method, 5, "fp32")
+
+
 # ----------------------------------------------------------------------------- measured peak
 
 # Big enough that the activations (~100-300 MB at batch 16 x 128 tokens) dwarf small buffers.

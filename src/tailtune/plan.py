@@ -139,6 +139,16 @@ def plan_one(
     except TailtuneError:
         raise
     except Exception:  # the method needs real values to apply or run: real rows, extrapolated
+        from tailtune.preflight import _size, available_memory
+
+        weights = sum(p.nbytes for p in build(backbone, bb_cfg, method, method_cfg, n_classes, "meta",
+                                               label_tokens is not None).parameters())
+        free, where = available_memory()
+        if weights > free:  # random weights would be allocated here: refuse before, not by running out
+            raise TailtuneError(
+                f"{method} on {backbone.model_type} is measured with real forwards, and its weights alone "
+                f"({_size(weights)}) exceed the {_size(free)} free on {where}"
+            ) from None
         model = build(backbone, bb_cfg, method, method_cfg, n_classes, device, label_tokens is not None)
         one, reached = trace_forward(model, 1, length, precision, device, False, label_tokens)
         two, _ = trace_forward(model, 2, length, precision, device, False, label_tokens)

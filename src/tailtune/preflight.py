@@ -3,9 +3,10 @@
 ``tailtune run`` calls them from ``run._preflight`` and right after the backbones resolve, in
 this order: the output folder accepts files; the data has validation rows for the systems
 that select on validation; each backbone's tokenizer has a pad token (decoders: on the left);
-each method's target roles match modules; training fits in free memory. The last two use the
-model's *shape* only (built on the meta device, no weights read), so they cost well under a
-second. Texts longer than a backbone's ``max_length`` are counted into ``data.json``.
+each method's target roles match modules; training fits in free memory. The last two build the
+model on the meta device (no weights read) and trace one training forward on fake tensors, as
+``tailtune plan`` does (:func:`tailtune.plan.plan_one`), so they cost about a second per
+fine-tuned system. Texts longer than a backbone's ``max_length`` are counted into ``data.json``.
 
 :func:`check_padding` needs real weights, so it runs on the model built for training, just
 before its first step (:meth:`tailtune.classifier.TextClassifier.fit`).
@@ -21,14 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from tailtune.errors import TailtuneError
-
-# Activation elements kept for backward, per token per adapted layer: about 16 hidden-sized
-# tensors (norms, Q/K/V, attention output, residuals, LoRA inputs) plus 3 FFN-sized ones
-# (up, gate, activation). A rough rule in the spirit of Korthikanti et al. 2022; its job is to
-# catch batch sizes off by 2x or more, not to predict the peak to the megabyte.
-ACT_PER_HIDDEN = 16
-ACT_PER_FFN = 3
-
 
 # ----------------------------------------------------------------------------- output and data
 
@@ -80,7 +73,6 @@ def check_backbones(ctx, specs) -> None:
     roles match modules, and training fits in free memory.
     """
     from tailtune import backbones
-    from tailtune.train import resolve_precision
 
     cfg, data = ctx.cfg, ctx.data
     texts = data.frame["text"]
@@ -100,13 +92,11 @@ def check_backbones(ctx, specs) -> None:
                 from tailtune.generate import longest_label
 
                 label_tokens = longest_label(backbone, tokenizer, data.classes)
-            shape = model_shape(spec, cfg, backbone, len(data.classes), label_tokens)  # errors if a role matches nothing
-            precision = resolve_precision(cfg.train.precision)
-            tokens = seq_len + (label_tokens or 0)
-            need = training_memory(shape, bb_cfg.batch_size, tokens, precision)
+            # errors if a target role matches no module, or no trainable weight reaches the loss
+            need = training_memory(spec, cfg, backbone, len(data.classes), seq_len, label_tokens)
             free, device = available_memory()
             if need["total"] > free:
-                raise TailtuneError(_memory_message(spec, cfg, shape, tokens, precision, need, free, device))
+                raise TailtuneError(_memory_message(spec, cfg, need, free, device))
     data.summary["truncation"] = truncation
 
 
@@ -212,96 +202,64 @@ def available_memory() -> tuple[int, str]:
     return int(free), "CPU RAM"
 
 
-def model_shape(spec, cfg, backbone, n_classes: int, label_tokens: int | None = None) -> dict:
-    """Parameter counts and sizes of ``spec``'s model, from its config on the meta device.
+def training_memory(spec, cfg, backbone, n_classes: int, seq_len: int, label_tokens: int | None = None) -> dict:
+    """Bytes to fine-tune ``spec`` on batches of ``seq_len`` tokens, by part, and their total.
 
-    The method is really applied (to a model without weights), so the trainable count is the
-    method's own and a target role that matches no module fails here, before training.
-    ``label_tokens`` (decoder-generate: the longest label's tokens) replaces the classification
-    head by the language-model head's logits at the label positions.
+    The parts are ``tailtune plan``'s (:func:`tailtune.plan.plan_one`, kept within -15% / +15%
+    of a measured training-step peak by its tests): fp32 weights, gradients and AdamW state of
+    the trainable weights the loss reaches, and the activations one forward saves for backward,
+    traced on fake tensors (decoder-generate: prompt + ``label_tokens``, with the vocabulary
+    logits at the label positions). Added here: the frozen probe model the LP-FT head comes
+    from, which stays loaded while the system trains.
     """
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    import dataclasses
 
-    from tailtune import methods
-    from tailtune.backbones import LAYER_INDEX, quiet_transformers
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from tailtune.plan import plan_one
+    from tailtune.train import resolve_precision
 
     method_cfg, _, bb_cfg, _ = spec.configs(cfg)
-    quiet_transformers()
+    row = plan_one(backbone, dataclasses.replace(bb_cfg, max_length=seq_len), spec.method, method_cfg, n_classes,
+                   resolve_precision(cfg.train.precision), label_tokens=label_tokens)
     config = AutoConfig.from_pretrained(backbone.path)
-    writes = label_tokens is not None  # decoder-generate: no head, no probe; logits over the vocabulary
-    if writes:
-        from tailtune.generate import require_decoder
-
-        require_decoder(backbone)
-    with torch.device("meta"):  # shapes only: nothing allocated, no weights read
-        model = (AutoModelForCausalLM if writes else AutoModel).from_config(config)
-    base_params = sum(p.numel() for p in model.parameters())
-    model, _ = methods.get(spec.method).apply(model, backbone, method_cfg, bb_cfg.adapt_layers)
-    head = 0 if writes else config.hidden_size * n_classes + (0 if backbone.is_decoder else n_classes)
-    # Backpropagation stops at the lowest layer that holds a trainable weight; a trainable weight
-    # outside the layers (embeddings, prompt/prefix virtual tokens) takes it through all of them
-    # (prompt tuning was planned at 0 activation bytes: 26.7 MiB against 209.6 MiB measured).
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    adapted = [int(m.group(1)) for n in trainable if (m := LAYER_INDEX.search(n))]
-    if any(not LAYER_INDEX.search(n) for n in trainable):
-        adapted.append(0)
-    return {
-        "params": sum(p.numel() for p in model.parameters()) + head,
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad) + head,
-        "probe_params": 0 if writes else (
-            base_params if cfg.train.head_init == "probe" or f"{spec.slot}-probe" in cfg.systems else 0
-        ),
-        # generate.collate_label_batch keeps logits at the label positions and the one before them
-        "logit_positions": label_tokens + 1 if writes else 0,
-        "vocab": config.get_text_config().vocab_size,
-        "adapted_layers": config.num_hidden_layers - min(adapted) if adapted else 0,
-        "hidden": config.hidden_size,
-        "ffn": getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
-        "heads": config.num_attention_heads,
-    }
+    probe = 0
+    if label_tokens is None and (cfg.train.head_init == "probe" or f"{spec.slot}-probe" in cfg.systems):
+        with torch.device("meta"):  # shapes only: nothing allocated, no weights read
+            probe = 4 * sum(p.numel() for p in AutoModel.from_config(config).parameters())
+    layers = config.get_text_config().num_hidden_layers
+    parts = {"weights": row["weights"], "gradients_adam": row["grads"] + row["optimizer"],
+             "activations": row["activations"], "probe_copy": probe}
+    return {**parts, "total": sum(parts.values()), "batch_size": row["batch_size"], "tokens": row["max_length"],
+            "label_logits": label_tokens is not None,
+            # prompt / prefix tuning backpropagates through every layer whatever adapt_layers says
+            "fewer_layers": spec.method not in ("full", "prompt", "prefix") and min(bb_cfg.adapt_layers or layers, layers) > 2}
 
 
-def training_memory(shape: dict, batch_size: int, seq_len: int, precision: str) -> dict:
-    """Bytes to fine-tune a model of ``shape`` (see :func:`model_shape`), by part, and their total.
-
-    fp32 weights (4 bytes/param; tailtune keeps fp32 master weights) + gradients and two Adam
-    moments of the trainable parameters (12 bytes each, so full fine-tuning is 16 bytes/param)
-    + activations of the adapted layers for ``batch_size`` x ``seq_len`` tokens + the frozen
-    probe model the LP-FT head comes from, which stays loaded + (decoder-generate) the
-    vocabulary logits at the label positions: autocast's copy, the fp32 copy the loss takes and
-    its gradient (10 bytes each, 12 in fp32).
-    """
-    per_token = ACT_PER_HIDDEN * shape["hidden"] + ACT_PER_FFN * shape["ffn"] + shape["heads"] * seq_len
-    width = 4 if precision == "fp32" else 2
-    parts = {
-        "weights": 4 * shape["params"],
-        "gradients_adam": 12 * shape["trainable"],
-        "activations": batch_size * seq_len * shape["adapted_layers"] * per_token * width,
-        "probe_copy": 4 * shape["probe_params"],
-        "logits": batch_size * shape.get("logit_positions", 0) * shape.get("vocab", 0) * (width + 8),
-    }
-    return {**parts, "total": sum(parts.values())}
+def at_batch(need: dict, batch_size: int) -> int:
+    """Total bytes of ``need`` (:func:`training_memory`) with ``batch_size`` rows: activations scale with the rows."""
+    return need["total"] - need["activations"] + need["activations"] * batch_size // need["batch_size"]
 
 
-def _memory_message(spec, cfg, shape, seq_len, precision, need, free, device) -> str:
-    slot, bb_cfg = spec.slot, getattr(cfg, spec.slot)
-    fits = [b for b in range(bb_cfg.batch_size - 1, 0, -1)
-            if training_memory(shape, b, seq_len, precision)["total"] <= free]
+def _memory_message(spec, cfg, need, free, device) -> str:
+    slot, batch = spec.slot, need["batch_size"]
+    fits = [b for b in range(batch - 1, 0, -1) if at_batch(need, b) <= free]
     if fits:
-        accum = math.ceil(bb_cfg.batch_size * cfg.train.grad_accum / fits[0])
+        accum = math.ceil(batch * cfg.train.grad_accum / fits[0])
         fix = f"try {slot}.batch_size={fits[0]} train.grad_accum={accum} (the same effective batch)"
     elif spec.method == "full":
         fix = f"fine-tune with LoRA instead ({slot}-lora) or use a smaller backbone"
-    elif shape["adapted_layers"] > 2:
+    elif need["fewer_layers"]:
         fix = f"adapt fewer layers ({slot}.adapt_layers=2), lower {slot}.max_length, or use a smaller backbone"
     else:
         fix = "use a smaller backbone or a machine with more memory"
     return (
         f"{spec.name} needs about {_size(need['total'])} to train (weights {_size(need['weights'])}, "
         f"gradients + Adam {_size(need['gradients_adam'])}, activations {_size(need['activations'])} "
-        f"at batch {bb_cfg.batch_size} x {seq_len} tokens"
-        + (f", label logits {_size(need['logits'])}" if need["logits"] else "")
+        f"at batch {batch} x {need['tokens']} tokens"
+        + (", with the label logits" if need["label_logits"] else "")
+        + (f", probe model {_size(need['probe_copy'])}" if need["probe_copy"] else "")
         + f") but {device} has {_size(free)} free; {fix}"
     )
 
