@@ -298,6 +298,19 @@ def test_two_systems_right_on_the_same_rows_can_differ_beyond_noise_in_macro_f1(
     assert paired_bootstrap(y_true, a, b, metric="accuracy", n_boot=300)["decisive"] == 0
 
 
+def test_a_row_that_only_touches_classes_no_system_gets_right_does_not_count():
+    """A review's memo: "+0.008 [+0.003, +0.014] outside noise" on 6 differing rows, one of them
+    wrong in both systems between classes neither ever gets right: no F1 can move on it."""
+    y_true = np.array([0, 0, 0, 0, 3, 3, 3, 1, 2, 4])
+    a = np.array([0, 0, 0, 0, 3, 3, 3, 2, 1, 1])
+    b = np.array([0, 0, 0, 0, 3, 3, 3, 4, 1, 1])  # row 7 differs, between classes 1, 2 and 4: F1 0 in both
+    dead = paired_bootstrap(y_true, a, b, n_boot=50)
+    assert dead["diff"] == 0 and dead["decisive"] == 0
+    b[3] = 3  # a row that moves classes 0 and 3, which both systems get right elsewhere
+    assert paired_bootstrap(y_true, a, b, n_boot=50)["decisive"] == 1
+    assert paired_bootstrap(y_true, a, b, classes=[1, 2, 4], n_boot=50)["decisive"] == 0  # a tier of dead classes
+
+
 @pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
 def test_paired_bootstrap_detects_a_clearly_better_system(metric):
     rng = np.random.default_rng(0)

@@ -580,8 +580,120 @@ def test_recommendation_names_the_baseline_when_nothing_beats_it(tmp_path):
     _predict_as(path, "tfidf-logreg", ["encoder-lora", "encoder-lora-weighted", "decoder-lora", "encoder-probe"])
     html = _html(path)
     assert "Deploy tfidf-logreg (TF-IDF + logistic regression).</strong>" in html
-    assert "Nor does encoder-probe beat the baseline tfidf-logreg beyond noise" in html
+    # the probe's step told as a step to the baseline; tfidf-logreg is not called "the frozen probe" (a review)
+    assert ("Fine-tuning encoder-lora did not beat its frozen probe encoder-probe beyond noise (+0.000 [+0.000, "
+            "+0.000] macro-F1); and encoder-probe did not beat the baseline tfidf-logreg beyond noise") in html
+    assert "It is the frozen probe" not in html
     assert "Fine-tuning does not beat the frozen encoder probe beyond noise" in html
+
+
+def _text(html: str, section: str) -> str:
+    """The words of a report section (tags removed, spaces collapsed)."""
+    part = html[html.index(f'id="{section}"'):]
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", part))
+
+
+def _predict_mode(path: Path, system: str, share: float = 1.0) -> None:
+    """Make ``system`` predict the most common test label on the first ``share`` of its rows."""
+    file = path / "systems" / system / "predictions.csv"
+    preds = pd.read_csv(file)
+    rows = preds.index < int(share * len(preds))
+    preds.loc[rows, "prediction"] = preds["label"].mode()[0]
+    preds.to_csv(file, index=False)
+
+
+def test_memo_says_worse_when_fine_tuning_is_worse_than_the_probe(tmp_path):
+    """A review: "does not beat the probe beyond noise (-0.023 [-0.035, -0.012] outside noise)"."""
+    path = write_fake_run(tmp_path / "run", systems=("tfidf-logreg", "encoder-lora", "decoder-lora", "encoder-probe"))
+    _predict_mode(path, "encoder-lora", 0.6)
+    html = _html(path)
+    assert "Fine-tuning is worse than the frozen encoder probe, beyond noise (encoder-lora" in _text(html, "next")
+    assert "does not beat the frozen encoder probe" not in html
+    # the probe beats this baseline too: on the probe's row
+    assert ("Fine-tuning encoder-lora scored below its frozen probe encoder-probe beyond noise (-0.135 [-0.195, "
+            "-0.076] macro-F1); and encoder-probe scored below the baseline tfidf-logreg") in _text(html, "summary")
+    _predict_mode(path, "tfidf-logreg")  # a baseline the probe beats: the probe is deployed
+    html = _html(path)
+    assert "It is the frozen probe, not encoder-lora: fine-tuning scored below the probe beyond noise" in html
+    assert "the probe is the simpler system, and better." in html
+
+
+def test_never_learned_classes_are_named_by_their_counts_and_tiers(tmp_path):
+    """A review: "(those with <= 56 examples)" for one class of 56, and the rare tier asked about
+    when the never-learned class was in another tier."""
+    systems = ("tfidf-logreg", "encoder-lora", "decoder-lora")
+    path = write_fake_run(tmp_path / "run", systems=systems)
+    tiers = json.loads((path / "data.json").read_text())["tiers"]["classes"]
+    never = [*tiers["medium"][:2], tiers["common"][-1]]
+    for system in systems:
+        file = path / "systems" / system / "per_class.csv"
+        pc = pd.read_csv(file)
+        pc.loc[pc["label"].isin(never), "f1"] = 0.0
+        pc.loc[~pc["label"].isin(never) & pc["support"].gt(0), "f1"] = 0.5
+        pc.to_csv(file, index=False)
+    text = _text(_html(path), "next")
+    counts = json.loads((path / "data.json").read_text())["train_counts"]
+    low, high = min(counts[c] for c in never), max(counts[c] for c in never)
+    assert (f"Double the training examples of the 3 never-learned classes (training counts "
+            f"{low}\u2013{high})") in text
+    assert "does macro-F1 on the medium tier, the common tier move?" in text
+
+
+def test_collapse_needs_few_classes_relative_to_the_label_set():
+    """A review: a two-class tfidf-logreg at 0.94 accuracy, predicting both classes, "looks collapsed"."""
+    from types import SimpleNamespace
+
+    from tailtune.report import _collapse_checks
+
+    y = np.array([0, 1] * 20)
+    two = SimpleNamespace(preds={"s": y.copy()}, labels=["a", "b"], y_true=y)
+    assert _collapse_checks(two) == []
+    assert "looks collapsed" in _collapse_checks(SimpleNamespace(preds={"s": np.zeros(40, int)}, labels=["a", "b"],
+                                                                 y_true=y))[0]
+    y6 = np.arange(40) % 6
+    assert "looks collapsed" in _collapse_checks(SimpleNamespace(preds={"s": y6 % 2}, labels=list("abcdef"),
+                                                                 y_true=y6))[0]
+
+
+@pytest.mark.parametrize(
+    ("kind", "method", "have", "expected"),
+    [
+        ("finetune", "lora", (), "Raise the rank or add target modules on best"),
+        ("finetune", "full", (), "Try LoRA on the same backbone against best (encoder-lora)"),
+        ("baseline", None, ("tfidf-logreg",), "Add encoder-probe and encoder-lora and check whether they beat best"),
+        ("baseline", None, ("encoder-probe", "encoder-lora@rank=4"), "No backbone here beats best: try a larger encoder"),
+    ],
+)
+def test_next_experiment_fits_what_the_best_system_is(kind, method, have, expected):
+    """A review: "Raise the LoRA rank or add target modules on tfidf-logreg"."""
+    from types import SimpleNamespace
+
+    from tailtune.report import _rank_experiment
+
+    best = SimpleNamespace(name="best", info={"kind": kind, "method": method, "backbone": "encoder"})
+    run = SimpleNamespace(tier_names=["rare", "common"], systems=[SimpleNamespace(name=n) for n in have])
+    assert expected in _rank_experiment(run, best)
+
+
+def test_latency_words_follow_which_backbone_is_faster(tmp_path):
+    """A review: "the decoder costs 0.3x the encoder" and "does not earn its cost ... at 0.3x"."""
+    path = write_fake_run(tmp_path / "run")
+    html = _html(path)
+    assert "the decoder costs" in html and "faster than the encoder" not in html
+    bench = json.loads((path / "bench.json").read_text())
+    for name, b in bench["systems"].items():
+        b["ms_per_example"] = 0.5 if name.startswith("decoder") else 5.0
+    (path / "bench.json").write_text(json.dumps(bench))
+    html = _html(path)
+    assert "the decoder is 10.0\u00d7 faster than the encoder here" in html
+    assert "the decoder costs" not in html and "the encoder's latency" not in html
+
+
+def test_an_interval_without_spread_is_not_shown_as_certainty():
+    from tailtune.report import fmt_ci
+
+    assert fmt_ci([0.8, 0.8]) == "[no spread]"
+    assert fmt_ci([0.75, 0.81]) == "[0.750, 0.810]"
 
 
 def test_a_difference_that_one_test_row_carries_is_noise():
@@ -596,7 +708,7 @@ def test_a_difference_that_one_test_row_carries_is_noise():
     res = paired_bootstrap(y_true, a, b, classes=[0, 1, 2], n_boot=200)
     assert res["lo"] == res["hi"] == res["diff"] > 0 and res["decisive"] == 1
     assert not beyond_noise(res)
-    assert "only 1 test rows differ" in report_noise_word(res)
+    assert "it rests on 1 test row; 6 needed" in report_noise_word(res)
 
 
 def test_sweep_points_pair_weighting_within_their_own_settings(tmp_path, monkeypatch):

@@ -291,7 +291,9 @@ def paired_bootstrap(
         beats b strictly, ``n_boot``, ``decisive``: the test rows the difference can rest on:
         for accuracy, those one system gets right and the other wrong; for macro-F1, those the
         two systems predict differently where the true or a predicted class is one of
-        ``classes`` (two different mistakes change two classes' precision)}.
+        ``classes`` (two different mistakes change two classes' precision) that either system
+        gets right on some row (a class no system ever gets right has F1 0 on every resample,
+        however its false positives move)}.
 
     The resamples keep each class's test support, so a class with one test row always draws
     that row: on a tier of such classes the interval can have no width at all. ``decisive``
@@ -324,9 +326,12 @@ def paired_bootstrap(
     lo, hi = _interval(diffs)
     if metric == "accuracy":  # a row counts when one system is right and the other wrong
         decisive = (pred_a == y_true) != (pred_b == y_true)
-    else:  # macro-F1 also moves when both are wrong in different ways (another class's precision)
-        touches = np.isin(y_true, classes) | np.isin(pred_a, classes) | np.isin(pred_b, classes)
-        decisive = (pred_a != pred_b) & touches
+    else:  # macro-F1 also moves when both are wrong in different ways (another class's precision),
+        # but only through a class whose F1 can be above 0: one that either system gets right somewhere
+        live = np.zeros(n_classes, dtype=bool)
+        live[classes] = True
+        live &= np.isin(np.arange(n_classes), y_true[(pred_a == y_true) | (pred_b == y_true)])
+        decisive = (pred_a != pred_b) & (live[y_true] | live[pred_a] | live[pred_b])
     return {
         "diff": float(point_a - point_b),
         "lo": lo,

@@ -350,6 +350,8 @@ def fmt_delta(x: float | None) -> str:
 def fmt_ci(ci: list[float] | tuple[float, float] | None) -> str:
     if not ci or any(v is None for v in ci):
         return ""
+    if ci[0] == ci[1]:  # every class's test rows all right or all wrong: resampling within classes cannot move it
+        return "[no spread]"
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
@@ -420,7 +422,8 @@ def noise_word(res: dict) -> str:
     if beyond_noise(res):
         return "outside noise"
     if not res["lo"] <= 0 <= res["hi"]:  # an interval off 0 that too few rows carry
-        return f"within noise (only {res['decisive']} test rows differ; {MIN_DECISIVE} needed)"
+        n = res["decisive"]
+        return f"within noise (it rests on {n} test row{'' if n == 1 else 's'}; {MIN_DECISIVE} needed)"
     return "within noise"
 
 
@@ -970,7 +973,9 @@ def section_summary(run: Run, an: Analysis) -> Section:
                 "class with 5 training examples counts as much as one with 5,000; accuracy and "
                 "weighted-F1 follow the common classes. Classes are grouped into tiers by their "
                 "number of training examples, rarest first. Square brackets are 95% bootstrap "
-                "intervals over test rows. A difference between two systems is a "
+                "intervals over test rows, redrawn within each class (<em>[no spread]</em>: each "
+                "class's test rows are all right or all wrong, so no resample moves the score; "
+                "that is not certainty). A difference between two systems is a "
                 "<em>paired</em> bootstrap (both scored on the same resamples); when its "
                 "interval covers 0 the report calls it <em>within noise</em>. The intervals "
                 "resample this split's test rows only: another split changes the training rows "
@@ -1489,7 +1494,7 @@ def _transfer_verdict(run: Run, an: Analysis) -> Markup:
         return Markup(
             "<strong>Does the effect transfer from encoder to decoder?</strong> No: on the "
             "encoder weighting {}, on the decoder it {} ({})."
-        ).format(e, "is within noise" if d == "within noise" else d, nums)
+        ).format(*(f"is {x}" if x == "within noise" else x for x in (e, d)), nums)
     have, missing = ("encoder", "decoder") if enc else ("decoder", "encoder")
     source = enc or dec
     missing_base = an.dec if missing == "decoder" else an.enc
@@ -1531,8 +1536,9 @@ def section_per_class(run: Run, an: Analysis) -> Section:
             and s.info.get("backbone", s.name.split("-", 1)[0]) in missing
         ]
         advice = (
-            Markup("{} failed (its reason is in section 1); fix it and run again.").format(
-                Markup(", ").join(code(n) for n in failed)
+            Markup("{} failed ({} in section 1); fix {} and run again.").format(
+                Markup(", ").join(code(n) for n in failed),
+                *(("its reason is", "it") if len(failed) == 1 else ("their reasons are", "them")),
             )
             if failed
             else Markup("Add {} to the config.").format(Markup(" and ").join(code(f"{b}-lora") for b in missing))
@@ -1637,8 +1643,8 @@ def _tier_prose(run: Run, systems: list[SystemRun]) -> Markup:
     ]
     text = Markup("; ").join(bits) + Markup(".")
     if len(gaps) == 1:
-        text += Markup(" The {} tier scores {} macro-F1 more than the {} tier.").format(
-            last, fmt_metric(gaps[0]), first
+        text += Markup(" The {} tier scores {} macro-F1 {} than the {} tier.").format(
+            last, fmt_metric(abs(gaps[0])), "more" if gaps[0] >= 0 else "less", first
         )
     elif gaps:
         text += Markup(
@@ -1783,8 +1789,9 @@ def _confusions(run: Run, an: Analysis) -> list[Any]:
         Table(
             ["true class", "predicted as", "test rows", "share of the true class"],
             rows,
-            f"The most frequent errors of the highest-macro-F1 system; these {len(rows)} pairs "
-            f"are {fmt_pct(share)} of its {int(wrong.sum()):,} errors, and {into_common} of them "
+            "The most frequent errors of the highest-macro-F1 system; "
+            + (f"these {len(rows)} pairs are" if len(rows) != 1 else "this pair is")
+            + f" {fmt_pct(share)} of its {int(wrong.sum()):,} errors, and {into_common} of them "
             f"predict a class from the {run.tier_names[-1] if run.tier_names else 'top'} tier.",
         ),
     ]
@@ -2003,7 +2010,9 @@ def _recommendation(run: Run, an: Analysis) -> list[Any]:
     if ratio is not None:
         facts.append(
             f"Latency: {an.dec.name} takes {ms[an.dec.name]:.2f} ms per example, "
-            f"{an.enc.name} {ms[an.enc.name]:.2f} ms: the decoder costs {ratio:.1f}\u00d7 the encoder."
+            f"{an.enc.name} {ms[an.enc.name]:.2f} ms: "
+            + (f"the decoder costs {ratio:.1f}\u00d7 the encoder." if ratio >= 1
+               else f"the decoder is {1 / ratio:.1f}\u00d7 faster than the encoder here.")
         )
     rare_res = an.enc_dec.get(rare) if rare else None
     if rare_res is not None:
@@ -2056,6 +2065,11 @@ def _latency_ratio(run: Run, an: Analysis) -> float | None:
     return None
 
 
+def _beat_words(res: dict, other: str) -> str:
+    """'did not beat <other> beyond noise', or 'scored below <other> beyond noise' when it is worse."""
+    return f"scored below {other} beyond noise" if _worse(res) else f"did not beat {other} beyond noise"
+
+
 def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[SystemRun, Markup, Markup]:
     """(system to deploy, its description, why) for the fine-tuned system the rule picked.
 
@@ -2077,20 +2091,25 @@ def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[SystemRun, Ma
         pick = probe
         name = Markup("{} (frozen {} + linear head)").format(probe.name, backbone)
         why = Markup(
-            " It is the frozen probe, not {}: fine-tuning did not beat the probe beyond noise "
-            "({} macro-F1), and at serving time both are one forward pass of the same {}: the "
-            "probe is the simpler system, with no measurable loss."
-        ).format(tuned.name, fmt_boot(diff), backbone)
+            " It is the frozen probe, not {}: fine-tuning {} ({} macro-F1), and at serving time both "
+            "are one forward pass of the same {}: the probe is the simpler system{}."
+        ).format(tuned.name, _beat_words(diff, "the probe"), fmt_boot(diff), backbone,
+                 ", and better" if _worse(diff) else ", with no measurable loss")
     baseline = _best([s for s in run.ok_systems if s.info.get("kind") == "baseline"])
     versus = None if baseline is None else _bootstrap(run, pick.name, baseline.name, an.seed, an.n_boot)
     if versus is not None and not _better(versus):
+        steps = Markup("")
+        if pick is not tuned:  # the probe's step, told as a step towards the baseline
+            steps = Markup(" Fine-tuning {} {} ({} macro-F1);").format(
+                tuned.name, _beat_words(diff, f"its frozen probe {probe.name}"), fmt_boot(diff))
         return (
             baseline,
             Markup("{} (TF-IDF + logistic regression)").format(baseline.name),
-            why + Markup(
-                " Nor does {} beat the baseline {} beyond noise ({} macro-F1): on this data the "
-                "baseline, the simplest system to serve, is the one to deploy until a system beats it."
-            ).format(pick.name, baseline.name, fmt_boot(versus)),
+            steps + Markup(
+                " {}{} {} ({} macro-F1): on this data the baseline, the simplest system to "
+                "serve, is the one to deploy until a system beats it."
+            ).format("and " if steps else "", pick.name, _beat_words(versus, f"the baseline {baseline.name}"),
+                     fmt_boot(versus)),
         )
     ms = _ms_per_example(run)
     if pick.name in ms:
@@ -2122,7 +2141,10 @@ def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
     _, enc_pick, enc_why = _deployable(run, an, an.enc)
     dec_system, dec_pick, dec_why = _deployable(run, an, an.dec)
     baseline = dec_system.info.get("kind") == "baseline"
-    cost = Markup(", at {:.1f}\u00d7 the encoder's latency").format(ratio) if ratio else Markup("")
+    cost = Markup("")
+    if ratio:
+        cost = (Markup(", at {:.1f}\u00d7 the encoder's latency").format(ratio) if ratio >= 1
+                else Markup(", though it runs {:.1f}\u00d7 faster than the encoder in bench.json").format(1 / ratio))
     overall = an.enc_dec.get("all")
     if _better(rare_res) and not baseline:  # a decoder the baseline matches is not worth its cost
         return (
@@ -2151,9 +2173,9 @@ def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
         )
     return (
         Markup(
-            "<strong>Deploy {}.</strong> The decoder does not earn its cost "
-            "here: {}{}.{}{}"
-        ).format(enc_pick, rare_words, cost, enc_why, provisional),
+            "<strong>Deploy {}.</strong> {}: {}{}.{}{}"
+        ).format(enc_pick, "The decoder does not earn its cost here" if not ratio or ratio >= 1
+                 else "The decoder is not better here", rare_words, cost, enc_why, provisional),
         RULES[0][0],
     )
 
@@ -2184,9 +2206,12 @@ def section_next(run: Run, an: Analysis) -> Section:
                 "signal (e.g. few-shot prompting)."
             )
             experiment = (
-                f"Double the training examples of the {len(zero_everywhere)} never-learned classes "
-                f"(those with \u2264 {counts[-1]} examples), by labelling or by augmentation, and "
-                f"rerun {an.best.name}: does {run.tier_names[0]}-tier macro-F1 move?"
+                f"Double the training examples of the {len(zero_everywhere)} never-learned "
+                + ("class" if len(zero_everywhere) == 1 else "classes")
+                + f" (training counts {counts[0]}\u2013{counts[-1]}), by labelling or by augmentation, and "
+                f"rerun {an.best.name}: does macro-F1 on "
+                + ", ".join(f"the {t} tier" for t in run.tier_names if any(run.tier_of.get(c) == t for c in zero_everywhere))
+                + " move?"
             )
         else:
             items.append("Every class with test rows is learned by at least one system.")
@@ -2250,15 +2275,31 @@ def section_next(run: Run, an: Analysis) -> Section:
             f"Train {_weighted_name(an.dec.name)} to test whether weighting transfers to the decoder."
         )
     if experiment is None and an.best is not None:
-        experiment = (
-            f"Raise the LoRA rank or add target modules on {an.best.name} and check whether the "
-            f"{run.tier_names[0] if run.tier_names else 'rarest'} tier moves outside noise."
-        )
+        experiment = _rank_experiment(run, an.best)
     if experiment:
         sec.blocks.append(
             Para(Markup("<strong>Next experiment.</strong> {}").format(experiment), style="callout")
         )
     return sec
+
+
+def _rank_experiment(run: Run, best: SystemRun) -> str:
+    """The next experiment on the best system, in terms of what that system is."""
+    tier = run.tier_names[0] if run.tier_names else "rarest"
+    kind, method = best.info.get("kind"), best.info.get("method")
+    if kind == "finetune" and method in ("lora", "rslora", "dora", "loha", "lokr", "qlora"):
+        return (f"Raise the rank or add target modules on {best.name} and check whether the {tier} tier "
+                "moves outside noise.")
+    if kind == "finetune":
+        return (f"Try LoRA on the same backbone against {best.name} ({best.info.get('backbone')}-lora) and "
+                f"check whether the {tier} tier moves outside noise.")
+    have = {s.name.split("@")[0] for s in run.systems}
+    missing = [n for n in ("encoder-probe", "encoder-lora") if n not in have]
+    if missing:
+        return (f"Add {' and '.join(missing)} and check whether they beat {best.name} on the {tier} tier "
+                "outside noise.")
+    return (f"No backbone here beats {best.name}: try a larger encoder (encoder.name=<folder or hub name>) "
+            "or a longer encoder.max_length, and check the per-class table for classes that need more examples.")
 
 
 def _probe_checks(run: Run, an: Analysis) -> list[str]:
@@ -2283,6 +2324,12 @@ def _probe_checks(run: Run, an: Analysis) -> list[str]:
         )
         if _better(res):
             out.append(f"Fine-tuning beats the frozen {backbone} probe: {versus}.")
+        elif _worse(res):
+            out.append(
+                f"Fine-tuning is worse than the frozen {backbone} probe, beyond noise ({versus}): it "
+                "lost what the probe's features knew, or collapsed. Check its training loss, learning "
+                "rate and epochs, or start it from the probe's head (train.head_init=probe)."
+            )
         else:
             out.append(
                 f"Fine-tuning does not beat the frozen {backbone} probe beyond noise ({versus}): "
@@ -2299,11 +2346,12 @@ def _collapse_checks(run: Run) -> list[str]:
         top = int(counts.argmax())
         share, used = counts[top] / pred.size, np.count_nonzero(counts)
         true_share = float(np.mean(run.y_true == top)) if run.y_true is not None else 0.0
-        if used <= 2 or (share > 0.5 and share > 1.5 * true_share):
+        collapsed = used == 1 or (used == 2 and len(run.labels) >= 5)
+        if collapsed or (share > 0.5 and share > 1.5 * true_share):
             out.append(
                 f"{name} predicts {run.labels[top]!r} for {fmt_pct(share)} of test rows (the "
                 f"labels: {fmt_pct(true_share)}) and uses {used} of {len(run.labels)} classes: "
-                + ("it looks collapsed." if used <= 2 else "it over-predicts that class.")
+                + ("it looks collapsed." if collapsed else "it over-predicts that class.")
             )
     return out
 
