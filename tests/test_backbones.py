@@ -84,6 +84,33 @@ def test_unknown_backbones_fail_clearly(tmp_path):
         backbones.resolve(str(bad))
 
 
+def test_a_hub_name_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch, tmp_path):
+    """Offline, the hub client retried for 26-31 s (5 "Retrying in ..." lines) before the error,
+    also for a typo like 'minilm', which looks like a hub id."""
+    from transformers import AutoConfig
+
+    online = []
+    real = AutoConfig.from_pretrained
+
+    def recording(path, *args, **kwargs):
+        if not kwargs.get("local_files_only"):
+            online.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", recording)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not backbones.reachable("huggingface.co")
+    for name in ("answerdotai/ModernBERT-base", "minilm"):
+        with pytest.raises(TailtuneError, match=rf"could not load backbone '{name}': not a local folder, .gguf "
+                                                r"file, bundled name or a hub model in the local cache, and the hub "
+                                                r"\(huggingface.co\) cannot be reached from here"):
+            backbones.resolve(name)
+    assert online == []  # no call that would retry against an unreachable hub
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.internal:8080")
+    assert backbones.hub_host() == "hub.example.internal"
+
+
 def test_role_that_matches_nothing_is_an_error():
     bb = backbones.resolve("tiny:bert")
     model = backbones.load_model(bb, backbones.load_tokenizer(bb))

@@ -141,12 +141,34 @@ def test_fp16_without_a_gpu(tmp_path, small_csv):
                  "fp16 needs a CUDA GPU")
 
 
-def test_bf16_on_a_gpu_without_bf16(tmp_path, small_csv, monkeypatch):
+def _t4(monkeypatch):
+    """A T4 (compute capability 7.5) as torch sees one: bf16 tensors can be made there (emulated)."""
+    import types
+
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(major=7, minor=5))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda *a: True)
+
+
+def test_bf16_on_a_gpu_without_bf16(tmp_path, small_csv, monkeypatch):
+    """torch.cuda.is_bf16_supported() is True on a T4 (emulation), so auto chose bf16 there and an
+    explicit bf16 was accepted; the test patched is_bf16_supported itself and could not see it."""
+    from tailtune.bench import bf16_support
+    from tailtune.train import resolve_precision
+
+    _t4(monkeypatch)
+    assert torch.cuda.is_bf16_supported()  # what torch says on a T4
+    assert resolve_precision("auto") == "fp16"
+    assert bf16_support(torch.device("cuda")) == "this GPU has no native bf16 (e.g. a T4)"
+    with pytest.raises(TailtuneError, match="this GPU does not support bf16"):
+        resolve_precision("bf16")
     out = tmp_path / "run"
     assert_error(run_smoke(small_csv, out, "train.precision=bf16", systems="encoder-lora"), out,
                  "does not support bf16")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: __import__("types").SimpleNamespace(major=8))
+    assert resolve_precision("auto") == "bf16"  # an A100 or later
 
 
 # ----------------------------------------------------------------------------- target roles and memory

@@ -179,15 +179,48 @@ def _read_config(path: str, spec: str) -> dict:
     local = Path(path) / "config.json"
     if local.exists():
         return json.loads(local.read_text())
-    try:
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
+    problem = None
+    try:  # a hub model already in the local cache needs no network
+        return AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
+    except (OSError, ValueError) as exc:
+        problem = str(exc).splitlines()[0][:120]
+    host = hub_host()
+    if not reachable(host):  # the hub client would retry for ~30 s before saying the same
+        raise TailtuneError(
+            f"could not load backbone '{spec}': not a local folder, .gguf file, bundled name or a hub "
+            f"model in the local cache, and the hub ({host}) cannot be reached from here"
+        )
+    try:
         return AutoConfig.from_pretrained(path).to_dict()
     except (OSError, ValueError) as exc:
-        raise TailtuneError(
-            f"could not load backbone '{spec}': not a local folder, .gguf file, bundled name, "
-            f"or a hub model available offline ({str(exc).splitlines()[0][:120]})"
-        ) from None
+        problem = str(exc).splitlines()[0][:120]
+    raise TailtuneError(
+        f"could not load backbone '{spec}': not a local folder, .gguf file, bundled name, "
+        f"or a hub model ({problem})"
+    )
+
+
+def hub_host() -> str:
+    """The host name of the model hub (``HF_ENDPOINT``, as huggingface_hub reads it)."""
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host``:443 opens within ``timeout`` seconds (False offline,
+    or with ``HF_HUB_OFFLINE`` set)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _trained_pooling(path: Path, config: dict, is_decoder: bool) -> str:

@@ -181,12 +181,11 @@ class PeakMemory:
 
 def bf16_support(device) -> str | None:
     """None when bf16 is native on ``device``, else why it is skipped."""
-    import torch
 
-    from tailtune.train import cpu_has_fast_bf16
+    from tailtune.train import cpu_has_fast_bf16, gpu_has_bf16
 
     if device.type == "cuda":
-        return None if torch.cuda.is_bf16_supported() else "this GPU has no bf16"
+        return None if gpu_has_bf16() else "this GPU has no native bf16 (e.g. a T4)"
     if cpu_has_fast_bf16():
         return None
     return "this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 runs slower than fp32"

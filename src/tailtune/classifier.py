@@ -231,6 +231,23 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- fine-tuned
 
 
+def _usable_precision(saved: str) -> str:
+    """The precision a loaded model predicts in: the one it was trained in where this machine
+    computes it natively, else what ``auto`` picks here (fp16 from a GPU ran 3x slower than fp32
+    on a CPU, which training refuses; bf16 is emulated, and slow, on a CPU without AVX512-BF16/AMX)."""
+    import torch
+
+    from tailtune.train import cpu_has_fast_bf16, resolve_precision
+
+    try:
+        precision = resolve_precision(saved)
+    except TailtuneError:  # fp16 without a GPU, bf16 on a GPU without it
+        return resolve_precision("auto")
+    if precision == "bf16" and not torch.cuda.is_available() and not cpu_has_fast_bf16():
+        return "fp32"
+    return precision
+
+
 class TextClassifier:
     """A backbone + method + head, trained end to end.
 
@@ -427,7 +444,7 @@ class TextClassifier:
         method = methods.get(self.method)
         self.backbone_ = backbones.Backbone.from_saved(bb, meta["pooling"], weights=not method.saves_backbone)
         self.pooling_ = meta["pooling"]
-        self.precision_ = meta["precision"]
+        self.precision_ = _usable_precision(meta["precision"])
         self.targets_ = meta["targets"]
         self.tokenizer_ = AutoTokenizer.from_pretrained(path / "tokenizer")
         self.tokenizer_.padding_side = meta["padding_side"]

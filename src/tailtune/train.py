@@ -40,6 +40,14 @@ def cpu_has_fast_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or amx())
 
 
+def gpu_has_bf16() -> bool:
+    """The GPU computes bf16 natively (compute capability 8.0+, or ROCm). torch's own
+    ``is_bf16_supported()`` also says True where bf16 is only emulated, on a T4 or V100."""
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(requested: str) -> str:
     """'fp32' | 'bf16' | 'fp16' for ``requested`` on this machine; refuse what the device can't do."""
     import torch
@@ -51,11 +59,11 @@ def resolve_precision(requested: str) -> str:
     cuda = torch.cuda.is_available()
     if requested == "auto":
         if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if gpu_has_bf16() else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if requested == "fp16" and not cuda:
         raise TailtuneError("precision fp16 needs a CUDA GPU; use fp32 or bf16 (or auto) on CPU")
-    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+    if requested == "bf16" and cuda and not gpu_has_bf16():
         raise TailtuneError(
             "this GPU does not support bf16 (e.g. a T4); use train.precision=fp16 or auto"
         )
