@@ -111,6 +111,46 @@ def test_a_hub_name_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch, tm
     assert backbones.hub_host() == "hub.example.internal"
 
 
+def test_a_text_with_no_tokens_is_refused_not_classified_from_padding():
+    """SmolLM2 (no BOS) gives "" no token: alone it crashed the forward pass ("cannot reshape tensor
+    of 0 elements"), beside another text it got a confident prediction from padding alone."""
+    tok = backbones.load_tokenizer(backbones.resolve("tiny:qwen2"))
+    assert tok("")["input_ids"] == []
+    with pytest.raises(TailtuneError, match=r"text 1 \(''\) has no tokens for this tokenizer"):
+        backbones.tokenize(tok, ["hello bank", ""], 32)
+    assert backbones.tokenize(tok, ["hello bank"], 32)[0]
+
+
+def test_a_file_that_is_not_gguf_and_a_broken_config_fail_in_one_line(tmp_path, monkeypatch):
+    """Both were "internal error" (ValueError: GGUF magic bytes; JSONDecodeError) with exit 1."""
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
+    junk = tmp_path / "model.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(TailtuneError, match=rf"could not read {junk} as a GGUF model: "):
+        backbones.resolve(str(junk))
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert",')
+    with pytest.raises(TailtuneError, match=rf"could not load backbone '{folder}': {folder}/config.json is not a "
+                                            "readable JSON config"):
+        backbones.resolve(str(folder))
+
+
+def test_a_killed_conversion_leaves_no_temporary_folder_behind(tmp_path):
+    """kill -9 during a GGUF conversion left a 239 MB temporary folder that nothing removed."""
+    import os
+    import time
+
+    target = tmp_path / "gguf" / "SmolLM2-abc"
+    stale, fresh = tmp_path / "gguf" / ".SmolLM2-abc.x1", tmp_path / "gguf" / ".SmolLM2-abc.x2"
+    for folder in (stale, fresh):
+        (folder / "sub").mkdir(parents=True)
+    old = time.time() - backbones.STALE_SECONDS - 60
+    os.utime(stale, (old, old))
+    backbones._remove_stale_temporaries(target)
+    assert not stale.exists() and fresh.exists()  # a conversion running now keeps its folder
+
+
 def test_role_that_matches_nothing_is_an_error():
     bb = backbones.resolve("tiny:bert")
     model = backbones.load_model(bb, backbones.load_tokenizer(bb))

@@ -178,7 +178,11 @@ def _bundled(name: str) -> str:
 def _read_config(path: str, spec: str) -> dict:
     local = Path(path) / "config.json"
     if local.exists():
-        return json.loads(local.read_text())
+        try:
+            return json.loads(local.read_text())
+        except (ValueError, OSError) as exc:  # JSONDecodeError, or bytes that are not text
+            raise TailtuneError(f"could not load backbone '{spec}': {local} is not a readable JSON "
+                                f"config ({str(exc).splitlines()[0][:120]})") from None
     from transformers import AutoConfig
 
     problem = None
@@ -260,9 +264,13 @@ def convert_gguf(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
+    _remove_stale_temporaries(target)
     Console(stderr=True).print(f"converting {gguf.name} to a transformers folder (once)...", style="dim", markup=False)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:  # not GGUF, truncated, unsupported architecture
+        raise TailtuneError(f"could not read {gguf} as a GGUF model: {str(exc).splitlines()[0][:160]}") from None
     # The GGUF-backed model is flagged as quantised and refuses to save; a plain model built
     # from the same config and given the de-quantised weights is an ordinary checkpoint.
     config = loaded.config
@@ -274,6 +282,19 @@ def convert_gguf(gguf: Path) -> Path:
     model.tie_weights()
     _atomic_save_dir(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     return target
+
+
+STALE_SECONDS = 3600  # a conversion takes under a minute; an older temporary folder was killed mid-way
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove temporary folders of conversions to ``target`` that were killed (239 MB each for SmolLM2)."""
+    import time
+
+    for tmp in target.parent.glob(f".{target.name}.*"):
+        with contextlib.suppress(OSError):
+            if tmp.is_dir() and time.time() - tmp.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _atomic_save_dir(target: Path, write) -> None:
@@ -475,9 +496,19 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
         return tokenizer(clip_long(tokenizer, texts, max_length), truncation=True, max_length=max_length)["input_ids"]
 
     if _SHARED is None:
-        return load()
-    digest = hashlib.sha1("\x1f".join(texts).encode()).hexdigest()
-    return shared_copy("ids", (tokenizer.name_or_path, len(tokenizer), max_length, digest), load, list)
+        ids = load()
+    else:
+        digest = hashlib.sha1("\x1f".join(texts).encode()).hexdigest()
+        ids = shared_copy("ids", (tokenizer.name_or_path, len(tokenizer), max_length, digest), load, list)
+    # A decoder without a BOS token gives an empty text no token at all: alone it crashed the
+    # forward pass, in a batch it was "classified" from padding alone.
+    empty = next((i for i, row in enumerate(ids) if not row), None)
+    if empty is not None:
+        raise TailtuneError(
+            f"text {empty} ({texts[empty][:40]!r}) has no tokens for this tokenizer, so there is nothing "
+            "to classify; drop it or give it some text"
+        )
+    return ids
 
 
 # ----------------------------------------------------------------------------- loading
