@@ -60,6 +60,19 @@ def test_kind_and_trained_pooling_per_checkpoint(tmp_path):
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     assert backbones.resolve(str(folder)).pooling == "mean"
+    # other sentence-transformers modes fell back to CLS, which such checkpoints never trained
+    for mode, expected in (("max_tokens", "mean"), ("mean_sqrt_len_tokens", "mean"), ("weightedmean_tokens", "mean"),
+                           ("lasttoken", "last"), ("cls_token", "cls")):
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{mode}": True}))
+        assert backbones.resolve(str(folder)).pooling == expected, mode
+    # modules.json names the Pooling module's folder; it need not be 1_Pooling
+    (folder / "1_Pooling").rename(folder / "2_Pool")
+    (folder / "2_Pool" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    assert backbones.resolve(str(folder)).pooling == "cls"
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "2_Pool", "type": "sentence_transformers.models.Pooling"}]))
+    assert backbones.resolve(str(folder)).pooling == "mean"
 
 
 def test_decoder_tokenizer_is_set_up_for_classification():

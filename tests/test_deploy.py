@@ -218,6 +218,37 @@ def test_export_refuses_what_a_stock_class_cannot_hold(smoke_run, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--format tailtune" in lines[0]
 
 
+def test_a_text_typed_to_end_in_the_eos_string_exports_exactly(tmp_path):
+    """With pad = eos, a text ending in "<|endoftext|>" was tokenised to end in the pad id, and the
+    exported Qwen2ForSequenceClassification pooled the token before it: logits 5.65 apart (a review)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    make_lora_system(tmp_path / "system", "qwen2", seed=1)
+    record = deploy.export_merged(tmp_path / "system", tmp_path / "hf")
+    ours = TextClassifier.load(tmp_path / "system")
+    eos = ours.tokenizer_.eos_token
+    assert ours.tokenizer_.pad_token == eos and eos in ours.tokenizer_.all_special_tokens
+    assert record["check"]["texts"] == len(deploy.check_texts()) + len(ours.tokenizer_.all_special_tokens)
+    texts = [f"my bank charged a fee {eos}", "refund", f"{eos}{eos}"]
+    assert ours.tokenizer_(texts[0])["input_ids"][-1] != ours.tokenizer_.pad_token_id  # read as characters
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    with torch.inference_mode():
+        theirs = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
+    np.testing.assert_allclose(theirs, ours.predict_logits(texts), atol=1e-4)
+
+
+def test_a_system_whose_tokenizer_reads_control_tokens_in_text_is_not_exported_wrong(tmp_path):
+    """Systems saved before split_special_tokens: the export check's texts end in eos, so the
+    stock class's different pooling is caught and the export refused, not written."""
+    make_lora_system(tmp_path / "system", "qwen2", seed=1)
+    config = tmp_path / "system" / "tokenizer" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "split_special_tokens": False}))
+    with pytest.raises(TailtuneError, match="merged export disagrees with the unmerged system"):
+        deploy.export_merged(tmp_path / "system", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_the_runs_decoder_exports_to_the_stock_class(smoke_run, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

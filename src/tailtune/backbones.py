@@ -228,16 +228,28 @@ def reachable(host: str, timeout: float = 3.0) -> bool:
 
 
 def _trained_pooling(path: Path, config: dict, is_decoder: bool) -> str:
-    """The pooling the checkpoint was trained with; sentence-transformers folders say so."""
+    """The pooling the checkpoint was trained with; sentence-transformers folders say so.
+
+    Their Pooling module's folder is read from ``modules.json`` (``1_Pooling`` without one).
+    tailtune pools by mean, CLS or last token: max, mean-sqrt-len and weighted-mean checkpoints
+    get mean, the nearest of the three (they were never trained on CLS, which they had fallen
+    back to).
+    """
     if is_decoder:
         return "last"
-    pooling_cfg = path / "1_Pooling" / "config.json"
-    if pooling_cfg.exists():
-        st = json.loads(pooling_cfg.read_text())
-        if st.get("pooling_mode_mean_tokens"):
-            return "mean"
-        if st.get("pooling_mode_cls_token"):
+    folder = path / "1_Pooling"
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        modules = json.loads((path / "modules.json").read_text())
+        folder = next(path / m["path"] for m in modules if str(m.get("type", "")).endswith("Pooling"))
+    if (folder / "config.json").exists():
+        st = json.loads((folder / "config.json").read_text())
+        if st.get("pooling_mode_cls_token") and not st.get("pooling_mode_mean_tokens"):
             return "cls"
+        if st.get("pooling_mode_lasttoken"):
+            return "last"
+        if any(st.get(f"pooling_mode_{m}") for m in ("mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
+                                                       "weightedmean_tokens")):
+            return "mean"
     if config.get("model_type") == "modernbert":
         return config.get("classifier_pooling", "mean")
     return "cls"
@@ -522,7 +534,10 @@ def load_tokenizer(backbone: Backbone):
 def _load_tokenizer(backbone: Backbone):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(backbone.path)
+    # A text is text: "<|im_end|>" or "[SEP]" typed in a complaint is not read as that control
+    # token. Read as one, a decoder's text could end in its pad (= eos) token, which stock
+    # transformers classifiers skip when pooling (transformers#35352). Saved with the tokenizer.
+    tokenizer = AutoTokenizer.from_pretrained(backbone.path, split_special_tokens=True)
     if backbone.is_decoder:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:

@@ -20,7 +20,10 @@ token from the attention mask, and its decoder heads are bias-free too (heads sa
 that had a bias). The two agree when (1) the system pools "last", (2) the head has no bias
 (or a zero one) and (3) no text ends in the pad token. Decoders pad
 with eos when they have no pad token; transformers would then pool one token early on a
-text that itself ends in eos, which tailtune's tokenizers never append. BERT-style heads
+text that itself ends in eos. tailtune's tokenizers never append eos, and read "<|im_end|>"
+typed in a text as characters (``split_special_tokens``, saved with the tokenizer, so the
+export's tokenizer does the same); the export check includes texts that end in each special
+token's string, so a system saved before that is refused rather than exported wrong. BERT-style heads
 (tanh pooler) and ModernBERT's (dense + activation + LayerNorm before the classifier) have no
 exact equivalent of a linear head on the pooled vector, so those exports are refused with
 ``format="tailtune"`` as the alternative.
@@ -568,7 +571,8 @@ def export_merged(
             f"method '{clf.method}' cannot be merged into the base weights; serve the system as it is "
             "(tailtune predict / serve)"
         )
-    texts = texts or check_texts()
+    # texts typed to end in a control token: a stock decoder class skips a final pad (= eos) token
+    texts = texts or [*check_texts(), *(f"refund {t}" for t in clf.tokenizer_.all_special_tokens)]
     clf.precision_ = "fp32"
     reference = clf.predict_logits(texts)  # (N, C) unmerged
     source_method = clf.method
