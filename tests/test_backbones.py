@@ -149,6 +149,22 @@ def test_a_file_that_is_not_gguf_and_a_broken_config_fail_in_one_line(tmp_path, 
         backbones.resolve(str(folder))
 
 
+@pytest.mark.parametrize("in_cache", [False, True])
+def test_truncated_weights_are_a_one_line_error_naming_the_folder(tmp_path, monkeypatch, in_cache):
+    """A truncated model.safetensors in the conversion cache was "internal error SafetensorError"."""
+    import shutil
+
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
+    folder = (tmp_path / "cache" / "gguf" / "m") if in_cache else tmp_path / "m"
+    shutil.copytree(backbones.resolve("tiny:bert").path, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    bb = backbones.resolve(str(folder))
+    with pytest.raises(TailtuneError, match=rf"could not read the weights of backbone '{folder}' in {folder}: ") as err:
+        backbones.load_model(bb, backbones.load_tokenizer(bb))
+    assert ("delete that folder and run again" in str(err.value)) == in_cache
+
+
 def test_a_killed_conversion_leaves_no_temporary_folder_behind(tmp_path):
     """kill -9 during a GGUF conversion left a 239 MB temporary folder that nothing removed."""
     import os

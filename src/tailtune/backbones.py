@@ -560,10 +560,19 @@ def load_model(backbone: Backbone, tokenizer):
 
 def _load_model(backbone: Backbone, tokenizer):
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModel
 
     quiet_transformers()
-    model = AutoModel.from_pretrained(backbone.path, dtype=torch.float32)
+    try:
+        model = AutoModel.from_pretrained(backbone.path, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # missing, truncated or foreign weights
+        path = Path(backbone.path)
+        ours = cache_dir().resolve() in path.resolve().parents
+        raise TailtuneError(
+            f"could not read the weights of backbone '{backbone.spec}' in {path}: {str(exc).splitlines()[0][:160]}"
+            + ("; it is in tailtune's cache: delete that folder and run again to rebuild it" if ours else "")
+        ) from None
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
