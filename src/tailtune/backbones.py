@@ -185,12 +185,15 @@ def _read_config(path: str, spec: str) -> dict:
                                 f"config ({str(exc).splitlines()[0][:120]})") from None
     from transformers import AutoConfig
 
-    problem = None
-    try:  # a hub model already in the local cache needs no network
-        return AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
-    except (OSError, ValueError) as exc:
-        problem = str(exc).splitlines()[0][:120]
     host = hub_host()
+    try:  # a hub model already in the local cache needs no network
+        config = AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
+    except (OSError, ValueError):
+        config = None
+    if config is not None:
+        if not reachable(host):  # each later from_pretrained would retry the hub for ~30 s per file
+            go_offline()
+        return config
     if not reachable(host):  # the hub client would retry for ~30 s before saying the same
         raise TailtuneError(
             f"could not load backbone '{spec}': not a local folder, .gguf file, bundled name or a hub "
@@ -211,6 +214,15 @@ def hub_host() -> str:
     from urllib.parse import urlparse
 
     return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def go_offline() -> None:
+    """Make transformers read hub models from the local cache only, in this process and the
+    ones it starts (a cached model's tokenizer took 141 s offline, retrying every file)."""
+    import huggingface_hub.constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
 def reachable(host: str, timeout: float = 3.0) -> bool:
