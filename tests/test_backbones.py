@@ -192,17 +192,21 @@ def test_a_cached_hub_model_loads_without_the_hub_when_it_cannot_be_reached(tmp_
     shutil.copytree(backbones.resolve("tiny:bert").path, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    # a sentence-transformers checkpoint: its pooling is read from the hub cache too (was CLS)
+    (snapshot / "modules.json").write_text(json.dumps([{"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (snapshot / "1_Pooling").mkdir()
+    (snapshot / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     script = (
         "import huggingface_hub.constants as c; from tailtune import backbones as b\n"
         "bb = b.resolve('acme/tinybert'); tok = b.load_tokenizer(bb); b.load_model(bb, tok)\n"
-        "print(c.HF_HUB_OFFLINE, tok('hello')['input_ids'])\n"
+        "print(c.HF_HUB_OFFLINE, bb.pooling, tok('hello')['input_ids'])\n"
     )
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "https://hub.invalid",
            "TAILTUNE_CACHE": str(tmp_path / "cache")}
     env.pop("HF_HUB_OFFLINE", None)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("True [")  # offline for the rest of the process
+    assert done.stdout.startswith("True mean [")  # offline for the rest of the process
     assert "Retrying" not in done.stderr and "hub.invalid" not in done.stderr
 
 

@@ -240,31 +240,48 @@ def reachable(host: str, timeout: float = 3.0) -> bool:
 
 
 def _trained_pooling(path: Path, config: dict, is_decoder: bool) -> str:
-    """The pooling the checkpoint was trained with; sentence-transformers folders say so.
+    """The pooling the checkpoint was trained with; sentence-transformers checkpoints say so.
 
-    Their Pooling module's folder is read from ``modules.json`` (``1_Pooling`` without one).
-    tailtune pools by mean, CLS or last token: max, mean-sqrt-len and weighted-mean checkpoints
-    get mean, the nearest of the three (they were never trained on CLS, which they had fallen
-    back to).
+    Their Pooling module's folder is read from ``modules.json`` (``1_Pooling`` without one), in
+    a local folder or, for a hub id, from the hub (its local cache when offline). tailtune pools
+    by mean, CLS or last token: max, mean-sqrt-len and weighted-mean checkpoints get mean, the
+    nearest of the three (they were never trained on CLS, which they had fallen back to).
     """
     if is_decoder:
         return "last"
-    folder = path / "1_Pooling"
-    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-        modules = json.loads((path / "modules.json").read_text())
-        folder = next(path / m["path"] for m in modules if str(m.get("type", "")).endswith("Pooling"))
-    if (folder / "config.json").exists():
-        st = json.loads((folder / "config.json").read_text())
-        if st.get("pooling_mode_cls_token") and not st.get("pooling_mode_mean_tokens"):
-            return "cls"
-        if st.get("pooling_mode_lasttoken"):
-            return "last"
-        if any(st.get(f"pooling_mode_{m}") for m in ("mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
-                                                       "weightedmean_tokens")):
-            return "mean"
+    read = (lambda name: _json_file(path / name)) if path.is_dir() else (lambda name: _hub_json(str(path), name))
+    folder = "1_Pooling"
+    with contextlib.suppress(TypeError, AttributeError, KeyError, StopIteration):
+        folder = next(m["path"] for m in read("modules.json") if str(m.get("type", "")).endswith("Pooling"))
+    st = read(f"{folder}/config.json") or {}
+    if st.get("pooling_mode_cls_token") and not st.get("pooling_mode_mean_tokens"):
+        return "cls"
+    if st.get("pooling_mode_lasttoken"):
+        return "last"
+    if any(st.get(f"pooling_mode_{m}") for m in ("mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
+                                                   "weightedmean_tokens")):
+        return "mean"
     if config.get("model_type") == "modernbert":
         return config.get("classifier_pooling", "mean")
     return "cls"
+
+
+def _json_file(path: Path):
+    """The JSON in ``path``, or None when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _hub_json(repo: str, name: str):
+    """The JSON file ``name`` of hub model ``repo`` (from the local cache when offline), or None."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return _json_file(Path(hf_hub_download(repo, name)))
+    except Exception:  # not in the repo, not cached, no network: the checkpoint does not say
+        return None
 
 
 # ----------------------------------------------------------------------------- GGUF
