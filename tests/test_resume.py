@@ -285,3 +285,27 @@ def test_resume_point_skips_a_half_written_checkpoint(tmp_path):
     assert _resume_point(tmp_path) == tmp_path / "checkpoint-4"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]  # the half-written one is gone
     assert _resume_point(tmp_path / "checkpoint-4") is None
+
+
+@pytest.mark.parametrize("damage", ["trainable.safetensors", "optimizer.pt", "selection.json"])
+def test_resume_point_passes_over_a_checkpoint_that_cannot_be_read(tmp_path, damage):
+    """A torn file in the newest complete checkpoint failed every later run ("internal error
+    SafetensorError", "PytorchStreamReader failed ..."), and nothing said to delete it."""
+    import torch
+    from rich.console import Console
+    from safetensors.torch import save_file
+
+    from tailtune.train import SELECTION_FILE, _resume_point
+
+    for step in (4, 8):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        save_file({"w": torch.ones(64)}, folder / "trainable.safetensors")
+        torch.save({"state": torch.ones(64)}, folder / "optimizer.pt")
+        (folder / SELECTION_FILE).write_text(json.dumps({"step": step}))
+    file = tmp_path / "checkpoint-8" / damage
+    file.write_bytes(file.read_bytes()[: len(file.read_bytes()) // 2])
+    console = Console(record=True, width=200)
+    assert _resume_point(tmp_path, console=console) == tmp_path / "checkpoint-4"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
+    assert f"checkpoint-8 is damaged ({damage}: " in console.export_text()

@@ -101,8 +101,16 @@ def test_a_system_another_process_is_training_is_refused(tmp_path, small_csv):
     assert CliRunner().invoke(app, [*train, "tfidf-logreg"]).exit_code == 0
     partial = out / "systems" / ".encoder-probe.partial"
     partial.mkdir(parents=True)
+    before = (out / "config.yaml").read_text()
     with rundir.locked(partial):  # what a job training encoder-probe holds
         busy = CliRunner().invoke(app, [*train, "encoder-probe"])
+        # one command for a new system and the busy one: refused, and it leaves the run as it was
+        # (it wrote the new system into config.yaml, and the busy job's own command was then refused)
+        both = CliRunner().invoke(app, ["run", "smoke", "--data", str(small_csv), "--out", str(out), "--systems",
+                                        "tfidf-logreg,encoder-probe,encoder-lora"])
+        assert both.exit_code == 2 and "another tailtune process is training encoder-probe" in both.stderr
+        assert (out / "config.yaml").read_text() == before
+        assert not (out / "systems" / ".encoder-lora.partial").exists()
     assert busy.exit_code == 2, busy.output
     assert busy.stderr.strip() == (
         f"error: another tailtune process is training encoder-probe in {out}; let it finish, "
@@ -158,3 +166,48 @@ def test_tune_trials_of_two_jobs_both_stay_in_tune_json(tmp_path):
     assert set(json.loads((tmp_path / TUNE_FILE).read_text())["trials"]) == {"a lr=1", "b lr=1"}
     _record(tmp_path, "other rows", "c lr=1", {"val_macro_f1": 0.3})  # another search: starts over
     assert set(json.loads((tmp_path / TUNE_FILE).read_text())["trials"]) == {"c lr=1"}
+
+
+def test_outputs_get_the_mode_any_new_file_gets(tmp_path):
+    """mkstemp / mkdtemp make files 0600 and folders 0700: config.yaml, comparison.csv, metrics.json,
+    predict's output, model/ and export folders all came out unreadable to the group (a review)."""
+    old = os.umask(0o022)
+    try:
+        written = rundir.write_text(tmp_path / "comparison.csv", "system\n")
+        assert written.stat().st_mode & 0o777 == 0o644
+        existing = tmp_path / "out.csv"
+        existing.write_text("old")
+        assert rundir.write_text(existing, "new").stat().st_mode & 0o777 == 0o644  # was turned into 0600
+        folder = rundir.temp_dir(tmp_path / "model")
+        assert folder.stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)
+        assert rundir.write_text(tmp_path / "private.csv", "x").stat().st_mode & 0o777 == 0o600  # the user's choice
+    finally:
+        os.umask(old)
+
+
+def test_a_finished_system_with_a_missing_or_cut_file_is_trained_again(tmp_path, small_csv):
+    """A finished system whose adapter weights were deleted was "done already (skipped)", and
+    predict on it then failed with an internal error (a review)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tailtune.cli import app
+
+    out = tmp_path / "run"
+    command = ["run", "smoke", "--data", str(small_csv), "--out", str(out), "--systems", "tfidf-logreg,encoder-lora",
+               "--no-report"]
+    assert CliRunner().invoke(app, command).exit_code == 0
+    system = out / "systems" / "encoder-lora"
+    files = json.loads((system / "files.json").read_text())
+    weights = next(name for name in files if name.endswith(".safetensors"))
+    expected = (system / "predictions.csv").read_text()
+    (system / weights).unlink()
+    again = CliRunner().invoke(app, command)
+    assert again.exit_code == 0, again.output
+    assert "encoder-lora is incomplete (a file is missing or cut); training it again" in again.output
+    assert "tfidf-logreg" in again.output and (system / weights).is_file()
+    assert (system / "predictions.csv").read_text() == expected
+    (system / weights).write_bytes((system / weights).read_bytes()[:-8])  # cut
+    assert "training it again" in CliRunner().invoke(app, command).output

@@ -17,10 +17,10 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tailtune import rundir
 from tailtune.errors import TailtuneError
 
 BUNDLED = {
@@ -340,7 +340,7 @@ def _remove_stale_temporaries(target: Path) -> None:
 
 def _atomic_save_dir(target: Path, write) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    tmp = rundir.temp_dir(target)
     try:
         write(tmp)
         try:

@@ -392,14 +392,13 @@ class TextClassifier:
         The files are written into a temporary sibling folder that replaces ``path`` when all
         of them are complete, so a failed save leaves the old folder (or none), never half a model.
         """
-        import tempfile
 
         from tailtune import rundir
 
         _check_fitted(self)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        tmp = rundir.temp_dir(path)
         try:
             self._write(tmp)
             rundir.replace_dir(tmp, path)

@@ -35,13 +35,13 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from tailtune import rundir
 from tailtune.errors import TailtuneError
 
 # Largest |merged - unmerged| logit allowed on export, in fp32. Merging reorders float sums
@@ -548,7 +548,7 @@ def export_merged(
     ``texts`` (default :func:`check_texts`); above ``tolerance`` nothing is written. The record,
     with the measured ``max_abs_logit_diff``, is saved as ``<outdir>/tailtune_export.json``.
     """
-    from tailtune import methods, rundir
+    from tailtune import methods
     from tailtune.backbones import quiet_transformers
     from tailtune.classifier import TextClassifier
 
@@ -577,7 +577,7 @@ def export_merged(
     reference = clf.predict_logits(texts)  # (N, C) unmerged
     source_method = clf.method
     outdir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}."))
+    tmp = rundir.temp_dir(outdir)
     try:
         written = EXPORT_FORMATS[fmt](clf, tmp, tolerance)
         diff = float(np.abs(_reloaded_logits(fmt, tmp, texts) - reference).max())

@@ -244,7 +244,23 @@ def _finished(system_dir: Path, n_test: int) -> bool:
         preds = pd.read_csv(system_dir / "predictions.csv")
     except (OSError, ValueError):
         return False
-    return "macro_f1" in metrics and len(preds) == n_test and (system_dir / "model" / "tailtune.json").exists()
+    if not ("macro_f1" in metrics and len(preds) == n_test and (system_dir / "model" / "tailtune.json").exists()):
+        return False
+    try:  # every file the system was written with, at its size (runs before files.json: not checked)
+        files = rundir.read_json(system_dir / FILES)
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return all((system_dir / name).is_file() and (system_dir / name).stat().st_size == size
+               for name, size in files.items())
+
+
+FILES = "files.json"  # a system folder's files and their sizes, written last: a deleted or cut file is seen
+
+
+def _list_files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def run(cfg: Config, console=None, report: bool = True, *, named_only: bool = False) -> Path:
@@ -316,8 +332,12 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
     try:
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            cfg = ctx.cfg = _save_config(out, cfg, keep_others=named_only)
-            _hold(out, specs, held)
+            if (out / "config.yaml").exists():  # hold first: a refused command leaves the run as it was
+                _hold(out, specs, held)
+                cfg = ctx.cfg = _save_config(out, cfg, keep_others=named_only)
+            else:  # a new run directory holds a config before anything else
+                cfg = ctx.cfg = _save_config(out, cfg, keep_others=named_only)
+                _hold(out, specs, held)
             rundir.write_json(out / "data.json", data.summary)
     except OSError:
         if created:  # e.g. disk full: leave no run directory that holds no run
@@ -348,6 +368,8 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
             m = rundir.read_json(system_dir / "metrics.json")
             console.print(f"  done already: macro-F1 {m['macro_f1']:.3f} (skipped)")
             continue
+        if system_dir.is_dir():
+            console.print(f"  {system_dir} is incomplete (a file is missing or cut); training it again", markup=False)
         tmp = partial / "staging"
         shutil.rmtree(tmp, ignore_errors=True)  # files of a killed attempt; its checkpoints are kept
         tmp.mkdir(parents=True)
@@ -377,6 +399,7 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
                     "confidence": outcome.proba.max(axis=1).round(6),
                 }),
             )
+            rundir.write_json(tmp / FILES, _list_files(tmp))
             system_dir.parent.mkdir(parents=True, exist_ok=True)
             rundir.replace_dir(tmp, system_dir)
             shutil.rmtree(partial, ignore_errors=True)
@@ -415,10 +438,16 @@ def _hold(out: Path, specs, held: contextlib.ExitStack) -> None:
     Taken before the run decides what is finished: a system whose lock this process gets is
     either finished or in nobody else's hands, never half-trained by another job.
     """
+    made = []
     for spec in specs:
         partial = out / "systems" / f".{spec.name}.partial"
-        partial.mkdir(parents=True, exist_ok=True)
+        if not partial.is_dir():
+            partial.mkdir(parents=True)
+            made.append(partial)
         if not held.enter_context(rundir.locked(partial, wait=False)):
+            for folder in made:  # nothing of this command stays behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise TailtuneError(
                 f"another tailtune process is training {spec.name} in {out}; let it finish, "
                 f"or leave {spec.name} out of this command"

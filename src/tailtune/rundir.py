@@ -21,6 +21,21 @@ from pathlib import Path
 import numpy as np
 
 
+def default_mode(path: Path | str, folder: bool = False) -> None:
+    """Give ``path`` the mode a new file (0666) or folder (0777) gets under the umask: mkstemp
+    and mkdtemp make them private (0600 / 0700), and every output came out unreadable to others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
+
+
+def temp_dir(target: Path) -> Path:
+    """A new empty folder next to ``target`` (``.<name>.<random>``), to be renamed into place."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    default_mode(tmp, folder=True)
+    return tmp
+
+
 def atomic_write(path: Path, write: Callable, binary: bool = False) -> Path:
     """Call ``write(fileobj)`` on a temp file next to ``path``, then rename it into place."""
     path = Path(path)
@@ -31,6 +46,7 @@ def atomic_write(path: Path, write: Callable, binary: bool = False) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        default_mode(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from tailtune import rundir
 from tailtune.deploy import (
     ENCODING_HINT,
     _open_table,
@@ -162,7 +162,7 @@ def predict_ray(
             **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
         )
         output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+        tmp = rundir.temp_dir(output_dir)
         try:
             ray_data_log = logging.getLogger("ray.data")
             level = ray_data_log.level

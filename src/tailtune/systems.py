@@ -25,6 +25,7 @@ import json
 import math
 import time
 import typing
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,14 +238,19 @@ class Context:
 
         bb_cfg = getattr(self.cfg, slot)
         # Features computed in another precision (another machine: bf16 where native) are recomputed.
+        # "split": special-token strings in a text are read as text (backbones.load_tokenizer), since 2026-12-02
         key = json.dumps(
-            [vars(bb_cfg), self.data.summary["splits"], self.cfg.data.seed, resolve_precision("auto")], sort_keys=True
+            [vars(bb_cfg), self.data.summary["splits"], self.cfg.data.seed, resolve_precision("auto"), "split"],
+            sort_keys=True,
         )
         cache = self.cache_dir / f"{slot}-{split}-features.npz"
         if cache.exists():
-            stored = np.load(cache, allow_pickle=False)
-            if str(stored["key"]) == key:
-                return stored["features"]
+            try:
+                with np.load(cache, allow_pickle=False) as stored:
+                    if str(stored["key"]) == key:
+                        return stored["features"]
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):  # damaged: computed again
+                pass
         if not hasattr(probe, "model_"):
             probe.load_encoder(probe.backbone_)
         texts = self.data.texts(split)

@@ -9,6 +9,7 @@ that an interrupted run resumes from with the same result as an uninterrupted on
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -170,7 +171,8 @@ def fit(
     resume = None
     if work_dir is not None:
         with dist.main_process_first():  # the main process deletes incomplete checkpoints first
-            resume = _resume_point(Path(work_dir), clean=dist.is_main_process)
+            resume = _resume_point(Path(work_dir), clean=dist.is_main_process,
+                                   console=console if dist.is_main_process else None)
     # A probe's score can differ in the last bit between GPUs; selection must not.
     start_val_f1 = broadcast_object_list([start_val_f1])[0]
     saved = rundir.read_json(resume / SELECTION_FILE) if resume is not None else None
@@ -340,22 +342,52 @@ def _fit_key(model, train_ids, y, val_ids, val_y, train: TrainConfig, backbone: 
     return digest.hexdigest()[:16]
 
 
-def _resume_point(work_dir: Path, clean: bool = True) -> Path | None:
+def _resume_point(work_dir: Path, clean: bool = True, console=None) -> Path | None:
     """The latest complete checkpoint in ``work_dir``, or None; with ``clean`` every other checkpoint folder is deleted.
 
     A kill can leave a half-written newest checkpoint (no selection file yet) next to the
-    complete one before it; the half-written one is discarded.
+    complete one before it; the half-written one is discarded. So is one whose files cannot be
+    read back (torn by a power loss, or edited): it failed every later run with
+    "SafetensorError" or "PytorchStreamReader failed", and nothing said to delete it.
     """
     found = {
         int(p.name.removeprefix("checkpoint-")): p
         for p in work_dir.glob("checkpoint-*")
         if p.name.removeprefix("checkpoint-").isdigit() and (p / SELECTION_FILE).is_file()
     }
-    keep = found[max(found)] if found else None
+    keep = None
+    for step in sorted(found, reverse=True):
+        problem = _damaged(found[step])
+        if problem is None:
+            keep = found[step]
+            break
+        if console is not None:
+            console.print(f"  {found[step]} is damaged ({problem}); not resumed from it", markup=False)
     for p in work_dir.glob("checkpoint-*") if clean else ():
         if p != keep:
             shutil.rmtree(p, ignore_errors=True)
     return keep
+
+
+def _damaged(folder: Path) -> str | None:
+    """Why checkpoint ``folder`` cannot be read back (its first bad file), or None when every file reads."""
+    import zipfile
+
+    from safetensors.torch import load_file
+
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".safetensors":
+                load_file(file)
+            elif file.suffix in (".pt", ".pth", ".bin"):  # torch.save writes a zip; testzip checks every CRC
+                with zipfile.ZipFile(file) as archive:
+                    if archive.testzip() is not None:
+                        raise ValueError("a damaged member")
+        except Exception as exc:  # noqa: BLE001 - any reader's error means the file is unusable
+            return f"{file.name}: {str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}"
+    return None
 
 
 def _load_trainable(model, folder: Path) -> None:
