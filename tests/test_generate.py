@@ -308,3 +308,40 @@ def test_a_generate_system_prints_and_records_its_lr_and_settings(tmp_path, lear
     assert "label generation, lr 0.02;" in " ".join(result.stdout.split()), result.output
     info = json.loads((out / "systems" / name / "metrics.json").read_text())["system"]
     assert info["lr"] == 0.02 and info["settings"] == {"lr": 0.02, "epochs": 12, "rank": 8}
+
+
+def test_fit_interrupted_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """decoder-generate trained in a temporary folder with no checkpoints: an interrupted run
+    started over from step 0 (a review). It now resumes as the classifiers do, and the epoch
+    that ended at the checkpoint's step keeps its validation score."""
+    from test_resume import _without_volatile
+    from transformers import Trainer
+
+    train_x, train_y = keyword_task(64, seed=0)
+    val_x, val_y = keyword_task(16, seed=1)
+
+    def fit(work_dir=None):
+        return _classifier("tiny:qwen2", lr=1e-2, epochs=4).fit(
+            train_x, train_y, val_texts=val_x, val_labels=val_y, work_dir=work_dir)
+
+    reference = fit()
+    assert [e["step"] for e in reference.history_["evals"]] == [8, 16, 24, 32]  # 8 steps an epoch
+    step = Trainer.training_step
+    calls = []
+
+    def interrupt_at_step_19(self, *args, **kwargs):  # a checkpoint each epoch (8 steps): resumes from 16
+        calls.append(1)
+        if len(calls) == 19:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", interrupt_at_step_19)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path)
+    monkeypatch.setattr(Trainer, "training_step", step)
+    resumed = fit(tmp_path)
+    assert resumed.history_["resumed_at_steps"] == [16]
+    assert _without_volatile(resumed.history_) == _without_volatile(reference.history_)
+    np.testing.assert_array_equal(resumed.label_scores(val_x), reference.label_scores(val_x))
+    again = fit(tmp_path)  # finished: kept from the last checkpoint, not trained further
+    np.testing.assert_array_equal(again.label_scores(val_x), reference.label_scores(val_x))

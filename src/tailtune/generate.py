@@ -28,6 +28,7 @@ selection on validation macro-F1 sees the adjusted scores.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -302,19 +303,32 @@ class GenerativeClassifier:
         classes: list[str] | None = None,
         backbone: backbones.Backbone | None = None,
         console=None,
+        work_dir: str | Path | None = None,
     ) -> GenerativeClassifier:
         """Instruction-tune on ``texts``/``labels``; keep the epoch with the best val macro-F1.
 
         Without validation data, or with a single epoch, validation is not scored and every
-        epoch is kept in turn (the last one wins).
+        epoch is kept in turn (the last one wins). ``work_dir`` makes training resumable as
+        :func:`tailtune.train.fit`'s is: the same lean checkpoints (LoRA weights, optimizer,
+        scheduler, RNG states, data order, the best state and the history), the latest kept, and
+        a later call with the same arguments continues from it to the same result. Validation
+        runs when an epoch's last step ends, before that step's checkpoint is written.
         """
         import torch
-        from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+        from transformers import TrainerCallback
 
-        from tailtune import methods
+        from tailtune import methods, rundir
         from tailtune.classifier import count_params
         from tailtune.metrics import macro_f1
-        from tailtune.train import _rich_progress, resolve_precision
+        from tailtune.train import (
+            BEST_FILE,
+            SELECTION_FILE,
+            _fit_key,
+            _load_trainable,
+            _resume_point,
+            _rich_progress,
+            resolve_precision,
+        )
 
         self.classes_ = list(classes) if classes is not None else sorted(set(labels))
         index = {c: i for i, c in enumerate(self.classes_)}
@@ -353,7 +367,11 @@ class GenerativeClassifier:
 
         cuda = torch.cuda.is_available()
         per_step = self.backbone.batch_size * self.train.grad_accum
-        total_steps = max(1, math.ceil(math.ceil(len(rows) / per_step) * epochs))
+        steps_per_epoch = max(1, math.ceil(len(rows) / per_step))
+        total_steps = max(1, math.ceil(steps_per_epoch * epochs))
+        save_steps = 0
+        if work_dir is not None:
+            save_steps = max(1, math.ceil(steps_per_epoch / self.train.eval_per_epoch)) * self.train.checkpoint_every
         lr = self.backbone.lr if self.backbone.lr is not None else self.train.lr
         trainable = [p for p in self.model_.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=self.train.weight_decay)
@@ -364,10 +382,46 @@ class GenerativeClassifier:
         best = {"f1": -1.0, "state": None, "step": 0, "bad": 0}
         clf = self
 
-        class Select(TrainerCallback):
-            """Score val after each epoch; keep the best LoRA state; stop after ``patience`` bad epochs."""
+        resume = _resume_point(Path(work_dir), console=console) if work_dir is not None else None
+        saved = rundir.read_json(resume / SELECTION_FILE) if resume is not None else None
+        key = _fit_key(self.model_, [r["input_ids"] for r in rows], np.array([index[c] for c in labels]),
+                       val_prompts, val_y if has_val else np.array([], dtype=np.int64), self.train, self.backbone,
+                       None)
+        key = hashlib.sha256(json.dumps([key, self.template, self.label_template, self.prior_tau]).encode()).hexdigest()[:16]
+        if saved is not None and saved.get("fit") != key:
+            raise TailtuneError(
+                f"{work_dir} holds checkpoints of another fit (other data, settings or model); pass another "
+                "work_dir, or delete it to train from the start"
+            )
+        if saved is not None:
+            from safetensors.torch import load_file
 
-            def on_epoch_end(self, args, state, control, **kwargs):
+            history.update(saved["history"])
+            history.setdefault("resumed_at_steps", []).append(saved["step"])
+            history["seconds_before_resume"] = saved["seconds"]
+            best.update(saved["best"], state=load_file(resume / BEST_FILE) if (resume / BEST_FILE).exists() else None)
+        started = time.perf_counter()
+
+        def on_checkpoint(folder: Path, state, control) -> None:
+            """The selection state next to the Trainer's checkpoint; written last, it marks it complete."""
+            from safetensors.torch import save_file
+
+            if best["state"] is not None:
+                save_file(best["state"], folder / BEST_FILE)
+            rundir.write_json(folder / SELECTION_FILE, {
+                "step": state.global_step, "epoch": state.epoch, "done": bool(control.should_training_stop),
+                "fit": key, "processes": 1,
+                "seconds": history.get("seconds_before_resume", 0.0) + time.perf_counter() - started,
+                "best": {k: best[k] for k in ("f1", "step", "bad")}, "history": history,
+            })
+
+        class Select(TrainerCallback):
+            """Score val when an epoch's last step ends (before its checkpoint); keep the best LoRA
+            state; stop after ``patience`` bad epochs."""
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step % steps_per_epoch and state.global_step < total_steps:
+                    return
                 f1 = acc = None
                 if has_val:
                     scores = score_labels(
@@ -400,19 +454,55 @@ class GenerativeClassifier:
 
         callbacks = [Select()]
         if console is not None:
+            if resume is not None:
+                console.print(f"  resuming from step {saved['step']}/{total_steps} ({resume})", markup=False)
             callbacks.append(_rich_progress(console, total_steps))
+
+        if saved is not None and saved["done"]:  # killed after training ended: the checkpoint holds it all
+            _load_trainable(self.model_, resume)
+        else:
+            self._train_steps(rows, collate, optimizer, scheduler, callbacks, epochs, total_steps, save_steps,
+                              work_dir, on_checkpoint, resume, cuda)
+        self.train_seconds_ = history.get("seconds_before_resume", 0.0) + time.perf_counter() - started
+        if best["state"] is not None:
+            with torch.no_grad():
+                params = dict(self.model_.named_parameters())
+                for name, value in best["state"].items():
+                    params[name].copy_(value)
+        last = history["evals"][-1] if history["evals"] else {"epoch": epochs}
+        history.update(
+            best_val_macro_f1=best["f1"] if has_val else None, best_step=best["step"],
+            epochs_run=last["epoch"], stopped_early=history.get("stopped_early", False),
+        )
+        self.history_ = history
+        self.model_.eval()
+        return self
+
+    def _train_steps(self, rows, collate, optimizer, scheduler, callbacks, epochs, total_steps, save_steps,
+                     work_dir, on_checkpoint, resume, cuda) -> None:
+        """The Trainer run of :meth:`fit`: rows shuffled each epoch (from the seed and the epoch
+        alone, so a resumed epoch replays its order), lean checkpoints in ``work_dir``. Not
+        length-grouped: on a task whose label shows in the prompt's length, batches sorted by
+        length hold one label each, and training collapsed on one label."""
         import tempfile
 
-        started = time.perf_counter()
+        import torch
+        from transformers import PrinterCallback, TrainingArguments
+
+        from tailtune.train import _trainer_class
+
+        trainer_cls = _trainer_class(lambda g: torch.randperm(len(rows), generator=g).tolist(), len(rows),
+                                     self.train.seed, on_checkpoint)
         with tempfile.TemporaryDirectory(prefix="tailtune-generate-") as tmp:
             args = TrainingArguments(
-                output_dir=tmp,
+                output_dir=str(work_dir or tmp),
                 per_device_train_batch_size=self.backbone.batch_size,
                 gradient_accumulation_steps=self.train.grad_accum,
                 num_train_epochs=epochs,
                 max_steps=total_steps,
                 eval_strategy="no",
-                save_strategy="no",
+                save_strategy="steps" if save_steps else "no",
+                save_steps=max(save_steps, 1),
                 logging_strategy="steps",
                 logging_steps=max(1, total_steps // 20),
                 report_to=[],
@@ -427,25 +517,12 @@ class GenerativeClassifier:
                 disable_tqdm=True,
                 max_grad_norm=1.0,
             )
-            trainer = Trainer(
+            trainer = trainer_cls(
                 model=self.model_, args=args, train_dataset=rows, data_collator=collate,
                 optimizers=(optimizer, scheduler), callbacks=callbacks,
             )
             trainer.remove_callback(PrinterCallback)
-            trainer.train()
-        self.train_seconds_ = time.perf_counter() - started
-        if best["state"] is not None:
-            with torch.no_grad():
-                params = dict(self.model_.named_parameters())
-                for name, value in best["state"].items():
-                    params[name].copy_(value)
-        history.update(
-            best_val_macro_f1=best["f1"] if has_val else None, best_step=best["step"],
-            epochs_run=trainer.state.epoch, stopped_early=history.get("stopped_early", False),
-        )
-        self.history_ = history
-        self.model_.eval()
-        return self
+            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
 
     # -- inference
 
@@ -597,8 +674,10 @@ def load_predictor(folder: Path, *, merged, precision, device, batch_size):
 # ----------------------------------------------------------------------------- system
 
 
-def run_system(spec, ctx, model_dir: Path):
-    """Train ``decoder-generate`` on the run's data, save it in ``model_dir``, return its Outcome."""
+def run_system(spec, ctx, model_dir: Path, work_dir: Path | None = None):
+    """Train ``decoder-generate`` on the run's data, save it in ``model_dir``, return its Outcome.
+
+    ``work_dir`` holds its checkpoints, so an interrupted run continues where it was."""
     import dataclasses
 
     from tailtune.systems import COVERAGE_WARNING, GuardFailure, Outcome, _bar
@@ -618,7 +697,7 @@ def run_system(spec, ctx, model_dir: Path):
     clf.fit(
         data.texts("train"), data.split("train")["label"].tolist(),
         val_texts=data.texts("val"), val_labels=data.split("val")["label"].tolist(),
-        classes=data.classes, backbone=ctx.backbone(spec.slot), console=ctx.console,
+        classes=data.classes, backbone=ctx.backbone(spec.slot), console=ctx.console, work_dir=work_dir,
     )
     texts = data.texts("test")
     with _bar(ctx.console, "  scoring labels (test)", len(texts)) as advance:

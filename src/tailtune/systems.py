@@ -528,7 +528,7 @@ def _guards(clf, test_logits: np.ndarray, model_dir: Path, data, probe_val_f1) -
 def _run_generate(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path | None = None) -> Outcome:
     from tailtune.generate import run_system as run_generate
 
-    return run_generate(spec, ctx, model_dir)
+    return run_generate(spec, ctx, model_dir, work_dir)
 
 
 RUNNERS = {"baseline": _run_tfidf, "probe": _run_probe, "finetune": _run_finetune, "generate": _run_generate}
