@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tailtune import backbones
+from tailtune import backbones, rundir
 from tailtune.errors import TailtuneError
 
 EXPECTED = {
@@ -175,10 +175,33 @@ def test_a_killed_conversion_leaves_no_temporary_folder_behind(tmp_path):
     stale, fresh = tmp_path / "gguf" / ".SmolLM2-abc.x1", tmp_path / "gguf" / ".SmolLM2-abc.x2"
     for folder in (stale, fresh):
         (folder / "sub").mkdir(parents=True)
-    old = time.time() - backbones.STALE_SECONDS - 60
+    old = time.time() - rundir.STALE_SECONDS - 60
     os.utime(stale, (old, old))
-    backbones._remove_stale_temporaries(target)
-    assert not stale.exists() and fresh.exists()  # a conversion running now keeps its folder
+    stale_file = tmp_path / "gguf" / ".SmolLM2-abc.x3.tmp"  # what atomic_write leaves (predict --output)
+    stale_file.write_text("partial")
+    os.utime(stale_file, (old, old))
+    rundir.remove_stale(target)
+    assert not stale.exists() and not stale_file.exists() and fresh.exists()  # work in progress is kept
+
+
+def test_a_read_only_cache_fails_before_converting(tmp_path, monkeypatch):
+    """A read-only TAILTUNE_CACHE failed only after the whole conversion (30 s for SmolLM2)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("converted before checking the cache")
+
+    def read_only(target):  # root writes anywhere, so the refusal is simulated
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(backbones.rundir, "temp_dir", read_only)
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(TailtuneError, match=r"cannot write the converted model to .+ \(Permission denied\); set "
+                                            "TAILTUNE_CACHE to a writable folder"):
+        backbones.convert_gguf(gguf)
 
 
 def test_a_cached_hub_model_loads_without_the_hub_when_it_cannot_be_reached(tmp_path):

@@ -305,7 +305,8 @@ def convert_gguf(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    _remove_stale_temporaries(target)
+    rundir.remove_stale(target)
+    _check_cache_writable(target.parent)
     Console(stderr=True).print(f"converting {gguf.name} to a transformers folder (once)...", style="dim", markup=False)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -325,17 +326,16 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-STALE_SECONDS = 3600  # a conversion takes under a minute; an older temporary folder was killed mid-way
-
-
-def _remove_stale_temporaries(target: Path) -> None:
-    """Remove temporary folders of conversions to ``target`` that were killed (239 MB each for SmolLM2)."""
-    import time
-
-    for tmp in target.parent.glob(f".{target.name}.*"):
-        with contextlib.suppress(OSError):
-            if tmp.is_dir() and time.time() - tmp.stat().st_mtime > STALE_SECONDS:
-                shutil.rmtree(tmp, ignore_errors=True)
+def _check_cache_writable(folder: Path) -> None:
+    """Fail before a conversion of a minute, not after it, when the cache cannot take its result."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        rundir.temp_dir(folder / "write-check").rmdir()
+    except OSError as exc:
+        raise TailtuneError(
+            f"cannot write the converted model to {folder} ({exc.strerror or exc}); set TAILTUNE_CACHE "
+            "to a writable folder"
+        ) from None
 
 
 def _atomic_save_dir(target: Path, write) -> None:

@@ -577,6 +577,7 @@ def export_merged(
     reference = clf.predict_logits(texts)  # (N, C) unmerged
     source_method = clf.method
     outdir.parent.mkdir(parents=True, exist_ok=True)
+    rundir.remove_stale(outdir)
     tmp = rundir.temp_dir(outdir)
     try:
         written = EXPORT_FORMATS[fmt](clf, tmp, tolerance)
@@ -893,6 +894,7 @@ def predict_file(
                 rows += len(frame)
         sink.close()
 
+    rundir.remove_stale(output_path)
     atomic_write(output_path, write, binary=True)
     result = {
         "rows": rows,

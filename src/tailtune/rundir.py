@@ -36,6 +36,23 @@ def temp_dir(target: Path) -> Path:
     return tmp
 
 
+STALE_SECONDS = 3600  # a temporary sibling older than this belongs to a process that was killed
+
+
+def remove_stale(target: Path) -> None:
+    """Remove temporary siblings of ``target`` (``.<name>.*``, from :func:`atomic_write` and
+    :func:`temp_dir`) older than :data:`STALE_SECONDS`: a killed process leaves them, at the
+    full size it had reached (239 MB for a GGUF conversion). A younger one may be another
+    process's work in progress and is kept."""
+    import time
+
+    target = Path(target)
+    for tmp in target.parent.glob(f".{target.name}.*"):
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+
+
 def atomic_write(path: Path, write: Callable, binary: bool = False) -> Path:
     """Call ``write(fileobj)`` on a temp file next to ``path``, then rename it into place."""
     path = Path(path)
