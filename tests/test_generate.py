@@ -314,8 +314,7 @@ def test_fit_interrupted_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     """decoder-generate trained in a temporary folder with no checkpoints: an interrupted run
     started over from step 0 (a review). It now resumes as the classifiers do, and the epoch
     that ended at the checkpoint's step keeps its validation score."""
-    from test_resume import _without_volatile
-    from transformers import Trainer
+    from test_resume import _without_volatile, interrupt_at_step
 
     train_x, train_y = keyword_task(64, seed=0)
     val_x, val_y = keyword_task(16, seed=1)
@@ -326,19 +325,7 @@ def test_fit_interrupted_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
 
     reference = fit()
     assert [e["step"] for e in reference.history_["evals"]] == [8, 16, 24, 32]  # 8 steps an epoch
-    step = Trainer.training_step
-    calls = []
-
-    def interrupt_at_step_19(self, *args, **kwargs):  # a checkpoint each epoch (8 steps): resumes from 16
-        calls.append(1)
-        if len(calls) == 19:
-            raise KeyboardInterrupt
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "training_step", interrupt_at_step_19)
-    with pytest.raises(KeyboardInterrupt):
-        fit(tmp_path)
-    monkeypatch.setattr(Trainer, "training_step", step)
+    interrupt_at_step(monkeypatch, 19, lambda: fit(tmp_path))  # a checkpoint each epoch (8 steps): resumes from 16
     resumed = fit(tmp_path)
     assert resumed.history_["resumed_at_steps"] == [16]
     assert _without_volatile(resumed.history_) == _without_volatile(reference.history_)

@@ -219,9 +219,27 @@ def _fit(corpus, arch, weighting, work_dir=None, patience=100):
     )
 
 
+def interrupt_at_step(monkeypatch, n: int, fit) -> None:
+    """Run ``fit()`` with a Ctrl-C at the ``n``-th training step, as a user's would arrive."""
+    from transformers import Trainer
+
+    step = Trainer.training_step
+    calls = []
+
+    def interrupting(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        fit()
+    monkeypatch.setattr(Trainer, "training_step", step)
+
+
 @pytest.mark.parametrize(("arch", "weighting"), [("bert", "none"), ("qwen2", "balanced_sampling")])
 def test_fit_resumed_mid_epoch_equals_uninterrupted_fit(tmp_path, monkeypatch, corpus, arch, weighting):
-    from transformers import Trainer
 
     texts = corpus[2]
     reference = _fit(corpus, arch, weighting)
@@ -230,19 +248,7 @@ def test_fit_resumed_mid_epoch_equals_uninterrupted_fit(tmp_path, monkeypatch, c
 
     # 10 steps per epoch, a checkpoint every 5, a loss logged every 2 (40 steps / 20): interrupted
     # at step 18, it resumes from step 15, between two logs, in the middle of epoch 2.
-    step = Trainer.training_step
-    calls = []
-
-    def interrupt_at_step_18(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 18:
-            raise KeyboardInterrupt
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "training_step", interrupt_at_step_18)
-    with pytest.raises(KeyboardInterrupt):
-        _fit(corpus, arch, weighting, work_dir=tmp_path / "ckpt")
-    monkeypatch.setattr(Trainer, "training_step", step)
+    interrupt_at_step(monkeypatch, 18, lambda: _fit(corpus, arch, weighting, work_dir=tmp_path / "ckpt"))
     resumed = _fit(corpus, arch, weighting, work_dir=tmp_path / "ckpt")
 
     assert resumed.history_["resumed_at_steps"] == [15]
