@@ -206,3 +206,39 @@ def test_ctrl_c_says_whether_the_same_command_resumes(capsys):
         with pytest.raises(typer.Exit) as stopped:
             friendly(fn)()
         assert stopped.value.exit_code == 130 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raised", ["ctrl-c", "ctrl-c inside an import", "import error"])
+def test_a_ctrl_c_that_comes_out_as_another_error_is_still_an_interruption(monkeypatch, raised):
+    """Ctrl-C during `export`'s imports once gave "error: internal error ImportError: initialization
+    failed" and exit 1 (a review): the KeyboardInterrupt was in the ImportError's chain."""
+    from typer.testing import CliRunner
+
+    from tailtune import config
+    from tailtune.cli import app
+
+    def interrupted():
+        if raised == "ctrl-c":
+            raise KeyboardInterrupt
+        try:
+            if raised == "import error":
+                raise ValueError("bad build")
+            raise KeyboardInterrupt
+        except BaseException as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(config, "available_presets", interrupted)
+    result = CliRunner().invoke(app, ["presets"])
+    if raised == "import error":  # a real one stays an internal error
+        assert result.exit_code == 1 and result.stderr.startswith("error: internal error ImportError")
+    else:
+        assert result.exit_code == 130
+        assert result.stderr.strip() == "interrupted: nothing was written (outputs appear only when complete)"
+
+
+def test_output_piped_into_a_reader_that_stops_is_not_an_error(tmp_path):
+    """`tailtune presets | head -1` printed "error: Broken pipe" once head had its line."""
+    err = tmp_path / "err.txt"
+    shell = f'"{sys.executable}" -m tailtune.cli presets 2>"{err}" | true; echo "${{PIPESTATUS[0]}}"'
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "0" and err.read_text() == ""

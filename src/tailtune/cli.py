@@ -6,7 +6,6 @@ import errno
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 
 import typer
@@ -32,47 +31,67 @@ def friendly(fn):
     def wrapper(*args, **kwargs):
         import warnings
 
-        from tailtune.errors import TailtuneError
-
         # Deprecation chatter from dependencies is for their developers, not for our users.
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
             return fn(*args, **kwargs)
-        except TailtuneError as exc:
-            if not (os.environ.get("TAILTUNE_WORKER") and os.environ.get("RANK", "0") != "0"):
-                typer.echo(f"error: {exc}", err=True)  # bad input fails every rank alike: rank 0 says it
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo(
-                "interrupted: finished work is kept; run the same command again to resume"
-                if fn.__name__ in RESUMABLE
-                else "interrupted: nothing was written (outputs appear only when complete)",
-                err=True,
-            )
-            raise typer.Exit(130) from None
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                where = f" writing {exc.filename}" if exc.filename else ""
-                typer.echo(
-                    f"error: no space left on device{where}; free some space and run the same command "
-                    "again (finished work is kept)",
-                    err=True,
-                )
-            else:
-                typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
-            raise typer.Exit(2) from None
-        except Exception as exc:
-            if os.environ.get("TAILTUNE_DEBUG"):
-                raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            typer.echo(
-                f"error: internal error {type(exc).__name__}: {first} (set TAILTUNE_DEBUG=1 for a traceback)",
-                err=True,
-            )
-            raise typer.Exit(1) from None
+        except (KeyboardInterrupt, Exception) as exc:
+            _exit_for(exc, fn.__name__)
 
     return wrapper
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """A Ctrl-C, also one that arrived inside a library and came out as another error (an
+    ImportError "initialization failed" while a C extension loaded): found in the exception's chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _exit_for(exc: BaseException, command: str):
+    """One line on stderr for ``exc`` and the exit code: 2 bad input, 130 Ctrl-C, 1 internal error."""
+    from tailtune.errors import TailtuneError
+
+    if isinstance(exc, TailtuneError):
+        if not (os.environ.get("TAILTUNE_WORKER") and os.environ.get("RANK", "0") != "0"):
+            typer.echo(f"error: {exc}", err=True)  # bad input fails every rank alike: rank 0 says it
+        raise typer.Exit(2) from None
+    if _interrupted(exc):
+        typer.echo(
+            "interrupted: finished work is kept; run the same command again to resume"
+            if command in RESUMABLE
+            else "interrupted: nothing was written (outputs appear only when complete)",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    if isinstance(exc, OSError):
+        if exc.errno == errno.EPIPE:  # `tailtune presets | head -1`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # no second error when stdout is flushed at exit
+            raise typer.Exit(0) from None
+        if exc.errno == errno.ENOSPC:
+            where = f" writing {exc.filename}" if exc.filename else ""
+            typer.echo(
+                f"error: no space left on device{where}; free some space and run the same command "
+                "again (finished work is kept)",
+                err=True,
+            )
+        else:
+            typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+        raise typer.Exit(2) from None
+    if os.environ.get("TAILTUNE_DEBUG"):
+        raise exc
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    typer.echo(
+        f"error: internal error {type(exc).__name__}: {first} (set TAILTUNE_DEBUG=1 for a traceback)",
+        err=True,
+    )
+    raise typer.Exit(1) from None
 
 
 TEXT_OPTIONS = {"data.path", "data.label_column", "data.text_column", "data.encoding", "out"}
@@ -404,7 +423,12 @@ def serve(
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())
+    import signal
+
+    try:
+        app()
+    finally:  # the command is over: a Ctrl-C now would only break atexit clean-up with a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
