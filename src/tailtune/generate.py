@@ -28,7 +28,6 @@ selection on validation macro-F1 sees the adjusted scores.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -317,14 +316,14 @@ class GenerativeClassifier:
         import torch
         from transformers import TrainerCallback
 
-        from tailtune import methods, rundir
+        from tailtune import methods
         from tailtune.classifier import count_params
         from tailtune.metrics import macro_f1
         from tailtune.train import (
-            BEST_FILE,
-            SELECTION_FILE,
+            _checkpoint_writer,
             _fit_key,
             _load_trainable,
+            _restore,
             _resume_point,
             _rich_progress,
             resolve_precision,
@@ -383,37 +382,12 @@ class GenerativeClassifier:
         clf = self
 
         resume = _resume_point(Path(work_dir), console=console) if work_dir is not None else None
-        saved = rundir.read_json(resume / SELECTION_FILE) if resume is not None else None
         key = _fit_key(self.model_, [r["input_ids"] for r in rows], np.array([index[c] for c in labels]),
                        val_prompts, val_y if has_val else np.array([], dtype=np.int64), self.train, self.backbone,
-                       None)
-        key = hashlib.sha256(json.dumps([key, self.template, self.label_template, self.prior_tau]).encode()).hexdigest()[:16]
-        if saved is not None and saved.get("fit") != key:
-            raise TailtuneError(
-                f"{work_dir} holds checkpoints of another fit (other data, settings or model); pass another "
-                "work_dir, or delete it to train from the start"
-            )
-        if saved is not None:
-            from safetensors.torch import load_file
-
-            history.update(saved["history"])
-            history.setdefault("resumed_at_steps", []).append(saved["step"])
-            history["seconds_before_resume"] = saved["seconds"]
-            best.update(saved["best"], state=load_file(resume / BEST_FILE) if (resume / BEST_FILE).exists() else None)
+                       None, extra=[self.template, self.label_template, self.prior_tau])
+        saved = _restore(resume, work_dir, key, 1, history, best)
         started = time.perf_counter()
-
-        def on_checkpoint(folder: Path, state, control) -> None:
-            """The selection state next to the Trainer's checkpoint; written last, it marks it complete."""
-            from safetensors.torch import save_file
-
-            if best["state"] is not None:
-                save_file(best["state"], folder / BEST_FILE)
-            rundir.write_json(folder / SELECTION_FILE, {
-                "step": state.global_step, "epoch": state.epoch, "done": bool(control.should_training_stop),
-                "fit": key, "processes": 1,
-                "seconds": history.get("seconds_before_resume", 0.0) + time.perf_counter() - started,
-                "best": {k: best[k] for k in ("f1", "step", "bad")}, "history": history,
-            })
+        on_checkpoint = _checkpoint_writer(key, 1, history, best, started)
 
         class Select(TrainerCallback):
             """Score val when an epoch's last step ends (before its checkpoint); keep the best LoRA

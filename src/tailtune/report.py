@@ -2284,8 +2284,10 @@ def section_next(run: Run, an: Analysis) -> Section:
 def _rank_experiment(run: Run, best: SystemRun) -> str:
     """The next experiment on the best system, in terms of what that system is."""
     tier = run.tier_names[0] if run.tier_names else "rarest"
+    from tailtune import methods
+
     kind, method = best.info.get("kind"), best.info.get("method")
-    if kind == "finetune" and method in ("lora", "rslora", "dora", "loha", "lokr", "qlora"):
+    if kind == "finetune" and method in methods.METHODS and "rank" in methods.get(method).uses:
         return (f"Raise the rank or add target modules on {best.name} and check whether the {tier} tier "
                 "moves outside noise.")
     if kind == "finetune":

@@ -175,47 +175,13 @@ def fit(
                                    console=console if dist.is_main_process else None)
     # A probe's score can differ in the last bit between GPUs; selection must not.
     start_val_f1 = broadcast_object_list([start_val_f1])[0]
-    saved = rundir.read_json(resume / SELECTION_FILE) if resume is not None else None
     key = _fit_key(model, train_ids, y, val_ids, val_y, train, backbone, class_sampling)
-    if saved is not None and saved.get("fit", key) != key:  # checkpoints written before the key resume
-        raise TailtuneError(
-            f"{work_dir} holds checkpoints of another fit (other data, settings or model); pass another "
-            "work_dir, or delete it to train from the start"
-        )
-    if saved is not None and saved.get("processes", 1) != dist.num_processes:
-        # Steps per epoch, the data order and the per-process RNG states all depend on it.
-        raise TailtuneError(
-            f"{resume} was written by {saved.get('processes', 1)} training processes, this run has "
-            f"{dist.num_processes}; resume with as many, or delete {work_dir} to train from the start"
-        )
-    if saved is not None:
-        from safetensors.torch import load_file
-
-        history.update(saved["history"])
-        history.setdefault("resumed_at_steps", []).append(saved["step"])
-        history["seconds_before_resume"] = saved["seconds"]
-        best.update(saved["best"], state=load_file(resume / BEST_FILE) if (resume / BEST_FILE).exists() else None)
-    elif start_val_f1 is not None:
+    saved = _restore(resume, work_dir, key, dist.num_processes, history, best)
+    if saved is None and start_val_f1 is not None:
         best.update(f1=start_val_f1, state=snapshot())
         history["evals"].append({"step": 0, "epoch": 0.0, "val_macro_f1": start_val_f1, "val_accuracy": None})
     started = time.perf_counter()
-
-    def on_checkpoint(folder: Path, state, control) -> None:
-        """Save the selection state next to the Trainer's checkpoint; written last, it marks it complete."""
-        from safetensors.torch import save_file
-
-        if best["state"] is not None:
-            save_file(best["state"], folder / BEST_FILE)
-        rundir.write_json(folder / SELECTION_FILE, {
-            "step": state.global_step,
-            "epoch": state.epoch,
-            "done": bool(control.should_training_stop),
-            "fit": key,
-            "processes": dist.num_processes,
-            "seconds": history.get("seconds_before_resume", 0.0) + time.perf_counter() - started,
-            "best": {k: best[k] for k in ("f1", "step", "bad")},
-            "history": history,
-        })
+    on_checkpoint = _checkpoint_writer(key, dist.num_processes, history, best, started)
 
     def compute_metrics(pred) -> dict:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
@@ -322,10 +288,10 @@ def fit(
 
 
 def _fit_key(model, train_ids, y, val_ids, val_y, train: TrainConfig, backbone: BackboneConfig,
-             class_sampling) -> str:
+             class_sampling, extra=None) -> str:
     """What a checkpoint must come from for :func:`fit` to resume it: the rows (token ids and
     labels, in order), the settings, and the trainable parameters' names and shapes (the method
-    and its rank). 16 hex digits of SHA-256."""
+    and its rank); ``extra``, any other setting the caller trains with (JSON). 16 hex digits of SHA-256."""
     import dataclasses
     import hashlib
     import json
@@ -338,8 +304,60 @@ def _fit_key(model, train_ids, y, val_ids, val_y, train: TrainConfig, backbone: 
     trainable = [(n, list(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
     sampling = None if class_sampling is None else np.asarray(class_sampling).tolist()
     settings = [dataclasses.asdict(train), dataclasses.asdict(backbone), sampling, trainable]
+    if extra is not None:  # appended only when given: the keys of checkpoints written before stay valid
+        settings.append(extra)
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def _restore(resume: Path | None, work_dir, key: str, processes: int, history: dict, best: dict) -> dict | None:
+    """The selection state of checkpoint ``resume`` (None without one), its history and best
+    state put back into ``history`` and ``best``; refused when another fit or another number of
+    training processes wrote it."""
+    if resume is None:
+        return None
+    from safetensors.torch import load_file
+
+    saved = rundir.read_json(resume / SELECTION_FILE)
+    if saved.get("fit", key) != key:  # checkpoints written before the key resume
+        raise TailtuneError(
+            f"{work_dir} holds checkpoints of another fit (other data, settings or model); pass another "
+            "work_dir, or delete it to train from the start"
+        )
+    if saved.get("processes", 1) != processes:
+        # Steps per epoch, the data order and the per-process RNG states all depend on it.
+        raise TailtuneError(
+            f"{resume} was written by {saved.get('processes', 1)} training processes, this run has "
+            f"{processes}; resume with as many, or delete {work_dir} to train from the start"
+        )
+    history.update(saved["history"])
+    history.setdefault("resumed_at_steps", []).append(saved["step"])
+    history["seconds_before_resume"] = saved["seconds"]
+    best.update(saved["best"], state=load_file(resume / BEST_FILE) if (resume / BEST_FILE).exists() else None)
+    return saved
+
+
+def _checkpoint_writer(key: str, processes: int, history: dict, best: dict, started: float):
+    """``on_checkpoint(folder, state, control)`` for :func:`_trainer_class`: the best state and the
+    selection state next to the Trainer's checkpoint; written last, the selection file marks it complete."""
+
+    def on_checkpoint(folder: Path, state, control) -> None:
+        from safetensors.torch import save_file
+
+        if best["state"] is not None:
+            save_file(best["state"], folder / BEST_FILE)
+        rundir.write_json(folder / SELECTION_FILE, {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "done": bool(control.should_training_stop),
+            "fit": key,
+            "processes": processes,
+            "seconds": history.get("seconds_before_resume", 0.0) + time.perf_counter() - started,
+            "best": {k: best[k] for k in ("f1", "step", "bad")},
+            "history": history,
+        })
+
+    return on_checkpoint
 
 
 def _resume_point(work_dir: Path, clean: bool = True, console=None) -> Path | None:
@@ -347,7 +365,7 @@ def _resume_point(work_dir: Path, clean: bool = True, console=None) -> Path | No
 
     A kill can leave a half-written newest checkpoint (no selection file yet) next to the
     complete one before it; the half-written one is discarded. So is one whose files cannot be
-    read back (torn by a power loss, or edited): it failed every later run with
+    read back (torn by a power loss, or edited; checked without loading the tensors): it failed every later run with
     "SafetensorError" or "PytorchStreamReader failed", and nothing said to delete it.
     """
     found = {
@@ -373,14 +391,19 @@ def _damaged(folder: Path) -> str | None:
     """Why checkpoint ``folder`` cannot be read back (its first bad file), or None when every file reads."""
     import zipfile
 
-    from safetensors.torch import load_file
-
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             if file.suffix == ".json":
                 json.loads(file.read_text(encoding="utf-8"))
-            elif file.suffix == ".safetensors":
-                load_file(file)
+            elif file.suffix == ".safetensors":  # its header says where the last tensor ends: a torn file is shorter
+                with file.open("rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    if size > file.stat().st_size:
+                        raise ValueError("header longer than the file")
+                    header = json.loads(f.read(size))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if file.stat().st_size != 8 + size + end:
+                    raise ValueError(f"{file.stat().st_size} bytes, the header needs {8 + size + end}")
             elif file.suffix in (".pt", ".pth", ".bin"):  # torch.save writes a zip; testzip checks every CRC
                 with zipfile.ZipFile(file) as archive:
                     if archive.testzip() is not None:
