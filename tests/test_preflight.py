@@ -236,6 +236,23 @@ def test_not_enough_memory_suggests_what_fits(tmp_path, small_csv, small_frame, 
         assert "encoder.batch_size=2 train.grad_accum=8" in line
 
 
+def test_systems_that_train_the_same_model_are_traced_once(monkeypatch):
+    """Weighting and lr do not change the model; a trace costs about 2.5 s on the bundled models."""
+    systems = ["encoder-lora", "encoder-lora-weighted", "encoder-lora@rank=2", "decoder-lora"]
+    cfg = load_config("smoke", [f"systems=[{','.join(systems)}]"])
+    data = prepare(cfg.data)
+    traced = []
+    real = preflight.training_memory
+
+    def recording(spec, *args, **kwargs):
+        traced.append(spec.name)
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(preflight, "training_memory", recording)
+    preflight.check_backbones(Context(cfg, data, None, None), [parse_system(s) for s in systems])
+    assert traced == ["encoder-lora", "encoder-lora@rank=2", "decoder-lora"]
+
+
 def test_not_enough_memory_for_any_batch_suggests_fewer_adapted_layers_where_that_helps():
     need = {"total": 10**9, "weights": 10**8, "gradients_adam": 10**6, "activations": 8 * 10**8, "probe_copy": 0,
             "batch_size": 16, "tokens": 256, "label_logits": False, "fewer_layers": True}

@@ -76,7 +76,7 @@ def check_backbones(ctx, specs) -> None:
 
     cfg, data = ctx.cfg, ctx.data
     texts = data.frame["text"]
-    truncation = {}
+    truncation, traced = {}, {}
     backbones.quiet_transformers()  # counting tokens of a huge text must not print a warning
     for slot in dict.fromkeys(s.slot for s in specs if s.slot):
         backbone = ctx.backbone(slot)  # resolves (and converts a GGUF) once, for the run to reuse
@@ -92,8 +92,13 @@ def check_backbones(ctx, specs) -> None:
                 from tailtune.generate import longest_label
 
                 label_tokens = longest_label(backbone, tokenizer, data.classes)
-            # errors if a target role matches no module, or no trainable weight reaches the loss
-            need = training_memory(spec, cfg, backbone, len(data.classes), seq_len, label_tokens)
+            # errors if a target role matches no module, or no trainable weight reaches the loss;
+            # systems that differ only in weighting or lr (encoder-lora, encoder-lora-weighted) train
+            # the same model, and are traced once
+            key = (slot, spec.kind, spec.method, repr(spec.configs(cfg)[0]))
+            if key not in traced:
+                traced[key] = training_memory(spec, cfg, backbone, len(data.classes), seq_len, label_tokens)
+            need = traced[key]
             free, device = available_memory()
             if need["total"] > free:
                 raise TailtuneError(_memory_message(spec, cfg, need, free, device))
