@@ -23,12 +23,12 @@ TEXTS = [
 ]
 
 
-def _build(arch: str, method: str = "lora", rank: int = 4):
+def _build(arch: str, method: str = "lora", rank: int = 4, pooling: str | None = None):
     bb = backbones.resolve(f"tiny:{arch}")
     tok = backbones.load_tokenizer(bb)
     torch.manual_seed(0)
     base = backbones.load_model(bb, tok)
-    model = _module()(base, 5, bb.pooling, bb.is_decoder)
+    model = _module()(base, 5, pooling or bb.pooling, bb.is_decoder)
     model.backbone, targets = methods.get(method).apply(base, bb, MethodConfig(rank=rank, alpha=2 * rank))
     return bb, tok, model, targets
 
@@ -71,9 +71,10 @@ def test_only_the_method_parameters_and_head_train(arch, method):
     assert 0 < n_trainable <= n_total
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean"])  # mean: the cpu-real preset's decoder
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_decoder_prediction_ignores_extra_left_padding(arch):
-    _, tok, model, _ = _build(arch)
+def test_decoder_prediction_ignores_extra_left_padding(arch, pooling):
+    _, tok, model, _ = _build(arch, pooling=pooling)
     ids = tokenize(tok, TEXTS[:1], 64)[0]
     short = tok.pad({"input_ids": [ids]}, return_tensors="pt")
     # the same text padded with 20 extra pad tokens on the left
@@ -92,6 +93,7 @@ def test_poolers_read_real_tokens_only():
     right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
     left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     assert POOLERS["mean"](hidden, right).squeeze(-1).tolist() == [0.5, 5.5]
+    assert POOLERS["mean"](hidden, left).squeeze(-1).tolist() == [2.5, 5.5]
     assert POOLERS["cls"](hidden, right).squeeze(-1).tolist() == [0.0, 4.0]
     assert POOLERS["last"](hidden, right).squeeze(-1).tolist() == [1.0, 7.0]
     assert POOLERS["last"](hidden, left).squeeze(-1).tolist() == [3.0, 7.0]

@@ -275,6 +275,8 @@ def load_run(run_dir: str | Path) -> Run:
 
     y_true, preds, confidence = _align_predictions(systems, labels, problems)
     bench = _read_json(path / "bench.json") if (path / "bench.json").is_file() else None
+    if isinstance(bench, dict) and isinstance(bench.get("systems"), dict):
+        bench["systems"] = _current_bench(path, bench["systems"], systems, problems)
     return Run(
         path=path,
         config_text=config_text,
@@ -291,6 +293,27 @@ def load_run(run_dir: str | Path) -> Run:
         confidence=confidence,
         problems=problems,
     )
+
+
+def _current_bench(path: Path, measured: dict, systems: list[SystemRun], problems: list[str]) -> dict:
+    """bench.json's entries for systems that are finished and unchanged since they were timed:
+    a system that failed afterwards, or was trained again, kept its old latency row."""
+    from tailtune.bench import model_stamp
+
+    ok = {s.name for s in systems if s.ok}
+    current = {}
+    for name, entry in measured.items():
+        stamp = entry.get("model_stamp") if isinstance(entry, dict) else None
+        if name not in ok:
+            continue
+        if stamp is not None and stamp != model_stamp(path / "systems" / name):
+            problems.append(
+                f"bench.json's numbers for {name} predate its last training and are left out; "
+                f"run tailtune bench {path} --systems {name}"
+            )
+            continue
+        current[name] = entry
+    return current
 
 
 def _prediction_labels(systems: list[SystemRun]) -> list[str]:
@@ -1846,7 +1869,7 @@ def pareto_frontier(points: list[dict]) -> list[str]:
 
 
 def _bench_tables(run: Run, bench: dict) -> list[Any]:
-    systems = [s for s in run.systems if s.name in (bench.get("systems") or {})]
+    systems = [s for s in run.ok_systems if s.name in (bench.get("systems") or {})]
     if not systems:
         return [Para("bench.json holds no measurements of this run's systems.", style="warning")]
     entries = [bench["systems"][s.name] for s in systems]
@@ -1858,7 +1881,9 @@ def _bench_tables(run: Run, bench: dict) -> list[Any]:
     best = {
         "ms_per_example": _best_cells(col("ms_per_example"), False),
         "examples_per_s": _best_cells(col("examples_per_s"), True),
-        "peak_mem_mb": [False] * len(entries),  # measured one after another in one process: no best
+        # each measured in a fresh process since bench.json has model_stamp; one process before
+        "peak_mem_mb": _best_cells(col("peak_mem_mb"), False)
+        if all("model_stamp" in e for e in entries) else [False] * len(entries),
         "time_64k_s": _best_cells(col("time_64k_s"), False),
         "cost_64k": _best_cells(col("cost_64k"), False),
     }
@@ -2063,9 +2088,15 @@ def _latency_ratio(run: Run, an: Analysis) -> float | None:
     return None
 
 
-def _beat_words(res: dict, other: str) -> str:
-    """'did not beat <other> beyond noise', or 'scored below <other> beyond noise' when it is worse."""
-    return f"scored below {other} beyond noise" if _worse(res) else f"did not beat {other} beyond noise"
+def _beat_words(run: Run, res: dict, a: str, b: str, other: str) -> Markup:
+    """'did not beat <other> beyond noise (+0.004 [-0.015, +0.022] macro-F1)', 'scored below ...'
+    when ``a`` is worse, or, when ``a`` and ``b`` predict the same class on every test row (a
+    fine-tuned system that kept its LP-FT start), 'made the same prediction as <other> on every
+    test row' instead of a difference of +0.000 [+0.000, +0.000]."""
+    if np.array_equal(run.preds[a], run.preds[b]):
+        return Markup("made the same prediction as {} on every test row").format(other)
+    verb = "scored below" if _worse(res) else "did not beat"
+    return Markup("{} {} beyond noise ({} macro-F1)").format(verb, other, fmt_boot(res))
 
 
 def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[SystemRun, Markup, Markup]:
@@ -2089,25 +2120,25 @@ def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[SystemRun, Ma
         pick = probe
         name = Markup("{} (frozen {} + linear head)").format(probe.name, backbone)
         why = Markup(
-            " It is the frozen probe, not {}: fine-tuning {} ({} macro-F1), and at serving time both "
+            " It is the frozen probe, not {}: fine-tuning {}, and at serving time both "
             "are one forward pass of the same {}: the probe is the simpler system{}."
-        ).format(tuned.name, _beat_words(diff, "the probe"), fmt_boot(diff), backbone,
+        ).format(tuned.name, _beat_words(run, diff, tuned.name, probe.name, "the probe"), backbone,
                  ", and better" if _worse(diff) else ", with no measurable loss")
     baseline = _best([s for s in run.ok_systems if s.info.get("kind") == "baseline"])
     versus = None if baseline is None else _bootstrap(run, pick.name, baseline.name, an.seed, an.n_boot)
     if versus is not None and not _better(versus):
         steps = Markup("")
         if pick is not tuned:  # the probe's step, told as a step towards the baseline
-            steps = Markup(" Fine-tuning {} {} ({} macro-F1);").format(
-                tuned.name, _beat_words(diff, f"its frozen probe {probe.name}"), fmt_boot(diff))
+            steps = Markup(" Fine-tuning {} {};").format(
+                tuned.name, _beat_words(run, diff, tuned.name, probe.name, f"its frozen probe {probe.name}"))
         return (
             baseline,
             Markup("{} (TF-IDF + logistic regression)").format(baseline.name),
             steps + Markup(
-                " {}{} {} ({} macro-F1): on this data the baseline, the simplest system to "
+                " {}{} {}: on this data the baseline, the simplest system to "
                 "serve, is the one to deploy until a system beats it."
-            ).format("and " if steps else "", pick.name, _beat_words(versus, f"the baseline {baseline.name}"),
-                     fmt_boot(versus)),
+            ).format("and " if steps else "", pick.name,
+                     _beat_words(run, versus, pick.name, baseline.name, f"the baseline {baseline.name}")),
         )
     ms = _ms_per_example(run)
     if pick.name in ms:
