@@ -91,6 +91,16 @@ def test_bench_json_has_every_field(benched):
     )
 
 
+def test_memory_is_each_systems_own(benched):
+    """Measured in the benching process, the first system paid for importing transformers and
+    peft (~250 MiB) and one benched after a system on the same base showed 0 MiB (a review)."""
+    _, _, saved = benched
+    mem = {name: entry["peak_mem_mb"] for name, entry in saved["systems"].items()}
+    tiny = [name for name in mem if name != "tfidf-logreg"]  # tiny random-weight torch models
+    assert all(1 < mem[name] < 150 for name in tiny), mem
+    assert max(mem[n] for n in tiny) < 2 * min(mem[n] for n in tiny), mem  # same tiny sizes, same cost
+
+
 def test_bench_accuracy_is_the_runs_accuracy(benched):
     """All 25 test texts are timed, so each reference variant's accuracy is the run's test accuracy."""
     run_dir, result, _ = benched
@@ -110,6 +120,10 @@ def test_bf16_is_run_or_skipped_with_a_reason(benched):
             continue
         bf16 = [s for s in entry["skipped"] if s["variant"].endswith("bf16")]
         assert bool(bf16) == (reason is not None), name
+        if name in result["ratios"]["unmerged_vs_merged"]:  # LoRA: also timed unmerged in bf16, as serve runs
+            timed = {r["variant"] for r in entry["variants"]}
+            assert ("unmerged-bf16" in timed) == (reason is None), name
+            assert ("unmerged-bf16" in {s["variant"] for s in bf16}) == (reason is not None), name
 
 
 def test_length_batches_cover_every_text_longest_first():
@@ -152,7 +166,8 @@ def test_bench_command_runs(smoke_run):
         (["--batch-sizes", "a,b"], "--batch-sizes must be integers"),
         (["--systems", "nope"], "no finished system named nope"),
         (["--repeats", "0"], "must be at least 1"),
-        (["--price-per-hour", "-1"], "--price-per-hour must be 0 or more"),
+        (["--price-per-hour", "-1"], "--price-per-hour must be a finite number, 0 or more"),
+        (["--price-per-hour", "inf"], "--price-per-hour must be a finite number"),  # wrote "cost_64k": Infinity
     ],
 )
 def test_bench_bad_input_is_one_line_exit_2(smoke_run, args, message):
@@ -233,3 +248,27 @@ def test_bench_of_some_systems_keeps_the_others_measured_alike(smoke_run, tmp_pa
     assert list(json.loads((run / "bench.json").read_text())["systems"]) == ["encoder-probe", "tfidf-logreg"]
     bench.bench(run, systems=["encoder-probe"], **{**alike, "repeats": 2})
     assert list(json.loads((run / "bench.json").read_text())["systems"]) == ["encoder-probe"]
+
+
+def test_stale_numbers_are_not_kept_or_reported(smoke_run, tmp_path):
+    """A system that failed, or was trained again, after it was benched kept its old numbers in
+    bench.json and a latency row in the report (a review)."""
+    import shutil
+
+    import pandas as pd
+
+    from tailtune.report import build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    alike = {"batch_sizes": (2,), "repeats": 1, "max_texts": 8}
+    bench.bench(run, systems=["tfidf-logreg", "encoder-probe", "encoder-lora"], **alike)
+    metrics = run / "systems" / "encoder-probe" / "metrics.json"  # trained again: new metrics.json
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "train_seconds": 1.0}))
+    html = build_report(run).read_text()
+    assert "bench.json&#39;s numbers for encoder-probe predate its last training" in html
+    comparison = pd.read_csv(run / "comparison.csv")  # encoder-lora failed since
+    comparison.loc[comparison["system"] == "encoder-lora", "status"] = "failed"
+    comparison.to_csv(run / "comparison.csv", index=False)
+    bench.bench(run, systems=["tfidf-logreg"], **alike)
+    assert list(json.loads((run / "bench.json").read_text())["systems"]) == ["tfidf-logreg"]

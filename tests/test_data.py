@@ -21,19 +21,20 @@ def test_reads_csv_jsonl_parquet_alike(tmp_path, small_frame):
 def test_cleaning_counts_every_dropped_row():
     df = pd.DataFrame(
         {
-            TEXT: ["a b", "  ", "dup text", "dup text", "conflict", "conflict", "x", "y", "z", "w", None, "lonely"],
-            "Issue": ["A", "A", "A", "A", "A", "B", "B", "B", "A", "", "A", "C"],
+            TEXT: ["a b", "  ", "dup text", "dup text", "conflict", "conflict", "x", "y", "z", "w", None, "lonely",
+                   "\u200b\u00a0\u2060"],
+            "Issue": ["A", "A", "A", "A", "A", "B", "B", "B", "A", "", "A", "C", "A"],
         }
     )
     out, report = clean(df, DataConfig(min_class_count=2))
     d = report["dropped"]
-    assert d["empty_text"] == 2  # "  " and None
+    assert d["empty_text"] == 3  # "  ", None, and invisible characters only (no tokens for Qwen2's tokenizer)
     assert d["empty_label"] == 1
     assert d["conflicting_duplicates"] == 2 and report["conflicting_duplicate_texts"] == 1
     assert d["duplicate_text"] == 1
     assert d["rare_class_rows"] == 1 and report["dropped_classes"] == ["C"]
-    assert report["rows_read"] == 12
-    assert report["rows_kept"] == len(out) == 12 - sum(d.values())
+    assert report["rows_read"] == 13
+    assert report["rows_kept"] == len(out) == 13 - sum(d.values())
     assert set(out["label"]) == {"A", "B"}
 
 

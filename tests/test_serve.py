@@ -133,6 +133,24 @@ def test_bad_requests_are_4xx(client, payload, status):
     assert response.status_code == status, response.text
 
 
+@pytest.mark.parametrize(
+    ("body", "system", "says"),
+    [
+        # str.strip() keeps U+200B, and it has no tokens for the Qwen2 tokenizer
+        ('{"texts": ["fine", "\\u200b"]}', "decoder-lora", "text 1 is empty"),
+        # a lone surrogate is valid JSON but not text: the tokenizer raised a TypeError
+        ('{"texts": ["ok \\ud800 text"]}', "encoder-lora", "text 0 is not valid Unicode"),
+        ('{"texts": ["ok \\ud800 text"]}', "decoder-lora", "text 0 is not valid Unicode"),
+    ],
+)
+def test_texts_the_model_cannot_read_are_422_not_500(client, body, system, says):
+    """A review: HTTP 500 "Internal Server Error" in plain text for both."""
+    body = body[:-1] + f', "system": "{system}"}}'
+    response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert says in response.json()["detail"]
+
+
 def test_unknown_system_at_start_is_refused(adapter_run):
     from tailtune.errors import TailtuneError
 

@@ -536,11 +536,15 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     def load():
         return tokenizer(clip_long(tokenizer, texts, max_length), truncation=True, max_length=max_length)["input_ids"]
 
-    if _SHARED is None:
-        ids = load()
-    else:
-        digest = hashlib.sha1("\x1f".join(texts).encode()).hexdigest()
-        ids = shared_copy("ids", (tokenizer.name_or_path, len(tokenizer), max_length, digest), load, list)
+    try:
+        if _SHARED is None:
+            ids = load()
+        else:
+            digest = hashlib.sha1("\x1f".join(texts).encode()).hexdigest()
+            ids = shared_copy("ids", (tokenizer.name_or_path, len(tokenizer), max_length, digest), load, list)
+    except (TypeError, UnicodeEncodeError):  # a lone surrogate ("\ud800", e.g. from JSON) is not text
+        _check_encodable(texts)
+        raise
     # A decoder without a BOS token gives an empty text no token at all: alone it crashed the
     # forward pass, in a batch it was "classified" from padding alone.
     empty = next((i for i, row in enumerate(ids) if not row), None)
@@ -550,6 +554,21 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
             "to classify; drop it or give it some text"
         )
     return ids
+
+
+def _check_encodable(texts: list[str]) -> None:
+    """A one-line error naming the first text that is not valid Unicode; the tokenizer's own is a
+    TypeError listing its accepted input types."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise TailtuneError(
+                f"text {i} is not valid Unicode: character {exc.start} is a lone surrogate "
+                f"({text[exc.start]!r}), which no encoding can store"
+            ) from None
+        except AttributeError:
+            raise TailtuneError(f"text {i} is a {type(text).__name__}, not a string") from None
 
 
 # ----------------------------------------------------------------------------- loading

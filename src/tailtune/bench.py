@@ -5,8 +5,8 @@ predict`` loads it and timed on the run's own test texts, at their real lengths,
 deployment variants side by side:
 
 - fine-tuned: ``merged-fp32``, ``merged-bf16``, ``merged-int8`` and, for methods that add
-  modules and merge (LoRA family, IA3, LoHa, LoKr), ``unmerged-fp32`` (adapter applied at run
-  time, as during training); methods that cannot merge (adapter, prompt, prefix) are timed
+  modules and merge (LoRA family, IA3, LoHa, LoKr), ``unmerged-fp32`` and ``unmerged-bf16``
+  (adapter applied at run time, as during training and in ``serve``); methods that cannot merge (adapter, prompt, prefix) are timed
   as ``unmerged-fp32/bf16/int8``: their extra work stays in every forward pass;
 - probes: ``fp32``, ``bf16``, ``int8``; ``tfidf-logreg``: ``sklearn``.
 
@@ -19,13 +19,15 @@ How it is measured: texts are sorted by length and cut into batches, as ``predic
 inside a chunk; a few of the longest batches warm up first; then every batch is timed
 ``repeats`` times, tokenisation included. ``p50_ms``/``p95_ms`` are per-*batch* latencies in
 milliseconds; ``ms_per_example`` is the median over repeats of (pass time / texts) and
-``examples_per_s`` its inverse. ``peak_mem_mb`` is the peak RSS growth of this process
-while loading the system and classifying the texts once (peak allocated GPU memory on CUDA).
-Systems are measured one after another in one process: the first also pays for libraries
-imported on first use, and memory the allocator kept from an earlier system can hide part of
-a later one's; bench one system (``systems=[name]``) for a clean number. Benching some
-systems keeps the others' numbers in bench.json when they were measured on the same machine
-with the same settings (``SETTINGS``); otherwise the file holds only this call's systems.
+``examples_per_s`` its inverse. ``peak_mem_mb`` is the peak RSS growth while loading the
+system's headline variant and classifying the texts once (peak allocated GPU memory on CUDA),
+measured in a fresh process that has already imported torch, transformers, peft and
+scikit-learn. (Measured in the benching process, the first system paid for those imports,
+about 250 MiB, and later ones showed about 0: memory kept from earlier systems hid theirs.)
+Benching some systems keeps the others' numbers in bench.json when they were measured on the
+same machine with the same settings (``SETTINGS``) and the system is still finished and
+unchanged (``model_stamp``, a hash of its metrics.json, which every training rewrites);
+otherwise the file holds only this call's systems.
 ``time_64k_s``/``cost_64k`` extrapolate the headline numbers to 64,000 complaints at
 ``price_per_hour``. The headline is the variant ``predict`` runs by default (merged, bf16
 where native else fp32) at ``HEADLINE_BATCH`` (or the largest size timed), and ``serve`` for a
@@ -176,6 +178,39 @@ class PeakMemory:
         self.mb = max(peak - self.base, 0) / 2**20
 
 
+def _fresh_process_memory(system_dir: Path, device: str, texts: list[str]) -> float | None:
+    """MiB a system's headline variant takes to load and classify ``texts`` once, in a fresh
+    process (:func:`_memory_child`); None, with the reason on stderr, when that process dies."""
+    import multiprocessing
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_memory_child, str(system_dir), device, texts).result()
+    except BrokenProcessPool as exc:  # killed (out of memory): the timing still runs in this process
+        print(f"warning: memory of {Path(system_dir).name} not measured: {exc}", file=sys.stderr)
+        return None
+
+
+def _memory_child(system_dir: str, device: str, texts: list[str]) -> float:
+    """In a fresh process: import the libraries every system loads, then measure one load + pass."""
+    import peft  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    from tailtune import deploy  # noqa: F401
+
+    device = torch.device(device)
+    variants, headline, _ = _variants(Path(system_dir), device, system_method(Path(system_dir)))
+    build = next(b for v, b, _ in variants if v == headline)
+    with PeakMemory(device) as mem:
+        build().predict_proba(texts)
+    return mem.mb
+
+
 # ----------------------------------------------------------------------------- variants
 
 
@@ -236,16 +271,18 @@ def _variants(
         (f"{prefix}int8", lambda: deploy.quantize_int8(fp32()), no_int8),
     ]
     if method is not None and method.mergeable and not method.in_place:
-        variants.insert(
-            0,
-            (
-                "unmerged-fp32",
-                lambda: deploy.load_predictor(
-                    folder, merged=False, precision="fp32", device=str(device)
-                ),
-                None,
-            ),
-        )
+
+        def unmerged():
+            if "unmerged" not in loaded:
+                loaded["unmerged"] = deploy.load_predictor(folder, merged=False, precision="fp32", device=str(device))
+            return loaded["unmerged"]
+
+        def unmerged_bf16():  # what serve runs for LoRA systems sharing a base, where bf16 is native
+            predictor = copy.copy(unmerged())
+            predictor.precision = "bf16"
+            return predictor
+
+        variants[:0] = [("unmerged-fp32", unmerged, None), ("unmerged-bf16", unmerged_bf16, no_bf16)]
     headline = f"{prefix}{'fp32' if no_bf16 else 'bf16'}"
     # Headline first: its load is the one whose memory is measured.
     variants.sort(key=lambda v: v[0] != headline)
@@ -290,8 +327,8 @@ def bench(
     run_dir = Path(run_dir)
     if not batch_sizes or min(batch_sizes) < 1 or repeats < 1 or max_texts < 1:
         raise TailtuneError("batch sizes, --repeats and --max-texts must be at least 1")
-    if not price_per_hour >= 0:
-        raise TailtuneError(f"--price-per-hour must be 0 or more, got {price_per_hour:g}")
+    if not 0 <= price_per_hour < float("inf"):
+        raise TailtuneError(f"--price-per-hour must be a finite number, 0 or more, got {price_per_hour:g}")
     names = finished_systems(run_dir, systems)
     texts, labels = sample_texts(run_dir, max_texts)
     gold = np.asarray(labels, dtype=object)
@@ -312,19 +349,17 @@ def bench(
         method = system_method(run_dir / "systems" / name)
         variants, headline, reference = _variants(run_dir / "systems" / name, device, method)
         rows, skipped, accuracy = [], [], {}
-        memory_mb, params = 0.0, 0
+        memory_mb, params = None, 0
         for variant, build, reason in variants:
             if reason is not None:
                 skipped.append({"variant": variant, "reason": reason})
                 continue
             if variant == headline:
-                with PeakMemory(device) as mem:
-                    predictor = build()
-                    proba = predictor.predict_proba(texts)
-                memory_mb, params = mem.mb, predictor.params
-            else:
-                predictor = build()
-                proba = predictor.predict_proba(texts)
+                memory_mb = _fresh_process_memory(run_dir / "systems" / name, str(device), texts)
+            predictor = build()
+            proba = predictor.predict_proba(texts)
+            if variant == headline:
+                params = predictor.params
             accuracy[variant] = float(
                 np.mean(np.asarray(predictor.classes_, dtype=object)[proba.argmax(1)] == gold)
             )
@@ -359,6 +394,7 @@ def bench(
             "skipped": skipped,
             "method": None if method is None else method.name,
             "mergeable": None if method is None else method.mergeable,
+            "model_stamp": model_stamp(run_dir / "systems" / name),
         }
         by = {(r["variant"], r["batch_size"]): r["ms_per_example"] for r in rows}
         if ("unmerged-fp32", headline_batch) in by:
@@ -368,7 +404,7 @@ def bench(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    kept = _keep_earlier(run_dir / "bench.json", result)
+    kept = _keep_earlier(run_dir / "bench.json", result, run_dir)
     if kept and console is not None:
         console.print(f"kept from bench.json (same machine and settings): {', '.join(kept)}", markup=False)
     result["ratios"]["decoder_vs_encoder"] = decoder_vs_encoder(result["systems"])
@@ -379,11 +415,24 @@ def bench(
 SETTINGS = ("machine", "price_per_hour", "batch_size", "texts", "repeats")
 
 
-def _keep_earlier(path: Path, result: dict) -> list[str]:
+def model_stamp(system_dir: Path) -> str | None:
+    """A hash of the system's metrics.json, which every training of it rewrites (None without one)."""
+    import hashlib
+
+    try:
+        return hashlib.sha256((Path(system_dir) / "metrics.json").read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def _keep_earlier(path: Path, result: dict, run_dir: Path) -> list[str]:
     """Add to ``result`` the systems an earlier bench.json measured and this call did not
     (``bench --systems X`` replaced the whole file before); only when the machine and settings
-    match, so every number in the file is comparable. Returns the names kept."""
+    match, so every number in the file is comparable, and only systems still finished and
+    unchanged since (a system that failed or was trained again kept its old numbers before).
+    Returns the names kept."""
     from tailtune import rundir
+    from tailtune.deploy import finished_systems
 
     try:
         earlier = rundir.read_json(path)
@@ -391,7 +440,14 @@ def _keep_earlier(path: Path, result: dict) -> list[str]:
         return []
     if any(earlier.get(key) != result[key] for key in SETTINGS):
         return []
-    kept = [name for name in earlier.get("systems", {}) if name not in result["systems"]]
+    finished = set(finished_systems(run_dir))
+    kept = [
+        name
+        for name, entry in earlier.get("systems", {}).items()
+        if name not in result["systems"] and name in finished
+        and entry.get("model_stamp") is not None
+        and entry.get("model_stamp") == model_stamp(run_dir / "systems" / name)
+    ]
     for name in kept:
         result["systems"][name] = earlier["systems"][name]
         if name in earlier["ratios"].get("unmerged_vs_merged", {}):
@@ -452,7 +508,7 @@ def print_bench(result: dict, console) -> None:
             escape(e["variant"]),
             f"{e['ms_per_example']:.3f}",
             f"{e['examples_per_s']:,.0f}",
-            f"{e['peak_mem_mb']:.0f}",
+            "-" if e.get("peak_mem_mb") is None else f"{e['peak_mem_mb']:.0f}",
             f"{e['params']:,}",
             f"{e['time_64k_s']:.1f} s",
             f"${e['cost_64k']:.5f}",

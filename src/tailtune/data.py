@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,6 +250,20 @@ def decode_problem(path: Path, codec: str, hint: tuple[str, str] = DATA_ENCODING
     )
 
 
+# Whitespace, control characters and invisible format characters (zero-width space and joiners,
+# directional marks, word joiner, soft hyphen, BOM): str.strip() keeps most of them, and a text
+# of only these has no tokens for byte-level BPE tokenizers (Qwen2).
+_VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\xad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]")
+
+
+def blank(texts) -> np.ndarray:
+    """(N,) True where a text (of a list or Series; NA counts) has nothing but whitespace,
+    control or invisible format characters: an empty text everywhere tailtune reads one.
+    Plain Python, not pandas' string methods: those store text in Arrow, which refuses a lone
+    surrogate (a request's JSON can hold one)."""
+    return np.array([not isinstance(t, str) or _VISIBLE.search(t) is None for t in texts], dtype=bool)
+
+
 def label_series(df: pd.DataFrame, label_column: str) -> pd.Series:
     """The labels of ``df``: one column, or ``A+B`` columns joined as "a / b" (missing if a part is)."""
     parts = [c.strip() for c in label_column.split("+")]
@@ -315,7 +330,7 @@ def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
     dropped = report["dropped"]
 
     text = out["text"].fillna("").str.strip()
-    keep = text.str.len() > 0
+    keep = pd.Series(~blank(text), index=text.index)
     dropped["empty_text"] = int((~keep).sum())
     if not keep.any():
         raise TailtuneError(f"no usable rows: text column '{cfg.text_column}' is empty in all {len(out)} rows")

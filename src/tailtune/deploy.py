@@ -773,8 +773,10 @@ def prediction_frame(
     """
     import pandas as pd
 
+    from tailtune.data import blank
+
     texts = frame[text_col].astype("string").fillna("")
-    real = (texts.str.strip().str.len() > 0).to_numpy()
+    real = ~blank(texts)
     labels = np.full((len(frame), k), "", dtype=object)
     conf = np.full((len(frame), k), np.nan)
     if real.any():

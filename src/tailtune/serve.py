@@ -31,6 +31,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from tailtune import deploy
+from tailtune.data import blank
 from tailtune.errors import TailtuneError
 
 
@@ -226,8 +227,9 @@ def create_app(
                 raise HTTPException(
                     413, f"text {i} has {len(text)} characters; the limit is {max_chars}"
                 )
-            if not text.strip():
-                raise HTTPException(422, f"text {i} is empty")
+        empty = np.flatnonzero(blank(texts))
+        if empty.size:
+            raise HTTPException(422, f"text {empty[0]} is empty (nothing but spaces or invisible characters)")
         name = registry.default if request.system is None else request.system  # "" is no system's name
         if name not in registry.predictors:
             raise HTTPException(
@@ -237,7 +239,11 @@ def create_app(
         k = request.top_k or 1
         if k > len(classes):
             raise HTTPException(422, f"top_k {k} is more than the system's {len(classes)} classes")
-        labels, confidence = deploy.top_k(registry.predict_proba(name, texts), classes, k)
+        try:
+            proba = registry.predict_proba(name, texts)
+        except TailtuneError as exc:  # a text the model cannot read (no tokens; a lone surrogate)
+            raise HTTPException(422, str(exc)) from None
+        labels, confidence = deploy.top_k(proba, classes, k)
         return {
             "system": name,
             "predictions": [
