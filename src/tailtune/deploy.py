@@ -437,7 +437,7 @@ def hf_classifier(clf):
     if clf.pooling_ != "last":
         raise TailtuneError(
             f"stock {backbone.model_type} sequence classifiers pool the last token, but this system "
-            f"pools with '{clf.pooling_}'; use --format tailtune"
+            f"pools with '{clf.pooling_}'; use --format tailtune, or train it with decoder.pooling=last"
         )
     tokenizer = clf.tokenizer_
     config = AutoConfig.from_pretrained(backbone.path)
