@@ -135,6 +135,16 @@ def test_a_text_with_no_tokens_is_refused_not_classified_from_padding():
     assert backbones.tokenize(tok, ["hello bank"], 32)[0]
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "bert"])
+def test_a_text_that_is_not_text_is_one_line(arch):
+    """The tokenizer's TypeError ("TextEncodeInput must be Union[...]") named no text."""
+    tok = backbones.load_tokenizer(backbones.resolve(f"tiny:{arch}"))
+    with pytest.raises(TailtuneError, match=r"text 1 is not valid Unicode: character 3 is a lone surrogate"):
+        backbones.tokenize(tok, ["fine", "ok \ud800 text"], 32)
+    with pytest.raises(TailtuneError, match=r"text 0 is a NoneType, not a string"):
+        backbones.tokenize(tok, [None, "fine"], 32)
+
+
 def test_a_file_that_is_not_gguf_and_a_broken_config_fail_in_one_line(tmp_path, monkeypatch):
     """Both were "internal error" (ValueError: GGUF magic bytes; JSONDecodeError) with exit 1."""
     monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))

@@ -284,7 +284,7 @@ def _variants(
 
         variants[:0] = [("unmerged-fp32", unmerged, None), ("unmerged-bf16", unmerged_bf16, no_bf16)]
     headline = f"{prefix}{'fp32' if no_bf16 else 'bf16'}"
-    # Headline first: its load is the one whose memory is measured.
+    # Headline first: its rows lead the system's variants in bench.json.
     variants.sort(key=lambda v: v[0] != headline)
     return variants, headline, f"{prefix}fp32"
 
@@ -329,7 +329,8 @@ def bench(
         raise TailtuneError("batch sizes, --repeats and --max-texts must be at least 1")
     if not 0 <= price_per_hour < float("inf"):
         raise TailtuneError(f"--price-per-hour must be a finite number, 0 or more, got {price_per_hour:g}")
-    names = finished_systems(run_dir, systems)
+    finished = finished_systems(run_dir)
+    names = finished_systems(run_dir, systems) if systems else finished
     texts, labels = sample_texts(run_dir, max_texts)
     gold = np.asarray(labels, dtype=object)
     device = pick_device(device)
@@ -404,7 +405,7 @@ def bench(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    kept = _keep_earlier(run_dir / "bench.json", result, run_dir)
+    kept = _keep_earlier(run_dir / "bench.json", result, run_dir, finished)
     if kept and console is not None:
         console.print(f"kept from bench.json (same machine and settings): {', '.join(kept)}", markup=False)
     result["ratios"]["decoder_vs_encoder"] = decoder_vs_encoder(result["systems"])
@@ -425,14 +426,20 @@ def model_stamp(system_dir: Path) -> str | None:
         return None
 
 
-def _keep_earlier(path: Path, result: dict, run_dir: Path) -> list[str]:
+def unchanged(system_dir: Path, entry: dict) -> bool | None:
+    """Whether a bench.json ``entry`` timed the system as it is now; None for an entry written
+    before ``model_stamp`` existed."""
+    stamp = entry.get("model_stamp") if isinstance(entry, dict) else None
+    return None if stamp is None else stamp == model_stamp(system_dir)
+
+
+def _keep_earlier(path: Path, result: dict, run_dir: Path, finished: list[str]) -> list[str]:
     """Add to ``result`` the systems an earlier bench.json measured and this call did not
     (``bench --systems X`` replaced the whole file before); only when the machine and settings
     match, so every number in the file is comparable, and only systems still finished and
     unchanged since (a system that failed or was trained again kept its old numbers before).
     Returns the names kept."""
     from tailtune import rundir
-    from tailtune.deploy import finished_systems
 
     try:
         earlier = rundir.read_json(path)
@@ -440,13 +447,10 @@ def _keep_earlier(path: Path, result: dict, run_dir: Path) -> list[str]:
         return []
     if any(earlier.get(key) != result[key] for key in SETTINGS):
         return []
-    finished = set(finished_systems(run_dir))
     kept = [
         name
         for name, entry in earlier.get("systems", {}).items()
-        if name not in result["systems"] and name in finished
-        and entry.get("model_stamp") is not None
-        and entry.get("model_stamp") == model_stamp(run_dir / "systems" / name)
+        if name not in result["systems"] and name in finished and unchanged(run_dir / "systems" / name, entry)
     ]
     for name in kept:
         result["systems"][name] = earlier["systems"][name]

@@ -298,15 +298,14 @@ def load_run(run_dir: str | Path) -> Run:
 def _current_bench(path: Path, measured: dict, systems: list[SystemRun], problems: list[str]) -> dict:
     """bench.json's entries for systems that are finished and unchanged since they were timed:
     a system that failed afterwards, or was trained again, kept its old latency row."""
-    from tailtune.bench import model_stamp
+    from tailtune.bench import unchanged
 
     ok = {s.name for s in systems if s.ok}
     current = {}
     for name, entry in measured.items():
-        stamp = entry.get("model_stamp") if isinstance(entry, dict) else None
         if name not in ok:
             continue
-        if stamp is not None and stamp != model_stamp(path / "systems" / name):
+        if unchanged(path / "systems" / name, entry) is False:
             problems.append(
                 f"bench.json's numbers for {name} predate its last training and are left out; "
                 f"run tailtune bench {path} --systems {name}"
