@@ -30,3 +30,17 @@ def small_csv(tmp_path, small_frame):
     path = tmp_path / "complaints.csv"
     small_frame.to_csv(path, index=False)
     return path
+
+
+@pytest.fixture()
+def synced(monkeypatch) -> list[str]:
+    """The paths ``os.fsync`` is called on, in order (Linux: read from /proc/self/fd)."""
+    paths: list[str] = []
+    fsync = os.fsync
+
+    def recording(fd):
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return paths

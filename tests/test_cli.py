@@ -242,3 +242,27 @@ def test_output_piped_into_a_reader_that_stops_is_not_an_error(tmp_path):
     shell = f'"{sys.executable}" -m tailtune.cli presets 2>"{err}" | true; echo "${{PIPESTATUS[0]}}"'
     done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "0" and err.read_text() == ""
+
+
+def test_the_tailtune_command_runs_main():
+    """The console script called the Typer app directly, so main()'s handling below never ran
+    for a user's `tailtune`, only for `python -m tailtune.cli`."""
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "tailtune"]
+    assert script.value == "tailtune.cli:main"
+
+
+def test_a_ctrl_c_after_the_command_has_ended_prints_no_traceback():
+    """A Ctrl-C during interpreter shutdown broke an atexit clean-up: "Exception ignored in atexit
+    callback ... KeyboardInterrupt". The SIGINT here arrives from the last atexit callback."""
+    code = (
+        "import atexit, os, signal, sys\n"
+        "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+        "sys.argv = ['tailtune', 'presets']\n"
+        "from tailtune.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "smoke" in done.stdout and done.stderr == ""

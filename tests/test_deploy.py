@@ -588,3 +588,26 @@ def test_predict_on_a_run_directory_names_its_systems(smoke_run, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.strip().startswith(f"error: {smoke_run} is a run directory; pass one of its systems, e.g. ")
     assert "tfidf-logreg" in result.stderr
+
+
+def test_predict_leaves_a_text_with_no_tokens_unlabelled(smoke_run, tmp_path):
+    """A text the tokenizer reads as no token (here: characters the tiny Qwen2 vocabulary lacks)
+    stopped the whole file with an error whose "text N" counted within a chunk, not the file."""
+    system_dir = smoke_run / "systems" / "decoder-lora"
+    texts = ["refund", "ZZZ", "debt", "\u20ac\u20ac", "fee", "card"]
+    predictor = deploy.load_predictor(system_dir, precision="fp32")
+    with pytest.raises(TailtuneError, match=r"text 1 \('ZZZ'\) has no tokens for this tokenizer \(nor do 1 more\)"):
+        predictor.predict(texts[:4])
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"text": texts}).to_csv(source, index=False)
+    result = cli("predict", system_dir, "--input", source, "--output", tmp_path / "out.csv", "--chunk-size", "4",
+                 "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    assert "2 rows have no text to classify (empty, or no tokens) and are left unlabelled" in result.stdout
+    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False, na_values=[""])
+    readable = [0, 2, 4, 5]
+    assert out.loc[readable, "label"].tolist() == predictor.predict([texts[i] for i in readable])
+    assert out.loc[[1, 3], "label"].isna().all() and out.loc[[1, 3], "confidence"].isna().all()
+    only = tmp_path / "only.csv"
+    pd.DataFrame({"text": ["ZZZ"]}).to_csv(only, index=False)
+    assert deploy.predict_file(system_dir, only, tmp_path / "o.csv")["unlabelled"] == 1

@@ -315,3 +315,18 @@ def test_resume_point_passes_over_a_checkpoint_that_cannot_be_read(tmp_path, dam
     assert _resume_point(tmp_path, console=console) == tmp_path / "checkpoint-4"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
     assert f"checkpoint-8 is damaged ({damage}: " in console.export_text()
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_marked_complete(tmp_path, synced, corpus):
+    """Only selection.json was fsynced: after a power loss a checkpoint marked complete could hold
+    files the page cache had not written yet."""
+    from tailtune.train import SELECTION_FILE
+
+    _fit(corpus, "bert", "none", work_dir=tmp_path)
+    folder = tmp_path / "checkpoint-40"
+    marker = next(i for i, path in enumerate(synced)
+                  if Path(path).parent == folder and Path(path).name.startswith(f".{SELECTION_FILE}."))
+    before = {Path(path).name for path in synced[:marker] if Path(path).parent == folder}
+    assert before >= {p.name for p in folder.iterdir()} - {SELECTION_FILE}
+    after = synced[marker + 1:]
+    assert str(folder) in after and str(tmp_path) in after

@@ -211,3 +211,20 @@ def test_a_finished_system_with_a_missing_or_cut_file_is_trained_again(tmp_path,
     assert (system / "predictions.csv").read_text() == expected
     (system / weights).write_bytes((system / weights).read_bytes()[:-8])  # cut
     assert "training it again" in CliRunner().invoke(app, command).output
+
+
+def test_a_finished_folder_is_on_disk_before_it_is_renamed_into_place(tmp_path, synced):
+    """save_pretrained and torch.save write unsynced: a power loss after the rename could leave a
+    finished system whose weights were never written."""
+    target = tmp_path / "systems" / "encoder-lora"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("old")
+    tmp = rundir.temp_dir(target)
+    (tmp / "model").mkdir()
+    (tmp / "model" / "weights.bin").write_bytes(b"\0" * 64)
+    (tmp / "metrics.json").write_text("{}")
+    rundir.replace_dir(tmp, target)
+    assert {p.name for p in target.iterdir()} == {"model", "metrics.json"}
+    assert synced.index(str(tmp / "model" / "weights.bin")) < synced.index(str(tmp))
+    assert str(tmp / "metrics.json") in synced
+    assert synced[-1] == str(target.parent)  # the rename, once done

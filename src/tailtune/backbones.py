@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailtune import rundir
-from tailtune.errors import TailtuneError
+from tailtune.errors import NoTokens, TailtuneError
 
 BUNDLED = {
     # name: (python package, file inside it or None for an HF folder named "model")
@@ -343,6 +343,7 @@ def _atomic_save_dir(target: Path, write) -> None:
     tmp = rundir.temp_dir(target)
     try:
         write(tmp)
+        rundir.sync_folder(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first
@@ -547,11 +548,13 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
         raise
     # A decoder without a BOS token gives an empty text no token at all: alone it crashed the
     # forward pass, in a batch it was "classified" from padding alone.
-    empty = next((i for i, row in enumerate(ids) if not row), None)
-    if empty is not None:
-        raise TailtuneError(
-            f"text {empty} ({texts[empty][:40]!r}) has no tokens for this tokenizer, so there is nothing "
-            "to classify; drop it or give it some text"
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty:
+        more = f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise NoTokens(
+            f"text {empty[0]} ({texts[empty[0]][:40]!r}) has no tokens for this tokenizer{more}, so "
+            "there is nothing to classify; drop it or give it some text",
+            empty,
         )
     return ids
 

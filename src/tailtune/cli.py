@@ -353,6 +353,8 @@ def predict(
         address=address, workers=workers,
     )
     typer.echo(f"{done['rows']:,} rows -> {done['output']} ({done['seconds']:.1f} s)")
+    if done.get("unlabelled"):  # the local engine counts them
+        typer.echo(f"{done['unlabelled']:,} rows have no text to classify (empty, or no tokens) and are left unlabelled")
     if "parts" in done:
         typer.echo(f"{done['parts']} Parquet parts; sort by '{ORDER_KEY}' for the input's order")
     if label_column is not None:
@@ -422,7 +424,7 @@ def serve(
                max_batch=max_batch, max_chars=max_chars, precision=precision)
 
 
-def main() -> None:  # pragma: no cover - console entry point
+def main() -> None:  # the console entry point (pyproject.toml), and python -m tailtune.cli
     import signal
 
     try:

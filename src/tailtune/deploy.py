@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from tailtune import rundir
-from tailtune.errors import TailtuneError
+from tailtune.errors import NoTokens, TailtuneError
 
 # Largest |merged - unmerged| logit allowed on export, in fp32. Merging reorders float sums
 # (W x + B A x s vs (W + B A s) x), which moves logits by ~1e-6 on real models.
@@ -605,6 +605,7 @@ def export_merged(
             },
         }
         rundir.write_json(tmp / EXPORT_INFO, record)
+        rundir.sync_folder(tmp)
         if outdir.exists():
             outdir.rmdir()
         os.rename(tmp, outdir)
@@ -769,7 +770,8 @@ def prediction_frame(
 
     Columns: ``id_col`` (as strings, when given), ``label``, ``confidence`` and, for ``k`` > 1,
     ``label_2, confidence_2, ...``; confidences are rounded to 6 decimals. Rows with an empty
-    text get an empty label and no confidence. ``progress(rows)`` is called as rows finish.
+    text, or one that has no tokens for the model's tokenizer, get an empty label and no
+    confidence. ``progress(rows)`` is called as rows finish.
     """
     import pandas as pd
 
@@ -780,8 +782,13 @@ def prediction_frame(
     labels = np.full((len(frame), k), "", dtype=object)
     conf = np.full((len(frame), k), np.nan)
     if real.any():
-        proba = predictor.predict_proba(texts[real].tolist(), progress=progress)
-        labels[real], conf[real] = top_k(proba, predictor.classes_, k)
+        try:
+            proba = predictor.predict_proba(texts[real].tolist(), progress=progress)
+        except NoTokens as exc:  # a text the tokenizer reads as nothing: unlabelled, like an empty one
+            real[np.flatnonzero(real)[exc.rows]] = False
+            proba = predictor.predict_proba(texts[real].tolist(), progress=progress) if real.any() else None
+        if proba is not None:
+            labels[real], conf[real] = top_k(proba, predictor.classes_, k)
     if progress is not None and not real.all():
         progress(int((~real).sum()))
     out = pd.DataFrame(index=range(len(frame)))
@@ -824,9 +831,10 @@ def predict_file(
 
     Reads ``chunk_size`` rows at a time, so memory does not grow with the file. Output rows
     follow the input's order: the id column (when the input has one), ``label``,
-    ``confidence`` and, for ``k`` > 1, ``label_2, confidence_2, ...``. Rows with an empty text
-    get an empty label and no confidence. The output (.csv, .jsonl or .parquet) appears only
-    when complete. Returns {"rows", "seconds", "output", "text_column", "id_column"}.
+    ``confidence`` and, for ``k`` > 1, ``label_2, confidence_2, ...``. Rows with an empty text,
+    or one the tokenizer reads as no token, get an empty label and no confidence. The output
+    (.csv, .jsonl or .parquet) appears only when complete. Returns {"rows", "unlabelled",
+    "seconds", "output", "text_column", "id_column"}.
     """
     from tailtune.config import DataConfig
     from tailtune.data import label_series
@@ -866,10 +874,10 @@ def predict_file(
             f"--top-k {k} is more than the system's {len(predictor.classes_)} classes"
         )
     started = time.perf_counter()
-    rows = 0
+    rows = unlabelled = 0
 
     def write(f) -> None:
-        nonlocal rows
+        nonlocal rows, unlabelled
         sink = _Sink(f, out_kind)
         with _progress(console, total) as advance:
             position = 0
@@ -894,12 +902,14 @@ def predict_file(
                 sink.write(out)
                 position = new_position
                 rows += len(frame)
+                unlabelled += int(out["confidence"].isna().sum())
         sink.close()
 
     rundir.remove_stale(output_path)
     atomic_write(output_path, write, binary=True)
     result = {
         "rows": rows,
+        "unlabelled": unlabelled,
         "seconds": time.perf_counter() - started,
         "output": str(output_path),
         "text_column": text_col,

@@ -7,3 +7,15 @@ class TailtuneError(Exception):
     Raise it for anything the user can fix (a missing file, an unknown key, a column that is
     not there). The CLI prints ``error: <message>`` and exits 2 without a traceback.
     """
+
+
+class NoTokens(TailtuneError):
+    """Texts the tokenizer turns into no token at all, so there is nothing to classify.
+
+    ``rows`` are their positions in the list given to the tokenizer; a caller that can leave a
+    text unlabelled (``predict`` on a file) does so for these instead of stopping.
+    """
+
+    def __init__(self, message: str, rows: list[int]):
+        super().__init__(message)
+        self.rows = rows

@@ -2,7 +2,8 @@
 
 Each file is written to a temporary sibling, flushed and fsynced, then renamed over the
 target (rename is atomic on POSIX). A system's outputs are written into a temporary folder
-that is renamed into place only when every file is complete.
+that is fsynced and renamed into place only when every file is complete; a checkpoint's files
+are fsynced before the file that marks it complete.
 
 Several processes may share one run directory (``tailtune train --system X`` per cluster job):
 :func:`locked` serialises their updates of the run's shared files.
@@ -73,6 +74,31 @@ def atomic_write(path: Path, write: Callable, binary: bool = False) -> Path:
     return path
 
 
+def sync_folder(folder: Path, files: bool = True) -> None:
+    """Flush everything under ``folder`` (with ``files``: its files and subfolders) and then its
+    own entries to disk. Before a checkpoint's marker file is written or a finished folder is
+    renamed into place, so that after a power loss what is marked complete holds every byte its
+    files were given (the Trainer and ``save_pretrained`` write them unsynced); and after, so
+    that the rename itself survives. Where a folder cannot be opened for fsync (Windows) only
+    the files are synced."""
+    folder = Path(folder)
+    if files:
+        for path in sorted(folder.iterdir()):
+            if path.is_dir() and not path.is_symlink():
+                sync_folder(path)
+            elif path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _json_default(value):
     if isinstance(value, np.integer):
         return int(value)
@@ -98,7 +124,8 @@ def write_csv(path: Path, frame) -> Path:
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
-    """Move the complete folder ``tmp`` to ``target``, replacing an older one."""
+    """Move the complete folder ``tmp`` to ``target``, replacing an older one; on disk first."""
+    sync_folder(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -107,6 +134,7 @@ def replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, target)
+    sync_folder(Path(target).parent, files=False)
 
 
 def read_json(path: Path):

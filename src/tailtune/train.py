@@ -346,6 +346,7 @@ def _checkpoint_writer(key: str, processes: int, history: dict, best: dict, star
 
         if best["state"] is not None:
             save_file(best["state"], folder / BEST_FILE)
+        rundir.sync_folder(folder)  # every other file is on disk before the one that marks it complete
         rundir.write_json(folder / SELECTION_FILE, {
             "step": state.global_step,
             "epoch": state.epoch,
@@ -356,6 +357,8 @@ def _checkpoint_writer(key: str, processes: int, history: dict, best: dict, star
             "best": {k: best[k] for k in ("f1", "step", "bad")},
             "history": history,
         })
+        for entries in (folder, folder.parent):  # the selection file's rename, the folder itself
+            rundir.sync_folder(entries, files=False)
 
     return on_checkpoint
 
