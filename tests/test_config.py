@@ -61,7 +61,27 @@ def test_yaml_file_path(tmp_path):
         (["train.weighting=sqrt"], "unknown class weighting"),
         (["data.tier_names=[a,b]"], "tier_names needs 4 names"),
         (["train.precision=fp8"], "precision must be one of"),
-        (["train.logit_tau=0"], "logit_tau must be > 0"),
+        (["train.logit_tau=0"], r"logit_tau must be in \(0, 100\]"),
+        (["train.logit_tau=1e300"], r"logit_tau must be in \(0, 100\]"),
+        (["train.weighting=balanced"], "did you mean 'balanced_sampling'"),
+        # found by review: these trained, or failed after the run directory was written
+        (["encoder.lr=-1"], r"encoder.lr must be >= 0 \(or null for train.lr\)"),
+        (["decoder.lr=nan"], "decoder.lr must be >= 0"),
+        (["data.seed=-3"], r"data.seed must be between 0 and 4294967295"),
+        (["data.seed=4294967296"], "data.seed must be between 0 and 4294967295"),
+        (["data.demo.seed=-1"], "data.demo.seed must be between"),
+        (["train.seed=-1"], "train.seed must be between"),
+        (["eval.seed=4294967296"], "eval.seed must be between"),
+        (["train.weight_decay=-1"], "train.weight_decay must be >= 0"),
+        (["train.weight_decay=inf"], "train.weight_decay must be >= 0"),
+        (["method.targets=[]"], "method.targets must name at least one role"),
+        (["data.demo.exponent=nan"], "data.demo.exponent must be >= 0"),
+        (["data.tier_names=[x,x,x,x]"], "data.tier_names names a tier twice"),
+        (["systems=encoder-lora@rank=8+rank=4"], "system 'encoder-lora@rank=8\\+rank=4' sets rank twice"),
+        (["systems=encoder-lora@lr=1e-4,encoder-lora@lr=0.0001"],
+         "systems 'encoder-lora@lr=1e-4' and 'encoder-lora@lr=0.0001' are the same system spelt two ways"),
+        (["train="], r"'train' is a section; set its keys one by one \(train.<key>=value\)"),
+        (["data=null"], "'data' is a section"),
         (["train.checkpoint_every=-1"], "checkpoint_every must be >= 0"),
         (["method.dropout=1.5"], "method.dropout must be in"),
         (["train.lr=nan"], "lr >= 0"),
@@ -103,3 +123,37 @@ def test_dump_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump(cfg))
     assert load_config(str(path)) == cfg
+
+
+def test_paths_and_column_names_in_overrides_are_text_as_typed():
+    """YAML parsing cut "base.csv #old.csv" at the comment (the run read another file) and made
+    columns named yes or 2024 a bool and an int."""
+    cfg = load_config("demo", ["data.path=/d/base.csv #old.csv", "data.label_column=yes", "data.text_column=2024",
+                               "out=runs/a: b", "encoder.name=my model #2"])
+    assert cfg.data.path == "/d/base.csv #old.csv"
+    assert (cfg.data.label_column, cfg.data.text_column) == ("yes", "2024")
+    assert (cfg.out, cfg.encoder.name) == ("runs/a: b", "my model #2")
+    assert load_config("demo", ['data.path="quoted name.csv"']).data.path == "quoted name.csv"
+    assert load_config("demo", ["data.path="]).data.path is None  # empty: the demo corpus
+    assert load_config("demo", ["data.path=null"]).data.path is None
+
+
+def test_a_section_override_merges_into_the_section():
+    """train={epochs: 1} replaced the preset's whole train section with the defaults."""
+    smoke = load_config("smoke")
+    cfg = load_config("smoke", ["train={epochs: 1}"])
+    assert cfg.train.epochs == 1 and cfg.train.lr == smoke.train.lr != load_config("demo").train.lr
+
+
+def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train: {epochs: 1}\nout: x\ntrain: {lr: 0.001}\n")
+    with pytest.raises(TailtuneError, match=r"not valid YAML: key 'train' appears twice \(line 3\)"):
+        load_config(str(path))
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "cp1252.yaml"
+    path.write_bytes("out: caf\u00e9\n".encode("cp1252"))
+    with pytest.raises(TailtuneError, match=r"cp1252.yaml is not valid UTF-8 \(byte 0xe9 at offset 8\); re-save it"):
+        load_config(str(path))

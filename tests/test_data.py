@@ -176,8 +176,9 @@ def test_a_missing_part_of_a_joined_label_drops_the_row():
     assert report["dropped"]["empty_label"] + report["dropped"]["na_label"] == 4
 
 
-def test_numbers_read_as_written_in_jsonl_and_parquet(tmp_path):
-    """An int label column with one null became '1.0', '2.0' in training, while predict read '1'."""
+def test_numbers_read_as_written_in_jsonl_json_and_parquet(tmp_path):
+    """An int label column with one null became '1.0', '2.0' in training, while predict read '1'
+    (.json: ids 2**53 + 1 became 9007199254740992.0 and collided)."""
     import json
 
     import pyarrow as pa
@@ -189,7 +190,10 @@ def test_numbers_read_as_written_in_jsonl_and_parquet(tmp_path):
     ))
     pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "text": [f"t {i}" for i in ids],
                              "label": pa.array(labels, pa.int64())}), tmp_path / "d.parquet")
-    for name in ("d.jsonl", "d.parquet"):
+    records = [{"id": i, "text": f"t {i}", "label": label} for i, label in zip(ids, labels, strict=True)]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    (tmp_path / "columns.json").write_text(json.dumps({key: [r[key] for r in records] for key in records[0]}))
+    for name in ("d.jsonl", "d.parquet", "d.json", "columns.json"):
         cfg = DataConfig(path=str(tmp_path / name), text_column="text", label_column="label", id_column="id",
                          min_class_count=1)
         out, _ = clean(read_table(cfg.path), cfg)

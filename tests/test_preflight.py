@@ -45,6 +45,15 @@ def test_classes_too_small_for_a_validation_split(tmp_path):
     assert_error(run_smoke(path, out, systems="tfidf-logreg,encoder-probe"), out,
                  "no validation rows", "fewer than 3 rows", "encoder-probe")
     assert run_smoke(path, out).exit_code == 0  # tf-idf needs no validation split
+    # data inspect said "problems found: none" for it
+    from rich.console import Console
+
+    from tailtune.config import DataConfig
+    from tailtune.data import inspect_data
+
+    console = Console(record=True, width=300)
+    inspect_data(DataConfig(path=str(path)), console)
+    assert "- no validation rows (every class has fewer than 3 rows)" in console.export_text()
 
 
 # ----------------------------------------------------------------------------- tokenizer and padding

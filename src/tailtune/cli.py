@@ -94,20 +94,17 @@ def _exit_for(exc: BaseException, command: str):
     raise typer.Exit(1) from None
 
 
-TEXT_OPTIONS = {"data.path", "data.label_column", "data.text_column", "data.encoding", "out"}
-
-
 def _config(config: str | None, overrides: list[str], **options):
-    from tailtune.config import load_config
+    from tailtune.config import TEXT_KEYS, load_config
 
     # The first positional may be an override if no config file/preset is given.
     if config is not None and "=" in config:
         overrides = [config, *overrides]
         config = None
-    # A path or column name is text as typed: "complaints #2.csv" lost its " #2.csv" as a YAML
-    # comment and "Issue: main" became a mapping when parsed as override values.
+    # A path or column name is text as typed, quoted whole so that even one that starts and ends
+    # with a quote stays as it is (config.TEXT_KEYS).
     extra = [
-        f"{key}={json.dumps(str(value), ensure_ascii=False) if key in TEXT_OPTIONS else value}"
+        f"{key}={json.dumps(str(value), ensure_ascii=False) if key in TEXT_KEYS else value}"
         for key, value in options.items() if value is not None
     ]
     return load_config(config, [*overrides, *extra])

@@ -194,6 +194,8 @@ class Config:
 POOLINGS = ("auto", "mean", "cls", "last")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HEAD_INITS = ("probe", "random")
+MAX_SEED = 2**32 - 1
+MAX_LOGIT_TAU = 100.0
 
 
 def check_precision(precision: str) -> str:
@@ -230,20 +232,50 @@ def _preset_path(source: str | None) -> Path:
     )
 
 
+# Paths, column names and model names: an override's value is the text as typed, not YAML
+# ("complaints #2.csv" lost " #2.csv" as a comment; a column "yes" or "2024" was not a string).
+TEXT_KEYS = frozenset({
+    "out", "data.path", "data.encoding", "data.text_column", "data.label_column", "data.id_column",
+    "encoder.name", "decoder.name",
+})
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping: the last one won silently, so a second
+    ``train:`` section dropped the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (line {key_node.start_mark.line + 1})", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a preset name or YAML path (None = the demo preset), then apply ``key=value`` overrides."""
     path = _preset_path(source)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise TailtuneError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError as exc:
+        raise TailtuneError(
+            f"config {path} is not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "re-save it as UTF-8"
+        ) from None
     if not isinstance(raw, dict):
         raise TailtuneError(f"config {path} must be a mapping of keys to values")
     for item in overrides:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise TailtuneError(f"override '{item}' must look like key=value (e.g. train.epochs=3)")
-        _set_dotted(raw, key.strip(), _parse_value(value))
+        _set_dotted(raw, key, _parse_text(value) if key in TEXT_KEYS else _parse_value(value))
     cfg = from_dict(Config, raw)
     validate(cfg)
     return cfg
@@ -256,6 +288,19 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _parse_text(text: str) -> str | None:
+    """The value of a :data:`TEXT_KEYS` override: as typed, or YAML when quoted as a whole
+    (``"..."``, which is how the CLI passes ``--data`` and ``--label-column``); empty or
+    ``null`` is null (``data.path=null``: the demo corpus)."""
+    if text.strip() in ("", "null", "Null", "NULL", "~"):
+        return None
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        parsed = _parse_value(text)
+        if isinstance(parsed, str):
+            return parsed
+    return text
+
+
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
@@ -266,6 +311,15 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise TailtuneError(f"override '{key}': '{part}' is not a section")
         node = child
+    current = node.get(parts[-1])
+    if isinstance(current, dict):  # a section the config sets: replacing it dropped its other keys
+        if not isinstance(value, dict):
+            raise TailtuneError(
+                f"override '{key}=...': '{key}' is a section; set its keys one by one ({key}.<key>=value)"
+            )
+        for sub, sub_value in value.items():
+            _set_dotted(tree, f"{key}.{sub}", sub_value)
+        return
     node[parts[-1]] = value
 
 
@@ -380,6 +434,11 @@ def validate(cfg: Config) -> None:
     specs = [systems.parse_system(name) for name in cfg.systems]
     if len(set(cfg.systems)) != len(cfg.systems):
         raise TailtuneError("config 'systems' lists a system twice")
+    first: dict[tuple, str] = {}
+    for spec in specs:
+        other = first.setdefault(spec.identity, spec.name)
+        if other != spec.name:
+            raise TailtuneError(f"systems '{other}' and '{spec.name}' are the same system spelt two ways; list it once")
     d = cfg.data
     text_codec(d.encoding)
     if not (0 < d.val_size < 1 and 0 < d.test_size < 1 and d.val_size + d.test_size < 1):
@@ -395,6 +454,14 @@ def validate(cfg: Config) -> None:
         raise TailtuneError(
             f"data.tier_names needs {len(d.effective_tier_edges) + 1} names for {len(d.effective_tier_edges)} edges"
         )
+    if len(set(d.tier_names)) != len(d.tier_names):
+        raise TailtuneError(f"data.tier_names names a tier twice: {', '.join(d.tier_names)}")
+    if not 0 <= d.demo.exponent < math.inf:
+        raise TailtuneError("data.demo.exponent must be >= 0")
+    for key, seed in (("data.seed", d.seed), ("data.demo.seed", d.demo.seed), ("train.seed", cfg.train.seed),
+                      ("eval.seed", cfg.eval.seed)):
+        if not 0 <= seed <= MAX_SEED:
+            raise TailtuneError(f"{key} must be between 0 and {MAX_SEED} (numpy's and scikit-learn's range), got {seed}")
     for slot in ("encoder", "decoder"):
         bb: BackboneConfig = getattr(cfg, slot)
         if bb.pooling not in POOLINGS:
@@ -403,10 +470,14 @@ def validate(cfg: Config) -> None:
             raise TailtuneError(f"{slot}: max_length >= 8 and batch sizes >= 1 are required")
         if bb.epochs is not None and not 0 < bb.epochs < math.inf:
             raise TailtuneError(f"{slot}.epochs must be > 0 (or null for train.epochs)")
+        if bb.lr is not None and not 0 <= bb.lr < math.inf:
+            raise TailtuneError(f"{slot}.lr must be >= 0 (or null for train.lr)")
         if bb.adapt_layers is not None and bb.adapt_layers < 1:
             raise TailtuneError(f"{slot}.adapt_layers must be >= 1 (or null for all layers)")
     _check_method(cfg.method)
 
+    if not cfg.method.targets:
+        raise TailtuneError(f"method.targets must name at least one role ({', '.join(methods.ROLES)})")
     for role in cfg.method.targets:
         if role not in methods.ROLES:
             raise TailtuneError(
@@ -419,8 +490,9 @@ def validate(cfg: Config) -> None:
     if t.head_init not in HEAD_INITS:
         raise TailtuneError(f"train.head_init must be one of {', '.join(HEAD_INITS)}")
     weighting.check(t.weighting)
-    if not 0 < t.logit_tau < math.inf:
-        raise TailtuneError("train.logit_tau must be > 0")
+    if not 0 < t.logit_tau <= MAX_LOGIT_TAU:
+        # tau * log prior overflowed float32 far above this: the run failed its padding check with "nan"
+        raise TailtuneError(f"train.logit_tau must be in (0, {MAX_LOGIT_TAU:g}] (Menon et al. use 1)")
     # written as ranges so that NaN and inf fail them too
     rates_ok = 0 < t.epochs < math.inf and 0 <= t.lr < math.inf and 0 <= t.head_lr < math.inf
     if not rates_ok or t.grad_accum < 1 or t.eval_per_epoch < 1:
@@ -433,6 +505,8 @@ def validate(cfg: Config) -> None:
         raise TailtuneError("train.backbone_dropout must be in [0, 1) (or null for the checkpoint's own)")
     if not 0 <= t.warmup_ratio < 1:
         raise TailtuneError("train.warmup_ratio must be in [0, 1)")
+    if not 0 <= t.weight_decay < math.inf:
+        raise TailtuneError("train.weight_decay must be >= 0")
     for spec in specs:  # settings in a system's name: the same rules
         if spec.overrides:
             method, train, backbone, lr = spec.configs(cfg)

@@ -102,7 +102,7 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
                 raise TailtuneError(f"data file has no rows: {path}")
             return pd.concat(frames, ignore_index=True)
         if kind == "json":
-            return pd.read_json(path, dtype=False, encoding=codec)
+            return _read_json(path, codec)
         import pyarrow.parquet as pq
 
         # integer_object_nulls: an int64 column with a null (pyarrow, Spark, polars) stays ints,
@@ -115,6 +115,20 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TailtuneError(f"could not read {path} as {kind}: {first}") from None
+
+
+def _read_json(path: Path, codec: str) -> pd.DataFrame:
+    """A JSON file of records (``[{...}, ...]``) or of columns (``{"col": [...]}`` or
+    ``{"col": {"row": ...}}``), numbers kept as written as in :func:`jsonl_frames` (pandas'
+    reader made 9007199254741001 a float and a label column with a null "1.0"); any other
+    layout is left to pandas."""
+    with open(path, encoding=codec) as f:
+        parsed = json.load(f, parse_int=str, parse_float=str)
+    if isinstance(parsed, list) and all(isinstance(row, dict) for row in parsed):
+        return pd.DataFrame.from_records(parsed)
+    if isinstance(parsed, dict) and parsed and all(isinstance(col, list | dict) for col in parsed.values()):
+        return pd.DataFrame(parsed)
+    return pd.read_json(path, dtype=False, encoding=codec)
 
 
 def jsonl_frames(text, chunk_size: int) -> Iterator[pd.DataFrame]:
@@ -542,6 +556,9 @@ def inspect_data(cfg: DataConfig, console) -> Prepared:
         problems.append(f"{s['conflicting_duplicate_texts']} texts appear with conflicting labels (all copies dropped)")
     for variants in s["possible_duplicate_labels"]:
         problems.append(f"possible duplicate labels, differ only by case/spaces (not merged): {variants}")
+    if s["splits"]["val"] == 0:  # what preflight.check_splits refuses in a run
+        problems.append("no validation rows (every class has fewer than 3 rows): probes and fine-tuning pick "
+                        "their model on validation, so a run can train only tfidf-logreg")
     console.print("[bold]problems found:[/] " + ("none" if not problems else ""))
     for p in problems:
         console.print(f"  - {p}", markup=False)

@@ -64,6 +64,13 @@ class SystemSpec:
             backbone = dataclasses.replace(backbone, epochs=set_["epochs"])
         return method, train, backbone, set_.get("lr")
 
+    @property
+    def identity(self) -> tuple:
+        """What it trains, whatever the name's spelling: ``@lr=1e-4`` is ``@lr=0.0001``, and the
+        order of its settings does not matter."""
+        settings = sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.overrides)
+        return self.kind, self.slot, self.method, self.weighting, tuple(settings)
+
     def scheme(self, cfg) -> str:
         """The weighting its name gives (``train.weighting`` for a ``-weighted`` system)."""
         return cfg.train.weighting if self.weighting == "config" else self.weighting
@@ -93,6 +100,8 @@ def _parse_overrides(name: str, text: str) -> tuple:
             raise TailtuneError(
                 f"system '{name}': '{item}' must be key=value with key one of {', '.join(allowed)}"
             )
+        if key in dict(pairs):
+            raise TailtuneError(f"system '{name}' sets {key} twice")
         if key == "targets":
             from tailtune.methods import ROLES
 

@@ -75,7 +75,11 @@ def get(name: str) -> Callable[[np.ndarray], np.ndarray]:
 
 def check(name: str) -> str:
     if name not in names():
-        raise TailtuneError(f"unknown class weighting '{name}' (schemes: {', '.join(names())})")
+        from tailtune.config import suggest
+
+        raise TailtuneError(
+            f"unknown class weighting '{name}'{suggest(str(name), names())} (schemes: {', '.join(names())})"
+        )
     return name
 
 
