@@ -248,9 +248,13 @@ def test_the_tailtune_command_runs_main():
     """The console script called the Typer app directly, so main()'s handling below never ran
     for a user's `tailtune`, only for `python -m tailtune.cli`."""
     from importlib.metadata import entry_points
+    from pathlib import Path
 
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()  # (tomllib is Python >= 3.11)
+    scripts = pyproject.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    assert re.findall(r"^tailtune = \"(.+)\"$", scripts, re.M) == ["tailtune.cli:main"]
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "tailtune"]
-    assert script.value == "tailtune.cli:main"
+    assert script.value == "tailtune.cli:main"  # and the installed one, in case it predates the change
 
 
 def test_a_ctrl_c_after_the_command_has_ended_prints_no_traceback():

@@ -134,6 +134,8 @@ def test_paths_and_column_names_in_overrides_are_text_as_typed():
     assert (cfg.data.label_column, cfg.data.text_column) == ("yes", "2024")
     assert (cfg.out, cfg.encoder.name) == ("runs/a: b", "my model #2")
     assert load_config("demo", ['data.path="quoted name.csv"']).data.path == "quoted name.csv"
+    assert load_config("demo", ["data.path = complaints.csv\r"]).data.path == "complaints.csv"  # spaces, CRLF scripts
+    assert load_config("demo", ['data.label_column=" Issue "']).data.label_column == " Issue "
     assert load_config("demo", ["data.path="]).data.path is None  # empty: the demo corpus
     assert load_config("demo", ["data.path=null"]).data.path is None
 
@@ -149,6 +151,16 @@ def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
     path = tmp_path / "twice.yaml"
     path.write_text("train: {epochs: 1}\nout: x\ntrain: {lr: 0.001}\n")
     with pytest.raises(TailtuneError, match=r"not valid YAML: key 'train' appears twice \(line 3\)"):
+        load_config(str(path))
+    with pytest.raises(TailtuneError, match="override value '{epochs: 1, epochs: 2}' is not valid: key 'epochs' appears twice"):
+        load_config("smoke", ["train={epochs: 1, epochs: 2}"])
+    # merge keys may repeat what they merge; an unhashable key is YAML's own one-line error
+    path.write_text("encoder: &bb {max_length: 64, batch_size: 8}\ndecoder: {<<: *bb, batch_size: 4}\n"
+                    "method: {<<: [{rank: 4}], alpha: 8}\n")
+    cfg = load_config(str(path))
+    assert (cfg.decoder.max_length, cfg.decoder.batch_size, cfg.method.rank) == (64, 4, 4)
+    path.write_text("? [a, b]\n: 1\n")
+    with pytest.raises(TailtuneError, match="not valid YAML: while constructing a mapping"):
         load_config(str(path))
 
 

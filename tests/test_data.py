@@ -176,6 +176,13 @@ def test_a_missing_part_of_a_joined_label_drops_the_row():
     assert report["dropped"]["empty_label"] + report["dropped"]["na_label"] == 4
 
 
+def test_a_null_label_is_a_missing_value_and_an_empty_one_is_empty():
+    """A JSON or Parquet null was counted as an empty label, and "NaN" in a CSV as a missing value."""
+    frame = pd.DataFrame({TEXT: [f"complaint {i}" for i in range(6)], "Issue": ["A", "A", "", None, "NaN", "B"]})
+    _, report = clean(frame, DataConfig(min_class_count=1))
+    assert (report["dropped"]["empty_label"], report["dropped"]["na_label"]) == (1, 2)
+
+
 def test_numbers_read_as_written_in_jsonl_json_and_parquet(tmp_path):
     """An int label column with one null became '1.0', '2.0' in training, while predict read '1'
     (.json: ids 2**53 + 1 became 9007199254740992.0 and collided)."""

@@ -28,7 +28,8 @@ def tailtune(*args, cwd=None):
 def test_parse_seeds():
     assert parse_seeds("3, 0,1") == [3, 0, 1]
     for text, message in [("0", "at least 2"), ("0,x", "non-negative integers"), ("0,-1", "non-negative"),
-                          ("0,,1", "non-negative"), ("2,2", "twice")]:
+                          ("0,,1", "non-negative"), ("2,2", "twice"),
+                          ("0,4294967296", "seed 4294967296 is above 4294967295")]:
         with pytest.raises(TailtuneError, match=message):
             parse_seeds(text)
 

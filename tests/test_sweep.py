@@ -52,6 +52,12 @@ def test_axes_cross_and_baselines_stay_once():
         "encoder-ia3-weighted",  # ia3 has no rank: one point, not two of the same model
     ]
     assert split_values("attention,[attention,ffn]") == ["attention", "attention|ffn"]
+    # the README's own example: the duplicate check failed on the targets' list ("unhashable type")
+    axes, _ = parse_args(["method.rank=4,16", "method.targets=attention,all"])
+    assert grid_systems(["encoder-lora"], axes) == [
+        "encoder-lora@rank=4+targets=attention", "encoder-lora@rank=4+targets=all",
+        "encoder-lora@rank=16+targets=attention", "encoder-lora@rank=16+targets=all",
+    ]
 
 
 @pytest.mark.parametrize(

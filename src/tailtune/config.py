@@ -247,8 +247,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *anchor may repeat a key: the mapping's own wins
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                break
+            if repeated:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key '{key}' appears twice (line {key_node.start_mark.line + 1})", key_node.start_mark
                 )
@@ -256,11 +262,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a preset name or YAML path (None = the demo preset), then apply ``key=value`` overrides."""
     path = _preset_path(source)
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        raw = _yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise TailtuneError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except UnicodeDecodeError as exc:
@@ -283,16 +293,20 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else None
+        return _yaml(text) if text.strip() else None
+    except yaml.constructor.ConstructorError as exc:  # train={epochs: 1, epochs: 2}
+        raise TailtuneError(f"override value '{text}' is not valid: {exc.problem}") from None
     except yaml.YAMLError:
         return text
 
 
 def _parse_text(text: str) -> str | None:
-    """The value of a :data:`TEXT_KEYS` override: as typed, or YAML when quoted as a whole
-    (``"..."``, which is how the CLI passes ``--data`` and ``--label-column``); empty or
-    ``null`` is null (``data.path=null``: the demo corpus)."""
-    if text.strip() in ("", "null", "Null", "NULL", "~"):
+    """The value of a :data:`TEXT_KEYS` override: as typed but for the spaces around it, or YAML
+    when quoted as a whole (``"..."``, which is how the CLI passes ``--data`` and
+    ``--label-column``, spaces kept); empty or ``null`` is null (``data.path=null``: the demo
+    corpus)."""
+    text = text.strip()
+    if text in ("", "null", "Null", "NULL", "~"):
         return None
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         parsed = _parse_value(text)

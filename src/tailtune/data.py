@@ -350,9 +350,12 @@ def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
         raise TailtuneError(f"no usable rows: text column '{cfg.text_column}' is empty in all {len(out)} rows")
     out = out[keep].assign(text=text[keep])
 
+    # A null (JSON, Parquet, a missing part of an A+B label) is a missing value like "NaN" in a
+    # CSV; only a written empty string is an empty label.
     label = out["label"].fillna("").str.strip()
-    empty = label.str.len() == 0
-    missing = label.isin(NA_MARKERS)
+    null = out["label"].isna()
+    empty = (label.str.len() == 0) & ~null
+    missing = label.isin(NA_MARKERS) | null
     dropped["empty_label"] = int(empty.sum())
     dropped["na_label"] = int(missing.sum())
     if (empty | missing).all():

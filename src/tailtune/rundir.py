@@ -87,7 +87,7 @@ def sync_folder(folder: Path, files: bool = True) -> None:
             if path.is_dir() and not path.is_symlink():
                 sync_folder(path)
             elif path.is_file():
-                with open(path, "rb") as f:
+                with open(path, "r+b" if os.name == "nt" else "rb") as f:  # Windows' _commit needs write access
                     os.fsync(f.fileno())
     try:
         fd = os.open(folder, os.O_RDONLY)

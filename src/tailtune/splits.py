@@ -25,7 +25,7 @@ import pandas as pd
 from rich.markup import escape
 
 from tailtune import rundir
-from tailtune.config import Config
+from tailtune.config import MAX_SEED, Config
 from tailtune.errors import TailtuneError
 
 PER_SEED = "splits.csv"
@@ -40,6 +40,8 @@ def parse_seeds(text: str) -> list[int]:
     if not all(re.fullmatch(r"\d+", p) for p in parts):
         raise TailtuneError(f"--split-seeds takes non-negative integers separated by commas, got '{text}'")
     seeds = [int(p) for p in parts]
+    if max(seeds) > MAX_SEED:  # data.seed's range, checked here so no seed runs before the error
+        raise TailtuneError(f"--split-seeds: seed {max(seeds)} is above {MAX_SEED} (numpy's and scikit-learn's range)")
     if len(seeds) < 2:
         raise TailtuneError("--split-seeds needs at least 2 seeds (one seed is a plain run: data.seed=N)")
     if len(set(seeds)) != len(seeds):

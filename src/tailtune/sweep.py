@@ -110,10 +110,11 @@ def grid_systems(systems: list[str], axes: dict[str, list[str]]) -> list[str]:
         raise TailtuneError(f"sweep axis '{idle[0]}' applies to none of the swept methods ({', '.join(swept)})")
     seen: dict[tuple, str] = {}
     for spec in points:  # by value: rank=4 and rank=04, lr=1e-3 and lr=0.001 are one system
-        key = (spec.kind, spec.slot, spec.method, spec.weighting, tuple(sorted(spec.overrides)))
-        if key in seen:
-            raise TailtuneError(f"the sweep produces the same system twice ({seen[key]} and {spec.name}); check the axes")
-        seen[key] = spec.name
+        if spec.identity in seen:
+            raise TailtuneError(
+                f"the sweep produces the same system twice ({seen[spec.identity]} and {spec.name}); check the axes"
+            )
+        seen[spec.identity] = spec.name
     return names
 
 
