@@ -728,6 +728,20 @@ def test_sweep_points_pair_weighting_within_their_own_settings(tmp_path, monkeyp
     assert "decoder-lora-weighted@rank=2" in text and "rank=2-weighted" not in text
 
 
+def test_long_system_names_keep_the_figures_laid_out(tmp_path, monkeypatch):
+    """A sweep over rank and targets: four legend columns of its names were wider than the
+    figure, and matplotlib warned "constrained_layout not applied" on the terminal."""
+    import warnings
+
+    names = [f"encoder-lora@rank={r}+targets={t}" for r in (4, 16) for t in ("attention", "all")]
+    for name in names:
+        monkeypatch.setitem(SYSTEMS, name, SYSTEMS["encoder-lora"])
+    run = write_fake_run(tmp_path / "run", systems=("tfidf-logreg", *names))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_report(run)
+
+
 def test_missing_run_files_are_a_clear_error(tmp_path):
     with pytest.raises(TailtuneError, match="does not exist"):
         build_report(tmp_path / "nope")
@@ -766,3 +780,15 @@ def test_a_last_token_decoder_behind_the_encoder_is_pointed_at_mean_pooling(tmp_
     _predict_as(path, "encoder-lora", ["decoder-lora"])  # last-token pooling, level with the encoder
     metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "system": saved["system"]}))
     assert advice not in _text(_html(path), "next")
+
+
+def test_tier_ticks_count_classes_in_words():
+    from types import SimpleNamespace
+
+    from tailtune.report import _tier_tick
+
+    run = SimpleNamespace(train_counts={"a": 41, "b": 5, "c": 9},
+                          data={"tiers": {"classes": {"head": ["a"], "rare": ["b", "c"], "none": []}}})
+    assert _tier_tick(run, "head") == "head\n1 class, 41 train"  # was "1 classes, 41\u201341 train"
+    assert _tier_tick(run, "rare") == "rare\n2 classes, 5\u20139 train"
+    assert _tier_tick(run, "none") == "none\nno classes"

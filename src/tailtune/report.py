@@ -507,6 +507,15 @@ def _new_figure(width: float, height: float):
     return fig
 
 
+def _legend_columns(names: list[str], width_in: float, most: int = 4, fontsize: float = 10) -> int:
+    """Legend columns that fit ``width_in`` inches: four columns of sweep names such as
+    "encoder-lora@rank=16+targets=attention" were wider than the figure, and constrained layout
+    gave up ("axes sizes collapsed to zero") with a warning on the user's terminal."""
+    # about 0.55 em per character, plus the handle and the padding between columns
+    column = max(len(n) for n in names) * 0.55 * fontsize / 72 + 0.8
+    return max(1, min(len(names), most, int(0.9 * width_in / column)))
+
+
 def _png(fig, alt: str, caption: Any) -> Figure:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=150)
@@ -591,7 +600,7 @@ def plot_tier_bars(run: Run, systems: list[SystemRun]) -> Figure | None:
         ax.grid(axis="x", visible=False)
         ax.set_ylabel("macro-F1 within tier")
         ax.set_ylim(0, min(1.05, max(0.1, top) * 1.22))
-        ax.legend(loc="upper left", ncols=min(n, 4))
+        ax.legend(loc="upper left", ncols=_legend_columns([s.name for s in systems], fig.get_figwidth()))
         return _png(
             fig,
             "Grouped bar chart of macro-F1 per frequency tier for every system.",
@@ -602,7 +611,10 @@ def plot_tier_bars(run: Run, systems: list[SystemRun]) -> Figure | None:
 
 def _tier_tick(run: Run, tier: str) -> str:
     members = [run.train_counts.get(c, 0) for c in run.data["tiers"]["classes"][tier]]
-    return f"{tier}\n{len(members)} classes, {min(members):,}\u2013{max(members):,} train"
+    if not members:
+        return f"{tier}\nno classes"
+    span = f"{min(members):,}" if min(members) == max(members) else f"{min(members):,}\u2013{max(members):,}"
+    return f"{tier}\n{len(members)} class{'es' if len(members) != 1 else ''}, {span} train"
 
 
 def plot_weighting_deltas(run: Run, pairs: list[dict]) -> Figure | None:
@@ -752,7 +764,7 @@ def plot_f1_vs_count(run: Run, systems: list[SystemRun]) -> Figure | None:
                     ax.plot(tx, ty, color=colours[other], marker=markers[other], ms=4, label=other)
                 ax.set_title("trend lines of all systems")
                 # Below the panels: inside the small panel the legend would hide the lines.
-                fig.legend(loc="outside lower center", ncols=min(len(trends), 4))
+                fig.legend(loc="outside lower center", ncols=_legend_columns(list(trends), fig.get_figwidth()))
             ax.set_ylim(-0.04, 1.04)
         for ax in axes[::ncols]:
             ax.set_ylabel("per-class F1")
