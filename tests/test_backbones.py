@@ -85,6 +85,23 @@ def test_decoder_tokenizer_is_set_up_for_classification():
     assert model.config.pad_token_id == tok.pad_token_id
 
 
+def test_a_decoder_saved_to_pad_on_the_right_without_a_pad_id_is_set_up_anyway(tmp_path):
+    """The study's silent pitfalls come from the checkpoint's own files: tailtune overrides them
+    rather than refusing (pre-flight's padding checks stay as a guard behind this)."""
+    import shutil
+
+    folder = tmp_path / "right-padding"
+    shutil.copytree(backbones.make_tiny("llama"), folder)
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tok_config, "padding_side": "right"}))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))
+    bb = backbones.resolve(str(folder))
+    tok = backbones.load_tokenizer(bb)
+    assert tok.padding_side == "left" and tok.pad_token_id is not None
+    assert backbones.load_model(bb, tok).config.pad_token_id == tok.pad_token_id
+
+
 def test_unknown_backbones_fail_clearly(tmp_path):
     with pytest.raises(TailtuneError, match="unknown bundled backbone"):
         backbones.resolve("bundled:gpt5")
@@ -96,6 +113,9 @@ def test_unknown_backbones_fail_clearly(tmp_path):
     bad.write_text("x")
     with pytest.raises(TailtuneError, match="not a .gguf model"):
         backbones.resolve(str(bad))
+    (tmp_path / "empty").mkdir()  # was "not a local folder, .gguf file, bundled name or a hub model"
+    with pytest.raises(TailtuneError, match=r"the folder .*empty has no config.json \(nor a .gguf file\)"):
+        backbones.resolve(str(tmp_path / "empty"))
 
 
 def test_a_hub_name_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch, tmp_path):
@@ -145,13 +165,15 @@ def test_a_text_that_is_not_text_is_one_line(arch):
         backbones.tokenize(tok, [None, "fine"], 32)
 
 
-def test_a_file_that_is_not_gguf_and_a_broken_config_fail_in_one_line(tmp_path, monkeypatch):
-    """Both were "internal error" (ValueError: GGUF magic bytes; JSONDecodeError) with exit 1."""
+def test_a_file_that_is_not_gguf_and_a_broken_config_fail_in_one_line(tmp_path, monkeypatch, capfd):
+    """Both were "internal error" (ValueError: GGUF magic bytes; JSONDecodeError) with exit 1,
+    and the GGUF one then printed "converting model.gguf ..." before its error line."""
     monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
     junk = tmp_path / "model.gguf"
     junk.write_bytes(b"not a gguf file at all" * 10)
-    with pytest.raises(TailtuneError, match=rf"could not read {junk} as a GGUF model: "):
+    with pytest.raises(TailtuneError, match=rf"could not read {junk} as a GGUF model: it does not start with the GGUF"):
         backbones.resolve(str(junk))
+    assert "converting" not in capfd.readouterr().err
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "bert",')

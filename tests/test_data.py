@@ -176,6 +176,23 @@ def test_a_missing_part_of_a_joined_label_drops_the_row():
     assert report["dropped"]["empty_label"] + report["dropped"]["na_label"] == 4
 
 
+@pytest.mark.parametrize("content", ["[]", "{}"])
+def test_a_json_file_without_rows_says_so(tmp_path, content):
+    """It said "text column ... not found; columns are: " with nothing after it."""
+    (tmp_path / "d.json").write_text(content)
+    with pytest.raises(TailtuneError, match="data file has no rows"):
+        read_table(tmp_path / "d.json")
+
+
+def test_every_missing_value_marker_is_dropped_and_na_and_none_are_classes():
+    markers = ["NaN", "nan", "<NA>", "#N/A", "N/A", "n/a", "NULL", "null"]  # as docs/input-checks.md lists them
+    labels = [*markers, "NA", "NA", "None", "None", "A", "A"]
+    frame = pd.DataFrame({TEXT: [f"complaint {i}" for i in range(len(labels))], "Issue": labels})
+    out, report = clean(frame, DataConfig(min_class_count=1))
+    assert report["dropped"]["na_label"] == len(markers)
+    assert sorted(out["label"].unique()) == ["A", "NA", "None"]
+
+
 def test_a_null_label_is_a_missing_value_and_an_empty_one_is_empty():
     """A JSON or Parquet null was counted as an empty label, and "NaN" in a CSV as a missing value."""
     frame = pd.DataFrame({TEXT: [f"complaint {i}" for i in range(6)], "Issue": ["A", "A", "", None, "NaN", "B"]})

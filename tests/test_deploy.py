@@ -390,6 +390,12 @@ def test_predict_copies_ids_exactly(smoke_run, tmp_path, suffix):
                         chunk_size=2)
     out = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
     assert out["id"].tolist() == ["9007199254740993", "3004095", "", "12"]
+    if suffix == ".jsonl":  # a chunk of lines with no id key, or no text key: "internal error KeyError: 'id'"
+        source.write_text('{"id": 1, "text": "refund"}\n{"text": "debt"}\n{"text": "fee"}\n{"id": 4}\n')
+        deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv", chunk_size=1)
+        out = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
+        assert out["id"].tolist() == ["1", "", "", "4"]
+        assert (out["label"][:3] != "").all() and out["label"][3] == ""
 
 
 def test_predict_on_a_csv_that_is_not_utf8_is_one_line(smoke_run, tmp_path):

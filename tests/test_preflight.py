@@ -271,6 +271,21 @@ def test_not_enough_memory_for_any_batch_suggests_fewer_adapted_layers_where_tha
     assert "use a smaller backbone" in preflight._memory_message(spec, cfg, {**need, "fewer_layers": False}, 10**6, "x")
 
 
+def test_the_suggested_batch_keeps_the_effective_batch_or_says_it_does_not():
+    """encoder.batch_size=4000000 was told "batch_size=102477 grad_accum=40 (the same effective
+    batch)": 4,099,080 rows."""
+    spec, cfg = parse_system("encoder-lora"), load_config("smoke")
+    need = {"total": 10**9, "weights": 0, "gradients_adam": 0, "activations": 10**9, "probe_copy": 0,
+            "batch_size": 16, "tokens": 256, "label_logits": False, "fewer_layers": True}
+    room = 7 * 10**9 // 16 + 1  # batch 7 fits: 8 divides 16 but does not fit, 4 is the largest that does
+    assert "batch_size=4 train.grad_accum=4 (the same effective batch)" in preflight._memory_message(
+        spec, cfg, need, room, "x")
+    prime = {**need, "batch_size": 13}
+    room = 12 * 10**9 // 13 + 1  # batch 12 fits; 13 is prime, and batch 1 would be twelve times slower
+    assert "batch_size=12 train.grad_accum=2 (effective batch 24, was 13)" in preflight._memory_message(
+        spec, cfg, prime, room, "x")
+
+
 def test_decoder_generate_is_planned_with_its_label_logits_and_refused_when_it_cannot_fit(
     tmp_path, small_csv, small_frame, monkeypatch
 ):

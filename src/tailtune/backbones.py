@@ -177,6 +177,11 @@ def _bundled(name: str) -> str:
 
 def _read_config(path: str, spec: str) -> dict:
     local = Path(path) / "config.json"
+    if Path(path).is_dir() and not local.exists():  # it was "not a local folder" after a hub lookup
+        raise TailtuneError(
+            f"could not load backbone '{spec}': the folder {path} has no config.json (nor a .gguf file); "
+            "point at a saved transformers model"
+        )
     if local.exists():
         try:
             return json.loads(local.read_text())
@@ -304,6 +309,9 @@ def convert_gguf(gguf: Path) -> Path:
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    with open(gguf, "rb") as f:  # before the "converting" line: a file that is not GGUF is one error line
+        if f.read(4) != b"GGUF":
+            raise TailtuneError(f"could not read {gguf} as a GGUF model: it does not start with the GGUF magic bytes")
     quiet_transformers()
     rundir.remove_stale(target)
     _check_cache_writable(target.parent)

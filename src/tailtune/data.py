@@ -124,6 +124,8 @@ def _read_json(path: Path, codec: str) -> pd.DataFrame:
     layout is left to pandas."""
     with open(path, encoding=codec) as f:
         parsed = json.load(f, parse_int=str, parse_float=str)
+    if parsed in ([], {}):
+        raise TailtuneError(f"data file has no rows: {path}")
     if isinstance(parsed, list) and all(isinstance(row, dict) for row in parsed):
         return pd.DataFrame.from_records(parsed)
     if isinstance(parsed, dict) and parsed and all(isinstance(col, list | dict) for col in parsed.values()):

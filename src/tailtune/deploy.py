@@ -777,7 +777,9 @@ def prediction_frame(
 
     from tailtune.data import blank
 
-    texts = frame[text_col].astype("string").fillna("")
+    # JSON lines need not share keys: a chunk may lack the text or id column the first one had
+    missing = pd.Series(pd.NA, index=frame.index, dtype="string")
+    texts = (frame[text_col] if text_col in frame.columns else missing).astype("string").fillna("")
     real = ~blank(texts)
     labels = np.full((len(frame), k), "", dtype=object)
     conf = np.full((len(frame), k), np.nan)
@@ -793,7 +795,7 @@ def prediction_frame(
         progress(int((~real).sum()))
     out = pd.DataFrame(index=range(len(frame)))
     if id_col is not None:
-        out[id_col] = frame[id_col].astype("string").to_numpy()
+        out[id_col] = (frame[id_col] if id_col in frame.columns else missing).astype("string").to_numpy()
     for i in range(k):
         suffix = "" if i == 0 else f"_{i + 1}"
         out[f"label{suffix}"] = labels[:, i]

@@ -251,8 +251,13 @@ def _memory_message(spec, cfg, need, free, device) -> str:
     slot, batch = spec.slot, need["batch_size"]
     fits = [b for b in range(batch - 1, 0, -1) if at_batch(need, b) <= free]
     if fits:
-        accum = math.ceil(batch * cfg.train.grad_accum / fits[0])
-        fix = f"try {slot}.batch_size={fits[0]} train.grad_accum={accum} (the same effective batch)"
+        effective = batch * cfg.train.grad_accum
+        # a batch size that divides the effective batch keeps it; unless that halves the rows per step
+        even = next((b for b in fits if effective % b == 0), 1)
+        rows = even if 2 * even >= fits[0] else fits[0]
+        accum = math.ceil(effective / rows)
+        same = "the same effective batch" if rows * accum == effective else f"effective batch {rows * accum:,}, was {effective:,}"
+        fix = f"try {slot}.batch_size={rows} train.grad_accum={accum} ({same})"
     elif spec.method == "full":
         fix = f"fine-tune with LoRA instead ({slot}-lora) or use a smaller backbone"
     elif need["fewer_layers"]:
