@@ -641,6 +641,24 @@ def test_never_learned_classes_are_named_by_their_counts_and_tiers(tmp_path):
     assert "does macro-F1 on the medium tier, the common tier move?" in text
 
 
+def test_one_never_learned_class_is_one_class(tmp_path):
+    """"1 classes have zero F1 ...; their training counts run 30–30"."""
+    systems = ("tfidf-logreg", "encoder-lora")
+    path = write_fake_run(tmp_path / "run", systems=systems)
+    never = json.loads((path / "data.json").read_text())["tiers"]["classes"]["medium"][0]
+    for system in systems:
+        file = path / "systems" / system / "per_class.csv"
+        pc = pd.read_csv(file)
+        pc.loc[pc["label"] == never, "f1"] = 0.0
+        pc.loc[(pc["label"] != never) & pc["support"].gt(0), "f1"] = 0.5
+        pc.to_csv(file, index=False)
+    text = _text(_html(path), "next")
+    count = json.loads((path / "data.json").read_text())["train_counts"][never]
+    assert (f"1 class has zero F1 in every system (1 medium); its training count is {count}. No method here "
+            "learns it: it needs more labelled examples") in text
+    assert f"never-learned class (training counts {count:,})" in text
+
+
 def test_collapse_needs_few_classes_relative_to_the_label_set():
     """A review: a two-class tfidf-logreg at 0.94 accuracy, predicting both classes, "looks collapsed"."""
     from types import SimpleNamespace

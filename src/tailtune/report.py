@@ -609,12 +609,16 @@ def plot_tier_bars(run: Run, systems: list[SystemRun]) -> Figure | None:
         )
 
 
+def fmt_span(lo, hi) -> str:
+    """"5–26", or "30" when both ends are one count ("30–30" read like a typo)."""
+    return f"{lo:,}" if lo == hi else f"{lo:,}\u2013{hi:,}"
+
+
 def _tier_tick(run: Run, tier: str) -> str:
     members = [run.train_counts.get(c, 0) for c in run.data["tiers"]["classes"][tier]]
     if not members:
         return f"{tier}\nno classes"
-    span = f"{min(members):,}" if min(members) == max(members) else f"{min(members):,}\u2013{max(members):,}"
-    return f"{tier}\n{len(members)} class{'es' if len(members) != 1 else ''}, {span} train"
+    return f"{tier}\n{len(members)} class{'es' if len(members) != 1 else ''}, {fmt_span(min(members), max(members))} train"
 
 
 def plot_weighting_deltas(run: Run, pairs: list[dict]) -> Figure | None:
@@ -1073,7 +1077,7 @@ def section_data(run: Run) -> Section:
             [
                 Cell(tier),
                 Cell(fmt_int(len(members)), num=True),
-                Cell(f"{min(counts):,}\u2013{max(counts):,}", num=True),
+                Cell(fmt_span(min(counts), max(counts)), num=True),
                 Cell(f"{train_rows:,} ({fmt_pct(train_rows / total_train)})", num=True),
                 Cell(
                     EM_DASH
@@ -2239,16 +2243,19 @@ def section_next(run: Run, an: Analysis) -> Section:
                 f"{n} {t}" for t, n in zip(run.tier_names, per_tier, strict=True) if n
             )
             every = "in every system" if len(ok) > 1 else f"in {ok[0].name}, the only system"
+            if len(zero_everywhere) == 1:
+                found = f"1 class has zero F1 {every} ({where}); its training count is {counts[0]}. No method here learns it: it needs"
+            else:
+                found = (f"{len(zero_everywhere)} classes have zero F1 {every} ({where}); their training counts run "
+                         f"{fmt_span(counts[0], counts[-1])}. No method here learns them: they need")
             items.append(
-                f"{len(zero_everywhere)} classes have zero F1 {every} ({where}); their "
-                f"training counts run {counts[0]}\u2013{counts[-1]}. No method here learns them: "
-                "they need more labelled examples, merging into a parent class, or a different "
-                "signal (e.g. few-shot prompting)."
+                f"{found} more labelled examples, merging into a parent class, or a different signal (e.g. few-shot "
+                "prompting)."
             )
             experiment = (
                 f"Double the training examples of the {len(zero_everywhere)} never-learned "
                 + ("class" if len(zero_everywhere) == 1 else "classes")
-                + f" (training counts {counts[0]}\u2013{counts[-1]}), by labelling or by augmentation, and "
+                + f" (training counts {fmt_span(counts[0], counts[-1])}), by labelling or by augmentation, and "
                 f"rerun {an.best.name}: does macro-F1 on "
                 + ", ".join(f"the {t} tier" for t in run.tier_names if any(run.tier_of.get(c) == t for c in zero_everywhere))
                 + " move?"
@@ -2264,8 +2271,8 @@ def section_next(run: Run, an: Analysis) -> Section:
                 lo, hi = stats.get("train_range") or [None, None]
                 items.append(
                     f"In {best.name}, the {worst_tier} tier holds the most zero-F1 classes: "
-                    f"{stats['zero_f1_classes']} of {stats['n_classes']} (training counts "
-                    f"{lo}\u2013{hi})."
+                    f"{stats['zero_f1_classes']} of {stats['n_classes']}"
+                    + (f" (training counts {fmt_span(lo, hi)})." if lo is not None else ".")
                 )
     for pair in an.weighting:
         items.append(
