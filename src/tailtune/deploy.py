@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -605,10 +604,9 @@ def export_merged(
             },
         }
         rundir.write_json(tmp / EXPORT_INFO, record)
-        rundir.sync_folder(tmp)
         if outdir.exists():
-            outdir.rmdir()
-        os.rename(tmp, outdir)
+            outdir.rmdir()  # empty, as checked above; a file that appeared since is not deleted
+        rundir.replace_dir(tmp, outdir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return record
