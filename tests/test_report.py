@@ -654,7 +654,7 @@ def test_one_never_learned_class_is_one_class(tmp_path):
         pc.to_csv(file, index=False)
     text = _text(_html(path), "next")
     count = json.loads((path / "data.json").read_text())["train_counts"][never]
-    assert (f"1 class has zero F1 in every system (1 medium); its training count is {count}. No method here "
+    assert (f"1 class has zero F1 in every system (1 medium); its training count is {count:,}. No method here "
             "learns it: it needs more labelled examples") in text
     assert f"never-learned class (training counts {count:,})" in text
 

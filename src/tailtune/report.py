@@ -2244,7 +2244,7 @@ def section_next(run: Run, an: Analysis) -> Section:
             )
             every = "in every system" if len(ok) > 1 else f"in {ok[0].name}, the only system"
             if len(zero_everywhere) == 1:
-                found = f"1 class has zero F1 {every} ({where}); its training count is {counts[0]}. No method here learns it: it needs"
+                found = f"1 class has zero F1 {every} ({where}); its training count is {counts[0]:,}. No method here learns it: it needs"
             else:
                 found = (f"{len(zero_everywhere)} classes have zero F1 {every} ({where}); their training counts run "
                          f"{fmt_span(counts[0], counts[-1])}. No method here learns them: they need")
