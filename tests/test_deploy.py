@@ -369,18 +369,18 @@ def test_predict_keeps_input_order_across_chunk_boundaries(smoke_run, tmp_path, 
     assert out.loc[~real, "label"].isna().all() and out.loc[~real, "confidence"].isna().all()
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
 def test_predict_copies_ids_exactly(smoke_run, tmp_path, suffix):
     """A 64-bit id became 9007199254740992.0 and an id column went float in a chunk where one row
     lacked it: predictions could not be joined back."""
     ids = [9007199254740993, 3004095, None, 12]
     frame = pd.DataFrame({"text": ["refund", "debt", "fee", "card"]})
     source = tmp_path / f"in{suffix}"
+    records = [{"text": t} if i is None else {"id": i, "text": t} for i, t in zip(ids, frame["text"], strict=True)]
     if suffix == ".jsonl":
-        source.write_text("".join(
-            json.dumps({"text": t} if i is None else {"id": i, "text": t}) + "\n"
-            for i, t in zip(ids, frame["text"], strict=True)
-        ))
+        source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif suffix == ".json":  # one array of records, read whole, then predicted in chunks
+        source.write_text(json.dumps(records))
     else:  # written by pyarrow, without pandas' metadata (that would restore Int64)
         import pyarrow as pa
         import pyarrow.parquet as pq

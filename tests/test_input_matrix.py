@@ -140,6 +140,27 @@ def test_messy_but_valid_csv_runs_and_reports_what_it_did(tmp_path, messy_csv):
     assert "na_label 2" in stdout and "empty_label 1" in stdout
 
 
+def test_texts_of_one_character_words_train_tfidf_on_character_ngrams(tmp_path, small_frame):
+    """scikit-learn's TF-IDF words have 2+ characters: texts like "a 1 b" have none, and the
+    system failed with "empty vocabulary". It now reads character n-grams and says so."""
+    frame = small_frame.copy()
+    codes = {label: i for i, label in enumerate(sorted(frame["Issue"].unique()))}
+    # each class's texts are its own letter (a, b, ...) among shared digits
+    frame[TEXT] = [
+        f"{chr(ord('a') + codes[label])} {i % 10} {chr(ord('a') + codes[label])}" for i, label in enumerate(frame["Issue"])
+    ]
+    path = tmp_path / "letters.csv"
+    frame.to_csv(path, index=False)
+    out = tmp_path / "run"
+    result = run_smoke(path, out, "data.label_column=Issue")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "systems" / "tfidf-logreg" / "metrics.json").read_text())
+    assert metrics["accuracy"] == 1.0  # the letter gives the class away
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert "character 1-4-grams" in comparison.loc[0, "note"]
+    assert "character 1-4-grams" in " ".join(result.stdout.split())
+
+
 def test_square_brackets_in_labels_and_paths_print_as_written(tmp_path, small_frame):
     """The terminal output is rich, which reads '[...]' as markup: a label '[/x] ...' stopped
     `data inspect` with an internal MarkupError, and the adapted modules' list

@@ -98,6 +98,7 @@ def assert_same_predictions(ray_dir: Path, local_file: Path, frame: pd.DataFrame
         (["--engine", "ray", "--precision", "fp64"], "unknown precision 'fp64'"),  # was an ActorDiedError
         (["--engine", "ray", "--encoding", "klingon"], "--encoding 'klingon' is not a known text encoding"),
         (["--engine", "ray", "--encoding", "cp1252", "--input", "{jsonl}"], "reads JSON lines as UTF-8 only"),
+        (["--engine", "ray", "--input", "{json}"], "cannot split a .json file into blocks"),
     ],
 )
 def test_bad_ray_predict_is_one_line_exit_2(scale_run, tmp_path, args, message):
@@ -106,7 +107,10 @@ def test_bad_ray_predict_is_one_line_exit_2(scale_run, tmp_path, args, message):
     (tmp_path / "existing" / "part.parquet").write_text("x")
     (tmp_path / "file").write_text("x")
     complaints(5).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
-    args = [a.format(existing=tmp_path / "existing", file=tmp_path / "file", jsonl=tmp_path / "in.jsonl") for a in args]
+    complaints(5).to_json(tmp_path / "in.json", orient="records")
+    paths = {"existing": tmp_path / "existing", "file": tmp_path / "file", "jsonl": tmp_path / "in.jsonl",
+             "json": tmp_path / "in.json"}
+    args = [a.format(**paths) for a in args]
     if "--output" not in args:
         args += ["--output", tmp_path / "out"]
     if "--input" not in args:

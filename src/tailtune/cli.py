@@ -318,12 +318,12 @@ def export(
 @friendly
 def predict(
     system_dir: Path = typer.Argument(..., help="<run>/systems/<name>, its model/ folder, or an export."),
-    input: Path = typer.Option(..., "--input", help="CSV / TSV / JSONL / Parquet file to classify."),
+    input: Path = typer.Option(..., "--input", help="CSV / TSV / JSONL / JSON / Parquet file to classify (a .json is read whole)."),
     output: Path = typer.Option(..., "--output", help="Predictions file (.csv, .jsonl or .parquet); a folder with --engine ray."),
     top_k: int = typer.Option(1, "--top-k", help="Also write label_2, confidence_2, ... up to k."),
     text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative, else text)."),
     id_column: str = typer.Option(None, help="Id column copied to the output (default: Complaint ID, else id)."),
-    chunk_size: int = typer.Option(4096, help="Rows read at a time; memory does not grow with the file."),
+    chunk_size: int = typer.Option(4096, help="Rows read at a time; memory does not grow with the file (except a .json)."),
     batch_size: int = typer.Option(None, help="Texts per forward pass (default: the system's eval batch size)."),
     precision: str = typer.Option(
         "auto", help="auto (bf16 where the CPU/GPU computes it natively), fp32, bf16 or fp16."
@@ -336,7 +336,7 @@ def predict(
     ),
     address: str = typer.Option(None, help="Ray cluster to join (host:port or auto; default: start a local one)."),
     workers: int = typer.Option(None, help="Ray predictor actors (default: one per GPU, else CPUs - 1)."),
-    encoding: str = typer.Option("utf-8", help="Text encoding of a CSV / TSV / JSONL input (e.g. cp1252)."),
+    encoding: str = typer.Option("utf-8", help="Text encoding of a CSV / TSV / JSONL / JSON input (e.g. cp1252)."),
 ):
     """Classify a file of any size, streaming, in the input's order."""
     from tailtune.run import make_console

@@ -614,7 +614,7 @@ def export_merged(
 
 # ----------------------------------------------------------------------------- streaming predict
 
-STREAMABLE = ("csv", "tsv", "jsonl", "parquet")
+READABLE = ("csv", "tsv", "jsonl", "json", "parquet")
 ENCODING_HINT = ("--encoding", "--encoding cp1252")
 
 
@@ -626,10 +626,18 @@ def _open_table(
     ``encoding`` applies to CSV, TSV and JSON lines; a TSV is read with ``quoting``, by default
     what :func:`tailtune.data.tsv_quoting` decides (a caller that also needs it passes it in).
 
-    Positions are bytes read for text files and rows for Parquet, so the bar has a total
-    without a pass over the file.
+    Positions are bytes read for text files and rows for Parquet and JSON, so the bar has a total
+    without a pass over the file. A JSON file (one array or object) cannot be read in pieces:
+    it is read whole, then handed out ``chunk_size`` rows at a time.
     """
-    from tailtune.data import READERS, decode_error, jsonl_frames, text_codec, tsv_quoting
+    from tailtune.data import (
+        READERS,
+        decode_error,
+        jsonl_frames,
+        read_table,
+        text_codec,
+        tsv_quoting,
+    )
 
     codec = text_codec(encoding, ENCODING_HINT[0])
     if not path.exists():
@@ -637,12 +645,21 @@ def _open_table(
     if path.is_dir():
         raise TailtuneError(f"input path is a directory, expected a file: {path}")
     kind = READERS.get(path.suffix.lower())
-    if kind not in STREAMABLE:
+    if kind not in READABLE:
         raise TailtuneError(
-            f"cannot stream '{path.suffix}' files ({path}); use .csv, .tsv, .jsonl or .parquet"
+            f"unsupported input file type '{path.suffix}' for {path} (use .csv, .tsv, .jsonl, .json or .parquet)"
         )
     if path.stat().st_size == 0:
         raise TailtuneError(f"input file is empty: {path}")
+    if kind == "json":
+        whole = read_table(path, encoding)
+
+        def pieces():
+            for start in range(0, len(whole), chunk_size):
+                piece = whole.iloc[start : start + chunk_size].reset_index(drop=True)
+                yield piece, start + len(piece)
+
+        return pieces(), len(whole)
     if kind == "parquet":
         import pyarrow.parquet as pq
 

@@ -102,6 +102,11 @@ def predict_ray(
     from tailtune.data import READERS, decode_problem, text_codec, tsv_quoting
 
     kind, codec = READERS.get(input_path.suffix.lower()), text_codec(encoding, "--encoding")
+    if kind == "json":  # one JSON document cannot be split into blocks
+        raise TailtuneError(
+            f"--engine ray cannot split a .json file into blocks ({input_path}); write it as JSON lines "
+            "(.jsonl), or use the local engine, which reads it whole"
+        )
     if kind == "jsonl" and codec != "utf-8-sig":
         raise TailtuneError(f"--engine ray reads JSON lines as UTF-8 only; leave out --encoding {encoding}")
     # decided once for the header check here and Ray's reader (each decision reads the file twice)

@@ -316,17 +316,35 @@ def _run_tfidf(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path |
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
+    from tailtune.classifier import single_threaded_blas
+
     t = ctx.cfg.tfidf
     data = ctx.data
     started = time.perf_counter()
-    pipe = make_pipeline(
-        TfidfVectorizer(ngram_range=(1, t.ngram_max), sublinear_tf=True, max_features=t.max_features),
-        LogisticRegression(C=t.C, max_iter=2000, class_weight=t.class_weight, random_state=ctx.cfg.train.seed),
-    )
-    from tailtune.classifier import single_threaded_blas
 
+    def pipeline(**vectorizer):
+        return make_pipeline(
+            TfidfVectorizer(sublinear_tf=True, max_features=t.max_features, **vectorizer),
+            LogisticRegression(C=t.C, max_iter=2000, class_weight=t.class_weight, random_state=ctx.cfg.train.seed),
+        )
+
+    architecture, warnings = "tf-idf + logistic regression", []
+    pipe = pipeline(ngram_range=(1, t.ngram_max))
     with single_threaded_blas():
-        pipe.fit(data.texts("train"), data.y("train"))
+        try:
+            pipe.fit(data.texts("train"), data.y("train"))
+        except ValueError as exc:
+            if "empty vocabulary" not in str(exc):
+                raise
+            # scikit-learn's words are 2+ word characters: texts of single letters, digits or
+            # symbols have none. Character n-grams (within word boundaries) read any text.
+            pipe = pipeline(analyzer="char_wb", ngram_range=(1, 4))
+            pipe.fit(data.texts("train"), data.y("train"))
+            architecture = "tf-idf on character 1-4-grams + logistic regression"
+            warnings.append(
+                "the training texts have no word of 2 or more letters or digits: "
+                "TF-IDF read character 1-4-grams instead of words"
+            )
     seconds = time.perf_counter() - started
     proba = np.zeros((len(data.split("test")), len(data.classes)))
     proba[:, pipe[-1].classes_] = pipe.predict_proba(data.texts("test"))
@@ -334,7 +352,7 @@ def _run_tfidf(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path |
     joblib.dump(pipe, model_dir / "pipeline.joblib")
     (model_dir / "tailtune.json").write_text(json.dumps({"kind": "tfidf", "classes": data.classes}, indent=2))
     n = pipe[-1].coef_.size + pipe[-1].intercept_.size
-    return Outcome(proba, seconds, n, n, {"architecture": "tf-idf + logistic regression"})
+    return Outcome(proba, seconds, n, n, {"architecture": architecture}, warnings)
 
 
 def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path | None = None) -> Outcome:
