@@ -398,6 +398,31 @@ def test_predict_copies_ids_exactly(smoke_run, tmp_path, suffix):
         assert (out["label"][:3] != "").all() and out["label"][3] == ""
 
 
+def test_predict_reads_a_json_document_with_predicts_own_errors(smoke_run, tmp_path):
+    """A .json input was refused ("cannot stream"); read whole, its errors name predict's options."""
+    system = smoke_run / "systems" / "tfidf-logreg"
+    source = tmp_path / "in.json"
+    source.write_bytes('{"text": ["le caf\u00e9", "refund"]}'.encode("cp1252"))  # a file of columns
+    result = cli("predict", system, "--input", source, "--output", tmp_path / "o.csv")
+    assert result.exit_code == 2 and not (tmp_path / "o.csv").exists()
+    assert result.stderr.strip().splitlines() == [
+        f"error: {source} is not valid UTF-8: byte 0xe9 at line 1 (byte offset 17); if the file was saved in "
+        "another encoding say which (--encoding cp1252), or re-save it as UTF-8"
+    ]
+    result = cli("predict", system, "--input", source, "--output", tmp_path / "o.csv", "--encoding", "cp1252",
+                 "--chunk-size", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("2 rows -> ")
+    expected = deploy.load_predictor(system).predict(["le caf\u00e9", "refund"])
+    assert pd.read_csv(tmp_path / "o.csv")["label"].tolist() == expected
+    source.write_text("[]")
+    result = cli("predict", system, "--input", source, "--output", tmp_path / "o.csv")
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: input file has no rows: {source}"
+    source.write_text('[{"text": "refund"}]')
+    result = cli("predict", system, "--input", source, "--output", tmp_path / "one.csv")
+    assert result.exit_code == 0 and result.stdout.startswith("1 row -> "), result.output
+
+
 def test_predict_on_a_csv_that_is_not_utf8_is_one_line(smoke_run, tmp_path):
     source = tmp_path / "excel.csv"
     source.write_bytes("Consumer complaint narrative\nle caf\u00e9\n".encode("cp1252"))

@@ -349,9 +349,11 @@ def predict(
         label_column=label_column, encoding=encoding,
         address=address, workers=workers,
     )
-    typer.echo(f"{done['rows']:,} rows -> {done['output']} ({done['seconds']:.1f} s)")
-    if done.get("unlabelled"):  # the local engine counts them
-        typer.echo(f"{done['unlabelled']:,} rows have no text to classify (empty, or no tokens) and are left unlabelled")
+    rows = f"{done['rows']:,} row" + ("" if done["rows"] == 1 else "s")
+    typer.echo(f"{rows} -> {done['output']} ({done['seconds']:.1f} s)")
+    if unlabelled := done.get("unlabelled"):  # the local engine counts them
+        has, left = ("row has", "is") if unlabelled == 1 else ("rows have", "are")
+        typer.echo(f"{unlabelled:,} {has} no text to classify (empty, or no tokens) and {left} left unlabelled")
     if "parts" in done:
         typer.echo(f"{done['parts']} Parquet parts; sort by '{ORDER_KEY}' for the input's order")
     if label_column is not None:

@@ -102,7 +102,10 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
                 raise TailtuneError(f"data file has no rows: {path}")
             return pd.concat(frames, ignore_index=True)
         if kind == "json":
-            return _read_json(path, codec)
+            frame = read_json(path, codec)
+            if frame.empty:
+                raise TailtuneError(f"data file has no rows: {path}")
+            return frame
         import pyarrow.parquet as pq
 
         # integer_object_nulls: an int64 column with a null (pyarrow, Spark, polars) stays ints,
@@ -117,15 +120,15 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
         raise TailtuneError(f"could not read {path} as {kind}: {first}") from None
 
 
-def _read_json(path: Path, codec: str) -> pd.DataFrame:
+def read_json(path: Path, codec: str) -> pd.DataFrame:
     """A JSON file of records (``[{...}, ...]``) or of columns (``{"col": [...]}`` or
     ``{"col": {"row": ...}}``), numbers kept as written as in :func:`jsonl_frames` (pandas'
     reader made 9007199254741001 a float and a label column with a null "1.0"); any other
-    layout is left to pandas."""
+    layout is left to pandas. ``[]`` and ``{}`` give an empty frame."""
     with open(path, encoding=codec) as f:
         parsed = json.load(f, parse_int=str, parse_float=str)
     if parsed in ([], {}):
-        raise TailtuneError(f"data file has no rows: {path}")
+        return pd.DataFrame()
     if isinstance(parsed, list) and all(isinstance(row, dict) for row in parsed):
         return pd.DataFrame.from_records(parsed)
     if isinstance(parsed, dict) and parsed and all(isinstance(col, list | dict) for col in parsed.values()):

@@ -634,7 +634,7 @@ def _open_table(
         READERS,
         decode_error,
         jsonl_frames,
-        read_table,
+        read_json,
         text_codec,
         tsv_quoting,
     )
@@ -652,7 +652,12 @@ def _open_table(
     if path.stat().st_size == 0:
         raise TailtuneError(f"input file is empty: {path}")
     if kind == "json":
-        whole = read_table(path, encoding)
+        try:
+            whole = read_json(path, codec)
+        except UnicodeDecodeError:
+            raise decode_error(path, codec, ENCODING_HINT) from None
+        except ValueError as exc:  # json.JSONDecodeError is one
+            raise TailtuneError(f"could not read {path} as json: {str(exc).strip().splitlines()[0]}") from None
 
         def pieces():
             for start in range(0, len(whole), chunk_size):
