@@ -1,5 +1,10 @@
 """Invariants of the model wrapper, checked on tiny random-weight backbones of every family."""
 
+import dataclasses
+import json
+import shutil
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -130,8 +135,6 @@ def test_fit_save_load_gives_identical_predictions(tmp_path, arch, method):
 def test_a_loaded_model_predicts_in_a_precision_this_machine_computes(tmp_path, monkeypatch, saved, native_bf16,
                                                                       expected):
     """A model trained in fp16 on a GPU ran fp16 autocast on a CPU: 12.1 s against 3.8 s in fp32 (a review)."""
-    import json
-
     from tailtune import train
 
     if torch.cuda.is_available():
@@ -319,8 +322,6 @@ def test_inputs_a_user_gets_wrong_are_named():
 
 
 def test_loading_a_probe_folder_as_a_fine_tuned_model_says_what_it_is(tmp_path):
-    import json
-
     from tailtune.errors import TailtuneError
 
     (tmp_path / "tailtune.json").write_text(json.dumps({"kind": "probe", "classes": ["a"]}))
@@ -339,6 +340,273 @@ def test_the_lp_ft_start_competes_only_where_the_method_keeps_the_output(method,
         TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32"),
     )
     head = (np.zeros((2, 32), np.float32), np.zeros(2, np.float32))
-    clf.fit(TEXTS, ["a", "b", "a", "b"], head_init=head, start_val_f1=0.99)  # a start no state can beat
+    labels = ["a", "b", "a", "b"]
+    clf.fit(TEXTS, labels, val_texts=TEXTS, val_labels=labels, head_init=head, start_val_f1=0.99)  # unbeatable start
     assert (clf.history_["evals"][0]["step"] == 0) is start_competes
     assert (clf.history_["best_step"] == 0) is start_competes
+
+
+def test_save_never_empties_a_folder_that_is_not_a_model(tmp_path):
+    """save() replaced whatever folder it was given: a notebook next to the model was deleted."""
+    from tailtune.errors import TailtuneError
+
+    clf = _tiny_clf().fit(TEXTS, ["a", "b", "a", "b"])
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.ipynb").write_text("{}")
+    with pytest.raises(TailtuneError, match="holds other files and is not a saved model"):
+        clf.save(tmp_path / "work")
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["notes.ipynb"]
+    (tmp_path / "model.txt").write_text("x")
+    with pytest.raises(TailtuneError, match="is a file"):
+        clf.save(tmp_path / "model.txt")
+    assert (tmp_path / "model.txt").read_text() == "x"
+    (tmp_path / "empty").mkdir()
+    clf.save(tmp_path / "empty")
+    clf.save(tmp_path / "empty")  # an earlier model is replaced
+    assert TextClassifier.load(tmp_path / "empty").predict(TEXTS) == clf.predict(TEXTS)
+
+
+def test_the_library_starts_from_the_probe_as_the_cli_does():
+    """TrainConfig.head_init was read by `tailtune run` only: the library trained a random head."""
+    from tailtune.classifier import ProbeClassifier, lpft_head
+    from tailtune.metrics import macro_f1
+
+    labels, val = ["a", "b", "a", "b"], [TEXTS[1], TEXTS[0]]
+    frozen = TrainConfig(epochs=1, lr=0.0, head_lr=0.0, precision="fp32")  # the start, kept as it is
+    clf = TextClassifier(
+        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2, eval_batch_size=4), "lora",
+        MethodConfig(rank=2, alpha=4), frozen,
+    ).fit(TEXTS, labels, val_texts=val, val_labels=["b", "a"])
+    probe = ProbeClassifier(clf.backbone, seed=0)
+    torch.manual_seed(0)  # the tiny model's random weights, as fit builds them
+    probe.load_encoder()
+    probe.precision_ = "fp32"
+    probe.fit_features(probe.features(TEXTS), np.array([0, 1, 0, 1]), ["a", "b"], choose_C=True)
+    W, b = lpft_head(probe, np.array([2, 2]), "none", 1.0)
+    np.testing.assert_allclose(clf.predict_logits(TEXTS), probe.features(TEXTS) @ W.T + b, atol=1e-4)
+    start = clf.history_["evals"][0]
+    assert start["step"] == 0 and start["val_macro_f1"] == macro_f1(np.array([1, 0]), np.array(
+        [clf.classes_.index(p) for p in clf.predict(val)]), 2)
+    assert clf.probe_val_macro_f1_ is not None
+    random_start = TextClassifier(
+        clf.backbone, "lora", MethodConfig(rank=2, alpha=4), dataclasses.replace(frozen, head_init="random")
+    ).fit(TEXTS, labels, val_texts=val, val_labels=["b", "a"])
+    assert random_start.history_["evals"][0]["step"] > 0 and random_start.probe_val_macro_f1_ is None
+    assert not np.allclose(random_start.predict_logits(TEXTS), clf.predict_logits(TEXTS))
+
+
+def test_fit_without_validation_keeps_the_last_state_and_evaluates_nothing():
+    """Without validation rows fit selected and stopped early on the training rows, each time
+    with an extra pass over them, while its docstring said validation."""
+    clf = _tiny_clf().fit(TEXTS, ["a", "b", "a", "b"])
+    assert clf.history_["evals"] == []
+    assert clf.history_["best_val_macro_f1"] is None and clf.history_["best_step"] is None
+    assert clf.history_["epochs_run"] == 1 and not clf.history_["stopped_early"]
+
+
+def test_fit_names_the_input_a_user_got_wrong_before_anything_loads(monkeypatch):
+    import pandas as pd
+
+    from tailtune.errors import TailtuneError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the input was checked")
+
+    monkeypatch.setattr(backbones, "load_model", no_model)
+    labels = ["a", "b", "a", "b"]
+    for texts, y, kwargs, message in [
+        (TEXTS, labels[:3], {}, "texts has 4 rows and labels 3"),
+        ([], [], {}, "no training texts"),
+        ([TEXTS[0], None, *TEXTS[2:]], labels, {}, r"texts\[1\] is a NoneType, not a string"),
+        (TEXTS, pd.Series(["a", None, "a", "b"], dtype="string"), {}, "missing value .* at row 1"),
+        (TEXTS, pd.array([1, 2, None, 1], dtype="Int64"), {}, "missing value .* at row 2"),
+        (TEXTS, ["a"] * 4, {}, "one class \\('a'\\); a classifier needs at least 2"),
+        (TEXTS, labels, {"val_texts": TEXTS}, "pass val_texts and val_labels together"),
+        (TEXTS, labels, {"val_texts": TEXTS, "val_labels": labels[:2]}, "val_texts has 4 rows and val_labels 2"),
+        (TEXTS, labels, {"val_texts": [], "val_labels": []}, "val_texts is empty"),
+        (TEXTS, labels, {"classes": ["a", "b", "a"]}, "classes names 'a' twice"),
+    ]:
+        with pytest.raises(TailtuneError, match=message):
+            _tiny_clf().fit(texts, y, **kwargs)
+
+
+def test_fit_takes_any_iterable_of_texts():
+    clf = _tiny_clf().fit((t for t in TEXTS), iter(["a", "b", "a", "b"]))
+    assert clf.classes_ == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"train": TrainConfig(epochs=0)}, r"train: epochs > 0"),
+        ({"train": TrainConfig(lr=-1.0)}, r"lr >= 0"),
+        ({"train": TrainConfig(head_init="zeros")}, "train.head_init must be one of"),
+        ({"backbone": BackboneConfig(name="tiny:bert", pooling="max")}, "backbone.pooling must be one of"),
+        ({"weighting": "bogus"}, "unknown class weighting 'bogus'"),
+        ({"method": "adapters"}, "unknown method 'adapters' \\(did you mean 'adapter'\\?\\)"),
+        ({"method": "LoRA"}, "did you mean 'lora'"),
+        ({"method_config": MethodConfig(targets=["attn"])}, "unknown target role 'attn'"),
+        ({"lr": float("nan")}, "lr must be >= 0"),
+    ],
+)
+def test_the_library_checks_settings_as_the_cli_does(kwargs, message):
+    from tailtune.errors import TailtuneError
+
+    with pytest.raises(TailtuneError, match=message):
+        TextClassifier(**{"backbone": "tiny:bert", **kwargs})
+
+
+def test_a_damaged_saved_model_is_one_line(tmp_path):
+    from tailtune.errors import TailtuneError
+
+    path = _tiny_clf().fit(TEXTS, ["a", "b", "a", "b"]).save(tmp_path / "m")
+    meta = (path / "tailtune.json").read_text()
+    (path / "tailtune.json").write_text(meta[:-20])
+    with pytest.raises(TailtuneError, match="tailtune.json is not readable JSON"):
+        TextClassifier.load(path)
+    (path / "tailtune.json").write_text(json.dumps({k: v for k, v in json.loads(meta).items() if k != "pooling"}))
+    with pytest.raises(TailtuneError, match="tailtune.json lacks 'pooling'"):
+        TextClassifier.load(path)
+    (path / "tailtune.json").write_text(meta)
+    shutil.rmtree(path / "adapter")
+    with pytest.raises(TailtuneError, match=f"could not load the model saved in {path}"):
+        TextClassifier.load(path)
+    (path / "head.safetensors").unlink()
+    with pytest.raises(TailtuneError, match=f"could not load the model saved in {path}"):
+        TextClassifier.load(path)
+
+
+def _probe_data(seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 5, size=300)
+    X = rng.normal(size=(300, 16)) * rng.uniform(0.1, 10, size=16) + y[:, None] * 0.7
+    return X, y
+
+
+# -- M5b: C chosen on validation instead of train (classifier.py ProbeClassifier.fit_features)
+def test_probe_C_scores_are_out_of_fold_on_train_and_ignore_validation():
+    from tailtune.classifier import ProbeClassifier
+
+    X, y = _probe_data()
+    fitted = ProbeClassifier("tiny:bert").fit_features(X[:200], y[:200], list("abcdef"), val=(X[200:], y[200:]))
+    reference = ProbeClassifier("tiny:bert")
+    chosen = reference._choose_C(X[:200], y[:200], 6)  # train rows only, no validation anywhere
+    assert chosen == fitted.C_
+    assert fitted.C_scores_ == reference.C_scores_  # every grid score, not just the winner
+
+
+# -- M5a2: the C search's cross-validation fits an unbalanced logistic regression
+def test_probe_C_search_scores_a_balanced_model_on_a_long_tail():
+    from tailtune.classifier import ProbeClassifier
+
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], [240, 30, 30])
+    X = rng.normal(size=(300, 6))
+    X[np.arange(300), y] += 2.5  # each class separable along its own feature
+    probe = ProbeClassifier("tiny:bert")
+    probe._choose_C(X, y, 3)
+    # Balanced, even the strongest regularisation keeps the tail: its out-of-fold macro-F1 is high.
+    # Unbalanced, C=0.001 shrinks the weights to nothing and the intercept predicts the head class.
+    assert probe.C_scores_[0.001] > 0.7, probe.C_scores_
+
+
+# -- M2g: the LP-FT start's prior shift applied with the wrong sign (systems._lpft_start)
+def test_lpft_start_adds_the_log_training_prior_for_an_unweighted_loss():
+    from tailtune import weighting
+    from tailtune.metrics import macro_f1
+    from tailtune.systems import _lpft_start
+
+    y_train = np.repeat([0, 1, 2], [60, 6, 2])
+    y_val = np.array([0, 0, 1, 2])
+    val_features = np.eye(3, dtype=np.float32)[y_val] * 0.1
+    data = types.SimpleNamespace(classes=["a", "b", "c"], y=lambda split: {"train": y_train, "val": y_val}[split])
+    probe = types.SimpleNamespace(W_=np.eye(3, dtype=np.float32), b_=np.zeros(3, dtype=np.float32), intercept=True,
+                                  val_macro_f1_=1.0)
+    (W, b), start = _lpft_start(probe, val_features, data, "none", 1.0)
+    log_prior = np.log(np.bincount(y_train) / y_train.size)
+    np.testing.assert_allclose(b, log_prior - log_prior.max(), rtol=1e-6)  # head class at 0, tail below
+    assert b.argmax() == 0 and b[2] < b[1] < 0
+    assert start == macro_f1(y_val, (val_features @ W.T + b).argmax(1), 3)
+    (_, b_la), _ = _lpft_start(probe, val_features, data, "logit_adjusted", 1.0)
+    np.testing.assert_allclose(b_la, 0, atol=1e-6)  # logit adjustment aims at the balanced prior
+    assert weighting.plan("none", np.bincount(y_train)).prior_shift(np.bincount(y_train)).argmax() == 0
+
+
+# -- M3e: fine-tuning with pooling=auto ignores the checkpoint's trained pooling
+def test_auto_pooling_follows_the_checkpoint_when_fine_tuning_and_probing(tmp_path):
+    from tailtune import backbones
+    from tailtune.classifier import ProbeClassifier, TextClassifier
+
+    assert backbones.resolve("tiny:modernbert").pooling == "mean"  # from its classifier_pooling
+    clf = TextClassifier(
+        BackboneConfig(name="tiny:modernbert", max_length=32, batch_size=2),  # pooling="auto"
+        "lora",
+        MethodConfig(rank=2, alpha=4),
+        TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32", head_init="random"),
+    ).fit(TEXTS, ["a", "b", "a", "b"])
+    assert clf.pooling_ == "mean" and clf.model_.pooling == "mean"
+    clf.save(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "tailtune.json").read_text())["pooling"] == "mean"
+    probe = ProbeClassifier(BackboneConfig(name="tiny:modernbert", max_length=32)).load_encoder()
+    assert probe.pooling_ == "mean" and probe.model_.pooling == "mean"
+
+
+# -- M11: class weights never reach the cross-entropy (classifier.PooledClassifier.forward / _build)
+def test_weighted_loss_uses_the_class_weights_and_fit_passes_them():
+    import torch
+
+    from tailtune import backbones
+    from tailtune.classifier import TextClassifier, _module
+    from tailtune.weighting import class_weights
+
+    bb = backbones.resolve("tiny:bert")
+    tok = backbones.load_tokenizer(bb)
+    w = class_weights([50, 10, 3, 1, 1], "sqrt_inverse")
+    plain = _module()(backbones.load_model(bb, tok), 5, bb.pooling, bb.is_decoder)
+    weighted = _module()(plain.backbone, 5, bb.pooling, bb.is_decoder, class_weights=w)
+    weighted.score.load_state_dict(plain.score.state_dict())
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    labels = torch.tensor([0, 1, 2, 3])
+    out = weighted(batch["input_ids"], batch["attention_mask"], labels)
+    expected = torch.nn.functional.cross_entropy(out["logits"], labels, weight=torch.tensor(w, dtype=torch.float32))
+    torch.testing.assert_close(out["loss"], expected)
+    assert not torch.isclose(out["loss"], plain(batch["input_ids"], batch["attention_mask"], labels)["loss"])
+    clf = TextClassifier(
+        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2), "lora", MethodConfig(rank=2, alpha=4),
+        TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32", head_init="random"), weighting="sqrt_inverse",
+    ).fit(TEXTS * 2 + TEXTS[:1], ["a", "b", "a", "a"] * 2 + ["a"])
+    counts = np.array([7, 2])
+    np.testing.assert_allclose(clf.model_.class_weights.numpy(), class_weights(counts, "sqrt_inverse"), rtol=1e-6)
+
+
+# -- M9: fit does not restore the best validation state (train.fit)
+def test_an_unbeaten_lp_ft_start_is_the_model_fit_returns():
+    from tailtune.classifier import TextClassifier
+
+    clf = TextClassifier(
+        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2, eval_batch_size=4),
+        "lora", MethodConfig(rank=2, alpha=4),
+        TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32"),
+    )
+    head = (np.zeros((2, 32), np.float32), np.zeros(2, np.float32))
+    labels = ["a", "b", "a", "b"]
+    clf.fit(TEXTS, labels, val_texts=TEXTS, val_labels=labels, head_init=head, start_val_f1=0.99)  # unbeatable start
+    assert clf.history_["best_step"] == 0
+    # the kept state is the start: a zero head (and LoRA's B at zero) gives zero logits
+    np.testing.assert_array_equal(clf.model_.score.weight.detach().numpy(), head[0])
+    np.testing.assert_array_equal(clf.predict_logits(TEXTS), np.zeros((4, 2), np.float32))
+
+
+# -- M28: train.logit_tau ignored by a fine-tuned logit_adjusted system (TextClassifier.fit)
+def test_fit_uses_the_configured_logit_tau():
+    from tailtune.classifier import TextClassifier
+    from tailtune.weighting import logit_adjustment
+
+    clf = TextClassifier(
+        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2), "lora", MethodConfig(rank=2, alpha=4),
+        TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32", head_init="random", logit_tau=0.5),
+        weighting="logit_adjusted",
+    ).fit(TEXTS * 2 + TEXTS[:1], ["a", "b", "a", "a"] * 2 + ["a"])
+    expected = logit_adjustment([7, 2], tau=0.5)
+    np.testing.assert_allclose(clf.imbalance_.logit_offset, expected)
+    np.testing.assert_allclose(clf.model_.logit_offset.numpy(), expected, rtol=1e-6)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -642,3 +643,18 @@ def test_predict_leaves_a_text_with_no_tokens_unlabelled(smoke_run, tmp_path):
     only = tmp_path / "only.csv"
     pd.DataFrame({"text": ["ZZZ"]}).to_csv(only, index=False)
     assert deploy.predict_file(system_dir, only, tmp_path / "o.csv")["unlabelled"] == 1
+
+
+# -- M8c: predict's confidences are not rounded to 6 decimals (deploy.prediction_frame)
+def test_prediction_frame_rounds_confidences_to_six_decimals():
+    import pandas as pd
+
+    from tailtune.deploy import prediction_frame
+
+    proba = np.array([[0.123456789, 0.876543211, 0.0], [0.5, 0.2999999999, 0.2000000001]])
+    predictor = types.SimpleNamespace(classes_=["x", "y", "z"], predict_proba=lambda texts, progress=None: proba)
+    out = prediction_frame(predictor, pd.DataFrame({"id": [7, 8], "text": ["a", "b"]}), "text", "id", k=2)
+    assert out["label"].tolist() == ["y", "x"] and out["label_2"].tolist() == ["x", "y"]
+    assert out["confidence"].tolist() == [0.876543, 0.5]
+    assert out["confidence_2"].tolist() == [0.123457, 0.3]
+    assert out["id"].tolist() == ["7", "8"]

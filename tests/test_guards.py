@@ -34,7 +34,8 @@ def _fit(data, tmp_path, lpft: bool = True, **train):
         BackboneConfig(name="tiny:bert", max_length=32, batch_size=8, eval_batch_size=32),
         "lora",
         MethodConfig(rank=4, alpha=8),
-        TrainConfig(precision="fp32", warmup_ratio=0.0, early_stopping_patience=100, **train),
+        TrainConfig(precision="fp32", warmup_ratio=0.0, early_stopping_patience=100,
+                    head_init="probe" if lpft else "random", **train),
     )
     probe = _probe(data) if lpft else None
     clf.fit(
@@ -90,3 +91,19 @@ def test_one_class_for_every_row_fails_the_system(data, tmp_path):
     collapsed[:, 3] = 1.0
     with pytest.raises(GuardFailure, match=f"collapsed: predicts one class \\('{data.classes[3]}'\\)"):
         _guards(clf, collapsed, tmp_path / "model", data, probe_val_f1=start)
+
+
+# -- M6b: the "predicts only k of C classes" coverage warning never fires (systems._guards)
+def test_a_system_predicting_few_classes_is_warned(data, tmp_path):
+    from tailtune.systems import COVERAGE_WARNING
+
+    clf, logits, start = _fit(data, tmp_path, epochs=1, lr=0.0, head_lr=0.0)
+    n = len(data.classes)
+    few = int(np.ceil(COVERAGE_WARNING * n)) - 1  # the most classes that still warn
+    narrow = np.zeros_like(logits)
+    narrow[np.arange(len(narrow)), np.arange(len(narrow)) % few] = 1.0
+    warnings = _guards(clf, narrow, tmp_path / "model", data, probe_val_f1=None)
+    assert any(f"predicts only {few} of {n} classes" in w for w in warnings), warnings
+    wide = np.zeros_like(logits)
+    wide[np.arange(len(wide)), np.arange(len(wide)) % (few + 1)] = 1.0  # at the threshold: no warning
+    assert not [w for w in _guards(clf, wide, tmp_path / "model", data, probe_val_f1=None) if "predicts only" in w]

@@ -421,3 +421,16 @@ def test_ci_contains_the_estimate_on_a_long_tail():
     )
     lo, hi = m["ci"]["macro_f1"]
     assert lo <= m["macro_f1"] <= hi
+
+
+# -- M14b: beyond_noise's row threshold off by one (metrics.beyond_noise)
+def test_beyond_noise_needs_exactly_min_decisive_rows():
+    from tailtune.metrics import MIN_DECISIVE, beyond_noise
+
+    # MIN_DECISIVE is the fewest discordant rows a two-sided sign test can call significant
+    assert 2 * 0.5**MIN_DECISIVE < 0.05 <= 2 * 0.5 ** (MIN_DECISIVE - 1)
+    clear = {"diff": 0.02, "lo": 0.01, "hi": 0.03}
+    assert beyond_noise({**clear, "decisive": MIN_DECISIVE})
+    assert not beyond_noise({**clear, "decisive": MIN_DECISIVE - 1})
+    assert not beyond_noise({**clear, "lo": 0.0, "decisive": 100})  # an interval touching 0 is noise
+    assert beyond_noise({"diff": -0.02, "lo": -0.03, "hi": -0.01, "decisive": MIN_DECISIVE})  # either sign

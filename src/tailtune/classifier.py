@@ -191,12 +191,15 @@ def encode_labels(labels, classes=None, what: str = "labels") -> tuple[list, np.
     def plain(value):
         return value.item() if isinstance(value, np.generic) else value
 
+    def missing(value) -> bool:  # None, NaN, pandas' NA / NaT (whose == is not a bool)
+        return value is None or (isinstance(value, float) and value != value) or type(value).__name__ in ("NAType", "NaTType")
+
     if isinstance(labels, str):
         raise TypeError(f"{what} must be a list of labels, got one string")
     labels = [plain(v) for v in labels]
-    missing = next((i for i, v in enumerate(labels) if v is None or v != v), None)  # v != v: NaN
-    if missing is not None:
-        raise TailtuneError(f"{what} has a missing value (None or NaN) at row {missing}")
+    first = next((i for i, v in enumerate(labels) if missing(v)), None)
+    if first is not None:
+        raise TailtuneError(f"{what} has a missing value (None, NaN or NA) at row {first}")
     if classes is None:
         try:
             classes = sorted(set(labels))
@@ -205,6 +208,9 @@ def encode_labels(labels, classes=None, what: str = "labels") -> tuple[list, np.
                                 "use one type for every label") from None
     classes = [plain(c) for c in classes]
     index = {c: i for i, c in enumerate(classes)}
+    if len(index) != len(classes):
+        twice = next(c for i, c in enumerate(classes) if index[c] != i)
+        raise TailtuneError(f"classes names {twice!r} twice; each class once")
     unknown = list(dict.fromkeys(v for v in labels if v not in index))
     if unknown:
         raise TailtuneError(
@@ -231,6 +237,53 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- fine-tuned
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, or its type when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _text_list(texts, what: str) -> list[str]:
+    """``texts`` (any iterable of strings) as a list, each checked to be a string."""
+    backbones.check_texts(texts)
+    texts = list(texts)
+    bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+    if bad is not None:
+        raise TailtuneError(f"{what}[{bad}] is a {type(texts[bad]).__name__}, not a string")
+    return texts
+
+
+def check_save_target(path: str | Path) -> Path:
+    """``path`` made absolute, once it is a place a model may be saved: new, an empty folder, or an
+    earlier saved model (replaced). A folder holding anything else is refused, never emptied."""
+    path = Path(path).absolute()
+    if path == Path.cwd():
+        raise TailtuneError("save into a folder of its own, not the current directory")
+    if path.exists() and not path.is_dir():
+        raise TailtuneError(f"{path} is a file; a model is saved as a folder")
+    if path.is_dir() and not (path / "tailtune.json").is_file() and any(path.iterdir()):
+        raise TailtuneError(
+            f"{path} holds other files and is not a saved model; save into a new or empty folder "
+            "(an earlier saved model is replaced)"
+        )
+    return path
+
+
+def lpft_head(probe, counts: np.ndarray, scheme: str, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """The probe's head (W, b) moved to the prior of a loss with ``scheme``: LP-FT's start.
+
+    The probe is class-balanced; an unweighted loss aims for the training prior, so its head
+    starts with ``log pi`` added to the bias (see ``Imbalance.prior_shift``). A bias-free
+    (decoder) head starts at the balanced probe as it is.
+    """
+    from tailtune import weighting
+
+    if not probe.intercept:
+        return probe.W_, probe.b_
+    shift = weighting.plan(scheme, counts, tau).prior_shift(counts)
+    return probe.W_, (probe.b_ + shift).astype(np.float32)
+
+
 def _usable_precision(saved: str) -> str:
     """The precision a loaded model predicts in: the one it was trained in where this machine
     computes it natively, else what ``auto`` picks here (fp16 from a GPU ran 3x slower than fp32
@@ -251,8 +304,17 @@ def _usable_precision(saved: str) -> str:
 class TextClassifier:
     """A backbone + method + head, trained end to end.
 
+    The recipe is ``train`` (a :class:`TrainConfig`; by default 3 epochs, lr 2e-4, head lr 2e-3,
+    LP-FT, selection on validation macro-F1) and the backbone's ``max_length`` (256 by
+    default). The CLI's presets set their own (``demo``: 1 epoch, 64 tokens, lr 5e-4;
+    ``cfpb-paper``: 512 tokens, a random head); ``tailtune presets`` lists them. ``weighting``
+    (none, sqrt_inverse, inverse, effective_number, logit_adjusted, balanced_sampling) is this
+    classifier's imbalance strategy; ``TrainConfig.weighting`` only names the scheme of the
+    CLI's ``-weighted`` systems and is not read here.
+
     Fitted attributes end in ``_``: ``classes_``, ``model_``, ``tokenizer_``, ``backbone_``,
-    ``targets_`` (adapted module names), ``history_``, ``train_seconds_``.
+    ``targets_`` (adapted module names), ``history_``, ``train_seconds_``, and after an LP-FT
+    start ``probe_val_macro_f1_`` (None without validation rows).
     """
 
     def __init__(
@@ -270,7 +332,16 @@ class TextClassifier:
         self.train = train or TrainConfig()
         self.weighting = weighting
         self.lr = lr
-        methods.get(method)
+        from tailtune import config
+        from tailtune import weighting as weighting_lib
+
+        methods.get(method)  # each names the first bad setting, before anything loads
+        config.check_backbone(self.backbone, "backbone")
+        config.check_method(self.method_config)
+        config.check_train(self.train)
+        weighting_lib.check(weighting)
+        if lr is not None and not 0 <= lr < float("inf"):
+            raise TailtuneError(f"lr must be >= 0, got {lr}")
 
     def learning_rate(self) -> float:
         """The backbone / adapter learning rate: ``lr`` if given, else the method's paper rate,
@@ -312,25 +383,53 @@ class TextClassifier:
         work_dir: str | Path | None = None,
         console=None,
     ) -> TextClassifier:
-        """Train on ``texts``/``labels`` (strings); select the best epoch on validation macro-F1.
+        """Train on ``texts`` / ``labels``; select the best evaluation on validation macro-F1.
 
-        ``head_init`` = (W (C, H), b (C,)) starts the head from a linear probe (LP-FT), and
-        ``start_val_f1`` is that probe's validation macro-F1 (the starting point to beat).
+        With ``val_texts`` / ``val_labels`` (give both or neither), training is evaluated
+        ``train.eval_per_epoch`` times an epoch, keeps the state with the best validation
+        macro-F1 and stops early after ``train.early_stopping_patience`` evaluations without a
+        gain. Without them it runs its epochs and keeps the last state.
+
+        The head starts from a class-balanced linear probe on the frozen backbone's features
+        when ``train.head_init`` is "probe" (the default; LP-FT, as the CLI's systems), so the
+        validation score to beat is the probe's; "random" starts it from scratch.
+        ``head_init`` = (W (C, H), b (C,)) passes a start computed elsewhere, and
+        ``start_val_f1`` its validation macro-F1.
         """
         import torch
 
         from tailtune import train as train_lib
         from tailtune import weighting
 
+        texts = _text_list(texts, "texts")
+        if (val_texts is None) != (val_labels is None):
+            raise TailtuneError("pass val_texts and val_labels together, or neither")
         classes, y = encode_labels(labels, classes)
-        if val_texts is None:
-            val_texts, val_y = texts, y
-        else:
+        if len(texts) != len(y):
+            raise TailtuneError(f"texts has {len(texts)} rows and labels {len(y)}; they must be the same length")
+        if not len(texts):
+            raise TailtuneError("no training texts: fit needs at least one text per class")
+        if len(np.unique(y)) < 2:
+            raise TailtuneError(f"the labels hold one class ({classes[y[0]]!r}); a classifier needs at least 2")
+        val_y = None
+        if val_texts is not None:
+            val_texts = _text_list(val_texts, "val_texts")
             val_y = encode_labels(val_labels, classes, "val_labels")[1]
+            if len(val_texts) != len(val_y):
+                raise TailtuneError(
+                    f"val_texts has {len(val_texts)} rows and val_labels {len(val_y)}; they must be the same length"
+                )
+            if not val_texts:
+                raise TailtuneError("val_texts is empty; leave val_texts and val_labels out to train without validation")
         self.classes_ = classes
         counts = np.bincount(y, minlength=len(self.classes_))
         self.imbalance_ = weighting.plan(self.weighting, counts, self.train.logit_tau)
         base, model = self._build(self.classes_, self.imbalance_, backbone)
+        train_ids = tokenize(self.tokenizer_, texts, self.backbone.max_length)
+        val_ids = None if val_texts is None else tokenize(self.tokenizer_, val_texts, self.backbone.max_length)
+        self.probe_val_macro_f1_ = None
+        if head_init is None and self.train.head_init == "probe":
+            head_init, start_val_f1 = self._probe_start(model, train_ids, y, val_ids, val_y, counts)
         method = methods.get(self.method)
         model.backbone, self.targets_ = method.apply(base, self.backbone_, self.method_config, self.backbone.adapt_layers)
         if head_init is not None:
@@ -349,9 +448,9 @@ class TextClassifier:
         self.history_ = train_lib.fit(
             model,
             self.tokenizer_,
-            tokenize(self.tokenizer_, texts, self.backbone.max_length),
+            train_ids,
             y,
-            tokenize(self.tokenizer_, val_texts, self.backbone.max_length),
+            val_ids,
             val_y,
             train=self.train,
             backbone=dataclasses.replace(self.backbone, lr=self.learning_rate()),
@@ -363,9 +462,28 @@ class TextClassifier:
             class_sampling=self.imbalance_.class_sampling,
         )
         self.precision_ = self.history_["precision"]
-        self.history_["lr"] = self.learning_rate()
+        self.history_["lr"] = self.learning_rate() if method.name != "head" else None  # head: head_lr only
         self.train_seconds_ = time.perf_counter() - started
         return self
+
+    def _probe_start(self, model, train_ids, y, val_ids, val_y, counts):
+        """(LP-FT head (W, b), its validation macro-F1 or None): a class-balanced probe on the
+        frozen backbone's features (C chosen on train), moved to the prior of this loss."""
+        from tailtune.metrics import macro_f1
+        from tailtune.train import resolve_precision
+
+        precision, size = resolve_precision(self.train.precision), self.backbone.eval_batch_size
+        features = run_forward(model, self.tokenizer_, train_ids, size, precision, "features")
+        val_features = None if val_ids is None else run_forward(model, self.tokenizer_, val_ids, size, precision, "features")
+        probe = ProbeClassifier(self.backbone, seed=self.train.seed, intercept=not self.backbone_.is_decoder)
+        probe.fit_features(
+            features, y, self.classes_, val=None if val_ids is None else (val_features, val_y), choose_C=True
+        )
+        W, b = lpft_head(probe, counts, self.weighting, self.train.logit_tau)
+        if val_ids is None:
+            return (W, b), None
+        self.probe_val_macro_f1_ = probe.val_macro_f1_
+        return (W, b), macro_f1(val_y, (val_features @ W.T + b).argmax(axis=1), len(self.classes_))
 
     # -- inference
 
@@ -396,7 +514,7 @@ class TextClassifier:
         from tailtune import rundir
 
         _check_fitted(self)
-        path = Path(path)
+        path = check_save_target(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = rundir.temp_dir(path)
         try:
@@ -431,11 +549,22 @@ class TextClassifier:
     @classmethod
     def load(cls, path: str | Path) -> TextClassifier:
         """Reload a saved classifier; the head comes from ``head.safetensors``, never re-initialised."""
+        path = Path(path)
+        meta, config = read_saved(path)
+        try:
+            return cls._load(path, meta, config)
+        except KeyError as exc:
+            raise TailtuneError(f"{path / 'tailtune.json'} lacks {exc}; the saved model is damaged") from None
+        except OSError as exc:  # a missing or unreadable file
+            raise TailtuneError(f"could not load the model saved in {path}: {first_line(exc)}") from None
+        except ValueError as exc:  # peft: "Can't find 'adapter_config.json'"; safetensors: a torn file
+            raise TailtuneError(f"could not load the model saved in {path}: {first_line(exc)}") from None
+
+    @classmethod
+    def _load(cls, path: Path, meta: dict, config: BackboneConfig) -> TextClassifier:
         from safetensors.torch import load_file
         from transformers import AutoTokenizer
 
-        path = Path(path)
-        meta, config = read_saved(path)
         bb = meta["backbone"]
         config.pooling = meta["pooling"]
         self = cls(config, meta["method"], MethodConfig(**meta["method_config"]), weighting=meta["weighting"])
@@ -468,12 +597,19 @@ def read_saved(path: Path, kind: str = "finetune") -> tuple[dict, BackboneConfig
     meta_file = path / "tailtune.json"
     if not meta_file.exists():
         raise TailtuneError(f"{path} is not a saved tailtune model (no tailtune.json)")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise TailtuneError(f"{meta_file} is not readable JSON ({first_line(exc)}); the saved model is damaged") from None
+    if not isinstance(meta, dict):
+        raise TailtuneError(f"{meta_file} is not a JSON object; the saved model is damaged")
     if meta.get("kind", "finetune") != kind:
         raise TailtuneError(
             f"{path} holds a '{meta.get('kind', 'finetune')}' system, not a {kind} one; tailtune.deploy.load_predictor "
             "loads every kind"
         )
+    if not isinstance(meta.get("backbone"), dict):
+        raise TailtuneError(f"{meta_file} has no backbone record; the saved model is damaged")
     known = {f.name for f in dataclasses.fields(BackboneConfig)}
     return meta, BackboneConfig(**{k: v for k, v in meta["backbone"].items() if k in known})
 
@@ -582,9 +718,12 @@ class ProbeClassifier:
         return run_forward(self.model_, self.tokenizer_, ids, self.backbone.eval_batch_size, self.precision_, "features", progress)
 
     def fit_features(
-        self, features: np.ndarray, y: np.ndarray, classes: list[str], val: tuple[np.ndarray, np.ndarray] | None = None
+        self, features: np.ndarray, y: np.ndarray, classes: list[str], val: tuple[np.ndarray, np.ndarray] | None = None,
+        choose_C: bool | None = None,
     ) -> ProbeClassifier:
         """Fit on (N, H) features; ``C_`` records the regularisation used.
+
+        ``choose_C`` (default: when ``val`` is given) picks C as below; otherwise ``C`` is used.
 
         With ``val`` = (features, y), C is chosen from ``C_GRID`` by out-of-fold macro-F1 on the
         *training* rows (stratified k-fold, ties to the stronger regularisation), then refit
@@ -595,7 +734,8 @@ class ProbeClassifier:
         from tailtune.metrics import macro_f1
 
         self.classes_ = list(classes)
-        self.C_ = self.C if val is None else self._choose_C(features, y, len(classes))
+        choose_C = val is not None if choose_C is None else choose_C
+        self.C_ = self._choose_C(features, y, len(classes)) if choose_C else self.C
         self.pipeline_, self.W_, self.b_ = fit_logreg(
             features, y, len(classes), C=self.C_, seed=self.seed, intercept=self.intercept
         )
@@ -605,13 +745,18 @@ class ProbeClassifier:
         return self
 
     def _choose_C(self, features: np.ndarray, y: np.ndarray, n_classes: int, folds: int = 3) -> float:
-        """C with the best out-of-fold macro-F1 on train; each fold walks the grid warm-started."""
+        """C with the best out-of-fold macro-F1 on train; each fold walks the grid warm-started.
+
+        Fewer folds when no class has ``folds`` rows; ``C`` itself when none has 2."""
         import warnings
 
         from sklearn.model_selection import StratifiedKFold
 
         from tailtune.metrics import macro_f1
 
+        folds = min(folds, int(np.bincount(y).max()))
+        if folds < 2:
+            return self.C
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed)
         oof = {C: np.empty_like(y) for C in self.C_GRID}
         with warnings.catch_warnings(), single_threaded_blas():

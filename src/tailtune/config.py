@@ -338,9 +338,10 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
 
 
 def suggest(word: str, choices: list[str], prefix: str = "") -> str:
-    """`` (did you mean '<prefix><closest choice>'?)``, or nothing when no choice is close."""
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    """`` (did you mean '<prefix><closest choice>'?)``, or nothing when no choice is close (case aside: LoRA -> lora)."""
+    lowered = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{lowered[close[0]]}'?)" if close else ""
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -428,8 +429,18 @@ def dump(cfg: Config) -> str:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_method(m: MethodConfig, who: str = "", key: str = "method.") -> None:
-    """The method's numbers; errors start with ``who`` and name each setting as ``key<name>``."""
+def check_method(m: MethodConfig, who: str = "", key: str = "method.") -> None:
+    """The method section; errors start with ``who`` and name each setting as ``key<name>``."""
+    from tailtune import methods
+
+    if not m.targets:
+        raise TailtuneError(f"{who}{key}targets must name at least one role ({', '.join(methods.ROLES)})")
+    for role in m.targets:
+        if role not in methods.ROLES:
+            raise TailtuneError(
+                f"{who}unknown target role '{role}'{suggest(role, list(methods.ROLES))} "
+                f"(roles: {', '.join(methods.ROLES)})"
+            )
     if m.rank < 1 or not 0 < m.alpha < math.inf:
         raise TailtuneError(f"{who}{key}rank must be >= 1 and {key}alpha > 0")
     if m.virtual_tokens < 1 or m.bottleneck < 1:
@@ -438,9 +449,53 @@ def _check_method(m: MethodConfig, who: str = "", key: str = "method.") -> None:
         raise TailtuneError(f"{who}{key}dropout must be in [0, 1)")
 
 
+def check_backbone(bb: BackboneConfig, slot: str) -> None:
+    """The rules for one backbone section (``slot``: encoder, decoder; the library says backbone)."""
+    if bb.pooling not in POOLINGS:
+        raise TailtuneError(f"{slot}.pooling must be one of {', '.join(POOLINGS)}")
+    if bb.max_length < 8 or bb.batch_size < 1 or bb.eval_batch_size < 1:
+        raise TailtuneError(f"{slot}: max_length >= 8 and batch sizes >= 1 are required")
+    if bb.epochs is not None and not 0 < bb.epochs < math.inf:
+        raise TailtuneError(f"{slot}.epochs must be > 0 (or null for train.epochs)")
+    if bb.lr is not None and not 0 <= bb.lr < math.inf:
+        raise TailtuneError(f"{slot}.lr must be >= 0 (or null for train.lr)")
+    if bb.adapt_layers is not None and bb.adapt_layers < 1:
+        raise TailtuneError(f"{slot}.adapt_layers must be >= 1 (or null for all layers)")
+
+
+def check_train(t: TrainConfig) -> None:
+    """The rules for the train section."""
+    from tailtune import weighting
+
+    if t.precision not in PRECISIONS:
+        raise TailtuneError(f"train.precision must be one of {', '.join(PRECISIONS)}")
+    if t.head_init not in HEAD_INITS:
+        raise TailtuneError(f"train.head_init must be one of {', '.join(HEAD_INITS)}")
+    weighting.check(t.weighting)
+    if not 0 < t.logit_tau <= MAX_LOGIT_TAU:
+        # tau * log prior overflowed float32 far above this: the run failed its padding check with "nan"
+        raise TailtuneError(f"train.logit_tau must be in (0, {MAX_LOGIT_TAU:g}] (Menon et al. use 1)")
+    # written as ranges so that NaN and inf fail them too
+    rates_ok = 0 < t.epochs < math.inf and 0 <= t.lr < math.inf and 0 <= t.head_lr < math.inf
+    if not rates_ok or t.grad_accum < 1 or t.eval_per_epoch < 1:
+        raise TailtuneError("train: epochs > 0, lr >= 0, grad_accum >= 1, eval_per_epoch >= 1")
+    if t.early_stopping_patience < 1:
+        raise TailtuneError("train.early_stopping_patience must be >= 1 (evaluations without a gain before stopping)")
+    if t.checkpoint_every < 0:
+        raise TailtuneError("train.checkpoint_every must be >= 0 (0 = no checkpoints)")
+    if t.backbone_dropout is not None and not 0 <= t.backbone_dropout < 1:
+        raise TailtuneError("train.backbone_dropout must be in [0, 1) (or null for the checkpoint's own)")
+    if not 0 <= t.warmup_ratio < 1:
+        raise TailtuneError("train.warmup_ratio must be in [0, 1)")
+    if not 0 <= t.weight_decay < math.inf:
+        raise TailtuneError("train.weight_decay must be >= 0")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise TailtuneError(f"train.seed must be between 0 and {MAX_SEED} (numpy's and scikit-learn's range), got {t.seed}")
+
+
 def validate(cfg: Config) -> None:
     """Check cross-field rules; raise :class:`TailtuneError` naming the first problem."""
-    from tailtune import methods, systems, weighting
+    from tailtune import systems, weighting
     from tailtune.data import text_codec
 
     if not cfg.systems:
@@ -472,60 +527,18 @@ def validate(cfg: Config) -> None:
         raise TailtuneError(f"data.tier_names names a tier twice: {', '.join(d.tier_names)}")
     if not 0 <= d.demo.exponent < math.inf:
         raise TailtuneError("data.demo.exponent must be >= 0")
-    for key, seed in (("data.seed", d.seed), ("data.demo.seed", d.demo.seed), ("train.seed", cfg.train.seed),
-                      ("eval.seed", cfg.eval.seed)):
+    for key, seed in (("data.seed", d.seed), ("data.demo.seed", d.demo.seed), ("eval.seed", cfg.eval.seed)):
         if not 0 <= seed <= MAX_SEED:
             raise TailtuneError(f"{key} must be between 0 and {MAX_SEED} (numpy's and scikit-learn's range), got {seed}")
     for slot in ("encoder", "decoder"):
-        bb: BackboneConfig = getattr(cfg, slot)
-        if bb.pooling not in POOLINGS:
-            raise TailtuneError(f"{slot}.pooling must be one of {', '.join(POOLINGS)}")
-        if bb.max_length < 8 or bb.batch_size < 1 or bb.eval_batch_size < 1:
-            raise TailtuneError(f"{slot}: max_length >= 8 and batch sizes >= 1 are required")
-        if bb.epochs is not None and not 0 < bb.epochs < math.inf:
-            raise TailtuneError(f"{slot}.epochs must be > 0 (or null for train.epochs)")
-        if bb.lr is not None and not 0 <= bb.lr < math.inf:
-            raise TailtuneError(f"{slot}.lr must be >= 0 (or null for train.lr)")
-        if bb.adapt_layers is not None and bb.adapt_layers < 1:
-            raise TailtuneError(f"{slot}.adapt_layers must be >= 1 (or null for all layers)")
-    _check_method(cfg.method)
-
-    if not cfg.method.targets:
-        raise TailtuneError(f"method.targets must name at least one role ({', '.join(methods.ROLES)})")
-    for role in cfg.method.targets:
-        if role not in methods.ROLES:
-            raise TailtuneError(
-                f"unknown target role '{role}'{suggest(role, list(methods.ROLES))} "
-                f"(roles: {', '.join(methods.ROLES)})"
-            )
-    t = cfg.train
-    if t.precision not in PRECISIONS:
-        raise TailtuneError(f"train.precision must be one of {', '.join(PRECISIONS)}")
-    if t.head_init not in HEAD_INITS:
-        raise TailtuneError(f"train.head_init must be one of {', '.join(HEAD_INITS)}")
-    weighting.check(t.weighting)
-    if not 0 < t.logit_tau <= MAX_LOGIT_TAU:
-        # tau * log prior overflowed float32 far above this: the run failed its padding check with "nan"
-        raise TailtuneError(f"train.logit_tau must be in (0, {MAX_LOGIT_TAU:g}] (Menon et al. use 1)")
-    # written as ranges so that NaN and inf fail them too
-    rates_ok = 0 < t.epochs < math.inf and 0 <= t.lr < math.inf and 0 <= t.head_lr < math.inf
-    if not rates_ok or t.grad_accum < 1 or t.eval_per_epoch < 1:
-        raise TailtuneError("train: epochs > 0, lr >= 0, grad_accum >= 1, eval_per_epoch >= 1")
-    if t.early_stopping_patience < 1:
-        raise TailtuneError("train.early_stopping_patience must be >= 1 (evaluations without a gain before stopping)")
-    if t.checkpoint_every < 0:
-        raise TailtuneError("train.checkpoint_every must be >= 0 (0 = no checkpoints)")
-    if t.backbone_dropout is not None and not 0 <= t.backbone_dropout < 1:
-        raise TailtuneError("train.backbone_dropout must be in [0, 1) (or null for the checkpoint's own)")
-    if not 0 <= t.warmup_ratio < 1:
-        raise TailtuneError("train.warmup_ratio must be in [0, 1)")
-    if not 0 <= t.weight_decay < math.inf:
-        raise TailtuneError("train.weight_decay must be >= 0")
+        check_backbone(getattr(cfg, slot), slot)
+    check_method(cfg.method)
+    check_train(cfg.train)
     for spec in specs:  # settings in a system's name: the same rules
         if spec.overrides:
             method, train, backbone, lr = spec.configs(cfg)
             where = f"system '{spec.name}': "
-            _check_method(method, who=where, key="")
+            check_method(method, who=where, key="")
             if backbone.epochs is not None and not 0 < backbone.epochs < math.inf:
                 raise TailtuneError(f"{where}epochs must be > 0")
             if not all(0 <= v < math.inf for v in (train.head_lr, 0 if lr is None else lr)):

@@ -525,8 +525,9 @@ class GenerativeClassifier:
     def save(self, path: str | Path) -> Path:
         """Write the LoRA adapter, tokenizer, labels, templates and backbone reference."""
         from tailtune import methods
+        from tailtune.classifier import check_save_target
 
-        path = Path(path)
+        path = check_save_target(path)
         path.mkdir(parents=True, exist_ok=True)
         methods.get("lora").save(self.model_, path)
         self.tokenizer_.save_pretrained(path / "tokenizer")

@@ -60,7 +60,9 @@ def register(method: Method) -> Method:
 
 def get(name: str) -> Method:
     if name not in METHODS:
-        raise TailtuneError(f"unknown method '{name}' (methods: {', '.join(METHODS)})")
+        from tailtune.config import suggest
+
+        raise TailtuneError(f"unknown method '{name}'{suggest(name, list(METHODS))} (methods: {', '.join(METHODS)})")
     return METHODS[name]
 
 

@@ -477,20 +477,14 @@ def prepare_finetune(spec: SystemSpec, ctx: Context, lr: float | None, scheme: s
 
 
 def _lpft_start(probe, val_features: np.ndarray, data, scheme: str, tau: float):
-    """The probe's head moved to the prior of the system's loss, and its validation macro-F1.
-
-    The probe is class-balanced; an unweighted system's loss aims for the training prior, so
-    its head starts with ``log pi`` added to the bias (see ``Imbalance.prior_shift``). A
-    bias-free (decoder) head starts at the balanced probe as it is.
-    """
-    from tailtune import weighting
+    """The LP-FT head of a system with ``scheme`` (:func:`tailtune.classifier.lpft_head`) and its validation macro-F1."""
+    from tailtune.classifier import lpft_head
     from tailtune.metrics import macro_f1
 
-    W, b = probe.W_, probe.b_
+    counts = np.bincount(data.y("train"), minlength=len(data.classes))
+    W, b = lpft_head(probe, counts, scheme, tau)
     if not probe.intercept:
         return (W, b), probe.val_macro_f1_
-    counts = np.bincount(data.y("train"), minlength=len(data.classes))
-    b = (b + weighting.plan(scheme, counts, tau).prior_shift(counts)).astype(np.float32)
     pred = (val_features @ W.T + b).argmax(axis=1)
     return (W, b), macro_f1(data.y("val"), pred, len(data.classes))
 

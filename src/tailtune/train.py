@@ -82,8 +82,8 @@ def fit(
     tokenizer,
     train_ids: list[list[int]],
     y: np.ndarray,
-    val_ids: list[list[int]],
-    val_y: np.ndarray,
+    val_ids: list[list[int]] | None,
+    val_y: np.ndarray | None,
     *,
     train: TrainConfig,
     backbone: BackboneConfig,
@@ -93,6 +93,9 @@ def fit(
     class_sampling: np.ndarray | None = None,
 ) -> dict:
     """Train ``model`` in place and leave the best validation state loaded. Returns the history.
+
+    Without validation rows (``val_ids`` None) nothing is selected or stopped early: training
+    runs its epochs and the last state is kept (``best_val_macro_f1`` and ``best_step`` None).
 
     ``start_val_f1`` is the validation macro-F1 of the starting point when it is already known
     (LP-FT: the probe's), so the start competes for "best" without another validation pass.
@@ -138,7 +141,10 @@ def fit(
     precision = resolve_precision(train.precision)
     cuda = torch.cuda.is_available()
     train_set = [{"input_ids": ids, "labels": int(label)} for ids, label in zip(train_ids, y, strict=True)]
-    val_set = [{"input_ids": ids, "labels": int(label)} for ids, label in zip(val_ids, val_y, strict=True)]
+    if val_ids is None:
+        val_set, start_val_f1 = None, None
+    else:
+        val_set = [{"input_ids": ids, "labels": int(label)} for ids, label in zip(val_ids, val_y, strict=True)]
 
     per_step = backbone.batch_size * train.grad_accum * dist.num_processes  # rows per optimisation step
     steps_per_epoch = max(1, math.ceil(len(train_set) / per_step))
@@ -238,7 +244,7 @@ def fit(
                 gradient_accumulation_steps=train.grad_accum,
                 num_train_epochs=epochs,
                 max_steps=total_steps,
-                eval_strategy="steps",
+                eval_strategy="steps" if val_set is not None else "no",
                 eval_steps=eval_steps,
                 save_strategy="steps" if save_steps else "no",
                 save_steps=max(save_steps, 1),
@@ -265,7 +271,7 @@ def fit(
                 train_dataset=train_set,
                 eval_dataset=val_set,
                 data_collator=DataCollatorWithPadding(tokenizer),
-                compute_metrics=compute_metrics,
+                compute_metrics=compute_metrics if val_set is not None else None,
                 optimizers=(optimizer, scheduler),
                 callbacks=callbacks,
             )
@@ -278,8 +284,8 @@ def fit(
             for name, value in best["state"].items():
                 params[name].copy_(value)
     history.update(
-        best_val_macro_f1=best["f1"],
-        best_step=best["step"],
+        best_val_macro_f1=best["f1"] if val_set is not None else None,
+        best_step=best["step"] if val_set is not None else None,
         epochs_run=epochs_run,
         stopped_early=history.get("stopped_early", False),
     )
@@ -297,7 +303,7 @@ def _fit_key(model, train_ids, y, val_ids, val_y, train: TrainConfig, backbone: 
     import json
 
     digest = hashlib.sha256()
-    for ids, labels in ((train_ids, y), (val_ids, val_y)):
+    for ids, labels in ((train_ids, y), (val_ids or [], [] if val_y is None else val_y)):
         digest.update(np.asarray([len(row) for row in ids], dtype=np.int64).tobytes())
         digest.update(np.concatenate([np.asarray(row, dtype=np.int64) for row in ids] or [[]]).tobytes())
         digest.update(np.asarray(labels, dtype=np.int64).tobytes())
