@@ -206,17 +206,22 @@ def test_a_dead_feature_does_not_blow_up_the_folded_head():
     np.testing.assert_array_equal((X @ W.T + b).argmax(1), pipe.predict(X))
 
 
+def _plain_and_imbalanced(**imbalance):
+    """(plain 5-class tiny BERT classifier, one sharing its backbone and head with ``imbalance``
+    (class_weights= or logit_offset=), a padded batch of TEXTS, labels 0-3)."""
+    bb = backbones.resolve("tiny:bert")
+    tok = backbones.load_tokenizer(bb)
+    plain = _module()(backbones.load_model(bb, tok), 5, bb.pooling, bb.is_decoder)
+    other = _module()(plain.backbone, 5, bb.pooling, bb.is_decoder, **imbalance)
+    other.score.load_state_dict(plain.score.state_dict())
+    return plain, other, tok(TEXTS, padding=True, return_tensors="pt"), torch.tensor([0, 1, 2, 3])
+
+
 def test_logit_adjusted_loss_adds_the_offset_in_the_loss_only():
     from tailtune.weighting import logit_adjustment
 
-    bb = backbones.resolve("tiny:bert")
-    tok = backbones.load_tokenizer(bb)
     offset = logit_adjustment([50, 10, 3, 1, 1])
-    plain = _module()(backbones.load_model(bb, tok), 5, bb.pooling, bb.is_decoder)
-    adjusted = _module()(plain.backbone, 5, bb.pooling, bb.is_decoder, logit_offset=offset)
-    adjusted.score.load_state_dict(plain.score.state_dict())
-    batch = tok(TEXTS, padding=True, return_tensors="pt")
-    labels = torch.tensor([0, 1, 2, 3])
+    plain, adjusted, batch, labels = _plain_and_imbalanced(logit_offset=offset)
     a = adjusted(batch["input_ids"], batch["attention_mask"], labels)
     p = plain(batch["input_ids"], batch["attention_mask"], labels)
     torch.testing.assert_close(a["logits"], p["logits"])  # prediction is unchanged
@@ -483,8 +488,8 @@ def _probe_data(seed=0):
     return X, y
 
 
-# -- M5b: C chosen on validation instead of train (classifier.py ProbeClassifier.fit_features)
 def test_probe_C_scores_are_out_of_fold_on_train_and_ignore_validation():
+    """Fails when the probe chooses C on validation instead of out of fold on train."""
     from tailtune.classifier import ProbeClassifier
 
     X, y = _probe_data()
@@ -495,8 +500,8 @@ def test_probe_C_scores_are_out_of_fold_on_train_and_ignore_validation():
     assert fitted.C_scores_ == reference.C_scores_  # every grid score, not just the winner
 
 
-# -- M5a2: the C search's cross-validation fits an unbalanced logistic regression
 def test_probe_C_search_scores_a_balanced_model_on_a_long_tail():
+    """Fails when the C search's cross-validation fits an unbalanced logistic regression."""
     from tailtune.classifier import ProbeClassifier
 
     rng = np.random.default_rng(1)
@@ -510,8 +515,8 @@ def test_probe_C_search_scores_a_balanced_model_on_a_long_tail():
     assert probe.C_scores_[0.001] > 0.7, probe.C_scores_
 
 
-# -- M2g: the LP-FT start's prior shift applied with the wrong sign (systems._lpft_start)
 def test_lpft_start_adds_the_log_training_prior_for_an_unweighted_loss():
+    """Fails when the LP-FT start shifts the bias by the log prior with the wrong sign."""
     from tailtune import weighting
     from tailtune.metrics import macro_f1
     from tailtune.systems import _lpft_start
@@ -532,10 +537,9 @@ def test_lpft_start_adds_the_log_training_prior_for_an_unweighted_loss():
     assert weighting.plan("none", np.bincount(y_train)).prior_shift(np.bincount(y_train)).argmax() == 0
 
 
-# -- M3e: fine-tuning with pooling=auto ignores the checkpoint's trained pooling
 def test_auto_pooling_follows_the_checkpoint_when_fine_tuning_and_probing(tmp_path):
-    from tailtune import backbones
-    from tailtune.classifier import ProbeClassifier, TextClassifier
+    """Fails when fine-tuning with pooling=auto ignores the checkpoint's trained pooling."""
+    from tailtune.classifier import ProbeClassifier
 
     assert backbones.resolve("tiny:modernbert").pooling == "mean"  # from its classifier_pooling
     clf = TextClassifier(
@@ -551,22 +555,12 @@ def test_auto_pooling_follows_the_checkpoint_when_fine_tuning_and_probing(tmp_pa
     assert probe.pooling_ == "mean" and probe.model_.pooling == "mean"
 
 
-# -- M11: class weights never reach the cross-entropy (classifier.PooledClassifier.forward / _build)
 def test_weighted_loss_uses_the_class_weights_and_fit_passes_them():
-    import torch
-
-    from tailtune import backbones
-    from tailtune.classifier import TextClassifier, _module
+    """Fails when class weights never reach the cross-entropy (classifier.PooledClassifier.forward / _build)."""
     from tailtune.weighting import class_weights
 
-    bb = backbones.resolve("tiny:bert")
-    tok = backbones.load_tokenizer(bb)
     w = class_weights([50, 10, 3, 1, 1], "sqrt_inverse")
-    plain = _module()(backbones.load_model(bb, tok), 5, bb.pooling, bb.is_decoder)
-    weighted = _module()(plain.backbone, 5, bb.pooling, bb.is_decoder, class_weights=w)
-    weighted.score.load_state_dict(plain.score.state_dict())
-    batch = tok(TEXTS, padding=True, return_tensors="pt")
-    labels = torch.tensor([0, 1, 2, 3])
+    plain, weighted, batch, labels = _plain_and_imbalanced(class_weights=w)
     out = weighted(batch["input_ids"], batch["attention_mask"], labels)
     expected = torch.nn.functional.cross_entropy(out["logits"], labels, weight=torch.tensor(w, dtype=torch.float32))
     torch.testing.assert_close(out["loss"], expected)
@@ -579,9 +573,8 @@ def test_weighted_loss_uses_the_class_weights_and_fit_passes_them():
     np.testing.assert_allclose(clf.model_.class_weights.numpy(), class_weights(counts, "sqrt_inverse"), rtol=1e-6)
 
 
-# -- M9: fit does not restore the best validation state (train.fit)
 def test_an_unbeaten_lp_ft_start_is_the_model_fit_returns():
-    from tailtune.classifier import TextClassifier
+    """Fails when fit does not restore the best validation state (train.fit)."""
 
     clf = TextClassifier(
         BackboneConfig(name="tiny:bert", max_length=32, batch_size=2, eval_batch_size=4),
@@ -597,9 +590,8 @@ def test_an_unbeaten_lp_ft_start_is_the_model_fit_returns():
     np.testing.assert_array_equal(clf.predict_logits(TEXTS), np.zeros((4, 2), np.float32))
 
 
-# -- M28: train.logit_tau ignored by a fine-tuned logit_adjusted system (TextClassifier.fit)
 def test_fit_uses_the_configured_logit_tau():
-    from tailtune.classifier import TextClassifier
+    """Fails when a logit_adjusted fit ignores train.logit_tau."""
     from tailtune.weighting import logit_adjustment
 
     clf = TextClassifier(

@@ -645,8 +645,8 @@ def test_predict_leaves_a_text_with_no_tokens_unlabelled(smoke_run, tmp_path):
     assert deploy.predict_file(system_dir, only, tmp_path / "o.csv")["unlabelled"] == 1
 
 
-# -- M8c: predict's confidences are not rounded to 6 decimals (deploy.prediction_frame)
 def test_prediction_frame_rounds_confidences_to_six_decimals():
+    """Fails when predict's confidences are not rounded to 6 decimals (deploy.prediction_frame)."""
     import pandas as pd
 
     from tailtune.deploy import prediction_frame

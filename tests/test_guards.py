@@ -93,8 +93,8 @@ def test_one_class_for_every_row_fails_the_system(data, tmp_path):
         _guards(clf, collapsed, tmp_path / "model", data, probe_val_f1=start)
 
 
-# -- M6b: the "predicts only k of C classes" coverage warning never fires (systems._guards)
 def test_a_system_predicting_few_classes_is_warned(data, tmp_path):
+    """Fails when the "predicts only k of C classes" coverage warning never fires (systems._guards)."""
     from tailtune.systems import COVERAGE_WARNING
 
     clf, logits, start = _fit(data, tmp_path, epochs=1, lr=0.0, head_lr=0.0)

@@ -423,8 +423,8 @@ def test_ci_contains_the_estimate_on_a_long_tail():
     assert lo <= m["macro_f1"] <= hi
 
 
-# -- M14b: beyond_noise's row threshold off by one (metrics.beyond_noise)
 def test_beyond_noise_needs_exactly_min_decisive_rows():
+    """Fails when beyond_noise's threshold of decisive rows is off by one."""
     from tailtune.metrics import MIN_DECISIVE, beyond_noise
 
     # MIN_DECISIVE is the fewest discordant rows a two-sided sign test can call significant
