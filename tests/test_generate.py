@@ -332,3 +332,26 @@ def test_fit_interrupted_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     np.testing.assert_array_equal(resumed.label_scores(val_x), reference.label_scores(val_x))
     again = fit(tmp_path)  # finished: kept from the last checkpoint, not trained further
     np.testing.assert_array_equal(again.label_scores(val_x), reference.label_scores(val_x))
+
+
+@pytest.mark.parametrize(("labels_written", "status", "note"), [
+    (1, "failed", "collapsed: generates one label"),
+    (2, "ok", "predicts only 2 of 8 classes on test; likely cause"),
+])
+def test_a_generator_that_writes_one_or_few_labels_is_failed_or_warned(tmp_path, monkeypatch, small_csv,
+                                                                      labels_written, status, note):
+    """The guards of the head systems, for decoder-generate (its coverage warning had no test)."""
+    import pandas as pd
+    from test_input_matrix import run_smoke
+
+    from tailtune.generate import GenerativeClassifier
+
+    def narrow(self, scores):
+        out = np.full_like(scores, -9.0)
+        out[np.arange(len(out)), np.arange(len(out)) % labels_written] = 0.0
+        return out
+
+    monkeypatch.setattr(GenerativeClassifier, "adjust", narrow)
+    result = run_smoke(small_csv, tmp_path / "run", systems="decoder-generate")
+    row = pd.read_csv(tmp_path / "run" / "comparison.csv").iloc[0]
+    assert row["status"] == status and note in row["note"], (row.to_dict(), result.output)

@@ -655,7 +655,7 @@ def run_system(spec, ctx, model_dir: Path, work_dir: Path | None = None):
     ``work_dir`` holds its checkpoints, so an interrupted run continues where it was."""
     import dataclasses
 
-    from tailtune.systems import COVERAGE_WARNING, GuardFailure, Outcome, _bar
+    from tailtune.systems import GuardFailure, Outcome, _bar, check_coverage
 
     data = ctx.data
     method_cfg, train_cfg, bb_cfg, lr = spec.configs(ctx.cfg)  # the run's, with the name's @overrides
@@ -678,16 +678,7 @@ def run_system(spec, ctx, model_dir: Path, work_dir: Path | None = None):
     with _bar(ctx.console, "  scoring labels (test)", len(texts)) as advance:
         scores = clf.adjust(clf.label_scores(texts, progress=advance))
     clf.save(model_dir)
-    pred = scores.argmax(1)
-    if len(np.unique(pred)) == 1 and len(data.classes) > 1:
-        raise GuardFailure(
-            f"collapsed: generates one label ('{data.classes[pred[0]]}') for every test row; "
-            "likely cause: learning rate too high or too few steps"
-        )
-    warnings = []
-    coverage = len(np.unique(pred)) / len(data.classes)
-    if coverage < COVERAGE_WARNING:
-        warnings.append(f"predicts only {len(np.unique(pred))} of {len(data.classes)} classes on test")
+    warnings = check_coverage(scores.argmax(1), data.classes, "generates one label")
     check = data.texts("val")[:16] or texts[:16]
     diff = float(np.abs(GenerativeClassifier.load(model_dir).label_scores(check) - clf.label_scores(check)).max())
     tol = 1e-3 if clf.precision_ == "fp32" else 5e-2

@@ -493,24 +493,28 @@ class GuardFailure(Exception):
     """A trained system is wrong in a way that makes its numbers meaningless."""
 
 
+def check_coverage(pred: np.ndarray, classes: list, collapsed: str = "predicts one class") -> list[str]:
+    """Test predictions ``pred`` (class indices) that name one class raise :class:`GuardFailure`
+    ("collapsed: <collapsed> ..."); fewer than ``COVERAGE_WARNING`` of the classes give a warning."""
+    n_pred = len(np.unique(pred))
+    if n_pred == 1 and len(classes) > 1:
+        raise GuardFailure(
+            f"collapsed: {collapsed} ('{classes[pred[0]]}') for every test row; "
+            "likely cause: learning rate too high or too few steps"
+        )
+    if n_pred / len(classes) < COVERAGE_WARNING:
+        return [
+            f"predicts only {n_pred} of {len(classes)} classes on test; "
+            "likely cause: too few epochs for the tail, or try class weighting"
+        ]
+    return []
+
+
 def _guards(clf, test_logits: np.ndarray, model_dir: Path, data, probe_val_f1) -> list[str]:
     """Post-training checks. Fatal ones raise :class:`GuardFailure`; others return warnings."""
     from tailtune.classifier import TextClassifier
 
-    warnings = []
-    pred = test_logits.argmax(axis=1)
-    n_pred = len(np.unique(pred))
-    if n_pred == 1 and len(data.classes) > 1:
-        raise GuardFailure(
-            f"collapsed: predicts one class ('{data.classes[pred[0]]}') for every test row; "
-            "likely cause: learning rate too high or too few steps"
-        )
-    coverage = n_pred / len(data.classes)
-    if coverage < COVERAGE_WARNING:
-        warnings.append(
-            f"predicts only {n_pred} of {len(data.classes)} classes on test; "
-            "likely cause: too few epochs for the tail, or try class weighting"
-        )
+    warnings = check_coverage(test_logits.argmax(axis=1), data.classes)
     losses = np.array([e["loss"] for e in clf.history_["losses"]])
     if len(losses) >= 4:
         # Batch losses are noisy, and with LP-FT they start low: compare quarter means.
