@@ -369,6 +369,13 @@ def test_save_never_empties_a_folder_that_is_not_a_model(tmp_path):
     clf.save(tmp_path / "empty")
     clf.save(tmp_path / "empty")  # an earlier model is replaced
     assert TextClassifier.load(tmp_path / "empty").predict(TEXTS) == clf.predict(TEXTS)
+    for target in ("empty", "nowhere"):  # the link was replaced and a hidden one left behind
+        (tmp_path / f"link-{target}").symlink_to(tmp_path / target)
+        with pytest.raises(TailtuneError, match="is a symbolic link; save to the folder it points to"):
+            clf.save(tmp_path / f"link-{target}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "empty", "link-empty", "link-nowhere", "model.txt", "work"
+    ]
 
 
 def test_the_library_starts_from_the_probe_as_the_cli_does():
@@ -476,8 +483,14 @@ def test_a_damaged_saved_model_is_one_line(tmp_path):
     shutil.rmtree(path / "adapter")
     with pytest.raises(TailtuneError, match=f"could not load the model saved in {path}"):
         TextClassifier.load(path)
+    (path / "head.safetensors").write_bytes(b"\x08" + bytes(39))  # torn: SafetensorError
+    with pytest.raises(TailtuneError, match=f"could not load the model saved in {path}"):
+        TextClassifier.load(path)
     (path / "head.safetensors").unlink()
     with pytest.raises(TailtuneError, match=f"could not load the model saved in {path}"):
+        TextClassifier.load(path)
+    (path / "tailtune.json").write_text(json.dumps({**json.loads(meta), "method_config": {"foo": 1}}))
+    with pytest.raises(TailtuneError, match="unexpected keyword argument 'foo'"):
         TextClassifier.load(path)
 
 
@@ -602,3 +615,19 @@ def test_fit_uses_the_configured_logit_tau():
     expected = logit_adjustment([7, 2], tau=0.5)
     np.testing.assert_allclose(clf.imbalance_.logit_offset, expected)
     np.testing.assert_allclose(clf.model_.logit_offset.numpy(), expected, rtol=1e-6)
+
+
+def test_scikit_learn_can_clone_score_and_cross_validate_it():
+    """TextClassifier had no get_params, so clone, cross_val_score and GridSearchCV failed on it."""
+    from sklearn.base import clone
+    from sklearn.model_selection import cross_val_score
+
+    clf = _tiny_clf()
+    copy = clone(clf).set_params(lr=3e-3, weighting="logit_adjusted")
+    assert copy.learning_rate() == 3e-3 and copy.weighting == "logit_adjusted" and clf.lr is None
+    assert copy.train == clf.train and copy.train is not clf.train  # deep copies, never shared
+    texts, labels = TEXTS * 3, ["a", "b", "a", "b"] * 3
+    scores = cross_val_score(clf, texts, labels, cv=2)
+    assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
+    fitted = clone(clf).fit(texts, labels)
+    assert fitted.score(texts, labels) == np.mean(np.array(fitted.predict(texts)) == np.array(labels))

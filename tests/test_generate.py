@@ -223,6 +223,10 @@ def test_save_load_and_deploy_predict_the_same(arch, trained, tmp_path):
         np.testing.assert_allclose(predictor.predict_proba(texts), expected, atol=1e-5)
     int8 = deploy.quantize_int8(predictor)
     assert int8.predict_proba(texts).shape == expected.shape
+    # over an earlier model of another kind: replaced whole (its head.safetensors had stayed)
+    (tmp_path / "model" / "head.safetensors").write_bytes(b"a classifier's head")
+    clf.save(tmp_path / "model")
+    assert not (tmp_path / "model" / "head.safetensors").exists()
 
 
 def test_parse_system_and_encoder_refused():

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from tailtune import backbones, methods
 from tailtune.config import BackboneConfig, MethodConfig, TrainConfig
@@ -259,6 +260,8 @@ def check_save_target(path: str | Path) -> Path:
     path = Path(path).absolute()
     if path == Path.cwd():
         raise TailtuneError("save into a folder of its own, not the current directory")
+    if path.is_symlink():  # replacing the folder would replace the link, not what it points to
+        raise TailtuneError(f"{path} is a symbolic link; save to the folder it points to ({path.readlink()})")
     if path.exists() and not path.is_dir():
         raise TailtuneError(f"{path} is a file; a model is saved as a folder")
     if path.is_dir() and not (path / "tailtune.json").is_file() and any(path.iterdir()):
@@ -266,6 +269,23 @@ def check_save_target(path: str | Path) -> Path:
             f"{path} holds other files and is not a saved model; save into a new or empty folder "
             "(an earlier saved model is replaced)"
         )
+    return path
+
+
+def save_folder(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Save a model as the folder ``path`` (see :func:`check_save_target`): ``write(folder)``
+    fills a temporary sibling folder that replaces ``path`` once complete, so a failed save
+    leaves the old folder (or none), never half a model, and nothing of an earlier model stays."""
+    from tailtune import rundir
+
+    path = check_save_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = rundir.temp_dir(path)
+    try:
+        write(tmp)
+        rundir.replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -301,8 +321,11 @@ def _usable_precision(saved: str) -> str:
     return precision
 
 
-class TextClassifier:
+class TextClassifier(ClassifierMixin, BaseEstimator):
     """A backbone + method + head, trained end to end.
+
+    A scikit-learn estimator: ``get_params`` / ``set_params``, ``clone``, ``score`` (accuracy)
+    and so ``cross_val_score`` or ``GridSearchCV`` over ``lr`` or ``weighting`` work on it.
 
     The recipe is ``train`` (a :class:`TrainConfig`; by default 3 epochs, lr 2e-4, head lr 2e-3,
     LP-FT, selection on validation macro-F1) and the backbone's ``max_length`` (256 by
@@ -505,24 +528,10 @@ class TextClassifier:
     # -- persistence
 
     def save(self, path: str | Path) -> Path:
-        """Write everything needed to reload: method weights, head, tokenizer, label map.
-
-        The files are written into a temporary sibling folder that replaces ``path`` when all
-        of them are complete, so a failed save leaves the old folder (or none), never half a model.
-        """
-
-        from tailtune import rundir
-
+        """Write everything needed to reload (method weights, head, tokenizer, label map) as the
+        folder ``path``, all at once (:func:`save_folder`)."""
         _check_fitted(self)
-        path = check_save_target(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = rundir.temp_dir(path)
-        try:
-            self._write(tmp)
-            rundir.replace_dir(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return save_folder(path, self._write)
 
     def _write(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -549,6 +558,8 @@ class TextClassifier:
     @classmethod
     def load(cls, path: str | Path) -> TextClassifier:
         """Reload a saved classifier; the head comes from ``head.safetensors``, never re-initialised."""
+        from safetensors import SafetensorError
+
         path = Path(path)
         meta, config = read_saved(path)
         try:
@@ -557,7 +568,8 @@ class TextClassifier:
             raise TailtuneError(f"{path / 'tailtune.json'} lacks {exc}; the saved model is damaged") from None
         except OSError as exc:  # a missing or unreadable file
             raise TailtuneError(f"could not load the model saved in {path}: {first_line(exc)}") from None
-        except ValueError as exc:  # peft: "Can't find 'adapter_config.json'"; safetensors: a torn file
+        except (ValueError, TypeError, SafetensorError) as exc:
+            # peft: "Can't find 'adapter_config.json'"; a torn head.safetensors; a damaged method_config
             raise TailtuneError(f"could not load the model saved in {path}: {first_line(exc)}") from None
 
     @classmethod

@@ -433,6 +433,12 @@ def check_method(m: MethodConfig, who: str = "", key: str = "method.") -> None:
     """The method section; errors start with ``who`` and name each setting as ``key<name>``."""
     from tailtune import methods
 
+    if m.rank < 1 or not 0 < m.alpha < math.inf:
+        raise TailtuneError(f"{who}{key}rank must be >= 1 and {key}alpha > 0")
+    if m.virtual_tokens < 1 or m.bottleneck < 1:
+        raise TailtuneError(f"{who}{key}virtual_tokens and {key}bottleneck must be >= 1")
+    if not 0 <= m.dropout < 1:
+        raise TailtuneError(f"{who}{key}dropout must be in [0, 1)")
     if not m.targets:
         raise TailtuneError(f"{who}{key}targets must name at least one role ({', '.join(methods.ROLES)})")
     for role in m.targets:
@@ -441,12 +447,6 @@ def check_method(m: MethodConfig, who: str = "", key: str = "method.") -> None:
                 f"{who}unknown target role '{role}'{suggest(role, list(methods.ROLES))} "
                 f"(roles: {', '.join(methods.ROLES)})"
             )
-    if m.rank < 1 or not 0 < m.alpha < math.inf:
-        raise TailtuneError(f"{who}{key}rank must be >= 1 and {key}alpha > 0")
-    if m.virtual_tokens < 1 or m.bottleneck < 1:
-        raise TailtuneError(f"{who}{key}virtual_tokens and {key}bottleneck must be >= 1")
-    if not 0 <= m.dropout < 1:
-        raise TailtuneError(f"{who}{key}dropout must be in [0, 1)")
 
 
 def check_backbone(bb: BackboneConfig, slot: str) -> None:

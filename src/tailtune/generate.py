@@ -523,12 +523,15 @@ class GenerativeClassifier:
     # -- persistence
 
     def save(self, path: str | Path) -> Path:
-        """Write the LoRA adapter, tokenizer, labels, templates and backbone reference."""
-        from tailtune import methods
-        from tailtune.classifier import check_save_target
+        """Write the LoRA adapter, tokenizer, labels, templates and backbone reference as the
+        folder ``path``, all at once (:func:`tailtune.classifier.save_folder`)."""
+        from tailtune.classifier import save_folder
 
-        path = check_save_target(path)
-        path.mkdir(parents=True, exist_ok=True)
+        return save_folder(path, self._write)
+
+    def _write(self, path: Path) -> None:
+        from tailtune import methods
+
         methods.get("lora").save(self.model_, path)
         self.tokenizer_.save_pretrained(path / "tokenizer")
         meta = {
@@ -549,7 +552,6 @@ class GenerativeClassifier:
             "pad_token": self.tokenizer_.pad_token,
         }
         (path / "tailtune.json").write_text(json.dumps(meta, indent=2))
-        return path
 
     @classmethod
     def load(cls, path: str | Path) -> GenerativeClassifier:
