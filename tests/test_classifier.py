@@ -631,3 +631,19 @@ def test_scikit_learn_can_clone_score_and_cross_validate_it():
     assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
     fitted = clone(clf).fit(texts, labels)
     assert fitted.score(texts, labels) == np.mean(np.array(fitted.predict(texts)) == np.array(labels))
+
+
+def test_predict_top_k_ranks_the_probabilities_as_predict_does():
+    """The library had no top-k; `tailtune predict --top-k` and serve did."""
+    from tailtune.errors import TailtuneError
+
+    clf = _tiny_clf().fit(TEXTS, ["a", "b", "c", "b"])
+    labels, proba = clf.predict_top_k(TEXTS, 2)
+    full = clf.predict_proba(TEXTS)
+    assert labels[:, 0].tolist() == clf.predict(TEXTS)
+    np.testing.assert_allclose(proba[:, 0], full.max(axis=1))
+    assert (proba[:, 0] >= proba[:, 1]).all()
+    np.testing.assert_allclose(proba[:, 1], np.sort(full, axis=1)[:, -2])
+    for k in (0, 4, True):
+        with pytest.raises(TailtuneError, match="k must be between 1 and the 3 classes"):
+            clf.predict_top_k(TEXTS, k)

@@ -229,6 +229,12 @@ def _check_fitted(model) -> None:
         raise NotFittedError(f"this {type(model).__name__} is not fitted yet; call fit (or load) first")
 
 
+def top_k(proba: np.ndarray, classes: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N, k), confidences (N, k)), best first; ties keep the class order."""
+    order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    return np.asarray(classes, dtype=object)[order], np.take_along_axis(proba, order, axis=1)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -524,6 +530,13 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
 
     def predict(self, texts: list[str]) -> list[str]:
         return [self.classes_[i] for i in self.predict_proba(texts).argmax(axis=1)]
+
+    def predict_top_k(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(labels (N, k), probabilities (N, k)), best first, as ``tailtune predict --top-k``."""
+        if not 1 <= k <= len(getattr(self, "classes_", [])) or isinstance(k, bool):
+            _check_fitted(self)
+            raise TailtuneError(f"k must be between 1 and the {len(self.classes_)} classes, got {k}")
+        return top_k(self.predict_proba(texts), self.classes_, k)
 
     # -- persistence
 

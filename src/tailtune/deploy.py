@@ -772,12 +772,6 @@ def _pick_column(
     return None
 
 
-def top_k(proba: np.ndarray, classes: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (N, k), confidences (N, k)), best first."""
-    order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
-    return np.asarray(classes, dtype=object)[order], np.take_along_axis(proba, order, axis=1)
-
-
 def prediction_frame(
     predictor: Predictor,
     frame,
@@ -795,6 +789,7 @@ def prediction_frame(
     """
     import pandas as pd
 
+    from tailtune.classifier import top_k
     from tailtune.data import blank
 
     # JSON lines need not share keys: a chunk may lack the text or id column the first one had

@@ -31,6 +31,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from tailtune import deploy
+from tailtune.classifier import top_k
 from tailtune.data import blank
 from tailtune.errors import TailtuneError
 
@@ -243,7 +244,7 @@ def create_app(
             proba = registry.predict_proba(name, texts)
         except TailtuneError as exc:  # a text the model cannot read (no tokens; a lone surrogate)
             raise HTTPException(422, str(exc)) from None
-        labels, confidence = deploy.top_k(proba, classes, k)
+        labels, confidence = top_k(proba, classes, k)
         return {
             "system": name,
             "predictions": [
