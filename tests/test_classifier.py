@@ -380,7 +380,7 @@ def test_save_never_empties_a_folder_that_is_not_a_model(tmp_path):
 
 def test_the_library_starts_from_the_probe_as_the_cli_does():
     """TrainConfig.head_init was read by `tailtune run` only: the library trained a random head."""
-    from tailtune.classifier import ProbeClassifier, lpft_head
+    from tailtune.classifier import ProbeClassifier, lpft_start
     from tailtune.metrics import macro_f1
 
     labels, val = ["a", "b", "a", "b"], [TEXTS[1], TEXTS[0]]
@@ -394,7 +394,7 @@ def test_the_library_starts_from_the_probe_as_the_cli_does():
     probe.load_encoder()
     probe.precision_ = "fp32"
     probe.fit_features(probe.features(TEXTS), np.array([0, 1, 0, 1]), ["a", "b"], choose_C=True)
-    W, b = lpft_head(probe, np.array([2, 2]), "none", 1.0)
+    (W, b), _ = lpft_start(probe, np.array([2, 2]), "none", 1.0)
     np.testing.assert_allclose(clf.predict_logits(TEXTS), probe.features(TEXTS) @ W.T + b, atol=1e-4)
     start = clf.history_["evals"][0]
     assert start["step"] == 0 and start["val_macro_f1"] == macro_f1(np.array([1, 0]), np.array(
@@ -531,21 +531,21 @@ def test_probe_C_search_scores_a_balanced_model_on_a_long_tail():
 def test_lpft_start_adds_the_log_training_prior_for_an_unweighted_loss():
     """Fails when the LP-FT start shifts the bias by the log prior with the wrong sign."""
     from tailtune import weighting
+    from tailtune.classifier import lpft_start
     from tailtune.metrics import macro_f1
-    from tailtune.systems import _lpft_start
 
     y_train = np.repeat([0, 1, 2], [60, 6, 2])
     y_val = np.array([0, 0, 1, 2])
     val_features = np.eye(3, dtype=np.float32)[y_val] * 0.1
-    data = types.SimpleNamespace(classes=["a", "b", "c"], y=lambda split: {"train": y_train, "val": y_val}[split])
     probe = types.SimpleNamespace(W_=np.eye(3, dtype=np.float32), b_=np.zeros(3, dtype=np.float32), intercept=True,
                                   val_macro_f1_=1.0)
-    (W, b), start = _lpft_start(probe, val_features, data, "none", 1.0)
+    counts = np.bincount(y_train)
+    (W, b), start = lpft_start(probe, counts, "none", 1.0, (val_features, y_val))
     log_prior = np.log(np.bincount(y_train) / y_train.size)
     np.testing.assert_allclose(b, log_prior - log_prior.max(), rtol=1e-6)  # head class at 0, tail below
     assert b.argmax() == 0 and b[2] < b[1] < 0
     assert start == macro_f1(y_val, (val_features @ W.T + b).argmax(1), 3)
-    (_, b_la), _ = _lpft_start(probe, val_features, data, "logit_adjusted", 1.0)
+    (_, b_la), _ = lpft_start(probe, counts, "logit_adjusted", 1.0, (val_features, y_val))
     np.testing.assert_allclose(b_la, 0, atol=1e-6)  # logit adjustment aims at the balanced prior
     assert weighting.plan("none", np.bincount(y_train)).prior_shift(np.bincount(y_train)).argmax() == 0
 

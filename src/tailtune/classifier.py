@@ -192,8 +192,10 @@ def encode_labels(labels, classes=None, what: str = "labels") -> tuple[list, np.
     def plain(value):
         return value.item() if isinstance(value, np.generic) else value
 
-    def missing(value) -> bool:  # None, NaN, pandas' NA / NaT (whose == is not a bool)
-        return value is None or (isinstance(value, float) and value != value) or type(value).__name__ in ("NAType", "NaTType")
+    import pandas as pd
+
+    def missing(value) -> bool:  # None, NaN, pandas' NA and NaT (whose == is not a bool)
+        return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value)
 
     if isinstance(labels, str):
         raise TypeError(f"{what} must be a list of labels, got one string")
@@ -260,7 +262,7 @@ def _text_list(texts, what: str) -> list[str]:
     return texts
 
 
-def check_save_target(path: str | Path) -> Path:
+def _check_save_target(path: str | Path) -> Path:
     """``path`` made absolute, once it is a place a model may be saved: new, an empty folder, or an
     earlier saved model (replaced). A folder holding anything else is refused, never emptied."""
     path = Path(path).absolute()
@@ -279,12 +281,12 @@ def check_save_target(path: str | Path) -> Path:
 
 
 def save_folder(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Save a model as the folder ``path`` (see :func:`check_save_target`): ``write(folder)``
+    """Save a model as the folder ``path`` (see :func:`_check_save_target`): ``write(folder)``
     fills a temporary sibling folder that replaces ``path`` once complete, so a failed save
     leaves the old folder (or none), never half a model, and nothing of an earlier model stays."""
     from tailtune import rundir
 
-    path = check_save_target(path)
+    path = _check_save_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = rundir.temp_dir(path)
     try:
@@ -295,19 +297,25 @@ def save_folder(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def lpft_head(probe, counts: np.ndarray, scheme: str, tau: float) -> tuple[np.ndarray, np.ndarray]:
-    """The probe's head (W, b) moved to the prior of a loss with ``scheme``: LP-FT's start.
+def lpft_start(
+    probe, counts: np.ndarray, scheme: str, tau: float, val: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[tuple[np.ndarray, np.ndarray], float | None]:
+    """LP-FT's start: the probe's head (W, b) moved to the prior of a loss with ``scheme``, and
+    its macro-F1 on ``val`` = (features, y) (None without).
 
     The probe is class-balanced; an unweighted loss aims for the training prior, so its head
     starts with ``log pi`` added to the bias (see ``Imbalance.prior_shift``). A bias-free
     (decoder) head starts at the balanced probe as it is.
     """
     from tailtune import weighting
+    from tailtune.metrics import macro_f1
 
-    if not probe.intercept:
-        return probe.W_, probe.b_
-    shift = weighting.plan(scheme, counts, tau).prior_shift(counts)
-    return probe.W_, (probe.b_ + shift).astype(np.float32)
+    W, b = probe.W_, probe.b_
+    if probe.intercept:
+        b = (b + weighting.plan(scheme, counts, tau).prior_shift(counts)).astype(np.float32)
+    if val is None:
+        return (W, b), None
+    return (W, b), macro_f1(val[1], (val[0] @ W.T + b).argmax(axis=1), len(counts))
 
 
 def _usable_precision(saved: str) -> str:
@@ -496,23 +504,17 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _probe_start(self, model, train_ids, y, val_ids, val_y, counts):
-        """(LP-FT head (W, b), its validation macro-F1 or None): a class-balanced probe on the
-        frozen backbone's features (C chosen on train), moved to the prior of this loss."""
-        from tailtune.metrics import macro_f1
+        """(LP-FT head (W, b), its validation macro-F1 or None) from a class-balanced probe on the
+        frozen backbone's features, C chosen on train (:func:`lpft_start`)."""
         from tailtune.train import resolve_precision
 
         precision, size = resolve_precision(self.train.precision), self.backbone.eval_batch_size
         features = run_forward(model, self.tokenizer_, train_ids, size, precision, "features")
-        val_features = None if val_ids is None else run_forward(model, self.tokenizer_, val_ids, size, precision, "features")
+        val = None if val_ids is None else (run_forward(model, self.tokenizer_, val_ids, size, precision, "features"), val_y)
         probe = ProbeClassifier(self.backbone, seed=self.train.seed, intercept=not self.backbone_.is_decoder)
-        probe.fit_features(
-            features, y, self.classes_, val=None if val_ids is None else (val_features, val_y), choose_C=True
-        )
-        W, b = lpft_head(probe, counts, self.weighting, self.train.logit_tau)
-        if val_ids is None:
-            return (W, b), None
-        self.probe_val_macro_f1_ = probe.val_macro_f1_
-        return (W, b), macro_f1(val_y, (val_features @ W.T + b).argmax(axis=1), len(self.classes_))
+        probe.fit_features(features, y, self.classes_, val=val, choose_C=True)
+        self.probe_val_macro_f1_ = getattr(probe, "val_macro_f1_", None)
+        return lpft_start(probe, counts, self.weighting, self.train.logit_tau, val)
 
     # -- inference
 
@@ -533,8 +535,8 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_top_k(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """(labels (N, k), probabilities (N, k)), best first, as ``tailtune predict --top-k``."""
-        if not 1 <= k <= len(getattr(self, "classes_", [])) or isinstance(k, bool):
-            _check_fitted(self)
+        _check_fitted(self)
+        if isinstance(k, bool) or not 1 <= k <= len(self.classes_):
             raise TailtuneError(f"k must be between 1 and the {len(self.classes_)} classes, got {k}")
         return top_k(self.predict_proba(texts), self.classes_, k)
 
@@ -579,10 +581,8 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
             return cls._load(path, meta, config)
         except KeyError as exc:
             raise TailtuneError(f"{path / 'tailtune.json'} lacks {exc}; the saved model is damaged") from None
-        except OSError as exc:  # a missing or unreadable file
-            raise TailtuneError(f"could not load the model saved in {path}: {first_line(exc)}") from None
-        except (ValueError, TypeError, SafetensorError) as exc:
-            # peft: "Can't find 'adapter_config.json'"; a torn head.safetensors; a damaged method_config
+        except (OSError, ValueError, TypeError, SafetensorError) as exc:
+            # a missing file; peft's "Can't find 'adapter_config.json'"; a torn head; a damaged method_config
             raise TailtuneError(f"could not load the model saved in {path}: {first_line(exc)}") from None
 
     @classmethod

@@ -462,7 +462,7 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Pat
 
 def prepare_finetune(spec: SystemSpec, ctx: Context, lr: float | None, scheme: str):
     """(classifier, LP-FT head or None, its validation macro-F1, the probe's) of ``spec`` with ``lr``, ``scheme``."""
-    from tailtune.classifier import TextClassifier
+    from tailtune.classifier import TextClassifier, lpft_start
 
     cfg = ctx.cfg
     method_cfg, train_cfg, bb_cfg, _ = spec.configs(cfg)
@@ -471,22 +471,11 @@ def prepare_finetune(spec: SystemSpec, ctx: Context, lr: float | None, scheme: s
         result = ctx.probe(spec.slot)
         probe = result["probe"]
         probe_val_f1 = probe.val_macro_f1_
-        head_init, start_val_f1 = _lpft_start(probe, result["features"]["val"], ctx.data, scheme, cfg.train.logit_tau)
+        counts = np.bincount(ctx.data.y("train"), minlength=len(ctx.data.classes))
+        val = (result["features"]["val"], ctx.data.y("val"))
+        head_init, start_val_f1 = lpft_start(probe, counts, scheme, cfg.train.logit_tau, val)
     clf = TextClassifier(bb_cfg, spec.method, method_cfg, train_cfg, weighting=scheme, lr=lr)
     return clf, head_init, start_val_f1, probe_val_f1
-
-
-def _lpft_start(probe, val_features: np.ndarray, data, scheme: str, tau: float):
-    """The LP-FT head of a system with ``scheme`` (:func:`tailtune.classifier.lpft_head`) and its validation macro-F1."""
-    from tailtune.classifier import lpft_head
-    from tailtune.metrics import macro_f1
-
-    counts = np.bincount(data.y("train"), minlength=len(data.classes))
-    W, b = lpft_head(probe, counts, scheme, tau)
-    if not probe.intercept:
-        return (W, b), probe.val_macro_f1_
-    pred = (val_features @ W.T + b).argmax(axis=1)
-    return (W, b), macro_f1(data.y("val"), pred, len(data.classes))
 
 
 class GuardFailure(Exception):
