@@ -397,6 +397,17 @@ def test_predict_copies_ids_exactly(smoke_run, tmp_path, suffix):
         out = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
         assert out["id"].tolist() == ["1", "", "", "4"]
         assert (out["label"][:3] != "").all() and out["label"][3] == ""
+        # ids (and texts) that first appear after the first chunk were left out of the output
+        source.write_text('{"body": "refund"}\n{"id": 7, "text": "debt"}\n')
+        result = deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv",
+                                     chunk_size=1)
+        assert (result["id_column"], result["text_column"]) == ("id", "text")
+        out = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
+        assert out["id"].tolist() == ["", "7"] and out["label"][0] == "" and out["label"][1] != ""
+        # a first chunk with no id at all set the Parquet file's id type to null, and the next chunk's
+        # ids could not be written into it
+        deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.parquet", chunk_size=1)
+        assert pd.read_parquet(tmp_path / "out.parquet")["id"].fillna("").tolist() == ["", "7"]
 
 
 def test_predict_reads_a_json_document_with_predicts_own_errors(smoke_run, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def assert_same_predictions(ray_dir: Path, local_file: Path, frame: pd.DataFrame
     assert list(out.columns) == [*local.columns, scale.ORDER_KEY]
     assert out[scale.ORDER_KEY].is_unique
     out = out.sort_values(scale.ORDER_KEY).reset_index(drop=True)
-    assert out["Complaint ID"].tolist() == frame["Complaint ID"].tolist()
+    assert out["Complaint ID"].fillna("").tolist() == frame["Complaint ID"].fillna("").tolist()
     labels = [c for c in local.columns if c.startswith("label")]
     pd.testing.assert_frame_equal(out[labels], local[labels])
     for column in [c for c in local.columns if c.startswith("confidence")]:
@@ -294,4 +295,19 @@ def test_predict_command_starts_and_stops_its_own_cluster(scale_run, tmp_path):
     assert result.stdout.startswith("300 rows -> ")
     assert "Ray local cluster: 1 predictor actors, 1 CPU each" in result.stderr
     out = pd.read_parquet(tmp_path / "out").sort_values("order_key")
-    assert out["Complaint ID"].tolist() == frame["Complaint ID"].tolist()
+    assert out["Complaint ID"].fillna("").tolist() == frame["Complaint ID"].fillna("").tolist()
+
+
+def test_ray_finds_an_id_key_that_first_appears_after_the_first_rows(scale_run, ray_session, tmp_path):
+    """JSON lines need not share keys: ids first seen after the rows read for the header were
+    left out of the output."""
+    frame = complaints(300, seed=3)
+    lines = frame.to_json(orient="records", lines=True).splitlines()
+    lines[:100] = [json.dumps({"text": t}) for t in frame["text"][:100]]  # no id key at all
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    system = scale_run / "systems" / "tfidf-logreg"
+    done = scale.predict_ray(system, tmp_path / "in.jsonl", tmp_path / "ray", workers=2, chunk_size=64)
+    local = deploy.predict_file(system, tmp_path / "in.jsonl", tmp_path / "local.parquet")
+    assert done["id_column"] == local["id_column"] == "Complaint ID"
+    expected = frame.assign(**{"Complaint ID": [None] * 100 + frame["Complaint ID"][100:].tolist()})
+    assert_same_predictions(tmp_path / "ray", tmp_path / "local.parquet", expected)

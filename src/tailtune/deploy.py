@@ -810,7 +810,9 @@ def prediction_frame(
         progress(int((~real).sum()))
     out = pd.DataFrame(index=range(len(frame)))
     if id_col is not None:
-        out[id_col] = (frame[id_col] if id_col in frame.columns else missing).astype("string").to_numpy()
+        # a string column even when a chunk has no id at all: an all-missing object column became
+        # Parquet's null type, which the next chunk's (or Ray part's) strings could not join
+        out[id_col] = (frame[id_col] if id_col in frame.columns else missing).astype("string").array
     for i in range(k):
         suffix = "" if i == 0 else f"_{i + 1}"
         out[f"label{suffix}"] = labels[:, i]
@@ -854,7 +856,7 @@ def predict_file(
     "seconds", "output", "text_column", "id_column"}.
     """
     from tailtune.config import DataConfig
-    from tailtune.data import label_series
+    from tailtune.data import READERS, label_series
     from tailtune.rundir import atomic_write
 
     input_path, output_path = Path(input_path), Path(output_path)
@@ -871,6 +873,8 @@ def predict_file(
     if first is None or len(first[0]) == 0:
         raise TailtuneError(f"input file has no rows: {input_path}")
     columns = [str(c) for c in first[0].columns]
+    if READERS.get(input_path.suffix.lower()) == "jsonl" and (text_column is None or id_column is None):
+        columns = _jsonl_keys(input_path, encoding)  # lines need not share keys: look at all of them
     defaults = DataConfig()
     text_col = _pick_column(columns, text_column, (defaults.text_column, "text"), "text")
     id_col = _pick_column(columns, id_column, (defaults.id_column, "id"), "id")
@@ -936,6 +940,17 @@ def predict_file(
         result["unknown_labels"] = dict(sorted(unknown.items(), key=lambda kv: -kv[1]))
         result["accuracy"] = scored[1] / scored[0] if scored[0] else None
     return result
+
+
+def _jsonl_keys(path: Path, encoding: str) -> list[str]:
+    """Every key of a JSON lines file, in order of first appearance.
+
+    Its lines need not share keys, so the id (or text) column is looked for in all of them, not
+    in the first chunk: ids that first appear after it were left out of the output. A pass
+    that only parses is a small cost next to predicting the same rows.
+    """
+    frames, _ = _open_table(path, 65536, encoding)
+    return list(dict.fromkeys(str(c) for frame, _ in frames for c in frame.columns))
 
 
 def _check_label_set(labels, known: set[str], column: str) -> None:

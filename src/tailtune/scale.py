@@ -24,6 +24,7 @@ from pathlib import Path
 from tailtune import rundir
 from tailtune.deploy import (
     ENCODING_HINT,
+    _jsonl_keys,
     _open_table,
     _pick_column,
     load_predictor,
@@ -48,7 +49,11 @@ class _Classify:
     def __call__(self, frame):
         out = prediction_frame(self.predictor, frame, self.text_col, self.id_col, self.k)
         out[ORDER_KEY] = frame[ORDER_KEY].to_numpy()
-        return out
+        import pyarrow as pa
+
+        # converted here, as the local engine converts: Ray's own conversion made a block with
+        # no id at all Parquet's null type, and the folder of parts could not be read back
+        return pa.Table.from_pandas(out, preserve_index=False)
 
 
 def predict_ray(
@@ -117,6 +122,8 @@ def predict_ray(
     if first is None or len(first[0]) == 0:
         raise TailtuneError(f"input file has no rows: {input_path}")
     columns = [str(c) for c in first[0].columns]
+    if kind == "jsonl" and (text_column is None or id_column is None):
+        columns = _jsonl_keys(input_path, encoding)
     from tailtune.config import DataConfig
 
     defaults = DataConfig()
