@@ -408,6 +408,14 @@ def test_predict_copies_ids_exactly(smoke_run, tmp_path, suffix):
         # ids could not be written into it
         deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.parquet", chunk_size=1)
         assert pd.read_parquet(tmp_path / "out.parquet")["id"].fillna("").tolist() == ["", "7"]
+        # true labels: a chunk without the label key had been "label column not found", mid-file
+        test = run_test_texts(smoke_run).iloc[0]
+        source.write_text(json.dumps({"text": "refund"}) + "\n" + json.dumps({"text": test["text"], "Product": test["label"]}))
+        result = deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv",
+                                     chunk_size=1, label_column="Product")
+        expected = deploy.load_predictor(smoke_run / "systems" / "tfidf-logreg").predict([test["text"]])[0]
+        assert result["rows"] == 2 and result["unknown_labels"] == {}
+        assert result["accuracy"] == float(expected == test["label"])
 
 
 def test_predict_reads_a_json_document_with_predicts_own_errors(smoke_run, tmp_path):

@@ -873,13 +873,18 @@ def predict_file(
     if first is None or len(first[0]) == 0:
         raise TailtuneError(f"input file has no rows: {input_path}")
     columns = [str(c) for c in first[0].columns]
-    if READERS.get(input_path.suffix.lower()) == "jsonl" and (text_column is None or id_column is None):
+    if READERS.get(input_path.suffix.lower()) == "jsonl" and (
+        text_column is None or id_column is None or label_column is not None
+    ):
         columns = _jsonl_keys(input_path, encoding)  # lines need not share keys: look at all of them
     defaults = DataConfig()
     text_col = _pick_column(columns, text_column, (defaults.text_column, "text"), "text")
     id_col = _pick_column(columns, id_column, (defaults.id_column, "id"), "id")
 
     def truth_of(frame):
+        # a chunk of JSON lines without the label key has no labels (it was "column not found",
+        # after the chunks before it had been predicted)
+        frame = frame.reindex(columns=[*frame.columns, *(c for c in columns if c not in frame.columns)])
         return label_series(frame, label_column).fillna("").str.strip()
 
     if label_column is not None:
