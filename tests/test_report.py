@@ -810,3 +810,127 @@ def test_tier_ticks_count_classes_in_words():
     assert _tier_tick(run, "head") == "head\n1 class, 41 train"  # was "1 classes, 41\u201341 train"
     assert _tier_tick(run, "rare") == "rare\n2 classes, 5\u20139 train"
     assert _tier_tick(run, "none") == "none\nno classes"
+
+
+def _analysed(tmp_path, **kw):
+    from tailtune.report import analyse, load_run
+
+    run = load_run(write_fake_run(tmp_path / "run", **kw))
+    return run, analyse(run, n_boot=N_BOOT, seed=0)
+
+
+def test_cascade_rows_send_low_confidence_encoder_rows_to_the_decoder(tmp_path):
+    from tailtune.metrics import macro_f1
+    from tailtune.report import CASCADE_THRESHOLDS, _cascade, fmt_pct
+
+    run, an = _analysed(tmp_path)
+    table, best_row = _cascade(run, an)
+    y, conf = run.y_true, run.confidence[an.enc.name]
+    enc, dec = run.preds[an.enc.name], run.preds[an.dec.name]
+    ms = {s: b["ms_per_example"] for s, b in run.bench["systems"].items()}
+    f1s = []
+    for t, row in zip(CASCADE_THRESHOLDS, table.rows, strict=False):
+        routed = conf < t  # the encoder is unsure: the decoder answers
+        f1s.append(macro_f1(y, np.where(routed, dec, enc), len(run.labels)))
+        assert row[0].text == f"below {t:.1f}"
+        assert row[1].text == fmt_pct(routed.mean())
+        assert row[2].text == fmt_metric(f1s[-1])
+        assert row[3].text == f"{ms[an.enc.name] + routed.mean() * ms[an.dec.name]:.2f}"
+    assert len(set(f1s)) > 1  # the thresholds differ, so the choice below means something
+    top = int(np.argmax(f1s))
+    expected = CASCADE_THRESHOLDS[top] if f1s[top] > an.enc.macro_f1 else None
+    assert (best_row and best_row["t"]) == expected
+
+
+def test_fewest_zero_f1_classes_is_the_highlighted_cell(tmp_path):
+    from tailtune.report import _zero_f1_table, section_systems
+
+    run, an = _analysed(tmp_path)
+    zero = [s.value("zero_f1_classes") for s in run.systems]
+    assert len(set(zero)) > 1
+    table = section_systems(run, an).blocks[0]
+    col = table.header.index("zero-F1 classes")
+    assert [row[col].best for row in table.rows] == [z == min(zero) for z in zero]
+    overall = _zero_f1_table(run, run.ok_systems).rows[-1]  # the "all" row
+    assert [c.best for c in overall[2:]] == [z == min(zero) for z in zero]
+
+
+def test_the_tier_gap_is_common_minus_rare(tmp_path):
+    from tailtune.report import _tier_prose
+
+    run, _ = _analysed(tmp_path)
+    s = next(x for x in run.ok_systems if x.name == "encoder-lora")
+    first, last = run.tier_names[0], run.tier_names[-1]
+    gap = s.tier_f1(last) - s.tier_f1(first)
+    assert gap > 0  # the fake systems are better on common classes
+    text = str(_tier_prose(run, [s]))
+    assert f"The {last} tier scores {fmt_metric(gap)} macro-F1 more than the {first} tier." in text
+
+
+def test_gained_most_lists_classes_the_weighted_system_scores_higher(tmp_path):
+    from tailtune.report import _gain_loss_tables
+
+    run, _ = _analysed(tmp_path)
+    systems = {s.name: s for s in run.ok_systems}
+    gains, losses = _gain_loss_tables(systems["encoder-lora"], systems["encoder-lora-weighted"])
+    for table, sign in ((gains, 1), (losses, -1)):
+        assert table.rows
+        for row in table.rows:
+            base, weighted, delta = (float(c.text) for c in row[4:7])
+            assert sign * (weighted - base) > 0 and delta == pytest.approx(weighted - base, abs=1.5e-3)
+
+
+def test_predictions_are_paired_by_id_not_by_row_order(tmp_path):
+    from tailtune.report import load_run
+
+    path = write_fake_run(tmp_path / "run")
+    before = load_run(path).preds["decoder-lora"]
+    file = path / "systems" / "decoder-lora" / "predictions.csv"
+    frame = pd.read_csv(file)
+    frame.iloc[::-1].to_csv(file, index=False)  # the same rows, another order
+    np.testing.assert_array_equal(load_run(path).preds["decoder-lora"], before)
+
+
+def test_weighting_pairs_are_weighted_minus_unweighted_in_accuracy_and_macro_f1(tmp_path):
+    run, an = _analysed(tmp_path)
+    assert an.weighting
+    for pair in an.weighting:
+        base, w = pair["base"], pair["weighted"]
+        assert pair["macro"]["diff"] == pytest.approx(w.macro_f1 - base.macro_f1)
+        assert pair["accuracy"]["diff"] == pytest.approx(w.value("accuracy") - base.value("accuracy"))
+        assert pair["accuracy"]["diff"] != 0
+
+
+def test_encoder_decoder_tables_put_each_system_in_its_own_column(tmp_path):
+    from tailtune.report import _disagreement_table, _enc_dec_tier_table, _joined_per_class
+
+    run, an = _analysed(tmp_path)
+    for row in _enc_dec_tier_table(run, an).rows:
+        tier = None if "all classes" in str(row[0].text) else row[0].text
+        enc, dec = (an.enc.tier_f1(tier), an.dec.tier_f1(tier)) if tier else (an.enc.macro_f1, an.dec.macro_f1)
+        assert (row[2].text, row[3].text) == (fmt_metric(enc), fmt_metric(dec))
+        assert enc != dec
+    joined = _joined_per_class(an.enc, an.dec, ("enc", "dec"))
+    rows = _disagreement_table(an, joined).rows
+    assert rows
+    for row in rows:
+        enc, dec, delta = (float(c.text) for c in row[4:7])
+        assert delta == pytest.approx(dec - enc, abs=1.5e-3)
+        assert row[7].text == ("decoder" if dec > enc else "encoder")
+
+
+def test_weighting_tables_show_weighted_minus_unweighted(tmp_path):
+    from tailtune.report import Table, fmt_delta, section_weighting
+
+    run, an = _analysed(tmp_path)
+    tables = [b for b in section_weighting(run, an).blocks
+              if isinstance(b, Table) and "95% paired CI of \u0394" in b.header]
+    assert len(tables) == len(an.weighting) >= 1
+    for table, pair in zip(tables, an.weighting, strict=True):
+        base, w = pair["base"], pair["weighted"]
+        rows = {str(r[0].text): r for r in table.rows}
+        assert rows["macro-F1, all classes"][3].text == fmt_delta(w.macro_f1 - base.macro_f1)
+        assert rows["accuracy"][3].text == fmt_delta(w.value("accuracy") - base.value("accuracy"))
+        zero = w.value("zero_f1_classes") - base.value("zero_f1_classes")
+        assert rows["zero-F1 classes"][3].text == f"{zero:+d}"
+        assert w.macro_f1 != base.macro_f1

@@ -129,3 +129,27 @@ def test_sweep_points_share_one_load_of_the_base_and_of_the_tokenised_splits(tmp
     after = pd.read_csv(two / "systems" / "encoder-lora@rank=2" / "predictions.csv")
     pd.testing.assert_frame_equal(solo, after)
     assert (pd.read_csv(two / "comparison.csv")["status"] == "ok").all()
+
+
+def test_an_axis_given_twice_is_refused():
+    # the second list silently replaced the first: method.rank=4 method.rank=16 swept rank 16 only
+    with pytest.raises(TailtuneError, match=re.escape("sweep axis 'method.rank' given twice")):
+        parse_args(["method.rank=4,8", "method.rank=16"])
+
+
+def test_the_swept_config_goes_beside_the_presets_run_unless_told_where():
+    cfg = load_config("smoke", ["systems=[tfidf-logreg,encoder-lora]"])
+    axes, _ = parse_args(["method.rank=4,16"])
+    assert sweep_config(cfg, axes).out == f"{cfg.out}-sweep"  # never into the plain run's directory
+    assert sweep_config(cfg, axes, "elsewhere").out == "elsewhere"
+
+
+def test_the_swept_config_is_validated_as_a_whole():
+    # a tune.chosen entry for the plain system no longer names a system of the sweep
+    cfg = load_config("smoke", [
+        "systems=[tfidf-logreg,encoder-lora]",
+        "tune.chosen=[{system: encoder-lora, lr: 0.001, weighting: none, val_macro_f1: 0.5}]",
+    ])
+    axes, _ = parse_args(["method.rank=4,16"])
+    with pytest.raises(TailtuneError, match="tune.chosen names 'encoder-lora', which is not in systems"):
+        sweep_config(cfg, axes)

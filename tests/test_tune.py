@@ -118,3 +118,96 @@ def test_a_config_with_chosen_values_trains_with_them_without_searching(tmp_path
     assert (system["lr"], system["weighting"]) == (5e-4, "logit_adjusted")
     tailtune("report", out, check=True)
     assert "lr 0.0005 (tuned)" in (out / "report.html").read_text()
+
+
+def test_the_subset_depends_on_the_seed():
+    y = np.repeat(np.arange(4), [600, 300, 90, 3])
+    assert not np.array_equal(subset(y, 100, seed=0), subset(y, 100, seed=1))
+
+
+def _tiny_prepared():
+    import pandas as pd
+
+    from tailtune.data import Prepared
+
+    classes = ["a", "b", "c"]
+    train = ["a"] * 30 + ["b"] * 8 + ["c"] * 2
+    rows = [(f"t{i}", f"train text {i}", c, "train") for i, c in enumerate(train)]
+    rows += [(f"v{i}", f"val text {i}", c, "val") for i, c in enumerate(classes)]
+    frame = pd.DataFrame(rows, columns=["id", "text", "label", "split"])
+    frame["y"] = frame["label"].map({c: i for i, c in enumerate(classes)})
+    return Prepared(frame, classes, np.array([30, 8, 2]), ["common", "mid", "rare"], ["rare", "mid", "common"],
+                    summary={"splits": {"train": 40, "val": 3, "test": 0}})
+
+
+def test_a_trial_trains_on_the_subset_for_tune_epochs_and_scores_its_best_epoch(monkeypatch):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from tailtune import systems, tune
+
+    cfg = load_config("smoke")
+    assert cfg.tune.epochs != cfg.train.epochs
+    data = _tiny_prepared()
+    seen = {}
+
+    @dataclasses.dataclass
+    class Recipe:
+        epochs: object
+
+    class FakeClassifier:
+        def __init__(self):
+            self.train, self.backbone = Recipe(cfg.train.epochs), Recipe(7)
+
+        def fit(self, texts, labels, **kw):
+            seen.update(texts=texts, labels=labels, epochs=self.train.epochs, backbone_epochs=self.backbone.epochs, **kw)
+            self.history_ = {"evals": [{"val_macro_f1": 0.2}, {"val_macro_f1": 0.6}, {"val_macro_f1": 0.4}]}
+
+    def prepare(spec, ctx, lr, scheme):
+        seen["prepared"] = (spec.name, lr, scheme)
+        return FakeClassifier(), "probe head", None, None
+
+    monkeypatch.setattr(systems, "prepare_finetune", prepare)
+    ctx = SimpleNamespace(cfg=cfg, data=data, console=None, backbone=lambda slot: f"{slot} backbone")
+    rows = np.array([0, 5, 31, 39])
+    f1 = tune._trial(parse_system("encoder-lora"), ctx, 2e-3, "inverse", rows)
+    assert f1 == 0.6  # the best epoch's score, not the last one's (0.4)
+    assert seen["prepared"] == ("encoder-lora", 2e-3, "inverse")
+    train = data.split("train")
+    assert seen["texts"] == train["text"].iloc[rows].tolist()  # the stratified subset only
+    assert seen["labels"] == ["a", "a", "b", "c"]
+    assert seen["epochs"] == cfg.tune.epochs and seen["backbone_epochs"] is None
+    assert seen["head_init"] == "probe head" and seen["backbone"] == "encoder backbone"
+    assert seen["val_labels"] == ["a", "b", "c"]
+
+
+def test_search_takes_the_best_trial_first_on_ties_and_retrains_only_for_another_setup(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tailtune import tune
+
+    score = {(1e-3, "none"): 0.40, (5e-4, "none"): 0.55, (2e-3, "none"): 0.70, (1e-3, "inverse"): 0.70}
+    calls = []
+    monkeypatch.setattr(tune, "grid", lambda spec, cfg: list(score))
+
+    def trial(spec, ctx, lr, scheme, rows):
+        calls.append((lr, scheme))
+        return score[(lr, scheme)]
+
+    monkeypatch.setattr(tune, "_trial", trial)
+    data = _tiny_prepared()
+    spec = parse_system("encoder-lora-weighted")
+    cfg = load_config("smoke")
+    ctx = SimpleNamespace(cfg=cfg, data=data, console=None)
+    (choice,) = tune.search(cfg, [parse_system("tfidf-logreg"), spec], ctx, tmp_path)
+    # 0.70 twice: the earlier grid point wins; the chosen score is the chosen trial's
+    assert (choice.system, choice.lr, choice.weighting, choice.val_macro_f1) == (spec.name, 2e-3, "none", 0.7)
+    assert sorted(calls) == sorted(score)
+    stored = json.loads((tmp_path / "tune.json").read_text())["trials"].values()
+    assert {(t["lr"], t["weighting"]): t["val_macro_f1"] for t in stored} == score
+    # a rerun reads every trial back
+    assert tune.search(cfg, [spec], ctx, tmp_path) == [choice] and len(calls) == 4
+    # another tune.epochs is another setup: its trials are trained, not read back
+    longer = load_config("smoke", ["tune.epochs=2"])
+    tune.search(longer, [spec], SimpleNamespace(cfg=longer, data=data, console=None), tmp_path)
+    assert len(calls) == 8
