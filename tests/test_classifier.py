@@ -450,8 +450,8 @@ def test_fit_takes_any_iterable_of_texts():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"train": TrainConfig(epochs=0)}, r"train: epochs > 0"),
-        ({"train": TrainConfig(lr=-1.0)}, r"lr >= 0"),
+        ({"train": TrainConfig(epochs=0)}, r"train.epochs must be a number > 0, got 0"),
+        ({"train": TrainConfig(lr=-1.0)}, r"train.lr must be a number >= 0, got -1.0"),
         ({"train": TrainConfig(head_init="zeros")}, "train.head_init must be one of"),
         ({"backbone": BackboneConfig(name="tiny:bert", pooling="max")}, "backbone.pooling must be one of"),
         ({"weighting": "bogus"}, "unknown class weighting 'bogus'"),

@@ -148,6 +148,9 @@ def test_fp16_without_a_gpu(tmp_path, small_csv):
     out = tmp_path / "run"
     assert_error(run_smoke(small_csv, out, "train.precision=fp16", systems="encoder-lora"), out,
                  "fp16 needs a CUDA GPU")
+    # also in a run with no fine-tuning: its config.yaml kept fp16, and systems trained into it later got it
+    assert_error(run_smoke(small_csv, out, "train.precision=fp16", systems="tfidf-logreg"), out,
+                 "fp16 needs a CUDA GPU")
 
 
 def _t4(monkeypatch):

@@ -129,7 +129,8 @@ def test_split_seeds_bad_input_is_one_line(split_run, tmp_path):
     cases = [
         (["--out", tmp_path / "a", "--split-seeds", "0,0"], "lists a seed twice"),
         (["--out", out / "seed-0", "--split-seeds", "0,1"], "holds a single run"),
-        (["--out", out, "--split-seeds", "0,1", "train.epochs=9"], "holds a run with a different config"),
+        (["--out", out, "--split-seeds", "0,1", "train.epochs=9"],
+         "holds split seeds run with a different config (seed-0: train.epochs: 2.0 in the run, 9.0 now)"),
     ]
     for args, message in cases:
         result = tailtune("run", "smoke", f"systems={SYSTEMS}", *args, "--no-report")
@@ -152,3 +153,26 @@ def test_split_seeds_with_tune_tune_each_seed(tmp_path):
         chosen = yaml.safe_load((run / "config.yaml").read_text())["tune"]["chosen"]
         assert [c["system"] for c in chosen] == ["encoder-lora"]
     assert set(pd.read_csv(out / PER_SEED)["seed"]) == {0, 1}
+
+
+def test_seeds_paired_counts_only_seeds_where_the_reference_finished_too():
+    frame = pd.DataFrame(
+        [
+            ("base", 0, "ok", 0.70, 0.40, 3),
+            ("base", 1, "failed", np.nan, np.nan, np.nan),
+            ("ft", 0, "ok", 0.80, 0.50, 1),
+            ("ft", 1, "ok", 0.78, 0.42, 2),
+        ],
+        columns=["system", "seed", "status", "accuracy", "macro_f1", "zero_f1_classes"],
+    )
+    s = summarise(frame, "base").set_index("system")
+    # ft finished on both seeds, but only seed 0 has a reference to pair with
+    assert (s.loc["ft", "finished"], s.loc["ft", "seeds_paired"]) == (2, 1)
+    assert s.loc["ft", "macro_f1_diff_mean"] == pytest.approx(0.10)
+    assert np.isnan(s.loc["ft", "macro_f1_diff_sd"]) and s.loc["ft", "seeds_higher"] == 1
+
+
+def test_the_largest_seed_is_accepted():
+    from tailtune.config import MAX_SEED
+
+    assert parse_seeds(f"0,{MAX_SEED}") == [0, MAX_SEED]

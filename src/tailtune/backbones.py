@@ -93,17 +93,71 @@ class Backbone:
             "model_type": self.model_type,
             "kind": "decoder" if self.is_decoder else "encoder",
             "pooling": self.pooling,
+            "weights": weights_digest(self.path),
         }
 
     @classmethod
     def from_saved(cls, saved: dict, pooling: str, *, weights: bool = True) -> Backbone:
         """The backbone a saved model recorded (``describe()``), resolved again if its folder is
-        gone. ``weights=False``: the saved model holds the whole backbone, so the folder may be gone."""
+        gone. ``weights=False``: the saved model holds the whole backbone, so the folder may be gone.
+
+        An adapter or head is only right on the weights it was trained on: when the model recorded
+        their digest and the folder now holds others, it is an error, not predictions that no
+        longer match the run's.
+        """
         backbone = cls(
             spec=saved["spec"], path=saved["path"], model_type=saved["model_type"],
             is_decoder=saved["kind"] == "decoder", pooling=pooling,
         )
-        return backbone if not weights or Path(backbone.path).exists() else resolve(saved["spec"])
+        if not weights:
+            return backbone
+        if not Path(backbone.path).exists():
+            backbone = resolve(saved["spec"])
+        recorded, now = saved.get("weights"), weights_digest(backbone.path)
+        if recorded is not None and now is not None and recorded != now:
+            raise TailtuneError(
+                f"the backbone in {backbone.path} has changed since this model was trained on it "
+                f"(weights {now}, trained on {recorded}); restore those weights, or train again"
+            )
+        return backbone
+
+
+# what a model folder holds that from_pretrained reads: weights, config, tokenizer (not README.md)
+_MODEL_SUFFIXES = {".json", ".safetensors", ".bin", ".pt", ".pth", ".txt", ".model", ".tiktoken"}
+_DIGESTS: dict[tuple, str] = {}
+
+
+def weights_digest(path: str) -> str | None:
+    """Short content digest of the model files at the top of the local folder ``path``, or
+    ``hub:<commit>`` of a hub id's cached snapshot; None when neither can be read.
+
+    Runs and saved models record it, so that weights changed in place (a folder overwritten, a
+    hub model updated) are found instead of mixing results of two models. Hashed once per
+    process while the files' sizes and times stay the same (about 1 s per GB).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return _hub_commit(path)
+    files = sorted(p for p in folder.iterdir() if p.suffix in _MODEL_SUFFIXES and p.is_file())
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = (str(folder.resolve()), tuple(stats))
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        for p in files:
+            with open(p, "rb") as f:
+                digest.update(p.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+        _DIGESTS[key] = digest.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
+def _hub_commit(repo: str) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, "config.json")
+    except Exception:  # not a valid repo id: nothing to record
+        return None
+    return f"hub:{Path(found).parent.name}" if isinstance(found, str) else None
 
 
 def quiet_transformers() -> None:

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 from rich.markup import escape
 
+from tailtune import rundir
 from tailtune.errors import TailtuneError
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
@@ -301,6 +302,15 @@ def sample_texts(
 
     cfg = load_config(str(Path(run_dir) / "config.yaml"))
     prepared = prepare(cfg.data)
+    try:
+        made_on = rundir.read_json(Path(run_dir) / "data.json").get("fingerprint")
+    except (OSError, ValueError):
+        made_on = None
+    if made_on is not None and made_on != prepared.summary["fingerprint"]:  # other texts, other accuracy
+        raise TailtuneError(
+            f"{prepared.summary['source']} has changed since the run {run_dir} was made on it (rows, texts, "
+            "labels or split); restore the data the run was made with, so that its test texts are timed"
+        )
     frame = prepared.frame if split is None else prepared.split(split)
     if len(frame) > max_texts:
         frame = frame.sample(n=max_texts, random_state=seed)

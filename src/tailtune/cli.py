@@ -172,7 +172,7 @@ def _launch(config, overrides, data, label_column, text_column, out, systems, re
     )
     seeds = parse_seeds(split_seeds) if split_seeds is not None else None
     if seeds:
-        check_out(Path(cfg.out))
+        check_out(Path(cfg.out), cfg)
     code = relaunch(processes)  # checked the config first: one error line, not one per process
     if code is not None:
         if code == 0:

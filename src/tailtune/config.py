@@ -449,12 +449,19 @@ def check_method(m: MethodConfig, who: str = "", key: str = "method.") -> None:
             )
 
 
+def _at_least(key: str, value, low, *, above: bool = False) -> None:
+    """``key`` must be a finite number >= ``low`` (> with ``above``); NaN and inf fail too."""
+    if not ((low < value) if above else (low <= value)) or not value < math.inf:
+        raise TailtuneError(f"{key} must be a number {'>' if above else '>='} {low:g}, got {value}")
+
+
 def check_backbone(bb: BackboneConfig, slot: str) -> None:
     """The rules for one backbone section (``slot``: encoder, decoder; the library says backbone)."""
     if bb.pooling not in POOLINGS:
         raise TailtuneError(f"{slot}.pooling must be one of {', '.join(POOLINGS)}")
-    if bb.max_length < 8 or bb.batch_size < 1 or bb.eval_batch_size < 1:
-        raise TailtuneError(f"{slot}: max_length >= 8 and batch sizes >= 1 are required")
+    _at_least(f"{slot}.max_length", bb.max_length, 8)
+    _at_least(f"{slot}.batch_size", bb.batch_size, 1)
+    _at_least(f"{slot}.eval_batch_size", bb.eval_batch_size, 1)
     if bb.epochs is not None and not 0 < bb.epochs < math.inf:
         raise TailtuneError(f"{slot}.epochs must be > 0 (or null for train.epochs)")
     if bb.lr is not None and not 0 <= bb.lr < math.inf:
@@ -475,10 +482,11 @@ def check_train(t: TrainConfig) -> None:
     if not 0 < t.logit_tau <= MAX_LOGIT_TAU:
         # tau * log prior overflowed float32 far above this: the run failed its padding check with "nan"
         raise TailtuneError(f"train.logit_tau must be in (0, {MAX_LOGIT_TAU:g}] (Menon et al. use 1)")
-    # written as ranges so that NaN and inf fail them too
-    rates_ok = 0 < t.epochs < math.inf and 0 <= t.lr < math.inf and 0 <= t.head_lr < math.inf
-    if not rates_ok or t.grad_accum < 1 or t.eval_per_epoch < 1:
-        raise TailtuneError("train: epochs > 0, lr >= 0, grad_accum >= 1, eval_per_epoch >= 1")
+    _at_least("train.epochs", t.epochs, 0, above=True)
+    _at_least("train.lr", t.lr, 0)
+    _at_least("train.head_lr", t.head_lr, 0)
+    _at_least("train.grad_accum", t.grad_accum, 1)
+    _at_least("train.eval_per_epoch", t.eval_per_epoch, 1)
     if t.early_stopping_patience < 1:
         raise TailtuneError("train.early_stopping_patience must be >= 1 (evaluations without a gain before stopping)")
     if t.checkpoint_every < 0:
@@ -545,8 +553,9 @@ def validate(cfg: Config) -> None:
                 raise TailtuneError(f"{where}lr and head_lr must be >= 0")
     if cfg.tfidf.class_weight not in (None, "balanced"):
         raise TailtuneError("tfidf.class_weight must be null or 'balanced'")
-    if not 0 < cfg.tfidf.C < math.inf or cfg.tfidf.max_features < 1 or cfg.tfidf.ngram_max < 1:
-        raise TailtuneError("tfidf: C > 0, max_features >= 1 and ngram_max >= 1 are required")
+    _at_least("tfidf.C", cfg.tfidf.C, 0, above=True)
+    _at_least("tfidf.max_features", cfg.tfidf.max_features, 1)
+    _at_least("tfidf.ngram_max", cfg.tfidf.ngram_max, 1)
     if cfg.eval.n_boot < 10:
         raise TailtuneError("eval.n_boot must be >= 10")
     tune = cfg.tune
@@ -556,8 +565,8 @@ def validate(cfg: Config) -> None:
         raise TailtuneError("tune.weightings must name at least one weighting")
     for scheme in tune.weightings:
         weighting.check(scheme)
-    if tune.max_rows < 2 or not 0 < tune.epochs < math.inf:
-        raise TailtuneError("tune.max_rows must be >= 2 and tune.epochs > 0")
+    _at_least("tune.max_rows", tune.max_rows, 2)
+    _at_least("tune.epochs", tune.epochs, 0, above=True)
     for choice in tune.chosen:
         if choice.system not in cfg.systems:
             raise TailtuneError(f"tune.chosen names '{choice.system}', which is not in systems")

@@ -259,6 +259,13 @@ def load_run(run_dir: str | Path) -> Run:
                 na_values={"confidence": ["", "nan", "NaN"]},
             )
         systems.append(system)
+    versions = {json.dumps(s.metrics["versions"], sort_keys=True) for s in systems
+                if isinstance(s.metrics, dict) and isinstance(s.metrics.get("versions"), dict)}
+    if len(versions) > 1:  # a run resumed after an upgrade
+        problems.append(
+            "the systems were trained with different library versions (see where the numbers come "
+            "from); train the older ones again for a like-for-like comparison"
+        )
 
     tiers = data.get("tiers") or {}
     tier_classes = tiers.get("classes") or {}
@@ -991,11 +998,10 @@ def section_summary(run: Run, an: Analysis) -> Section:
             )
         )
     items.append(Markup("Recommendation (section 4): {}").format(_decide(run, an)[0]))
-    failed = [s for s in run.systems if s.status != "ok"]
-    if failed:
-        items.append(
-            Markup("Failed: {} (reasons in table 1).").format(", ".join(s.name for s in failed))
-        )
+    for status in ("failed", "missing"):
+        names = [s.name for s in run.systems if s.status == status]
+        if names:
+            items.append(Markup("{}: {} (reasons in table 1).").format(status.capitalize(), ", ".join(names)))
     items.append(
         f"{len(ok)} of {len(run.systems)} systems have results; "
         + ("bench.json is present." if run.bench else "bench.json is missing (no latency numbers).")
@@ -1971,8 +1977,9 @@ def _bench_tables(run: Run, bench: dict) -> list[Any]:
             + ". The variant is the one tailtune predict runs by default for each system (merged "
             "weights; bf16 only on hardware with native bf16), and serve for a system alone on its "
             "base; LoRA systems that share a base are served unmerged (the unmerged rows below). "
-            "Peak memory is the growth of one process that loads the systems one after another, so "
-            "a later system can show less than it needs alone; bench one system for its own number.",
+            "Peak memory is the resident-memory growth of a fresh process that loads the system "
+            "and classifies the texts once (peak allocated memory on a GPU), after the libraries "
+            "every system needs are imported.",
         )
     ]
     variant_rows = [
@@ -2509,6 +2516,14 @@ def section_machine(run: Run) -> Section:
                 ),
             ]
         )
+    trained_with: dict[str, list[str]] = {}
+    for s in run.systems:
+        if isinstance(s.metrics, dict) and isinstance(s.metrics.get("versions"), dict):
+            text = ", ".join(f"{k} {v}" for k, v in s.metrics["versions"].items() if v)
+            trained_with.setdefault(text, []).append(s.name)
+    for text, names in trained_with.items():
+        sub = "all systems" if len(trained_with) == 1 else "used by " + ", ".join(names)
+        rows.append([Cell("trained with"), Cell(text, sub=sub)])
     rows.append(
         [
             Cell("report built by"),

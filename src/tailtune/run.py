@@ -71,8 +71,9 @@ def _preflight(cfg: Config, names: list[str], console):
     with console.status("reading and cleaning data..."):
         prepared = data_lib.prepare(cfg.data)
     preflight.check_splits(prepared, specs)
-    if any(s.kind == "finetune" for s in specs):
-        resolve_precision(cfg.train.precision)
+    # every run: a TF-IDF-only run saved train.precision=fp16 on a CPU machine, and systems
+    # trained into it later inherited it
+    resolve_precision(cfg.train.precision)
     return specs, prepared
 
 
@@ -168,6 +169,38 @@ def _check_same_data(out: Path, summary: dict) -> None:
         )
 
 
+def _check_same_weights(out: Path, summary: dict) -> None:
+    """Refuse to resume ``out`` when a backbone's weights are not those its systems used.
+
+    The config names a backbone (a folder, a hub id), not its weights: weights overwritten in
+    place were mixed into one comparison with systems trained on the old ones, and the run's
+    cached features and checkpoints were reused on the new ones.
+    """
+    try:
+        before = rundir.read_json(out / "data.json").get("weights") or {}
+    except (OSError, ValueError):
+        return
+    for slot, now in summary.get("weights", {}).items():
+        if before.get(slot) is not None and now is not None and before[slot] != now:
+            raise TailtuneError(
+                f"{out} holds a run made with other {slot} weights: {summary['truncation'][slot]['backbone']} "
+                f"has changed since (digest {now}, the run's {before[slot]}); choose another --out, or "
+                "restore the weights the run was made with"
+            )
+
+
+def _merged_summary(out: Path, summary: dict) -> dict:
+    """``summary`` with the backbone entries of ``out``'s data.json that this process did not
+    check (``tailtune train`` of one system sees only that system's backbones)."""
+    try:
+        before = rundir.read_json(out / "data.json")
+    except (OSError, ValueError):
+        return summary
+    if before.get("fingerprint") != summary["fingerprint"]:
+        return summary
+    return {**summary, **{key: {**before.get(key, {}), **summary.get(key, {})} for key in ("truncation", "weights")}}
+
+
 def _joined(saved: Config | None, cfg: Config) -> Config:
     """``cfg`` as the config of the run ``saved`` holds: the run's systems first, then the new
     ones; and what ``--tune`` chose for systems ``cfg`` has no choice for."""
@@ -199,7 +232,9 @@ def _comparison(out: Path, n_test: int) -> pd.DataFrame:
 
     Built from the files rather than from what this process trained, so that a run several
     processes fill (one ``tailtune train`` job per system) ends with every finished system,
-    whichever process writes it last. A system nobody has trained yet has no row.
+    whichever process writes it last. A system of the config with no finished folder (not
+    trained yet, or a file of it deleted since) has a ``missing`` row: it was left out, and a
+    report without the run's best system said nothing of it.
     """
     systems = (_saved_config(out / "config.yaml") or Config()).systems
     rows = []
@@ -211,6 +246,9 @@ def _comparison(out: Path, n_test: int) -> pd.DataFrame:
             reason = failed / "reason.txt"
             rows.append(_row(name, "failed", {}, reason.read_text(encoding="utf-8") if reason.exists()
                              else f"failed; see {failed / 'error.txt'}"))
+        else:
+            rows.append(_row(name, "missing", {}, f"no finished results in {out / 'systems' / name} (not "
+                             "trained yet, or a file of it deleted or cut); train it with this run's command"))
     frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     # counts stay whole numbers when a failed system leaves them empty (not 6.0, 10912.0)
     return frame.astype({c: "Int64" for c in ("zero_f1_classes", "trainable_params", "total_params")})
@@ -222,7 +260,7 @@ def failed_systems(run_dir: Path, names: list[str]) -> list[str]:
     if not path.exists():
         return []
     comparison = pd.read_csv(path)
-    return [name for name in comparison.loc[comparison["status"] != "ok", "system"] if name in names]
+    return [name for name in comparison.loc[comparison["status"] == "failed", "system"] if name in names]
 
 
 def check_finished_run(run_dir: Path) -> None:
@@ -326,6 +364,8 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
     ctx = Context(cfg, data, console, out / "cache")
     with dist.main_process_first():  # the main process fills the backbone cache, the others read it
         check_backbones(ctx, specs)  # resolves (and converts GGUF) before the directory exists
+    if saved is not None:
+        _check_same_weights(out, data.summary)
     _print_data(console, data)
 
     created = not out.exists()
@@ -333,12 +373,17 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
         if main:
             out.mkdir(parents=True, exist_ok=True)
             if (out / "config.yaml").exists():  # hold first: a refused command leaves the run as it was
-                _hold(out, specs, held)
-                cfg = ctx.cfg = _save_config(out, cfg, keep_others=named_only)
+                made = _hold(out, specs, held)
+                try:
+                    cfg = ctx.cfg = _save_config(out, cfg, keep_others=named_only)
+                except TailtuneError:
+                    _remove_empty(made)  # e.g. a system the run has under another spelling
+                    raise
             else:  # a new run directory holds a config before anything else
                 cfg = ctx.cfg = _save_config(out, cfg, keep_others=named_only)
                 _hold(out, specs, held)
-            rundir.write_json(out / "data.json", data.summary)
+            with rundir.locked(out):
+                rundir.write_json(out / "data.json", _merged_summary(out, data.summary))
     except OSError:
         if created:  # e.g. disk full: leave no run directory that holds no run
             shutil.rmtree(out, ignore_errors=True)
@@ -387,6 +432,7 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
                 train_seconds=round(outcome.train_seconds, 2),
                 system=_describe(spec, cfg, outcome),
                 warnings=outcome.warnings,
+                versions=library_versions(),
             )
             rundir.write_json(tmp / "metrics.json", metrics)
             rundir.write_csv(tmp / "per_class.csv", per_class)
@@ -432,8 +478,9 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
     return out
 
 
-def _hold(out: Path, specs, held: contextlib.ExitStack) -> None:
-    """Lock each system's work folder for this process, or refuse when another process has it.
+def _hold(out: Path, specs, held: contextlib.ExitStack) -> list[Path]:
+    """Lock each system's work folder for this process, or refuse when another process has it;
+    the folders it made.
 
     Taken before the run decides what is finished: a system whose lock this process gets is
     either finished or in nobody else's hands, never half-trained by another job.
@@ -445,13 +492,18 @@ def _hold(out: Path, specs, held: contextlib.ExitStack) -> None:
             partial.mkdir(parents=True)
             made.append(partial)
         if not held.enter_context(rundir.locked(partial, wait=False)):
-            for folder in made:  # nothing of this command stays behind
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+            _remove_empty(made)  # nothing of this command stays behind
             raise TailtuneError(
                 f"another tailtune process is training {spec.name} in {out}; let it finish, "
                 f"or leave {spec.name} out of this command"
             )
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _tuned(cfg: Config, specs, ctx, out: Path) -> Config:
@@ -488,6 +540,23 @@ def _record_failure(out: Path, name: str, exc: BaseException, reason: str) -> No
     where.mkdir(parents=True, exist_ok=True)
     rundir.write_text(where / "error.txt", "".join(traceback.format_exception(exc)))
     rundir.write_text(where / "reason.txt", reason)
+
+
+def library_versions() -> dict:
+    """The versions a system was trained with (metrics.json): a run resumed after an upgrade
+    holds systems of two versions, and the report says so."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from tailtune import __version__
+
+    found = {"tailtune": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "scikit-learn"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _describe(spec, cfg: Config, outcome) -> dict:
@@ -560,7 +629,7 @@ def _print_comparison(console, comparison: pd.DataFrame) -> None:
         if isinstance(r.note, str) and r.note:
             notes.append(f"[{'red' if r.status != 'ok' else 'yellow'}]{escape(r.system)}:[/] {escape(r.note)}")
         if r.status != "ok":
-            table.add_row(escape(r.system), *["[red]failed[/]"] + ["-"] * 5)
+            table.add_row(escape(r.system), *[f"[red]{escape(r.status)}[/]"] + ["-"] * 5)
             continue
         table.add_row(
             escape(r.system), f"{r.accuracy:.3f}", f"{r.macro_f1:.3f}", f"{r.weighted_f1:.3f}",

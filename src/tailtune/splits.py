@@ -4,7 +4,8 @@ On a long tail a class can have a single test row, so one split's macro-F1 is pa
 the CFPB products sample the encoder probe scored 0.633 on split seed 0 and 0.700 on seed 1,
 one row of "Other financial service" making most of the gap (docs/recipes.md, sections 10-11).
 ``tailtune run --split-seeds 0,1,2`` runs the config once per seed, each into
-``<out>/seed-<s>/`` (an ordinary run directory: resumable, reported, benchmarkable), then writes
+``<out>/seed-<s>/`` (an ordinary run directory: resumable, reported, benchmarkable), then writes,
+over every seed folder in ``<out>`` (a later command may add seeds, with the same config),
 
     <out>/splits.csv           one row per system and seed: the seed's test metrics
     <out>/splits-summary.csv   one row per system: mean, sd, min and max over the seeds, and
@@ -66,8 +67,10 @@ def seed_configs(cfg: Config, seeds: list[int]) -> list[Config]:
     ]
 
 
-def check_out(out: Path) -> None:
-    """Refuse an ``<out>`` that holds anything but seed runs and their summaries."""
+def check_out(out: Path, cfg: Config | None = None) -> None:
+    """Refuse an ``<out>`` that holds anything but seed runs and their summaries, or (given
+    ``cfg``) seed runs of another config: new seeds were run with the new settings next to the
+    old seeds', in one folder that reads as one comparison."""
     if not out.exists():
         return
     if not out.is_dir():
@@ -81,6 +84,20 @@ def check_out(out: Path) -> None:
     ]
     if strangers:
         raise TailtuneError(f"{out} exists and holds other files ({strangers[0]}); choose another --out")
+    if cfg is None:
+        return
+    from tailtune.run import _comparable, _differences, _saved_config
+
+    for folder in seed_runs(out):
+        saved = _saved_config(folder / "config.yaml")
+        if saved is None:
+            continue  # not begun, or not a run: its own check names it when its seed runs
+        now = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=saved.data.seed))
+        if _comparable(saved) != _comparable(now):
+            raise TailtuneError(
+                f"{out} holds split seeds run with a different config ({folder.name}: "
+                f"{_differences(_comparable(saved), _comparable(now))}); choose another --out"
+            )
 
 
 def per_seed(out: Path, seeds: list[int]) -> pd.DataFrame:
@@ -164,7 +181,7 @@ def run_splits(cfg: Config, seeds: list[int], report: bool = True, console=None)
     from tailtune.run import run as run_one
 
     out = Path(cfg.out)
-    check_out(out)
+    check_out(out, cfg)
     main = state().is_main_process
     console = console or make_console()
     for i, seed_cfg in enumerate(seed_configs(cfg, seeds), 1):
@@ -174,6 +191,9 @@ def run_splits(cfg: Config, seeds: list[int], report: bool = True, console=None)
             )
         run_one(seed_cfg, console if main else None, report=report)
     if main:
+        # seeds an earlier command ran into <out> (same config, checked above) count too: the
+        # summary was rewritten with this command's seeds only, next to the others' folders
+        seeds = sorted({*seeds, *(int(p.name[5:]) for p in seed_runs(out) if (p / "comparison.csv").exists())})
         _, summary = write_summary(out, seeds, cfg.systems[0])
         print_summary(console, summary, seeds)
         console.print(f"written: {out / PER_SEED}, {out / SUMMARY}", markup=False)
