@@ -79,6 +79,11 @@ def test_a_system_whose_folder_is_gone_keeps_a_missing_row_and_data_json_its_bac
     assert missing["status"] == "missing" and pd.isna(missing["macro_f1"])
     assert missing["note"].startswith(f"no finished results in {out / 'systems' / 'tfidf-logreg'}")
     assert "tfidf-logreg" in result.output and "missing" in result.output
+    assert "predates this comparison; rebuild it with: tailtune report" not in result.output  # no report yet
+    build_report(out)
+    result = cli("train", "smoke", "--data", small_csv, "--out", out, "--system", "encoder-probe")
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert f"{out / 'report.html'} predates this comparison; rebuild it with: tailtune report {out}" in said
     after = json.loads((out / "data.json").read_text())
     assert after["truncation"] == before["truncation"] and after["weights"] == before["weights"]
     assert "Missing: tfidf-logreg (reasons in table 1)." in build_report(out).read_text()

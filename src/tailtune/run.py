@@ -473,6 +473,9 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
 
         path = build_report(out)
         console.print(f"report: {path}", markup=False)
+    elif (out / "report.html").exists():  # `tailtune train`, --no-report: the memo would not show these systems
+        console.print(f"{out / 'report.html'} predates this comparison; rebuild it with: tailtune report {out}",
+                      markup=False)
     console.print(f"run directory: {out}  ({time.perf_counter() - started:.0f} s)", markup=False)
     dist.wait_for_everyone()
     return out
