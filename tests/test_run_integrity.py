@@ -42,6 +42,10 @@ def test_weights_changed_in_place_are_refused_on_resume_and_by_the_saved_model(t
     assert json.loads((out / "data.json").read_text())["weights"] == {"encoder": digest}
     os.utime(folder / "model.safetensors", ns=(1, 1))  # a new file time alone is the same weights
     assert weights_digest(str(folder)) == digest
+    (folder / "notes.txt").write_text("my notes")  # files from_pretrained does not read: the same model
+    (folder / "optimizer.pt").write_bytes(b"\0" * 64)
+    (folder / "README.md").write_text("# bert")
+    assert weights_digest(str(folder)) == digest
     deploy.load_predictor(out / "systems" / "encoder-probe")
 
     tensors = load_file(folder / "model.safetensors")
@@ -86,7 +90,9 @@ def test_a_system_whose_folder_is_gone_keeps_a_missing_row_and_data_json_its_bac
     assert f"{out / 'report.html'} predates this comparison; rebuild it with: tailtune report {out}" in said
     after = json.loads((out / "data.json").read_text())
     assert after["truncation"] == before["truncation"] and after["weights"] == before["weights"]
-    assert "Missing: tfidf-logreg (reasons in table 1)." in build_report(out).read_text()
+    html = build_report(out).read_text()
+    assert "Missing: tfidf-logreg (reasons in table 1)." in html
+    assert "<strong>missing</strong>: no finished results" in html and "<strong>failed</strong>" not in html
 
 
 def test_bench_refuses_data_that_changed_since_the_run(tmp_path, small_csv):
@@ -124,10 +130,14 @@ def test_split_seeds_of_another_config_are_refused_and_later_seeds_join_the_summ
     assert other.exit_code == 2, other.output
     assert other.stderr.startswith(f"error: {out} holds split seeds run with a different config (seed-0: tfidf.C")
     assert not (out / "seed-2").exists()
-    more = cli(*command, "--split-seeds", "2,3")
+    more = cli(*command[:-2], "tfidf-logreg,encoder-probe", "--no-report", "--split-seeds", "2,3")
     assert more.exit_code == 0, more.output
-    assert pd.read_csv(out / "splits.csv")["seed"].tolist() == [0, 1, 2, 3]
-    assert pd.read_csv(out / "splits-summary.csv")["seeds"].tolist() == [4]
+    assert pd.read_csv(out / "splits.csv")["seed"].tolist() == [0, 1, 2, 2, 3, 3]
+    summary = pd.read_csv(out / "splits-summary.csv").set_index("system")
+    # encoder-probe ran on seeds 2 and 3 only, and says so
+    assert summary.loc["tfidf-logreg", ["seeds", "finished"]].tolist() == [4, 4]
+    assert summary.loc["encoder-probe", ["seeds", "finished"]].tolist() == [4, 2]
+    assert "(2 of 4 finished)" in more.output
 
 
 def test_systems_record_their_library_versions_and_the_report_says_when_they_differ(tmp_path, small_csv):
@@ -149,3 +159,8 @@ def test_systems_record_their_library_versions_and_the_report_says_when_they_dif
     html = build_report(out).read_text()
     assert "the systems were trained with different library versions" in html
     assert "torch 1.0.0" in html
+    del metrics["versions"]  # trained by a tailtune that kept none
+    path.write_text(json.dumps(metrics))
+    html = build_report(out).read_text()
+    assert "not recorded (trained before versions were kept)" in html and "all systems" not in html
+    assert "the systems were trained with different library versions" in html

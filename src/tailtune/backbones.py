@@ -113,51 +113,86 @@ class Backbone:
             return backbone
         if not Path(backbone.path).exists():
             backbone = resolve(saved["spec"])
-        recorded, now = saved.get("weights"), weights_digest(backbone.path)
-        if recorded is not None and now is not None and recorded != now:
+        recorded = saved.get("weights")  # models saved before it was recorded are not checked
+        now = None if recorded is None else weights_digest(backbone.path)
+        if now is not None and recorded != now:
             raise TailtuneError(
                 f"the backbone in {backbone.path} has changed since this model was trained on it "
-                f"(weights {now}, trained on {recorded}); restore those weights, or train again"
+                f"(model files {now}, trained on {recorded}); restore those files, or train again"
             )
         return backbone
 
 
-# what a model folder holds that from_pretrained reads: weights, config, tokenizer (not README.md)
-_MODEL_SUFFIXES = {".json", ".safetensors", ".bin", ".pt", ".pth", ".txt", ".model", ".tiktoken"}
-_DIGESTS: dict[tuple, str] = {}
+# the files from_pretrained reads besides the weights: config and tokenizer (not README.md,
+# notes, optimizer states or other files a folder may also hold)
+_MODEL_FILES = {
+    "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+}
+_DIGESTS: dict[str, str] = {}
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of a model folder that decide what the loaded model computes: config, tokenizer
+    and weights (the ``.safetensors`` files, else ``pytorch_model*.bin``)."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    weights = [p for p in files if p.suffix == ".safetensors"] or [
+        p for p in files if p.name.startswith("pytorch_model") and p.suffix == ".bin"
+    ]
+    return sorted([*weights, *(p for p in files if p.name in _MODEL_FILES)])
 
 
 def weights_digest(path: str) -> str | None:
-    """Short content digest of the model files at the top of the local folder ``path``, or
-    ``hub:<commit>`` of a hub id's cached snapshot; None when neither can be read.
+    """Short content digest of the model files of the local folder ``path`` (:func:`model_files`),
+    or of a hub id's cached snapshot; None when neither can be read.
 
-    Runs and saved models record it, so that weights changed in place (a folder overwritten, a
-    hub model updated) are found instead of mixing results of two models. Hashed once per
-    process while the files' sizes and times stay the same (about 1 s per GB).
+    Runs and saved models record it, so that a model changed in place (a folder overwritten, a
+    hub model updated) is found instead of mixing results of two models. About 1 s per GB;
+    kept in the tailtune cache by path, size and time of each file, so a process that loads a
+    saved model does not hash its backbone again.
     """
     folder = Path(path)
     if not folder.is_dir():
-        return _hub_commit(path)
-    files = sorted(p for p in folder.iterdir() if p.suffix in _MODEL_SUFFIXES and p.is_file())
+        folder = _hub_snapshot(path)
+        if folder is None:
+            return None
+    files = model_files(folder)
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    key = (str(folder.resolve()), tuple(stats))
+    key = hashlib.sha256(repr((str(folder.resolve()), stats)).encode()).hexdigest()[:32]
     if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        for p in files:
-            with open(p, "rb") as f:
-                digest.update(p.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
-        _DIGESTS[key] = digest.hexdigest()[:16]
+        try:
+            store = cache_dir() / "digests.json"
+        except OSError:  # no cache folder can be made: hashed in every process
+            store = None
+        try:
+            known = json.loads(store.read_text(encoding="utf-8")) if store is not None else {}
+        except (OSError, ValueError):
+            known = {}
+        if not isinstance(known, dict):
+            known = {}
+        if key not in known:
+            digest = hashlib.sha256()
+            for p in files:
+                with open(p, "rb") as f:
+                    digest.update(p.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+            known[key] = digest.hexdigest()[:16]
+            if store is not None:
+                with contextlib.suppress(OSError):  # a read-only cache: hashed again next time
+                    rundir.write_text(store, json.dumps(known))
+        _DIGESTS[key] = known[key]
     return _DIGESTS[key]
 
 
-def _hub_commit(repo: str) -> str | None:
+def _hub_snapshot(repo: str) -> Path | None:
+    """The cached snapshot folder of hub id ``repo`` (its content is hashed, not its commit: a
+    commit that only changed the README is the same model)."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(repo, "config.json")
     except Exception:  # not a valid repo id: nothing to record
         return None
-    return f"hub:{Path(found).parent.name}" if isinstance(found, str) else None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def quiet_transformers() -> None:

@@ -259,9 +259,9 @@ def load_run(run_dir: str | Path) -> Run:
                 na_values={"confidence": ["", "nan", "NaN"]},
             )
         systems.append(system)
-    versions = {json.dumps(s.metrics["versions"], sort_keys=True) for s in systems
-                if isinstance(s.metrics, dict) and isinstance(s.metrics.get("versions"), dict)}
-    if len(versions) > 1:  # a run resumed after an upgrade
+    versions = {json.dumps(s.metrics.get("versions") if isinstance(s.metrics, dict) else None, sort_keys=True)
+                for s in systems if s.metrics is not None}
+    if len(versions) > 1:  # a run resumed after an upgrade, or systems of a tailtune that kept none
         problems.append(
             "the systems were trained with different library versions (see where the numbers come "
             "from); train the older ones again for a like-for-like comparison"
@@ -1192,7 +1192,7 @@ def section_systems(run: Run, an: Analysis) -> Section:
                 ),
                 *quality,
                 Cell(
-                    Markup("<strong>failed</strong>: {}").format(s.note or "no reason recorded")
+                    Markup("<strong>{}</strong>: {}").format(s.status, s.note or "no reason recorded")
                     if failed
                     else "; ".join(notes) or "ok",
                     muted=not failed and not notes,
@@ -1577,10 +1577,14 @@ def section_per_class(run: Run, an: Analysis) -> Section:
             if s.status != "ok" and s.info.get("kind") in ("finetune", None)
             and s.info.get("backbone", s.name.split("-", 1)[0]) in missing
         ]
+        all_failed = all(s.status == "failed" for s in run.systems if s.name in failed)
+        one = len(failed) == 1
         advice = (
-            Markup("{} failed ({} in section 1); fix {} and run again.").format(
+            Markup("{} {} ({} in section 1); {} and run again.").format(
                 Markup(", ").join(code(n) for n in failed),
-                *(("its reason is", "it") if len(failed) == 1 else ("their reasons are", "them")),
+                "failed" if all_failed else ("has no results" if one else "have no results or failed"),
+                "its reason is" if one else "their reasons are",
+                ("fix " if all_failed else "train ") + ("it" if one else "them"),
             )
             if failed
             else Markup("Add {} to the config.").format(Markup(" and ").join(code(f"{b}-lora") for b in missing))
@@ -2518,9 +2522,12 @@ def section_machine(run: Run) -> Section:
         )
     trained_with: dict[str, list[str]] = {}
     for s in run.systems:
-        if isinstance(s.metrics, dict) and isinstance(s.metrics.get("versions"), dict):
-            text = ", ".join(f"{k} {v}" for k, v in s.metrics["versions"].items() if v)
-            trained_with.setdefault(text, []).append(s.name)
+        if s.metrics is None:
+            continue
+        versions = s.metrics.get("versions") if isinstance(s.metrics, dict) else None
+        text = (", ".join(f"{k} {v}" for k, v in versions.items() if v) if isinstance(versions, dict)
+                else "not recorded (trained before versions were kept)")
+        trained_with.setdefault(text, []).append(s.name)
     for text, names in trained_with.items():
         sub = "all systems" if len(trained_with) == 1 else "used by " + ", ".join(names)
         rows.append([Cell("trained with"), Cell(text, sub=sub)])

@@ -111,14 +111,16 @@ def per_seed(out: Path, seeds: list[int]) -> pd.DataFrame:
 
 
 def summarise(frame: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """Per system: seeds that finished, mean / sd / min / max of each metric, and the paired
+    """Per system: the seeds summarised and those it finished on, mean / sd / min / max of each metric, and the paired
     difference of macro-F1 to ``reference`` (mean and sd over the seeds where both finished,
     and on how many of them the system was higher)."""
     ref = frame[frame["system"] == reference].set_index("seed")["macro_f1"]
     rows = []
     for system, g in frame.groupby("system", sort=False):
         ok = g.dropna(subset=["macro_f1"])
-        row = {"system": system, "seeds": len(g), "finished": len(ok)}
+        # every seed summarised: a system that a later command added to some seeds only reads
+        # "(2 of 4 finished)", not as if it had run on all of them
+        row = {"system": system, "seeds": frame["seed"].nunique(), "finished": len(ok)}
         for m in METRICS:
             row.update({f"{m}_mean": ok[m].mean(), f"{m}_sd": ok[m].std(ddof=1),
                         f"{m}_min": ok[m].min(), f"{m}_max": ok[m].max()})
