@@ -164,3 +164,30 @@ def test_systems_record_their_library_versions_and_the_report_says_when_they_dif
     html = build_report(out).read_text()
     assert "not recorded (trained before versions were kept)" in html and "all systems" not in html
     assert "the systems were trained with different library versions" in html
+
+
+def test_a_hub_models_digest_is_its_cached_files_not_its_commit(tmp_path, monkeypatch):
+    """A commit that only changed the README is the same model; new weights are another."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--m"
+    tiny = make_tiny("bert")
+
+    def snapshot(commit: str, weights: bytes | None = None) -> None:
+        folder = repo / "snapshots" / commit
+        shutil.copytree(tiny, folder)
+        (folder / "README.md").write_text(f"commit {commit}")
+        if weights is not None:
+            (folder / "model.safetensors").write_bytes(weights)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    snapshot("a" * 40)
+    first = weights_digest("org/m")
+    assert first == weights_digest(str(tiny))  # the same files as the local folder
+    snapshot("b" * 40)  # only the README changed
+    assert weights_digest("org/m") == first
+    snapshot("c" * 40, weights=(tiny / "model.safetensors").read_bytes()[:-1] + b" ")
+    assert weights_digest("org/m") not in (first, None)
+    assert weights_digest("org/not-cached") is None and weights_digest("not a repo id!") is None
