@@ -164,6 +164,11 @@ def test_systems_record_their_library_versions_and_the_report_says_when_they_dif
     html = build_report(out).read_text()
     assert "not recorded (trained before versions were kept)" in html and "all systems" not in html
     assert "the systems were trained with different library versions" in html
+    # a folder deleted after comparison.csv was written: its row's numbers were shown as if it were there
+    shutil.rmtree(out / "systems" / "tfidf-logreg")
+    html = build_report(out).read_text()
+    assert "<strong>missing</strong>: systems/tfidf-logreg/metrics.json is missing" in html
+    assert "Missing: tfidf-logreg (reasons in table 1)." in html
 
 
 def test_a_hub_models_digest_is_its_cached_files_not_its_commit(tmp_path, monkeypatch):

@@ -239,10 +239,9 @@ def load_run(run_dir: str | Path) -> Run:
         folder = path / "systems" / name
         if (folder / "metrics.json").is_file():
             system.metrics = _read_json(folder / "metrics.json")
-        elif status == "ok":
-            problems.append(
-                f"systems/{name}/metrics.json is missing; {name} appears in table 1 only"
-            )
+        elif status == "ok":  # deleted since comparison.csv was written: its row's numbers are stale
+            system.status = "missing"
+            system.note = f"systems/{name}/metrics.json is missing; train it again with the run's command"
         # Class names are text, even "None" or "N/A"; only the score columns may be missing.
         if (folder / "per_class.csv").is_file():
             system.per_class = pd.read_csv(
