@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tailtune import deploy
-from tailtune.backbones import make_tiny, weights_digest
+from tailtune.backbones import make_tiny, model_digests
 from tailtune.cli import app
 from tailtune.errors import TailtuneError
 
@@ -38,30 +38,32 @@ def test_weights_changed_in_place_are_refused_on_resume_and_by_the_saved_model(t
     out = tmp_path / "run"
     result = _run(out, small_csv, "tfidf-logreg,encoder-probe", f"encoder.name={folder}")
     assert result.exit_code == 0, result.output
-    digest = weights_digest(str(folder))
-    assert json.loads((out / "data.json").read_text())["weights"] == {"encoder": digest}
+    digest = model_digests(str(folder))
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= set(digest)
+    assert json.loads((out / "data.json").read_text())["model_files"] == {"encoder": digest}
     os.utime(folder / "model.safetensors", ns=(1, 1))  # a new file time alone is the same weights
-    assert weights_digest(str(folder)) == digest
+    assert model_digests(str(folder)) == digest
     (folder / "notes.txt").write_text("my notes")  # files from_pretrained does not read: the same model
     (folder / "optimizer.pt").write_bytes(b"\0" * 64)
     (folder / "README.md").write_text("# bert")
-    assert weights_digest(str(folder)) == digest
+    assert model_digests(str(folder)) == digest
     deploy.load_predictor(out / "systems" / "encoder-probe")
 
     tensors = load_file(folder / "model.safetensors")
     name = next(iter(tensors))
     tensors[name] = tensors[name] + 1.0
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    now = weights_digest(str(folder))
-    assert now != digest
+    now = model_digests(str(folder))
+    assert {n for n in now if now[n] != digest[n]} == {"model.safetensors"}
     again = _run(out, small_csv, "tfidf-logreg,encoder-probe,encoder-lora", f"encoder.name={folder}")
     assert again.exit_code == 2, again.output
     assert again.stderr.strip() == (
-        f"error: {out} holds a run made with other encoder weights: {folder} has changed since (digest {now}, "
-        f"the run's {digest}); choose another --out, or restore the weights the run was made with"
+        f"error: {out} holds a run made with another encoder: {folder} has changed since (model.safetensors "
+        "differs); choose another --out, or restore the files the run was made with"
     )
     assert not list((out / "systems").glob("*encoder-lora*"))
-    with pytest.raises(TailtuneError, match=f"the backbone in {folder} has changed since this model was trained"):
+    with pytest.raises(TailtuneError, match=f"the backbone in {folder} has changed since this model was trained on it "
+                       r"\(model.safetensors differs\); restore those files, or train again"):
         deploy.load_predictor(out / "systems" / "encoder-probe")
 
 
@@ -73,7 +75,7 @@ def test_a_system_whose_folder_is_gone_keeps_a_missing_row_and_data_json_its_bac
     out = tmp_path / "run"
     assert _run(out, small_csv, "tfidf-logreg,encoder-probe,decoder-probe").exit_code == 0
     before = json.loads((out / "data.json").read_text())
-    assert set(before["truncation"]) == set(before["weights"]) == {"encoder", "decoder"}
+    assert set(before["truncation"]) == set(before["model_files"]) == {"encoder", "decoder"}
     shutil.rmtree(out / "systems" / "tfidf-logreg")
     result = cli("train", "smoke", "--data", small_csv, "--out", out, "--system", "encoder-probe")
     assert result.exit_code == 0, result.output
@@ -89,7 +91,7 @@ def test_a_system_whose_folder_is_gone_keeps_a_missing_row_and_data_json_its_bac
     said = " ".join(result.output.split())  # the console wraps long lines
     assert f"{out / 'report.html'} predates this comparison; rebuild it with: tailtune report {out}" in said
     after = json.loads((out / "data.json").read_text())
-    assert after["truncation"] == before["truncation"] and after["weights"] == before["weights"]
+    assert after["truncation"] == before["truncation"] and after["model_files"] == before["model_files"]
     html = build_report(out).read_text()
     assert "Missing: tfidf-logreg (reasons in table 1)." in html
     assert "<strong>missing</strong>: no finished results" in html and "<strong>failed</strong>" not in html
@@ -189,10 +191,13 @@ def test_a_hub_models_digest_is_its_cached_files_not_its_commit(tmp_path, monkey
         (repo / "refs" / "main").write_text(commit)
 
     snapshot("a" * 40)
-    first = weights_digest("org/m")
-    assert first == weights_digest(str(tiny))  # the same files as the local folder
+    first = model_digests("org/m")
+    assert first == model_digests(str(tiny))  # the same files as the local folder
     snapshot("b" * 40)  # only the README changed
-    assert weights_digest("org/m") == first
+    assert model_digests("org/m") == first
     snapshot("c" * 40, weights=(tiny / "model.safetensors").read_bytes()[:-1] + b" ")
-    assert weights_digest("org/m") not in (first, None)
-    assert weights_digest("org/not-cached") is None and weights_digest("not a repo id!") is None
+    changed = model_digests("org/m")
+    assert changed is not None and changed["model.safetensors"] != first["model.safetensors"]
+    assert {n: d for n, d in changed.items() if n != "model.safetensors"} == {
+        n: d for n, d in first.items() if n != "model.safetensors"}
+    assert model_digests("org/not-cached") is None and model_digests("not a repo id!") is None

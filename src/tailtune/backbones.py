@@ -93,7 +93,7 @@ class Backbone:
             "model_type": self.model_type,
             "kind": "decoder" if self.is_decoder else "encoder",
             "pooling": self.pooling,
-            "weights": weights_digest(self.path),
+            "model_files": model_digests(self.path),
         }
 
     @classmethod
@@ -113,12 +113,12 @@ class Backbone:
             return backbone
         if not Path(backbone.path).exists():
             backbone = resolve(saved["spec"])
-        recorded = saved.get("weights")  # models saved before it was recorded are not checked
-        now = None if recorded is None else weights_digest(backbone.path)
+        recorded = saved.get("model_files")  # models saved before it was recorded are not checked
+        now = model_digests(backbone.path) if isinstance(recorded, dict) else None
         if now is not None and recorded != now:
             raise TailtuneError(
                 f"the backbone in {backbone.path} has changed since this model was trained on it "
-                f"(model files {now}, trained on {recorded}); restore those files, or train again"
+                f"({changed_files(recorded, now)}); restore those files, or train again"
             )
         return backbone
 
@@ -129,7 +129,7 @@ _MODEL_FILES = {
     "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
 }
-_DIGESTS: dict[str, str] = {}
+_DIGESTS: dict[str, dict[str, str]] = {}
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -142,14 +142,14 @@ def model_files(folder: Path) -> list[Path]:
     return sorted([*weights, *(p for p in files if p.name in _MODEL_FILES)])
 
 
-def weights_digest(path: str) -> str | None:
-    """Short content digest of the model files of the local folder ``path`` (:func:`model_files`),
-    or of a hub id's cached snapshot; None when neither can be read.
+def model_digests(path: str) -> dict[str, str] | None:
+    """{file: short SHA-256 of its content} for the model files of the local folder ``path``
+    (:func:`model_files`), or of a hub id's cached snapshot; None when neither can be read.
 
     Runs and saved models record it, so that a model changed in place (a folder overwritten, a
-    hub model updated) is found instead of mixing results of two models. About 1 s per GB;
-    kept in the tailtune cache by path, size and time of each file, so a process that loads a
-    saved model does not hash its backbone again.
+    hub model updated) is found, and the changed file named, instead of mixing results of two
+    models. About 1 s per GB; kept in the tailtune cache by path, size and time of each file,
+    so a process that loads a saved model does not hash its backbone again.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -161,7 +161,7 @@ def weights_digest(path: str) -> str | None:
     key = hashlib.sha256(repr((str(folder.resolve()), stats)).encode()).hexdigest()[:32]
     if key not in _DIGESTS:
         try:
-            store = cache_dir() / "digests.json"
+            store = cache_dir() / "model-digests.json"
         except OSError:  # no cache folder can be made: hashed in every process
             store = None
         try:
@@ -170,17 +170,25 @@ def weights_digest(path: str) -> str | None:
             known = {}
         if not isinstance(known, dict):
             known = {}
-        if key not in known:
-            digest = hashlib.sha256()
+        if not isinstance(known.get(key), dict):
+            digests = {}
             for p in files:
                 with open(p, "rb") as f:
-                    digest.update(p.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
-            known[key] = digest.hexdigest()[:16]
+                    digests[p.name] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+            known[key] = digests
             if store is not None:
                 with contextlib.suppress(OSError):  # a read-only cache: hashed again next time
                     rundir.write_text(store, json.dumps(known))
         _DIGESTS[key] = known[key]
-    return _DIGESTS[key]
+    return dict(_DIGESTS[key])
+
+
+def changed_files(before: dict, now: dict) -> str:
+    """'model.safetensors differs, vocab.txt is new' for two :func:`model_digests`."""
+    parts = [f"{n} differs" for n in sorted(before.keys() & now.keys()) if before[n] != now[n]]
+    parts += [f"{n} is new" for n in sorted(now.keys() - before.keys())]
+    parts += [f"{n} is gone" for n in sorted(before.keys() - now.keys())]
+    return ", ".join(parts)
 
 
 def _hub_snapshot(repo: str) -> Path | None:

@@ -69,14 +69,14 @@ def check_backbones(ctx, specs) -> None:
     """Resolve every backbone the systems use and check it before anything is written.
 
     Per backbone: the tokenizer pads correctly, and the texts longer than ``max_length`` are
-    counted (into ``data.summary["truncation"]``), and the weights' digest is recorded (``data.summary["weights"]``). Per fine-tuned system: its method's target
+    counted (into ``data.summary["truncation"]``), and a digest of each model file is recorded (``data.summary["model_files"]``). Per fine-tuned system: its method's target
     roles match modules, and training fits in free memory.
     """
     from tailtune import backbones
 
     cfg, data = ctx.cfg, ctx.data
     texts = data.frame["text"]
-    truncation, weights, traced = {}, {}, {}
+    truncation, model_files, traced = {}, {}, {}
     backbones.quiet_transformers()  # counting tokens of a huge text must not print a warning
     for slot in dict.fromkeys(s.slot for s in specs if s.slot):
         backbone = ctx.backbone(slot)  # resolves (and converts a GGUF) once, for the run to reuse
@@ -84,7 +84,7 @@ def check_backbones(ctx, specs) -> None:
         tokenizer = backbones.load_tokenizer(backbone)
         check_tokenizer(tokenizer, backbone)
         truncation[slot] = {"backbone": bb_cfg.name, **count_truncated(tokenizer, texts, bb_cfg.max_length)}
-        weights[slot] = backbone.describe()["weights"]
+        model_files[slot] = backbone.describe()["model_files"]
         seq_len = min(bb_cfg.max_length, truncation[slot]["longest_tokens"])
         for spec in (s for s in specs if s.slot == slot and s.kind in ("finetune", "generate")):
             check_positions(spec, cfg, backbone)
@@ -104,7 +104,7 @@ def check_backbones(ctx, specs) -> None:
             if need["total"] > free:
                 raise TailtuneError(_memory_message(spec, cfg, need, free, device))
     data.summary["truncation"] = truncation
-    data.summary["weights"] = weights  # digest per backbone slot: a resumed run must train on the same
+    data.summary["model_files"] = model_files  # per backbone slot: a resumed run must train on the same
 
 
 # Encoders with a learned position table; RoBERTa-style ones start counting after the pad id.

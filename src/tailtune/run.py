@@ -176,16 +176,18 @@ def _check_same_weights(out: Path, summary: dict) -> None:
     place were mixed into one comparison with systems trained on the old ones, and the run's
     cached features and checkpoints were reused on the new ones.
     """
+    from tailtune.backbones import changed_files
+
     try:
-        before = rundir.read_json(out / "data.json").get("weights") or {}
+        before = rundir.read_json(out / "data.json").get("model_files") or {}
     except (OSError, ValueError):
         return
-    for slot, now in summary.get("weights", {}).items():
-        if before.get(slot) is not None and now is not None and before[slot] != now:
+    for slot, now in summary.get("model_files", {}).items():
+        if isinstance(before.get(slot), dict) and now is not None and before[slot] != now:
             raise TailtuneError(
-                f"{out} holds a run made with other {slot} weights: {summary['truncation'][slot]['backbone']} "
-                f"has changed since (digest {now}, the run's {before[slot]}); choose another --out, or "
-                "restore the weights the run was made with"
+                f"{out} holds a run made with another {slot}: {summary['truncation'][slot]['backbone']} "
+                f"has changed since ({changed_files(before[slot], now)}); choose another --out, or "
+                "restore the files the run was made with"
             )
 
 
@@ -198,7 +200,7 @@ def _merged_summary(out: Path, summary: dict) -> dict:
         return summary
     if before.get("fingerprint") != summary["fingerprint"]:
         return summary
-    return {**summary, **{key: {**before.get(key, {}), **summary.get(key, {})} for key in ("truncation", "weights")}}
+    return {**summary, **{key: {**before.get(key, {}), **summary.get(key, {})} for key in ("truncation", "model_files")}}
 
 
 def _joined(saved: Config | None, cfg: Config) -> Config:
