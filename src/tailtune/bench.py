@@ -51,7 +51,6 @@ from pathlib import Path
 import numpy as np
 from rich.markup import escape
 
-from tailtune import rundir
 from tailtune.errors import TailtuneError
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
@@ -299,13 +298,11 @@ def sample_texts(
     """(texts, labels) of a split of the run's data (None: all splits), a seeded sample of at most ``max_texts``."""
     from tailtune.config import load_config
     from tailtune.data import prepare
+    from tailtune.run import run_data
 
     cfg = load_config(str(Path(run_dir) / "config.yaml"))
     prepared = prepare(cfg.data)
-    try:
-        made_on = rundir.read_json(Path(run_dir) / "data.json").get("fingerprint")
-    except (OSError, ValueError):
-        made_on = None
+    made_on = run_data(run_dir).get("fingerprint")
     if made_on is not None and made_on != prepared.summary["fingerprint"]:  # other texts, other accuracy
         raise TailtuneError(
             f"{prepared.summary['source']} has changed since the run {run_dir} was made on it (rows, texts, "

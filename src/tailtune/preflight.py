@@ -69,8 +69,9 @@ def check_backbones(ctx, specs) -> None:
     """Resolve every backbone the systems use and check it before anything is written.
 
     Per backbone: the tokenizer pads correctly, and the texts longer than ``max_length`` are
-    counted (into ``data.summary["truncation"]``), and a digest of each model file is recorded (``data.summary["model_files"]``). Per fine-tuned system: its method's target
-    roles match modules, and training fits in free memory.
+    counted (into ``data.summary["truncation"]``), and a digest of each model file is recorded
+    (``data.summary["model_files"]``). Per fine-tuned system: its method's target roles match
+    modules, and training fits in free memory.
     """
     from tailtune import backbones
 
@@ -84,7 +85,7 @@ def check_backbones(ctx, specs) -> None:
         tokenizer = backbones.load_tokenizer(backbone)
         check_tokenizer(tokenizer, backbone)
         truncation[slot] = {"backbone": bb_cfg.name, **count_truncated(tokenizer, texts, bb_cfg.max_length)}
-        model_files[slot] = backbone.describe()["model_files"]
+        model_files[slot] = backbones.model_digests(backbone.path)
         seq_len = min(bb_cfg.max_length, truncation[slot]["longest_tokens"])
         for spec in (s for s in specs if s.slot == slot and s.kind in ("finetune", "generate")):
             check_positions(spec, cfg, backbone)

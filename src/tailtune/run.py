@@ -156,12 +156,18 @@ def _check_run_dir(out: Path, cfg: Config, *, keep_others: bool = False) -> Conf
     return None
 
 
+def run_data(out: Path) -> dict:
+    """``out``'s data.json; empty when there is none yet (killed before it was written: nothing
+    was trained on the data) or it cannot be read."""
+    try:
+        return rundir.read_json(Path(out) / "data.json")
+    except (OSError, ValueError):
+        return {}
+
+
 def _check_same_data(out: Path, summary: dict) -> None:
     """Refuse to resume ``out`` on data other than its systems were trained and tested on."""
-    try:
-        before = rundir.read_json(out / "data.json").get("fingerprint")
-    except (OSError, ValueError):
-        return  # killed before data.json was written: nothing was trained on it yet
+    before = run_data(out).get("fingerprint")
     if before is not None and before != summary["fingerprint"]:
         raise TailtuneError(
             f"{out} holds a run on other data: {summary['source']} has changed since (rows, texts, "
@@ -178,10 +184,7 @@ def _check_same_weights(out: Path, summary: dict) -> None:
     """
     from tailtune.backbones import changed_files
 
-    try:
-        before = rundir.read_json(out / "data.json").get("model_files") or {}
-    except (OSError, ValueError):
-        return
+    before = run_data(out).get("model_files") or {}
     for slot, now in summary.get("model_files", {}).items():
         if isinstance(before.get(slot), dict) and now is not None and before[slot] != now:
             raise TailtuneError(
@@ -194,10 +197,7 @@ def _check_same_weights(out: Path, summary: dict) -> None:
 def _merged_summary(out: Path, summary: dict) -> dict:
     """``summary`` with the backbone entries of ``out``'s data.json that this process did not
     check (``tailtune train`` of one system sees only that system's backbones)."""
-    try:
-        before = rundir.read_json(out / "data.json")
-    except (OSError, ValueError):
-        return summary
+    before = run_data(out)
     if before.get("fingerprint") != summary["fingerprint"]:
         return summary
     return {**summary, **{key: {**before.get(key, {}), **summary.get(key, {})} for key in ("truncation", "model_files")}}

@@ -111,9 +111,9 @@ def per_seed(out: Path, seeds: list[int]) -> pd.DataFrame:
 
 
 def summarise(frame: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """Per system: the seeds summarised and those it finished on, mean / sd / min / max of each metric, and the paired
-    difference of macro-F1 to ``reference`` (mean and sd over the seeds where both finished,
-    and on how many of them the system was higher)."""
+    """Per system: the seeds summarised and those it finished on, mean / sd / min / max of each
+    metric, and the paired difference of macro-F1 to ``reference`` (mean and sd over the seeds
+    where both finished, and on how many of them the system was higher)."""
     ref = frame[frame["system"] == reference].set_index("seed")["macro_f1"]
     rows = []
     for system, g in frame.groupby("system", sort=False):
