@@ -20,16 +20,19 @@ nearly every text to the same length, which leaves length sorting nothing to rem
 complaints served at a few hundred tokens vary in length. Predictions at another length are
 not the system's own, so the agreement line still compares the two sides with each other.
 
-Decoder systems have a stock class that pools like tailtune (see ``tailtune.deploy``), so
-both sides run the same exported model and their predictions are compared. The stock class has
-no head bias, and neither have tailtune's decoder heads; a head saved with one (runs from
-before that change) runs without it on both sides (timing is unaffected, and ``tailtune
-export`` would refuse such a system) and the script says so.
+A decoder system that pools its last token (``decoder.pooling=last``, the ``cfpb-paper``
+preset's) has a stock class that pools like tailtune (see ``tailtune.deploy``), so both sides run
+the same exported model and their predictions are compared. The stock class has no head bias,
+and neither have tailtune's decoder heads; a head saved with one (runs from before that change)
+runs without it on both sides (timing is unaffected, and ``tailtune export`` would refuse such a
+system) and the script says so.
 
-Encoder systems (``--system encoder-lora``) have no such class: a mean-pooled MiniLM is not
-what ``BertForSequenceClassification`` computes (it reads the [CLS] token through its pooler).
+Encoder systems (``--system encoder-lora``) and mean-pooled decoders (the ``demo`` and
+``cpu-real`` presets') have no such class: a mean-pooled MiniLM is not what
+``BertForSequenceClassification`` computes (it reads the [CLS] token through its pooler), nor is
+a mean-pooled SmolLM2 what ``LlamaForSequenceClassification`` computes (it reads the last token).
 There tailtune's side is ``tailtune predict``'s own predictor on the system (merged), and the
-pipeline's side the stock class holding the same merged encoder weights with a head of the
+pipeline's side the stock class holding the same merged backbone weights with a head of the
 same shape: the same transformer work, pooled differently, so this times both and compares no
 predictions. Prints median and p95 ms per example over passes and the pipeline/tailtune ratio.
 """
@@ -80,8 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     system_dir = folders[0]
     kind, folder = deploy.resolve_system(system_dir)
-    if kind != "export" and deploy.load_meta(folder)["backbone"]["kind"] != "decoder":
-        return _encoder(args, system_dir, run_dir)
+    if kind != "export":
+        meta = deploy.load_meta(folder)
+        if meta["backbone"]["kind"] != "decoder" or meta["pooling"] != "last":
+            return _timing_only(args, system_dir, run_dir)
     with tempfile.TemporaryDirectory() as tmp:
         if kind != "export":
             clf = TextClassifier.load(folder)
@@ -144,8 +149,8 @@ def _time(run_pipeline, run_tailtune, n_texts: int, repeats: int) -> None:
     print(f"tailtune is {ratio:.2f}x faster than the pipeline (median pass; target >= 2x on CPU)")
 
 
-def _encoder(args, system_dir: Path, run_dir: Path | None) -> None:
-    """An encoder system: ``tailtune predict``'s predictor vs the stock class on the same merged weights."""
+def _timing_only(args, system_dir: Path, run_dir: Path | None) -> None:
+    """A system no stock class equals: ``tailtune predict``'s predictor vs the stock class on the same merged weights."""
     import copy
 
     import torch
@@ -159,11 +164,12 @@ def _encoder(args, system_dir: Path, run_dir: Path | None) -> None:
     encoder = ours.model.backbone
     config = copy.deepcopy(encoder.config)
     config.num_labels = len(ours.classes_)
+    tokenizer = ours.tokenizer
+    config.pad_token_id = tokenizer.pad_token_id  # a stock decoder classifier finds the last token by it
     stock = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     missing, unexpected = getattr(stock, stock.base_model_prefix).load_state_dict(encoder.state_dict(), strict=False)
     if unexpected or any("pooler" not in k for k in missing):  # a pooler the checkpoint lacks stays random
-        raise SystemExit(f"the stock class does not hold this encoder's weights: {missing or unexpected}")
-    tokenizer = ours.tokenizer
+        raise SystemExit(f"the stock class does not hold this backbone's weights: {missing or unexpected}")
     tokenizer.model_max_length = ours.max_length
     device = next(encoder.parameters()).device  # where load_predictor put ours (CUDA when there is one)
     pipe = pipeline("text-classification", model=stock.to(device).eval(), tokenizer=tokenizer, device=device)
@@ -172,7 +178,7 @@ def _encoder(args, system_dir: Path, run_dir: Path | None) -> None:
     print(
         f"{system_dir}: tailtune predictor ({ours.precision}, {type(encoder).__name__} merged, "
         f"{ours.model.pooling} pooling) vs pipeline on {type(stock).__name__} with the same weights (timing only: it pools "
-        f"[CLS]); {len(texts)} texts, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+        f"{'its last token' if ours.model.is_decoder else '[CLS]'}); {len(texts)} texts, batch {args.batch_size}, {torch.get_num_threads()} threads, "
         f"truncated at {ours.max_length} tokens; {np.mean(lengths >= ours.max_length):.0%} of texts are "
         f"cut there (median length {np.median(lengths):.0f})"
     )
