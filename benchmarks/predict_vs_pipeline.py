@@ -161,22 +161,22 @@ def _timing_only(args, system_dir: Path, run_dir: Path | None) -> None:
     ours = deploy.load_predictor(system_dir, merged=True, batch_size=args.batch_size)
     if args.max_length:
         ours.max_length = args.max_length
-    encoder = ours.model.backbone
-    config = copy.deepcopy(encoder.config)
+    backbone = ours.model.backbone
+    config = copy.deepcopy(backbone.config)
     config.num_labels = len(ours.classes_)
     tokenizer = ours.tokenizer
     config.pad_token_id = tokenizer.pad_token_id  # a stock decoder classifier finds the last token by it
     stock = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    missing, unexpected = getattr(stock, stock.base_model_prefix).load_state_dict(encoder.state_dict(), strict=False)
+    missing, unexpected = getattr(stock, stock.base_model_prefix).load_state_dict(backbone.state_dict(), strict=False)
     if unexpected or any("pooler" not in k for k in missing):  # a pooler the checkpoint lacks stays random
         raise SystemExit(f"the stock class does not hold this backbone's weights: {missing or unexpected}")
     tokenizer.model_max_length = ours.max_length
-    device = next(encoder.parameters()).device  # where load_predictor put ours (CUDA when there is one)
+    device = next(backbone.parameters()).device  # where load_predictor put ours (CUDA when there is one)
     pipe = pipeline("text-classification", model=stock.to(device).eval(), tokenizer=tokenizer, device=device)
     texts = texts_for(run_dir, args.texts)
     lengths = np.asarray([len(x) for x in tokenizer(texts, truncation=False)["input_ids"]])
     print(
-        f"{system_dir}: tailtune predictor ({ours.precision}, {type(encoder).__name__} merged, "
+        f"{system_dir}: tailtune predictor ({ours.precision}, {type(backbone).__name__} merged, "
         f"{ours.model.pooling} pooling) vs pipeline on {type(stock).__name__} with the same weights (timing only: it pools "
         f"{'its last token' if ours.model.is_decoder else '[CLS]'}); {len(texts)} texts, batch {args.batch_size}, {torch.get_num_threads()} threads, "
         f"truncated at {ours.max_length} tokens; {np.mean(lengths >= ours.max_length):.0%} of texts are "

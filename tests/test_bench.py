@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_deploy import cli, tailtune, train_smoke_run
+from test_deploy import cli, smoke_run_quietly, tailtune, train_smoke_run
 
 from tailtune import bench
 
@@ -237,19 +237,11 @@ def test_pipeline_benchmark_times_an_encoder_system_against_the_stock_class(smok
 
 def test_pipeline_benchmark_times_a_mean_pooled_decoder_against_the_stock_class(tmp_path):
     """The demo's decoder pools the mean, which no stock class does: export refused it, so the script failed."""
-    import io
     import subprocess
     import sys
     from pathlib import Path
 
-    from rich.console import Console
-
-    from tailtune.config import load_config
-    from tailtune.run import run
-
-    out = tmp_path / "mean"
-    cfg = load_config("smoke", [f"out={out}", "systems=decoder-lora", "decoder.pooling=mean"])
-    run(cfg, console=Console(file=io.StringIO()), report=False)
+    out = smoke_run_quietly(tmp_path / "mean", "systems=decoder-lora", "decoder.pooling=mean")
     script = Path(__file__).parents[1] / "benchmarks" / "predict_vs_pipeline.py"
     result = subprocess.run(
         [sys.executable, str(script), str(out), "--texts", "8", "--repeats", "1"],

@@ -40,16 +40,20 @@ def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def train_smoke_run(tmp_path_factory) -> Path:
-    """The smoke preset's run, trained once per session: later calls resume it (finished systems are kept)."""
+def smoke_run_quietly(out: Path, *overrides: str) -> Path:
+    """The smoke preset run into ``out`` with ``overrides``, in-process, no terminal output, no report."""
     from rich.console import Console
 
     from tailtune.config import load_config
     from tailtune.run import run
 
-    out = tmp_path_factory.getbasetemp() / "smoke-deploy"
-    run(load_config("smoke", [f"out={out}"]), console=Console(file=io.StringIO()), report=False)
+    run(load_config("smoke", [f"out={out}", *overrides]), console=Console(file=io.StringIO()), report=False)
     return out
+
+
+def train_smoke_run(tmp_path_factory) -> Path:
+    """The smoke preset's run, trained once per session: later calls resume it (finished systems are kept)."""
+    return smoke_run_quietly(tmp_path_factory.getbasetemp() / "smoke-deploy")
 
 
 @pytest.fixture(scope="session")
@@ -593,17 +597,8 @@ def test_a_run_made_with_relative_paths_deploys_from_anywhere(tmp_path, small_fr
 
 def test_predict_scores_joined_label_columns_as_training_joined_them(tmp_path, small_csv):
     """A run trained on `Product+Issue` could not be scored: predict --label-column took one column."""
-    import io
-
-    from rich.console import Console
-
-    from tailtune.config import load_config
-    from tailtune.run import run
-
-    out = tmp_path / "run"
-    cfg = load_config("smoke", [f"out={out}", "systems=[tfidf-logreg]", f"data.path={small_csv}",
-                                "data.label_column=Product+Issue"])
-    run(cfg, console=Console(file=io.StringIO()), report=False)
+    out = smoke_run_quietly(tmp_path / "run", "systems=[tfidf-logreg]", f"data.path={small_csv}",
+                            "data.label_column=Product+Issue")
     system = out / "systems" / "tfidf-logreg"
     frame = pd.read_csv(small_csv)
     frame.loc[0, "Issue"] = ""  # a missing part: no label, as in training

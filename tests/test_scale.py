@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -32,15 +31,9 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def scale_run(tmp_path_factory) -> Path:
     """A finished run with the TF-IDF baseline and a tiny encoder LoRA."""
-    from rich.console import Console
+    from test_deploy import smoke_run_quietly
 
-    from tailtune.config import load_config
-    from tailtune.run import run
-
-    out = tmp_path_factory.mktemp("scale") / "run"
-    cfg = load_config("smoke", [f"out={out}", "systems=[tfidf-logreg,encoder-lora]"])
-    run(cfg, console=Console(file=io.StringIO()), report=False)
-    return out
+    return smoke_run_quietly(tmp_path_factory.mktemp("scale") / "run", "systems=[tfidf-logreg,encoder-lora]")
 
 
 @pytest.fixture(scope="module")
