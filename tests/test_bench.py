@@ -289,3 +289,54 @@ def test_stale_numbers_are_not_kept_or_reported(smoke_run, tmp_path):
     comparison.to_csv(run / "comparison.csv", index=False)
     bench.bench(run, systems=["tfidf-logreg"], **alike)
     assert list(json.loads((run / "bench.json").read_text())["systems"]) == ["tfidf-logreg"]
+
+
+def test_bench_rebuilds_the_report_when_the_run_has_one(smoke_run, tmp_path):
+    """The memo said 'bench.json is missing' after `tailtune bench` until `tailtune report` ran."""
+    import shutil
+
+    from tailtune.report import build_report
+
+    run, bare = tmp_path / "run", tmp_path / "bare"
+    shutil.copytree(smoke_run, run)
+    (run / "bench.json").unlink(missing_ok=True)
+    shutil.copytree(run, bare)
+    assert "bench.json is missing" in build_report(run).read_text()
+    args = ("--batch-sizes", "2", "--repeats", "1", "--max-texts", "8", "--systems", "tfidf-logreg")
+    result = cli("bench", run, *args)
+    assert result.exit_code == 0, result.output
+    assert f"report: {run / 'report.html'}" in result.output
+    html = (run / "report.html").read_text()
+    assert "bench.json is missing" not in html and "ms / example" in html
+    result = cli("bench", bare, *args)  # a run written without a report does not get one
+    assert result.exit_code == 0, result.output
+    assert (bare / "bench.json").is_file() and not (bare / "report.html").exists()
+
+
+def test_run_with_bench_writes_a_memo_with_latency(tmp_path):
+    out = tmp_path / "run"
+    result = tailtune("run", "smoke", "--out", out, "--systems", "tfidf-logreg,encoder-probe", "--bench")
+    assert result.returncode == 0, result.stderr
+    assert list(json.loads((out / "bench.json").read_text())["systems"]) == ["tfidf-logreg", "encoder-probe"]
+    html = (out / "report.html").read_text()
+    assert "bench.json is missing" not in html and "Provisional" not in html
+    assert "deployment headline" in result.stdout
+
+
+def test_run_with_bench_skips_the_timing_when_every_system_failed(tmp_path):
+    from test_report import write_fake_run
+
+    from tailtune.cli import _after_run
+
+    run = write_fake_run(tmp_path / "run", systems=(), failed=("encoder-lora", "decoder-lora"), with_bench=False)
+    with pytest.raises(SystemExit) as stop:
+        _after_run(run, ["encoder-lora", "decoder-lora"], None, bench=True, report=True)
+    assert stop.value.code == 1 and not (run / "bench.json").exists()
+
+
+def test_bench_with_split_seeds_is_one_line_exit_2(tmp_path):
+    result = cli("run", "smoke", "--out", tmp_path / "run", "--split-seeds", "0,1", "--bench")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--bench times one run directory" in lines[0], result.output
+    assert not (tmp_path / "run").exists()

@@ -130,9 +130,13 @@ def run(
     split_seeds: str = typer.Option(
         None, "--split-seeds", help="Run once per split seed (e.g. 0,1,2) into <out>/seed-<s>, then summarise."
     ),
+    bench: bool = typer.Option(
+        False, "--bench", help="Then time every finished system (tailtune bench), so the memo has latency."
+    ),
 ):
     """Train and compare every system of a config, class by class; write a run directory."""
-    _launch(config, overrides, data, label_column, text_column, out, systems, report, processes, tune, split_seeds)
+    _launch(config, overrides, data, label_column, text_column, out, systems, report, processes, tune, split_seeds,
+            bench=bench)
 
 
 @app.command()
@@ -159,8 +163,9 @@ def train(
 
 
 def _launch(config, overrides, data, label_column, text_column, out, systems, report: bool, processes: int,
-            tune: bool = False, split_seeds: str | None = None, named_only: bool = False):
+            tune: bool = False, split_seeds: str | None = None, named_only: bool = False, bench: bool = False):
     from tailtune.distributed import relaunch
+    from tailtune.errors import TailtuneError
     from tailtune.run import run as run_all
     from tailtune.splits import check_out, parse_seeds, run_splits
 
@@ -172,18 +177,33 @@ def _launch(config, overrides, data, label_column, text_column, out, systems, re
     )
     seeds = parse_seeds(split_seeds) if split_seeds is not None else None
     if seeds:
+        if bench:
+            raise TailtuneError(
+                "--bench times one run directory and --split-seeds writes one per seed; "
+                f"time one of them afterwards with: tailtune bench {Path(cfg.out) / 'seed-<s>'}"
+            )
         check_out(Path(cfg.out), cfg)
     code = relaunch(processes)  # checked the config first: one error line, not one per process
     if code is not None:
         if code == 0:
-            _exit_if_failed(Path(cfg.out), cfg.systems, seeds)
+            _after_run(Path(cfg.out), cfg.systems, seeds, bench, report)
         raise SystemExit(code)  # not typer.Exit: `friendly` would report it as an internal error
     if seeds:
         run_splits(cfg, seeds, report=report)
     else:
         run_all(cfg, report=report, named_only=named_only)
     if not os.environ.get("TAILTUNE_WORKER") and os.environ.get("RANK", "0") == "0":
-        _exit_if_failed(Path(cfg.out), cfg.systems, seeds)  # under `--processes`, the launcher does
+        _after_run(Path(cfg.out), cfg.systems, seeds, bench, report)  # under `--processes`, the launcher does
+
+
+def _after_run(out: Path, names: list[str], seeds: list[int] | None, bench: bool, report: bool) -> None:
+    """``--bench``: time the finished systems and rebuild the memo with them; then exit 1 if a
+    system failed. The report written by the run stays if the timing fails or is interrupted."""
+    from tailtune.run import failed_systems
+
+    if bench and len(failed_systems(out, names)) < len(names):
+        _bench_and_report(out, report=report)
+    _exit_if_failed(out, names, seeds)
 
 
 def _exit_if_failed(out: Path, names: list[str], seeds: list[int] | None) -> None:
@@ -378,23 +398,34 @@ def bench(
     price_per_hour: float = typer.Option(0.10, help="USD per hour of the machine, for the 64k-complaint cost."),
     systems: str = typer.Option(None, help="Comma-separated subset of the run's systems."),
 ):
-    """Latency, throughput, memory and cost of every finished system; writes <run>/bench.json."""
-    from tailtune.bench import bench as run_bench
-    from tailtune.bench import print_bench
+    """Latency, throughput, memory and cost of every finished system; writes <run>/bench.json and
+    rebuilds <run>/report.html when the run has one."""
     from tailtune.errors import TailtuneError
-    from tailtune.run import make_console
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
     except ValueError:
         raise TailtuneError(f"--batch-sizes must be integers separated by commas, got '{batch_sizes}'") from None
-    console = make_console()
-    result = run_bench(
-        run_dir, batch_sizes=sizes, repeats=repeats, max_texts=max_texts, price_per_hour=price_per_hour,
-        systems=systems.split(",") if systems else None, console=console,
+    _bench_and_report(
+        run_dir, report=(run_dir / "report.html").is_file(), batch_sizes=sizes, repeats=repeats,
+        max_texts=max_texts, price_per_hour=price_per_hour, systems=systems.split(",") if systems else None,
     )
+
+
+def _bench_and_report(run_dir: Path, report: bool, **options) -> None:
+    """Write <run>/bench.json; with ``report``, rebuild report.html so that the memo has its numbers."""
+    from tailtune.bench import bench as run_bench
+    from tailtune.bench import print_bench
+    from tailtune.run import make_console
+
+    console = make_console()
+    result = run_bench(run_dir, console=console, **options)
     print_bench(result, console)
     console.print(f"written: {run_dir / 'bench.json'}", markup=False)
+    if report:
+        from tailtune.report import build_report
+
+        console.print(f"report: {build_report(run_dir)}", markup=False)
 
 
 @app.command()

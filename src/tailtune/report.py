@@ -1852,9 +1852,10 @@ def section_latency(run: Run, an: Analysis) -> Section:
                 Markup(
                     "<strong>bench.json is missing</strong>: this run has no latency, "
                     "throughput or memory numbers. Produce them with {} (it measures every "
-                    "finished system on this machine and writes {}), then rebuild this report. "
+                    "finished system on this machine, writes {} and rebuilds this report), or pass "
+                    "{} to {}. "
                     "The recommendation below uses quality only and is provisional."
-                ).format(code(f"tailtune bench {run.path}"), code("bench.json")),
+                ).format(code(f"tailtune bench {run.path}"), code("bench.json"), code("--bench"), code("tailtune run")),
                 style="warning",
             )
         )
