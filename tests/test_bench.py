@@ -165,6 +165,7 @@ def test_bench_command_runs(smoke_run):
     [
         (["--batch-sizes", "a,b"], "--batch-sizes must be integers"),
         (["--systems", "nope"], "no finished system named nope"),
+        (["--systems", "tfidf-logreg,"], "--systems 'tfidf-logreg,' has an empty name"),
         (["--repeats", "0"], "must be at least 1"),
         (["--price-per-hour", "-1"], "--price-per-hour must be a finite number, 0 or more"),
         (["--price-per-hour", "inf"], "--price-per-hour must be a finite number"),  # wrote "cost_64k": Infinity
@@ -340,3 +341,20 @@ def test_bench_with_split_seeds_is_one_line_exit_2(tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "--bench times one run directory" in lines[0], result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_of_some_systems_says_which_numbers_it_dropped(smoke_run, tmp_path):
+    """A review: `bench --systems X --repeats 2` silently left only X in bench.json."""
+    import shutil
+
+    from rich.console import Console
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "bench.json").unlink(missing_ok=True)
+    bench.bench(run, systems=["tfidf-logreg", "encoder-probe"], batch_sizes=(2,), repeats=1, max_texts=8)
+    console = Console(record=True, width=300)
+    bench.bench(run, systems=["tfidf-logreg"], batch_sizes=(2,), repeats=2, max_texts=8, console=console)
+    assert "dropped from bench.json: encoder-probe (timed with other settings: repeats 1 then, 2 now)" in (
+        console.export_text()
+    )

@@ -56,6 +56,8 @@ def test_yaml_file_path(tmp_path):
         (["train.epochs=abc"], "must be float"),
         (["method.targets=[attn]"], "unknown target role 'attn'"),
         (["systems=encoder-lorax"], "unknown system 'encoder-lorax'"),
+        (["systems=encoder-lora-weigted"], r"did you mean 'encoder-lora-weighted'\?"),  # it said 'encoder-lora'
+        (["tune.lr_factors=[1,1]"], "tune.lr_factors lists a factor twice"),
         (["systems=encoder-generate"], r"unknown system 'encoder-generate' \(did you mean 'decoder-generate'\?\).*"
                                        r"decoder-generate\[-logit_adjusted\].*schemes: none, sqrt_inverse"),
         (["train.weighting=sqrt"], "unknown class weighting"),
@@ -105,6 +107,14 @@ def test_yaml_file_path(tmp_path):
 def test_bad_config_is_one_clear_error(overrides, message):
     with pytest.raises(TailtuneError, match=message):
         load_config("demo", overrides)
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    """A review: an empty (or truncated to nothing) YAML started a run on the built-in defaults."""
+    for text in ("", "# only a comment\n"):
+        (tmp_path / "empty.yaml").write_text(text)
+        with pytest.raises(TailtuneError, match=r"config .*empty.yaml is empty; give it keys, or name a preset"):
+            load_config(str(tmp_path / "empty.yaml"))
 
 
 def test_unknown_preset_suggests():

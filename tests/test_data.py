@@ -95,6 +95,10 @@ def test_prepare_saves_tiers_with_class_lists(small_csv):
         (f"{TEXT},Issue\n", {}, "header but no rows"),
         (f"{TEXT},Issue\nx,A\ny,A\nz,A\n", {}, "only 1 class"),
         (f"{TEXT},Issue\n ,A\n ,B\n", {}, "no usable rows"),
+        # found by review: "all 10 classes have fewer than 2 rows", and labels "A / A"
+        (f"{TEXT},Issue\nx,A\n", {"label_column": TEXT}, "is also the label column"),
+        (f"{TEXT},Issue\nx,A\n", {"label_column": f"Issue+{TEXT}"}, "is also the label column"),
+        (f"{TEXT},Issue\nx,A\n", {"label_column": "Issue+Issue"}, "names a column twice"),
     ],
 )
 def test_bad_files_raise_one_line_errors(tmp_path, content, kwargs, message):
@@ -233,3 +237,20 @@ def test_decode_problem_names_a_cut_character_and_is_none_for_a_clean_file(tmp_p
     assert decode_problem(tmp_path / "clean.csv", "utf-8-sig") is None
     with pytest.raises(TailtuneError, match=r"cut.csv is not valid UTF-8 \(it ends inside a character\)"):
         read_table(tmp_path / "cut.csv")
+
+
+def test_a_label_column_whose_name_holds_a_plus_is_that_column(tmp_path):
+    """A review: 'Issue+Sub' was always split, so a column of that name could not be used."""
+    path = tmp_path / "plus.csv"
+    path.write_text(f"{TEXT},Issue+Sub,Issue\n" + "".join(f"text {i},{'AB'[i % 2]},x\n" for i in range(40)))
+    assert sorted(prepare(DataConfig(path=str(path), label_column="Issue+Sub")).classes) == ["A", "B"]
+
+
+def test_a_utf16_file_is_named_as_utf16_and_reads_with_that_encoding(tmp_path):
+    """A review: the error on a UTF-16 file (Excel's "Unicode text") suggested cp1252."""
+    path = tmp_path / "u16.csv"
+    path.write_bytes(f"{TEXT},Issue\ncafé,A\n".encode("utf-16"))
+    with pytest.raises(TailtuneError, match=r"is UTF-16 .*data.encoding=utf-16") as err:
+        read_table(path)
+    assert "cp1252" not in str(err.value)
+    assert read_table(path, encoding="utf-16")[TEXT].tolist() == ["café"]

@@ -213,10 +213,16 @@ def test_export_refuses_what_a_stock_class_cannot_hold(smoke_run, tmp_path):
         deploy.export_merged(systems / "encoder-lora", tmp_path / "a")
     with pytest.raises(TailtuneError, match="no adapter to merge"):
         deploy.export_merged(systems / "tfidf-logreg", tmp_path / "c")
-    for tolerance in (-1.0, float("nan")):  # nan passed the check and then reported "0.00e+00 > nan"
-        with pytest.raises(TailtuneError, match="--tolerance must be a number >= 0"):
+    with pytest.raises(TailtuneError, match="is a tfidf system"):
+        deploy.export_merged(systems / "tfidf-logreg", tmp_path / "c")
+    for tolerance in (-1.0, float("nan"), float("inf")):  # nan passed the check and then reported "0.00e+00 > nan"
+        with pytest.raises(TailtuneError, match="--tolerance must be a finite number, 0 or more"):
             deploy.export_merged(systems / "encoder-lora", tmp_path / "e", fmt="tailtune", tolerance=tolerance)
     assert not any(tmp_path.iterdir())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TailtuneError, match="--merged .*file is a file; name a new or empty folder"):
+        deploy.export_merged(systems / "encoder-lora", tmp_path / "file", fmt="tailtune")
+    (tmp_path / "file").unlink()
     result = cli("export", systems / "encoder-lora", "--merged", tmp_path / "d")
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
@@ -397,14 +403,15 @@ def test_predict_copies_ids_exactly(smoke_run, tmp_path, suffix):
     assert out["id"].tolist() == ["9007199254740993", "3004095", "", "12"]
     if suffix == ".jsonl":  # a chunk of lines with no id key, or no text key: "internal error KeyError: 'id'"
         source.write_text('{"id": 1, "text": "refund"}\n{"text": "debt"}\n{"text": "fee"}\n{"id": 4}\n')
-        deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv", chunk_size=1)
+        deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv", chunk_size=1,
+                            overwrite=True)
         out = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
         assert out["id"].tolist() == ["1", "", "", "4"]
         assert (out["label"][:3] != "").all() and out["label"][3] == ""
         # ids (and texts) that first appear after the first chunk were left out of the output
         source.write_text('{"body": "refund"}\n{"id": 7, "text": "debt"}\n')
         result = deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv",
-                                     chunk_size=1)
+                                     chunk_size=1, overwrite=True)
         assert (result["id_column"], result["text_column"]) == ("id", "text")
         out = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
         assert out["id"].tolist() == ["", "7"] and out["label"][0] == "" and out["label"][1] != ""
@@ -416,7 +423,7 @@ def test_predict_copies_ids_exactly(smoke_run, tmp_path, suffix):
         test = run_test_texts(smoke_run).iloc[0]
         source.write_text(json.dumps({"text": "refund"}) + "\n" + json.dumps({"text": test["text"], "Product": test["label"]}))
         result = deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv",
-                                     chunk_size=1, label_column="Product")
+                                     chunk_size=1, label_column="Product", overwrite=True)
         expected = deploy.load_predictor(smoke_run / "systems" / "tfidf-logreg").predict([test["text"]])[0]
         assert result["rows"] == 2 and result["unknown_labels"] == {}
         assert result["accuracy"] == float(expected == test["label"])
@@ -440,7 +447,7 @@ def test_predict_reads_a_json_document_with_predicts_own_errors(smoke_run, tmp_p
     expected = deploy.load_predictor(system).predict(["le caf\u00e9", "refund"])
     assert pd.read_csv(tmp_path / "o.csv")["label"].tolist() == expected
     source.write_text("[]")
-    result = cli("predict", system, "--input", source, "--output", tmp_path / "o.csv")
+    result = cli("predict", system, "--input", source, "--output", tmp_path / "o.csv", "--overwrite")
     assert result.exit_code == 2 and result.stderr.strip() == f"error: input file has no rows: {source}"
     source.write_text('[{"text": "refund"}]')
     result = cli("predict", system, "--input", source, "--output", tmp_path / "one.csv")
@@ -672,3 +679,98 @@ def test_prediction_frame_rounds_confidences_to_six_decimals():
     assert out["confidence"].tolist() == [0.876543, 0.5]
     assert out["confidence_2"].tolist() == [0.123457, 0.3]
     assert out["id"].tolist() == ["7", "8"]
+
+
+def _truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def _drop_classes(path: Path) -> None:
+    meta = json.loads(path.read_text())
+    del meta["classes"]
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("system", "file", "damage", "message"),
+    [
+        ("encoder-lora", "tailtune.json", lambda p: _truncate(p, 100), "tailtune.json is not readable JSON"),
+        ("tfidf-logreg", "pipeline.joblib", lambda p: _truncate(p, 1000), "could not load the model saved in"),
+        ("encoder-probe", "probe.joblib", lambda p: _truncate(p, 100), "could not load the model saved in"),
+        ("encoder-probe", "tailtune.json", _drop_classes, "tailtune.json lacks 'classes'"),
+    ],
+)
+def test_a_damaged_saved_system_is_one_line_exit_2(smoke_run, tmp_path, system, file, damage, message):
+    """A review: predict, serve and bench read tailtune.json and the joblib files outside
+    TextClassifier.load's guard, and a torn one was an internal error (exit 1)."""
+    import shutil
+
+    folder = tmp_path / system
+    shutil.copytree(smoke_run / "systems" / system, folder)
+    damage(folder / "model" / file)
+    source = tmp_path / "in.csv"
+    source.write_text("text\nhello\n")
+    result = cli("predict", folder, "--input", source, "--output", tmp_path / "out.csv")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and system in lines[0], result.output
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_predict_refuses_an_existing_output_unless_told_to_overwrite(smoke_run, tmp_path):
+    """A review: predict wrote over any file, the run's own predictions.csv included."""
+    source, output = tmp_path / "in.csv", tmp_path / "preds.csv"
+    source.write_text("text\nhello\n")
+    output.write_text("keep me\n")
+    system = smoke_run / "systems" / "tfidf-logreg"
+    result = cli("predict", system, "--input", source, "--output", output)
+    assert result.exit_code == 2 and "already exists; pass --overwrite" in result.output, result.output
+    assert output.read_text() == "keep me\n"
+    result = cli("predict", system, "--input", source, "--output", output, "--engine", "ray", "--overwrite")
+    assert result.exit_code == 2 and "--overwrite works with --engine local only" in result.output, result.output
+    result = cli("predict", system, "--input", source, "--output", output, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(output).columns.tolist() == ["label", "confidence"]
+
+
+@pytest.mark.parametrize(("make", "message"), [("folder", "is a folder; name a file"),
+                                               ("parent-file", "is a file, not a folder")])
+def test_predict_checks_the_output_path_before_anything_is_predicted(smoke_run, tmp_path, monkeypatch, make, message):
+    """A review: a folder as --output failed after the whole input was predicted, naming a hidden temp file."""
+    source = tmp_path / "in.csv"
+    source.write_text("text\nhello\n")
+    if make == "folder":
+        output = tmp_path / "preds.csv"
+        output.mkdir()
+    else:
+        (tmp_path / "plain").write_text("")
+        output = tmp_path / "plain" / "sub" / "preds.csv"
+    monkeypatch.setattr(deploy, "load_predictor", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = cli("predict", smoke_run / "systems" / "tfidf-logreg", "--input", source, "--output", output)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and ".tmp" not in lines[0], result.output
+
+
+def test_a_first_row_longer_than_the_header_is_refused_not_shifted(smoke_run, tmp_path):
+    """A review: pandas made the extra leading field an index, so ids were classified as texts,
+    the texts were dropped, and predict exited 0."""
+    from tailtune.data import read_table
+
+    source = tmp_path / "in.csv"
+    source.write_text("id,text\n1,hello fee,extra\n2,late fee\n3,card\n")
+    output = tmp_path / "preds.csv"
+    result = cli("predict", smoke_run / "systems" / "tfidf-logreg", "--input", source, "--output", output)
+    assert result.exit_code == 2, result.output
+    assert "its first row has more fields than the header's 2" in result.output and not output.exists()
+    with pytest.raises(TailtuneError, match="first row has more fields than the header's 2"):
+        read_table(source)
+
+
+def test_an_unknown_or_missing_device_is_one_line(smoke_run):
+    system = smoke_run / "systems" / "tfidf-logreg"
+    with pytest.raises(TailtuneError, match="device must be auto, cpu or cuda, got 'tpu'"):
+        deploy.load_predictor(system, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TailtuneError, match="this machine has no CUDA GPU"):
+            deploy.load_predictor(system, device="cuda")

@@ -305,3 +305,10 @@ def test_fake_forward_counts_what_a_real_forward_saves(arch):
     # (measured: none on BERT, two on ModernBERT (global and sliding window) and on Qwen2).
     assert 0 <= fake - real <= 2 * 8 * 24 * 24 * 4
     assert one + 7 * (two - one) == real
+
+
+@pytest.mark.parametrize("classes", [-5, 0, 1])
+def test_a_head_of_fewer_than_two_classes_is_refused(classes):
+    """A review: -5 was an internal RuntimeError, and 0 silently planned the config's classes."""
+    with pytest.raises(TailtuneError, match=f"--classes must be at least 2 .*got {classes}"):
+        plan(load_config("smoke"), ["lora"], classes)

@@ -201,3 +201,21 @@ def test_a_hub_models_digest_is_its_cached_files_not_its_commit(tmp_path, monkey
     assert {n: d for n, d in changed.items() if n != "model.safetensors"} == {
         n: d for n, d in first.items() if n != "model.safetensors"}
     assert model_digests("org/not-cached") is None and model_digests("not a repo id!") is None
+
+
+def test_report_marks_a_system_with_a_cut_or_deleted_file_missing(tmp_path, small_csv):
+    """A review: `tailtune report` kept a system whose predictions.csv was cut as "ok", with its
+    old numbers, where `tailtune train` marked it missing; and a damaged comparison.csv was an
+    internal ParserError."""
+    from tailtune.report import build_report
+
+    out = tmp_path / "run"
+    assert _run(out, small_csv, "tfidf-logreg,encoder-probe").exit_code == 0
+    assert "a file of systems/" not in build_report(out).read_text()
+    predictions = out / "systems" / "encoder-probe" / "predictions.csv"
+    predictions.write_bytes(predictions.read_bytes()[:100])
+    html = build_report(out).read_text()
+    assert "Missing: encoder-probe" in html and "a file of systems/encoder-probe is missing or cut" in html
+    (out / "comparison.csv").write_text('garbage,"\n')
+    result = cli("report", out)
+    assert result.exit_code == 2 and result.output.startswith(f"error: {out / 'comparison.csv'} is damaged")

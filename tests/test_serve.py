@@ -264,3 +264,46 @@ def test_serve_without_fastapi_or_uvicorn_says_what_to_install(tmp_path, monkeyp
             result = CliRunner().invoke(app, ["serve", str(tmp_path)])
         assert result.exit_code == 2
         assert result.output.strip() == f"error: serve needs {missing}: pip install 'tailtune[serve]'"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"texts": ["a"], "top_k": 1e400}',
+        '{"texts": [Infinity]}',
+        '{"texts": ["a"], "system": NaN}',
+        '{"texts": ["a"], "top_k": NaN}',
+        '{"texts": ["a"], "top_k": true}',
+        '{"texts": ["a"], "top_k": "2"}',
+    ],
+)
+def test_non_finite_numbers_and_loose_types_are_422_not_500(client, body):
+    """A review: FastAPI's 422 echoed the NaN back and could not write it as JSON (a 500)."""
+    response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][0] == "body"
+
+
+def test_a_lone_surrogate_is_422_for_a_system_without_a_tokenizer(tmp_path_factory):
+    """A review: 422 from the torch systems, 200 with a label from tfidf-logreg."""
+    from test_deploy import train_smoke_run
+
+    run = train_smoke_run(tmp_path_factory)
+    with TestClient(create_app(run, systems=["tfidf-logreg"], max_batch=8, max_chars=500)) as c:
+        response = c.post("/predict", content='{"texts": ["ok \\ud800 text"]}',
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "text 0 is not valid Unicode" in response.json()["detail"]
+
+
+def test_a_torn_adapter_on_a_shared_base_is_one_line(adapter_run, tmp_path):
+    """A review: serve's shared-base loader had no guard; a torn adapter was a SafetensorError."""
+    import shutil
+
+    from tailtune.errors import TailtuneError
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter_run, run)
+    adapter = run / "systems" / "encoder-lora-weighted" / "model" / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:500])
+    with pytest.raises(TailtuneError, match="could not load the model saved in .*encoder-lora-weighted"):
+        create_app(run)

@@ -153,3 +153,16 @@ def test_the_swept_config_is_validated_as_a_whole():
     axes, _ = parse_args(["method.rank=4,16"])
     with pytest.raises(TailtuneError, match="tune.chosen names 'encoder-lora', which is not in systems"):
         sweep_config(cfg, axes)
+
+
+def test_sweep_takes_the_text_column_as_run_does(tmp_path):
+    """A review: `sweep --text-column` was "No such option"; only data.text_column=... worked."""
+    from test_deploy import cli
+
+    source = tmp_path / "d.csv"
+    source.write_text("body,Issue\nhello,A\n")
+    result = cli("sweep", "smoke", "method=lora,ia3", "--data", source, "--label-column", "Issue",
+                 "--text-column", "narrative", "--out", tmp_path / "s")
+    assert result.exit_code == 2, result.output
+    assert "text column 'narrative' not found" in result.output
+    assert not (tmp_path / "s").exists()

@@ -649,7 +649,7 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
             digest = hashlib.sha1("\x1f".join(texts).encode()).hexdigest()
             ids = shared_copy("ids", (tokenizer.name_or_path, len(tokenizer), max_length, digest), load, list)
     except (TypeError, UnicodeEncodeError):  # a lone surrogate ("\ud800", e.g. from JSON) is not text
-        _check_encodable(texts)
+        check_encodable(texts)
         raise
     # A decoder without a BOS token gives an empty text no token at all: alone it crashed the
     # forward pass, in a batch it was "classified" from padding alone.
@@ -664,7 +664,7 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return ids
 
 
-def _check_encodable(texts: list[str]) -> None:
+def check_encodable(texts: list[str]) -> None:
     """A one-line error naming the first text that is not valid Unicode; the tokenizer's own is a
     TypeError listing its accepted input types."""
     for i, text in enumerate(texts):

@@ -412,9 +412,14 @@ def bench(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    kept = _keep_earlier(run_dir / "bench.json", result, run_dir, finished)
-    if kept and console is not None:
-        console.print(f"kept from bench.json (same machine and settings): {', '.join(kept)}", markup=False)
+    kept, dropped = _keep_earlier(run_dir / "bench.json", result, run_dir, finished)
+    if console is not None:
+        if kept:
+            console.print(f"kept from bench.json (same machine and settings): {', '.join(kept)}", markup=False)
+        if dropped:
+            console.print(
+                "dropped from bench.json: " + "; ".join(f"{n} ({why})" for n, why in dropped.items()), markup=False
+            )
     result["ratios"]["decoder_vs_encoder"] = decoder_vs_encoder(result["systems"])
     rundir.write_json(run_dir / "bench.json", result)
     return result
@@ -440,30 +445,41 @@ def unchanged(system_dir: Path, entry: dict) -> bool | None:
     return None if stamp is None else stamp == model_stamp(system_dir)
 
 
-def _keep_earlier(path: Path, result: dict, run_dir: Path, finished: list[str]) -> list[str]:
+def _keep_earlier(path: Path, result: dict, run_dir: Path, finished: list[str]) -> tuple[list[str], dict[str, str]]:
     """Add to ``result`` the systems an earlier bench.json measured and this call did not
     (``bench --systems X`` replaced the whole file before); only when the machine and settings
     match, so every number in the file is comparable, and only systems still finished and
     unchanged since (a system that failed or was trained again kept its old numbers before).
-    Returns the names kept."""
+    Returns the names kept, and {name: why} for those left out."""
     from tailtune import rundir
 
     try:
         earlier = rundir.read_json(path)
     except (OSError, ValueError):
-        return []
-    if any(earlier.get(key) != result[key] for key in SETTINGS):
-        return []
-    kept = [
-        name
-        for name, entry in earlier.get("systems", {}).items()
-        if name not in result["systems"] and name in finished and unchanged(run_dir / "systems" / name, entry)
-    ]
+        return [], {}
+    others = [n for n in earlier.get("systems", {}) if n not in result["systems"]]
+    changed = [key for key in SETTINGS if earlier.get(key) != result[key]]
+    if changed:
+        why = "timed with other settings: " + ", ".join(
+            "another machine" if key == "machine" else f"{key} {earlier.get(key)} then, {result[key]} now"
+            for key in changed
+        )
+        return [], dict.fromkeys(others, why)
+    kept, dropped = [], {}
+    for name in others:
+        if name not in finished:
+            dropped[name] = "no longer finished"
+        elif (same := unchanged(run_dir / "systems" / name, earlier["systems"][name])) is None:
+            dropped[name] = "its entry does not say which training it timed"
+        elif not same:
+            dropped[name] = "trained again since it was timed"
+        else:
+            kept.append(name)
     for name in kept:
         result["systems"][name] = earlier["systems"][name]
         if name in earlier["ratios"].get("unmerged_vs_merged", {}):
             result["ratios"]["unmerged_vs_merged"][name] = earlier["ratios"]["unmerged_vs_merged"][name]
-    return kept
+    return kept, dropped
 
 
 def decoder_vs_encoder(systems: dict) -> float | None:

@@ -9,6 +9,7 @@ left or right padding and when the pad token equals the eos token (transformers#
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -573,17 +574,10 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
     @classmethod
     def load(cls, path: str | Path) -> TextClassifier:
         """Reload a saved classifier; the head comes from ``head.safetensors``, never re-initialised."""
-        from safetensors import SafetensorError
-
         path = Path(path)
         meta, config = read_saved(path)
-        try:
+        with damaged_model(path):
             return cls._load(path, meta, config)
-        except KeyError as exc:
-            raise TailtuneError(f"{path / 'tailtune.json'} lacks {exc}; the saved model is damaged") from None
-        except (OSError, ValueError, TypeError, SafetensorError) as exc:
-            # a missing file; peft's "Can't find 'adapter_config.json'"; a torn head; a damaged method_config
-            raise TailtuneError(f"could not load the model saved in {path}: {first_line(exc)}") from None
 
     @classmethod
     def _load(cls, path: Path, meta: dict, config: BackboneConfig) -> TextClassifier:
@@ -613,6 +607,39 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
         return self
 
 
+@contextlib.contextmanager
+def damaged_model(path: Path):
+    """Loading the model saved in ``path``: a damaged or missing file of it is one line naming it.
+
+    A missing file, peft's "Can't find 'adapter_config.json'", a torn safetensors or joblib file,
+    a key missing from tailtune.json, a damaged method_config. Input errors pass through.
+    """
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except TailtuneError:
+        raise
+    except KeyError as exc:
+        raise TailtuneError(f"{path / 'tailtune.json'} lacks {exc}; the saved model is damaged") from None
+    except (OSError, ValueError, TypeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+        raise TailtuneError(f"could not load the model saved in {path}: {first_line(exc)}") from None
+
+
+def read_meta(path: Path) -> dict:
+    """The ``tailtune.json`` of the model folder ``path``, or one line saying it is damaged."""
+    meta_file = Path(path) / "tailtune.json"
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise TailtuneError(f"{meta_file} is not readable JSON ({first_line(exc)}); the saved model is damaged") from None
+    if not isinstance(meta, dict):
+        raise TailtuneError(f"{meta_file} is not a JSON object; the saved model is damaged")
+    return meta
+
+
 def read_saved(path: Path, kind: str = "finetune") -> tuple[dict, BackboneConfig]:
     """The ``tailtune.json`` of a saved model folder of ``kind`` and the backbone config it records.
 
@@ -622,12 +649,7 @@ def read_saved(path: Path, kind: str = "finetune") -> tuple[dict, BackboneConfig
     meta_file = path / "tailtune.json"
     if not meta_file.exists():
         raise TailtuneError(f"{path} is not a saved tailtune model (no tailtune.json)")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise TailtuneError(f"{meta_file} is not readable JSON ({first_line(exc)}); the saved model is damaged") from None
-    if not isinstance(meta, dict):
-        raise TailtuneError(f"{meta_file} is not a JSON object; the saved model is damaged")
+    meta = read_meta(path)
     if meta.get("kind", "finetune") != kind:
         raise TailtuneError(
             f"{path} holds a '{meta.get('kind', 'finetune')}' system, not a {kind} one; tailtune.deploy.load_predictor "

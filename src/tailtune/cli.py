@@ -229,6 +229,7 @@ def sweep(
     ),
     data: Path = typer.Option(None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."),
     label_column: str = typer.Option(None, help="Label column, or columns joined by '+'."),
+    text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
     out: Path = typer.Option(None, "--out", help="Run directory (default: the preset's, plus -sweep)."),
     systems: str = typer.Option(None, help="Comma-separated systems to sweep from (default: the config's)."),
     report: bool = typer.Option(True, help="Write report.html at the end."),
@@ -242,7 +243,7 @@ def sweep(
     axes, overrides = parse_args(items or [])
     cfg = _config(
         config, overrides,
-        **{"data.path": data, "data.label_column": label_column, "systems": systems},
+        **{"data.path": data, "data.label_column": label_column, "data.text_column": text_column, "systems": systems},
     )
     cfg = sweep_config(cfg, axes, str(out) if out else None)
     run_all(cfg, report=report)
@@ -357,6 +358,7 @@ def predict(
     address: str = typer.Option(None, help="Ray cluster to join (host:port or auto; default: start a local one)."),
     workers: int = typer.Option(None, help="Ray predictor actors (default: one per GPU, else CPUs - 1)."),
     encoding: str = typer.Option("utf-8", help="Text encoding of a CSV / TSV / JSONL / JSON input (e.g. cp1252)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file (local engine)."),
 ):
     """Classify a file of any size, streaming, in the input's order."""
     from tailtune.run import make_console
@@ -366,7 +368,7 @@ def predict(
     done = run_predict(
         engine, system_dir, input, output, text_column=text_column, id_column=id_column, k=top_k,
         chunk_size=chunk_size, batch_size=batch_size, precision=precision, console=make_console(stderr=True),
-        label_column=label_column, encoding=encoding,
+        label_column=label_column, encoding=encoding, overwrite=overwrite or None,
         address=address, workers=workers,
     )
     rows = f"{done['rows']:,} row" + ("" if done["rows"] == 1 else "s")
@@ -408,8 +410,20 @@ def bench(
         raise TailtuneError(f"--batch-sizes must be integers separated by commas, got '{batch_sizes}'") from None
     _bench_and_report(
         run_dir, report=(run_dir / "report.html").is_file(), batch_sizes=sizes, repeats=repeats,
-        max_texts=max_texts, price_per_hour=price_per_hour, systems=systems.split(",") if systems else None,
+        max_texts=max_texts, price_per_hour=price_per_hour, systems=_names(systems, "--systems"),
     )
+
+
+def _names(text: str | None, flag: str) -> list[str] | None:
+    """A comma-separated list of names; an empty name (",", "a,") is an error, not a system called ''."""
+    from tailtune.errors import TailtuneError
+
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise TailtuneError(f"{flag} '{text}' has an empty name; separate names with single commas")
+    return names
 
 
 def _bench_and_report(run_dir: Path, report: bool, **options) -> None:
@@ -450,7 +464,7 @@ def serve(
     except ImportError as exc:  # fastapi / uvicorn (imported by tailtune.serve) are the serve extra
         raise TailtuneError(f"serve needs {exc.name}: pip install 'tailtune[serve]'") from None
 
-    run_server(run_dir, host=host, port=port, systems=systems.split(",") if systems else None,
+    run_server(run_dir, host=host, port=port, systems=_names(systems, "--systems"),
                max_batch=max_batch, max_chars=max_chars, precision=precision)
 
 

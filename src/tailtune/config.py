@@ -270,7 +270,7 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
     """Read a preset name or YAML path (None = the demo preset), then apply ``key=value`` overrides."""
     path = _preset_path(source)
     try:
-        raw = _yaml(path.read_text(encoding="utf-8")) or {}
+        raw = _yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise TailtuneError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except UnicodeDecodeError as exc:
@@ -278,6 +278,10 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
             f"config {path} is not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
             "re-save it as UTF-8"
         ) from None
+    if raw is None:  # an empty file (or only comments) would have started a run with the built-in defaults
+        raise TailtuneError(
+            f"config {path} is empty; give it keys, or name a preset ({', '.join(available_presets())})"
+        )
     if not isinstance(raw, dict):
         raise TailtuneError(f"config {path} must be a mapping of keys to values")
     for item in overrides:
@@ -561,8 +565,12 @@ def validate(cfg: Config) -> None:
     tune = cfg.tune
     if not tune.lr_factors or not all(0 < f < math.inf for f in tune.lr_factors):
         raise TailtuneError("tune.lr_factors must be a non-empty list of factors > 0")
+    if len(set(tune.lr_factors)) < len(tune.lr_factors):  # the same trial trained twice
+        raise TailtuneError(f"tune.lr_factors lists a factor twice: {tune.lr_factors}")
     if not tune.weightings:
         raise TailtuneError("tune.weightings must name at least one weighting")
+    if len(set(tune.weightings)) < len(tune.weightings):
+        raise TailtuneError(f"tune.weightings lists a weighting twice: {tune.weightings}")
     for scheme in tune.weightings:
         weighting.check(scheme)
     _at_least("tune.max_rows", tune.max_rows, 2)

@@ -217,9 +217,22 @@ def tsv_quoting(path: Path, codec: str, hint: tuple[str, str] = DATA_ENCODING_HI
 def _read_delimited(path: Path, sep: str, codec: str) -> pd.DataFrame:
     quoting = tsv_quoting(path, codec) if sep == "\t" else csv.QUOTE_MINIMAL
     try:
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding=codec, quoting=quoting)
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding=codec, quoting=quoting)
     except pd.errors.EmptyDataError:
         raise TailtuneError(f"data file has no rows or header: {path}") from None
+    check_no_implicit_index(frame, path)
+    return frame
+
+
+def check_no_implicit_index(frame: pd.DataFrame, path: Path) -> None:
+    """pandas reads a first row with more fields than the header as an index plus shifted
+    columns (ids where the texts should be), silently: name it instead. A longer row further
+    down is pandas' own "Expected 2 fields in line 3, saw 3"."""
+    if not isinstance(frame.index, pd.RangeIndex):
+        raise TailtuneError(
+            f"could not read {path}: its first row has more fields than the header's {len(frame.columns)} "
+            "(a field holding the separator must be quoted)"
+        )
 
 
 def decode_error(path: Path, codec: str, hint: tuple[str, str] = DATA_ENCODING_HINT) -> TailtuneError:
@@ -256,6 +269,11 @@ def decode_problem(path: Path, codec: str, hint: tuple[str, str] = DATA_ENCODING
             return None
     if name != "UTF-8":
         return f"{path} is not valid {name}: {where}; check {hint[0]}"
+    with open(path, "rb") as f:
+        start = f.read(2)
+    if start in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):  # Excel's "Unicode text" and PowerShell's default
+        utf16 = hint[1].replace("cp1252", "utf-16")
+        return f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark), not UTF-8: say so ({utf16}), or re-save it as UTF-8"
     if utf8_before:
         # A file with UTF-8 text before the bad byte mixes encodings: no single encoding
         # setting reads it right, so the line must be fixed.
@@ -284,8 +302,12 @@ def blank(texts) -> np.ndarray:
 
 
 def label_series(df: pd.DataFrame, label_column: str) -> pd.Series:
-    """The labels of ``df``: one column, or ``A+B`` columns joined as "a / b" (missing if a part is)."""
-    parts = [c.strip() for c in label_column.split("+")]
+    """The labels of ``df``: one column, or ``A+B`` columns joined as "a / b" (missing if a part is).
+
+    A column whose own name holds ``+`` is that column. A part named twice is an error."""
+    parts = [label_column] if label_column in df.columns else [c.strip() for c in label_column.split("+")]
+    if len(set(parts)) < len(parts):
+        raise TailtuneError(f"label column '{label_column}' names a column twice")
     for col in parts:
         _require_column(df, col, "label")
     columns = [df[col].astype("string") for col in parts]
@@ -336,9 +358,15 @@ def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
     dropped when they conflict) -> the ``max_rows`` sample -> classes below ``min_class_count``.
     """
     _require_column(df, cfg.text_column, "text")
+    label_parts = [cfg.label_column] if cfg.label_column in df.columns else cfg.label_column.split("+")
+    if cfg.text_column in (p.strip() for p in label_parts):
+        raise TailtuneError(
+            f"the text column '{cfg.text_column}' is also the label column ('{cfg.label_column}'): the model "
+            "would read its answer; pass the narrative as --text-column"
+        )
     labels = label_series(df, cfg.label_column)
     if len(df) == 0:
-        raise TailtuneError("data file has a header but no rows")
+        raise TailtuneError("data file has a header but no rows" + (f": {cfg.path}" if cfg.path else ""))
     ids = df[cfg.id_column].astype(str) if cfg.id_column in df.columns else pd.Series(
         np.arange(len(df)).astype(str), index=df.index
     )

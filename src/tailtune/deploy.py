@@ -163,8 +163,10 @@ def _pipeline_proba(pipeline, inputs, n_classes: int) -> np.ndarray:
 
 
 def load_meta(folder: Path) -> dict:
-    """The ``tailtune.json`` of a model folder."""
-    return json.loads((Path(folder) / "tailtune.json").read_text())
+    """The ``tailtune.json`` of a model folder (one line when it is damaged)."""
+    from tailtune.classifier import read_meta
+
+    return read_meta(folder)
 
 
 def resolve_system(path: str | Path) -> tuple[str, Path]:
@@ -211,19 +213,16 @@ def load_predictor(
     is auto | fp32 | bf16 | fp16 (auto: bf16 only where the device computes it natively);
     ``device`` is auto | cpu | cuda; ``batch_size`` defaults to the system's eval batch size.
     """
+    from tailtune.classifier import damaged_model
     from tailtune.config import check_precision
 
     check_precision(precision)  # for every kind, also those that ignore it
     kind, folder = resolve_system(path)
     if kind not in LOADERS:
         raise TailtuneError(f"{folder} holds a system of unknown kind '{kind}'")
-    return LOADERS[kind](
-        folder,
-        merged=merged,
-        precision=precision,
-        device=pick_device(device),
-        batch_size=batch_size,
-    )
+    device = pick_device(device)
+    with damaged_model(folder):
+        return LOADERS[kind](folder, merged=merged, precision=precision, device=device, batch_size=batch_size)
 
 
 def finished_systems(run_dir: str | Path, only: list[str] | None = None) -> list[str]:
@@ -234,8 +233,13 @@ def finished_systems(run_dir: str | Path, only: list[str] | None = None) -> list
 
     run_dir = Path(run_dir)
     check_finished_run(run_dir)
-    comparison = pd.read_csv(run_dir / "comparison.csv")
-    names = comparison.loc[comparison["status"] == "ok", "system"].tolist()
+    try:
+        comparison = pd.read_csv(run_dir / "comparison.csv")
+        names = comparison.loc[comparison["status"] == "ok", "system"].tolist()
+    except (ValueError, KeyError) as exc:  # EmptyDataError and ParserError are ValueErrors
+        raise TailtuneError(
+            f"{run_dir / 'comparison.csv'} is damaged ({exc}); run the same tailtune run command again to rewrite it"
+        ) from None
     if only:
         unknown = [n for n in only if n not in names]
         if unknown:
@@ -254,6 +258,10 @@ def pick_device(device: str):
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise TailtuneError(f"device must be auto, cpu or cuda, got '{device}'")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise TailtuneError(f"device '{device}' asked for, but this machine has no CUDA GPU (use cpu or auto)")
     return torch.device(device)
 
 
@@ -554,14 +562,17 @@ def export_merged(
     if fmt not in EXPORT_FORMATS:
         raise TailtuneError(f"unknown export format '{fmt}' (formats: {', '.join(EXPORT_FORMATS)})")
     if not 0 <= tolerance < np.inf:
-        raise TailtuneError(f"--tolerance must be a number >= 0, got {tolerance:g}")
+        raise TailtuneError(f"--tolerance must be a finite number, 0 or more, got {tolerance:g}")
     kind, folder = resolve_system(system_dir)
     if kind != "finetune":
         raise TailtuneError(
-            f"{system_dir} is a {kind} system: there is no adapter to merge; use tailtune predict on it directly"
+            f"{system_dir} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} system: there is no adapter to merge; "
+            "use tailtune predict on it directly"
         )
     outdir = Path(outdir)
-    if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
+    if outdir.exists() and not outdir.is_dir():
+        raise TailtuneError(f"--merged {outdir} is a file; name a new or empty folder")
+    if outdir.exists() and any(outdir.iterdir()):
         raise TailtuneError(f"export folder {outdir} already exists and is not empty")
     quiet_transformers()
     clf = TextClassifier.load(folder)
@@ -632,6 +643,7 @@ def _open_table(
     """
     from tailtune.data import (
         READERS,
+        check_no_implicit_index,
         decode_error,
         jsonl_frames,
         read_json,
@@ -707,6 +719,8 @@ def _open_table(
                     quoting=quoting,
                 )
             for frame in reader:
+                if kind != "jsonl":
+                    check_no_implicit_index(frame, path)
                 yield frame, raw.tell()
         except UnicodeDecodeError:
             raise decode_error(path, codec, ENCODING_HINT) from None
@@ -820,6 +834,27 @@ def prediction_frame(
     return out
 
 
+def check_output_file(path: Path, *, overwrite: bool, flag: str = "--output") -> None:
+    """Before any work: ``path`` names a file that can be written, and is not one already there
+    (unless ``overwrite``); a folder, a folder that is a file, or one without write permission
+    is refused here, not after every row has been predicted."""
+    import tempfile
+
+    if path.is_dir():
+        raise TailtuneError(f"{flag} {path} is a folder; name a file")
+    if path.exists() and not overwrite:
+        raise TailtuneError(f"{flag} {path} already exists; pass --overwrite to replace it")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # atomic_write makes the missing ones
+        folder = folder.parent
+    if not folder.is_dir():
+        raise TailtuneError(f"{flag} {path}: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise TailtuneError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
 def predict_file(
     system_dir: str | Path,
     input_path: str | Path,
@@ -834,10 +869,12 @@ def predict_file(
     console=None,
     label_column: str | None = None,
     encoding: str = "utf-8",
+    overwrite: bool | None = None,
 ) -> dict:
     """Classify every row of ``input_path`` with the system in ``system_dir``; write ``output_path``.
 
-    ``encoding`` is the input's text encoding (CSV, TSV, JSON lines).
+    ``encoding`` is the input's text encoding (CSV, TSV, JSON lines). An existing
+    ``output_path`` is refused unless ``overwrite``.
 
     ``precision`` (auto | fp32 | bf16 | fp16) as in :func:`load_predictor`: auto is bf16 where the
     device computes it natively, which can flip a near-tie against the run's fp32 predictions.
@@ -866,8 +903,10 @@ def predict_file(
     out_kind = _Sink.KINDS.get(output_path.suffix.lower())
     if out_kind is None:
         raise TailtuneError(f"output must end in {', '.join(_Sink.KINDS)}: {output_path}")
-    if chunk_size < 1 or k < 1 or (batch_size is not None and batch_size < 1):
-        raise TailtuneError("--chunk-size, --top-k and --batch-size must be at least 1")
+    for flag, value in (("--chunk-size", chunk_size), ("--top-k", k), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise TailtuneError(f"{flag} must be at least 1, got {value}")
+    check_output_file(output_path, overwrite=bool(overwrite))
     frames, total = _open_table(input_path, chunk_size, encoding)
     first = next(frames, None)
     if first is None or len(first[0]) == 0:

@@ -51,6 +51,8 @@ def plan(cfg: Config, methods: list[str] | None = None, n_classes: int | None = 
     from tailtune import methods as registry
     from tailtune.train import resolve_precision
 
+    if n_classes is not None and n_classes < 2:
+        raise TailtuneError(f"--classes must be at least 2 (a classifier needs two classes), got {n_classes}")
     specs = [systems.parse_system(n) for n in cfg.systems]
     names = list(methods) if methods else list(registry.METHODS)
     if methods is None and any(s.kind == "generate" for s in specs):
@@ -61,7 +63,7 @@ def plan(cfg: Config, methods: list[str] | None = None, n_classes: int | None = 
     used = [s for s in systems.SLOTS if any(spec.slot == s for spec in specs)]
     if GENERATE in names and "decoder" not in used:
         used.append("decoder")
-    classes = None if n_classes else class_names(cfg.data)
+    classes = None if n_classes is not None else class_names(cfg.data)
     n_classes = n_classes or len(classes)
     precision = resolve_precision(cfg.train.precision)
     rows = []

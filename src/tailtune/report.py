@@ -227,9 +227,16 @@ def load_run(run_dir: str | Path) -> Run:
     else:
         problems.append("config.yaml is missing")
 
-    comparison = pd.read_csv(path / "comparison.csv")
+    try:
+        comparison = pd.read_csv(path / "comparison.csv")
+    except ValueError as exc:  # EmptyDataError and ParserError are ValueErrors
+        raise TailtuneError(
+            f"{path / 'comparison.csv'} is damaged ({str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); "
+            "run the same tailtune run command again to rewrite it"
+        ) from None
     if "system" not in comparison.columns:
         raise TailtuneError(f"{path / 'comparison.csv'} has no 'system' column")
+    from tailtune.run import files_intact
 
     systems = []
     for row in comparison.to_dict("records"):
@@ -242,6 +249,10 @@ def load_run(run_dir: str | Path) -> Run:
         elif status == "ok":  # deleted since comparison.csv was written: its row's numbers are stale
             system.status = "missing"
             system.note = f"systems/{name}/metrics.json is missing; train it again with the run's command"
+        if system.status == "ok" and not files_intact(folder):
+            system.status = "missing"  # a file deleted or cut since it was written (files.json)
+            system.note = (f"a file of systems/{name} is missing or cut since it was written; "
+                           "train it again with the run's command")
         # Class names are text, even "None" or "N/A"; only the score columns may be missing.
         if (folder / "per_class.csv").is_file():
             system.per_class = pd.read_csv(

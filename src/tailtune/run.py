@@ -286,7 +286,13 @@ def _finished(system_dir: Path, n_test: int) -> bool:
         return False
     if not ("macro_f1" in metrics and len(preds) == n_test and (system_dir / "model" / "tailtune.json").exists()):
         return False
-    try:  # every file the system was written with, at its size (runs before files.json: not checked)
+    return files_intact(system_dir)
+
+
+def files_intact(system_dir: Path) -> bool:
+    """Every file the system was written with is there at its size (``files.json``); a folder
+    written before files.json existed is not checked."""
+    try:
         files = rundir.read_json(system_dir / FILES)
     except FileNotFoundError:
         return True

@@ -344,7 +344,7 @@ def _count_rows(parts: list[Path]) -> int:
 
 ENGINES = {"local": predict_file, "ray": predict_ray}
 # Options that only one engine takes, and that engine.
-ENGINE_OPTIONS = {"address": "ray", "workers": "ray", "label_column": "local"}
+ENGINE_OPTIONS = {"address": "ray", "workers": "ray", "label_column": "local", "overwrite": "local"}
 
 
 def predict(engine: str, system_dir, input_path, output_path, **options) -> dict:

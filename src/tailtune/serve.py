@@ -27,10 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from tailtune import deploy
+from tailtune import backbones, deploy
 from tailtune.classifier import top_k
 from tailtune.data import blank
 from tailtune.errors import TailtuneError
@@ -41,7 +43,7 @@ class PredictRequest(BaseModel):
 
     texts: list[StrictStr] = Field(min_length=1)
     system: str | None = None
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: StrictInt | None = Field(default=None, ge=1)  # not true, 2.0 or "2"
 
 
 class SharedBase:
@@ -52,7 +54,7 @@ class SharedBase:
         from safetensors.torch import load_file
         from transformers import AutoTokenizer
 
-        from tailtune.classifier import TextClassifier
+        from tailtune.classifier import TextClassifier, damaged_model
 
         names = list(folders)
         clf = TextClassifier.load(folders[names[0]])  # its adapter is peft's "default"
@@ -61,30 +63,31 @@ class SharedBase:
         self.lock = threading.Lock()
         self.systems: dict[str, dict] = {}
         for name in names:
-            meta = deploy.load_meta(folders[name])
-            if name == names[0]:
-                adapter, head, tokenizer = "default", self.model.score, clf.tokenizer_
-            else:
-                adapter = f"system_{len(self.systems)}"  # peft refuses '.' in a name (@dropout=0.1)
-                self.model.backbone.load_adapter(
-                    str(folders[name] / "adapter"), adapter_name=adapter
-                )
-                state = load_file(str(folders[name] / "head.safetensors"))
-                # decoder heads are bias-free, like transformers' <Family>ForSequenceClassification.score
-                head = torch.nn.Linear(self.model.score.in_features, len(meta["classes"]), bias="bias" in state)
-                head.load_state_dict(state)
-                head = head.to(device).eval().requires_grad_(False)
-                tokenizer = AutoTokenizer.from_pretrained(folders[name] / "tokenizer")
-                tokenizer.padding_side = meta["padding_side"]
-            self.systems[name] = {
-                "adapter": adapter,
-                "head": head,
-                "tokenizer": tokenizer,
-                "pooling": meta["pooling"],
-                "classes": meta["classes"],
-                "max_length": meta["backbone"]["max_length"],
-                "batch_size": meta["backbone"]["eval_batch_size"],
-            }
+            with damaged_model(folders[name]):  # a torn adapter or head: one line naming the folder
+                meta = deploy.load_meta(folders[name])
+                if name == names[0]:
+                    adapter, head, tokenizer = "default", self.model.score, clf.tokenizer_
+                else:
+                    adapter = f"system_{len(self.systems)}"  # peft refuses '.' in a name (@dropout=0.1)
+                    self.model.backbone.load_adapter(
+                        str(folders[name] / "adapter"), adapter_name=adapter
+                    )
+                    state = load_file(str(folders[name] / "head.safetensors"))
+                    # decoder heads are bias-free, like transformers' <Family>ForSequenceClassification.score
+                    head = torch.nn.Linear(self.model.score.in_features, len(meta["classes"]), bias="bias" in state)
+                    head.load_state_dict(state)
+                    head = head.to(device).eval().requires_grad_(False)
+                    tokenizer = AutoTokenizer.from_pretrained(folders[name] / "tokenizer")
+                    tokenizer.padding_side = meta["padding_side"]
+                self.systems[name] = {
+                    "adapter": adapter,
+                    "head": head,
+                    "tokenizer": tokenizer,
+                    "pooling": meta["pooling"],
+                    "classes": meta["classes"],
+                    "max_length": meta["backbone"]["max_length"],
+                    "batch_size": meta["backbone"]["eval_batch_size"],
+                }
         self.model.backbone.requires_grad_(False)
 
     def predict_proba(self, name: str, texts: list[str]) -> np.ndarray:
@@ -210,6 +213,14 @@ def create_app(
     app = FastAPI(title="tailtune", lifespan=lifespan)
     app.state.registry = registry
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 echoes the offending input, and a NaN or 1e400 in the body cannot be
+        # written back as JSON: that was a 500. Where and what, without the value.
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": detail})
+
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "systems": len(registry.predictors), "default": registry.default}
@@ -228,6 +239,10 @@ def create_app(
                 raise HTTPException(
                     413, f"text {i} has {len(text)} characters; the limit is {max_chars}"
                 )
+        try:  # every kind of system, not only those with a tokenizer that notices
+            backbones.check_encodable(texts)
+        except TailtuneError as exc:
+            raise HTTPException(422, str(exc)) from None
         empty = np.flatnonzero(blank(texts))
         if empty.size:
             raise HTTPException(422, f"text {empty[0]} is empty (nothing but spaces or invisible characters)")

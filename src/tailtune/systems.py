@@ -181,7 +181,8 @@ def parse_system(name: str) -> SystemSpec:
                 _check_uses(name, "finetune", method, overrides)
                 return SystemSpec(name, "finetune", slot, method, scheme, overrides)
     close = suggest(name, [*BASELINES, *(f"{s}-probe" for s in SLOTS), "decoder-generate",
-                           *(f"{s}-{m}" for s in SLOTS for m in methods.METHODS)])
+                           *(f"{s}-{m}{w}" for s in SLOTS for m in methods.METHODS
+                             for w in ("", "-weighted", *(f"-{n}" for n in weighting.names())))])
     raise TailtuneError(
         f"unknown system '{name}'{close}: use tfidf-logreg, <encoder|decoder>-probe, "
         f"<encoder|decoder>-<{'|'.join(methods.METHODS)}>[-weighted|-<scheme>][@key=value+...] or "
