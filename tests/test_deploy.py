@@ -774,3 +774,24 @@ def test_an_unknown_or_missing_device_is_one_line(smoke_run):
     if not torch.cuda.is_available():
         with pytest.raises(TailtuneError, match="this machine has no CUDA GPU"):
             deploy.load_predictor(system, device="cuda")
+
+
+def test_predict_top_k_takes_a_whole_number(tmp_path):
+    """A review: 2.0 and "2" were raw TypeErrors from numpy and from a comparison."""
+    clf = make_lora_system(tmp_path / "model", "bert", 1)
+    for k in (2.0, "2", True):
+        with pytest.raises(TailtuneError, match="k must be between 1 and the"):
+            clf.predict_top_k(["a fee"], k)
+    assert clf.predict_top_k(["a fee"], np.int64(2))[0].shape == (1, 2)
+
+
+def test_a_missing_run_or_a_system_still_training_says_so(tmp_path):
+    """A review: "is not a finished tailtune run (no comparison.csv)" for a path that does not
+    exist, and "system folder not found" for a system whose training is under way."""
+    result = cli("bench", tmp_path / "nope")
+    assert result.exit_code == 2 and f"run directory not found: {tmp_path / 'nope'}" in result.output
+    (tmp_path / "systems" / ".encoder-lora.partial").mkdir(parents=True)
+    (tmp_path / "in.csv").write_text("text\nhello\n")
+    result = cli("predict", tmp_path / "systems" / "encoder-lora", "--input", tmp_path / "in.csv",
+                 "--output", tmp_path / "o.csv")
+    assert result.exit_code == 2 and "encoder-lora is still being trained" in result.output, result.output

@@ -196,6 +196,10 @@ def _fresh_process_memory(system_dir: Path, device: str, texts: list[str]) -> fl
 
 def _memory_child(system_dir: str, device: str, texts: list[str]) -> float:
     """In a fresh process: import the libraries every system loads, then measure one load + pass."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # as the CLI does: chatter for library developers
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     import peft  # noqa: F401
     import sklearn.linear_model  # noqa: F401
     import torch

@@ -537,7 +537,7 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
     def predict_top_k(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """(labels (N, k), probabilities (N, k)), best first, as ``tailtune predict --top-k``."""
         _check_fitted(self)
-        if isinstance(k, bool) or not 1 <= k <= len(self.classes_):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(self.classes_):
             raise TailtuneError(f"k must be between 1 and the {len(self.classes_)} classes, got {k}")
         return top_k(self.predict_proba(texts), self.classes_, k)
 

@@ -180,6 +180,9 @@ def resolve_system(path: str | Path) -> tuple[str, Path]:
                 f"{path.name} failed in this run, so it has no model: {reason[0] if reason else 'no reason recorded'} "
                 f"(see {failed})"
             )
+        if (path.parent / f".{path.name}.partial").is_dir():
+            raise TailtuneError(f"{path.name} is still being trained, or its training was interrupted: "
+                                "no model yet (the run's command finishes it)")
         raise TailtuneError(f"system folder not found: {path}")
     for folder in (path / "model", path):
         meta = folder / "tailtune.json"

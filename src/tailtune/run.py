@@ -272,6 +272,8 @@ def check_finished_run(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     if (run_dir / "comparison.csv").exists():
         return
+    if not run_dir.exists():
+        raise TailtuneError(f"run directory not found: {run_dir}")
     seeds = seed_runs(run_dir)
     if seeds:
         raise TailtuneError(f"{run_dir} holds one run per split seed; pass one of them, e.g. {seeds[0]}")
