@@ -44,3 +44,14 @@ def synced(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(os, "fsync", recording)
     return paths
+
+
+def restamp(system_dir) -> None:
+    """Rewrite a system folder's files.json after a test edited one of its files, as training
+    the system again would; otherwise the report reads the edit as a cut file (system missing)."""
+    import json
+
+    from tailtune.run import FILES, _list_files
+
+    listed = {k: v for k, v in _list_files(system_dir).items() if k != FILES}
+    (system_dir / FILES).write_text(json.dumps(listed))

@@ -281,8 +281,11 @@ def test_stale_numbers_are_not_kept_or_reported(smoke_run, tmp_path):
     shutil.copytree(smoke_run, run)
     alike = {"batch_sizes": (2,), "repeats": 1, "max_texts": 8}
     bench.bench(run, systems=["tfidf-logreg", "encoder-probe", "encoder-lora"], **alike)
+    from conftest import restamp
+
     metrics = run / "systems" / "encoder-probe" / "metrics.json"  # trained again: new metrics.json
     metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "train_seconds": 1.0}))
+    restamp(metrics.parent)
     html = build_report(run).read_text()
     assert "bench.json&#39;s numbers for encoder-probe predate its last training" in html
     comparison = pd.read_csv(run / "comparison.csv")  # encoder-lora failed since

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import restamp
 from typer.testing import CliRunner
 
 from tailtune import deploy
@@ -158,11 +159,13 @@ def test_systems_record_their_library_versions_and_the_report_says_when_they_dif
     assert "trained with" in html and "different library versions" not in html
     metrics["versions"]["torch"] = "1.0.0"  # as if trained before an upgrade
     path.write_text(json.dumps(metrics))
+    restamp(path.parent)
     html = build_report(out).read_text()
     assert "the systems were trained with different library versions" in html
     assert "torch 1.0.0" in html
     del metrics["versions"]  # trained by a tailtune that kept none
     path.write_text(json.dumps(metrics))
+    restamp(path.parent)
     html = build_report(out).read_text()
     assert "not recorded (trained before versions were kept)" in html and "all systems" not in html
     assert "the systems were trained with different library versions" in html
