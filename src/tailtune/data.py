@@ -305,9 +305,7 @@ def label_series(df: pd.DataFrame, label_column: str) -> pd.Series:
     """The labels of ``df``: one column, or ``A+B`` columns joined as "a / b" (missing if a part is).
 
     A column whose own name holds ``+`` is that column. A part named twice is an error."""
-    parts = [label_column] if label_column in df.columns else [c.strip() for c in label_column.split("+")]
-    if len(set(parts)) < len(parts):
-        raise TailtuneError(f"label column '{label_column}' names a column twice")
+    parts = label_parts(df, label_column)
     for col in parts:
         _require_column(df, col, "label")
     columns = [df[col].astype("string") for col in parts]
@@ -318,6 +316,15 @@ def label_series(df: pd.DataFrame, label_column: str) -> pd.Series:
         missing = [c.fillna("").str.strip().isin(["", *NA_MARKERS]) for c in columns]
         labels = labels.mask(pd.concat(missing, axis=1).any(axis=1))
     return labels
+
+
+def label_parts(df: pd.DataFrame, label_column: str) -> list[str]:
+    """The columns ``label_column`` names: itself when ``df`` has a column of that name, else its
+    ``+``-separated parts."""
+    parts = [label_column] if label_column in df.columns else [c.strip() for c in label_column.split("+")]
+    if len(set(parts)) < len(parts):
+        raise TailtuneError(f"label column '{label_column}' names a column twice")
+    return parts
 
 
 def _require_column(df: pd.DataFrame, column: str, role: str) -> None:
@@ -358,8 +365,7 @@ def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
     dropped when they conflict) -> the ``max_rows`` sample -> classes below ``min_class_count``.
     """
     _require_column(df, cfg.text_column, "text")
-    label_parts = [cfg.label_column] if cfg.label_column in df.columns else cfg.label_column.split("+")
-    if cfg.text_column in (p.strip() for p in label_parts):
+    if cfg.text_column in label_parts(df, cfg.label_column):
         raise TailtuneError(
             f"the text column '{cfg.text_column}' is also the label column ('{cfg.label_column}'): the model "
             "would read its answer; pass the narrative as --text-column"

@@ -148,6 +148,9 @@ class SklearnPredictor(Predictor):
         return self.pipeline[-1].coef_.size + self.pipeline[-1].intercept_.size
 
     def predict_proba(self, texts: list[str], progress: Callable | None = None) -> np.ndarray:
+        from tailtune.backbones import check_encodable
+
+        check_encodable(texts)  # as a tokenizer's systems check: a lone surrogate is not text
         proba = _pipeline_proba(self.pipeline, texts, len(self.classes_))
         if progress is not None:
             progress(len(texts))
@@ -230,19 +233,13 @@ def load_predictor(
 
 def finished_systems(run_dir: str | Path, only: list[str] | None = None) -> list[str]:
     """Names of the run's systems with status ok, in comparison order (``only``: a subset)."""
-    import pandas as pd
 
-    from tailtune.run import check_finished_run
+    from tailtune.run import check_finished_run, read_comparison
 
     run_dir = Path(run_dir)
     check_finished_run(run_dir)
-    try:
-        comparison = pd.read_csv(run_dir / "comparison.csv")
-        names = comparison.loc[comparison["status"] == "ok", "system"].tolist()
-    except (ValueError, KeyError) as exc:  # EmptyDataError and ParserError are ValueErrors
-        raise TailtuneError(
-            f"{run_dir / 'comparison.csv'} is damaged ({exc}); run the same tailtune run command again to rewrite it"
-        ) from None
+    comparison = read_comparison(run_dir)
+    names = comparison.loc[comparison["status"] == "ok", "system"].tolist()
     if only:
         unknown = [n for n in only if n not in names]
         if unknown:

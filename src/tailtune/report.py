@@ -227,16 +227,9 @@ def load_run(run_dir: str | Path) -> Run:
     else:
         problems.append("config.yaml is missing")
 
-    try:
-        comparison = pd.read_csv(path / "comparison.csv")
-    except ValueError as exc:  # EmptyDataError and ParserError are ValueErrors
-        raise TailtuneError(
-            f"{path / 'comparison.csv'} is damaged ({str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); "
-            "run the same tailtune run command again to rewrite it"
-        ) from None
-    if "system" not in comparison.columns:
-        raise TailtuneError(f"{path / 'comparison.csv'} has no 'system' column")
-    from tailtune.run import files_intact
+    from tailtune.run import files_intact, read_comparison
+
+    comparison = read_comparison(path)
 
     systems = []
     for row in comparison.to_dict("records"):

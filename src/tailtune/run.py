@@ -256,12 +256,26 @@ def _comparison(out: Path, n_test: int) -> pd.DataFrame:
     return frame.astype({c: "Int64" for c in ("zero_f1_classes", "trainable_params", "total_params")})
 
 
+def read_comparison(run_dir: Path) -> pd.DataFrame:
+    """``run_dir``'s comparison.csv with its system and status columns, or one line saying it is damaged."""
+    path = Path(run_dir) / "comparison.csv"
+    try:
+        comparison = pd.read_csv(path)
+    except ValueError as exc:  # EmptyDataError and ParserError are ValueErrors
+        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TailtuneError(f"{path} is damaged ({problem}); run the same tailtune run command again to rewrite it") from None
+    if "system" not in comparison.columns:
+        raise TailtuneError(f"{path} has no 'system' column; run the same tailtune run command again to rewrite it")
+    if "status" not in comparison.columns:  # as the report has always read such a file
+        comparison["status"] = "ok"
+    return comparison
+
+
 def failed_systems(run_dir: Path, names: list[str]) -> list[str]:
     """Those of ``names`` that ``run_dir``'s comparison.csv marks failed."""
-    path = Path(run_dir) / "comparison.csv"
-    if not path.exists():
+    if not (Path(run_dir) / "comparison.csv").exists():
         return []
-    comparison = pd.read_csv(path)
+    comparison = read_comparison(run_dir)
     return [name for name in comparison.loc[comparison["status"] == "failed", "system"] if name in names]
 
 

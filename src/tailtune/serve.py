@@ -32,7 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from tailtune import backbones, deploy
+from tailtune import deploy
 from tailtune.classifier import top_k
 from tailtune.data import blank
 from tailtune.errors import TailtuneError
@@ -239,10 +239,6 @@ def create_app(
                 raise HTTPException(
                     413, f"text {i} has {len(text)} characters; the limit is {max_chars}"
                 )
-        try:  # every kind of system, not only those with a tokenizer that notices
-            backbones.check_encodable(texts)
-        except TailtuneError as exc:
-            raise HTTPException(422, str(exc)) from None
         empty = np.flatnonzero(blank(texts))
         if empty.size:
             raise HTTPException(422, f"text {empty[0]} is empty (nothing but spaces or invisible characters)")
