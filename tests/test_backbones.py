@@ -4,7 +4,7 @@ import os
 import pytest
 
 from tailtune import backbones, rundir
-from tailtune.errors import TailtuneError
+from tailtune.errors import NoTokens, TailtuneError
 
 EXPECTED = {
     # (role, one layer's adapted modules)
@@ -145,13 +145,21 @@ def test_a_hub_name_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch, tm
     assert backbones.hub_host() == "hub.example.internal"
 
 
-def test_a_text_with_no_tokens_is_refused_not_classified_from_padding():
+@pytest.mark.parametrize("arch", ["qwen2", "bert"])
+def test_an_empty_text_is_refused_by_encoder_and_decoder_alike(arch):
     """SmolLM2 (no BOS) gives "" no token: alone it crashed the forward pass ("cannot reshape tensor
-    of 0 elements"), beside another text it got a confident prediction from padding alone."""
-    tok = backbones.load_tokenizer(backbones.resolve("tiny:qwen2"))
-    assert tok("")["input_ids"] == []
-    with pytest.raises(TailtuneError, match=r"text 1 \(''\) has no tokens for this tokenizer"):
-        backbones.tokenize(tok, ["hello bank", ""], 32)
+    of 0 elements"), beside another text it got a confident prediction from padding alone. An
+    encoder gave "" a label from [CLS] [SEP]. Both now refuse it with NoTokens, which ``predict``
+    on a file reads as "leave the row unlabelled"."""
+    tok = backbones.load_tokenizer(backbones.resolve(f"tiny:{arch}"))
+    assert (tok("")["input_ids"] == []) == (arch == "qwen2")
+    for texts, message in (
+        (["hello bank", ""], r"text 1 is empty \(nothing but spaces or invisible characters\), so there is nothing"),
+        (["\u200b", "hello bank", " \t"], r"text 0 is empty .* \(and 1 more\)"),
+    ):
+        with pytest.raises(NoTokens, match=message) as caught:
+            backbones.tokenize(tok, texts, 32)
+        assert caught.value.rows == [i for i, t in enumerate(texts) if t != "hello bank"]
     assert backbones.tokenize(tok, ["hello bank"], 32)[0]
 
 

@@ -324,6 +324,13 @@ def test_inputs_a_user_gets_wrong_are_named():
     with pytest.raises(TypeError, match="got one string"):
         clf.predict("debt collector")  # list() made one text per character
     assert clf.predict([]) == [] and clf.predict_proba([]).shape == (0, 2)
+    # an encoder labelled "" from [CLS] [SEP] alone, where a BOS-less decoder refused it
+    with pytest.raises(TailtuneError, match=r"text 2 is empty \(nothing but spaces"):
+        clf.predict([TEXTS[0], TEXTS[1], " \u200b"])
+    with pytest.raises(TailtuneError, match=r"text 1 is empty"):
+        _tiny_clf().fit([TEXTS[0], "", *TEXTS[2:]], ["a", "b", "a", "b"])
+    with pytest.raises(TailtuneError, match=r"text 0 is empty"):
+        ProbeClassifier("tiny:bert").fit(["\t", *TEXTS[1:]], ["a", "b", "a", "b"])
 
 
 def test_loading_a_probe_folder_as_a_fine_tuned_model_says_what_it_is(tmp_path):

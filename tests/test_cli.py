@@ -145,6 +145,9 @@ TEXT = "Consumer complaint narrative"
         (None, ["nosuchpreset"], "unknown preset"),
         (None, ["train.epochz=2"], "unknown config key 'train.epochz'"),
         (None, ["--data", "."], "is a directory"),
+        # typer's usage errors were a usage block and a boxed message
+        (None, ["--bogus"], "No such option: --bogus (Possible options: --out); see 'tailtune run --help'"),
+        (None, ["--bench=yes"], "Option '--bench' does not take a value"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, setup, args, message):

@@ -99,6 +99,9 @@ def test_prepare_saves_tiers_with_class_lists(small_csv):
         (f"{TEXT},Issue\nx,A\n", {"label_column": TEXT}, "is also the label column"),
         (f"{TEXT},Issue\nx,A\n", {"label_column": f"Issue+{TEXT}"}, "is also the label column"),
         (f"{TEXT},Issue\nx,A\n", {"label_column": "Issue+Issue"}, "names a column twice"),
+        # a review: a spreadsheet's ';' CSV only listed the one odd column name
+        (f"{TEXT};Issue\nx;A\n", {}, f"columns are: {TEXT};Issue; the header looks separated by ';'"),
+        (f"{TEXT}|Issue\nx|A\n", {}, "the header looks separated by '[|]', and tailtune reads commas"),
     ],
 )
 def test_bad_files_raise_one_line_errors(tmp_path, content, kwargs, message):
@@ -185,6 +188,14 @@ def test_a_json_file_without_rows_says_so(tmp_path, content):
     """It said "text column ... not found; columns are: " with nothing after it."""
     (tmp_path / "d.json").write_text(content)
     with pytest.raises(TailtuneError, match="data file has no rows"):
+        read_table(tmp_path / "d.json")
+
+
+@pytest.mark.parametrize("content", ["42", '"text"', "null", "true"])
+def test_a_json_file_of_one_value_says_it_is_not_a_table(tmp_path, content):
+    """A review: pandas' "DataFrame constructor not properly called!"."""
+    (tmp_path / "d.json").write_text(content)
+    with pytest.raises(TailtuneError, match=r"could not read .*d.json as json: it holds a single value, not a table"):
         read_table(tmp_path / "d.json")
 
 

@@ -649,7 +649,7 @@ def test_predict_leaves_a_text_with_no_tokens_unlabelled(smoke_run, tmp_path):
     system_dir = smoke_run / "systems" / "decoder-lora"
     texts = ["refund", "ZZZ", "debt", "\u20ac\u20ac", "fee", "card"]
     predictor = deploy.load_predictor(system_dir, precision="fp32")
-    with pytest.raises(TailtuneError, match=r"text 1 \('ZZZ'\) has no tokens for this tokenizer \(nor do 1 more\)"):
+    with pytest.raises(TailtuneError, match=r"text 1 \('ZZZ'\) has no tokens for this tokenizer \(and 1 more\)"):
         predictor.predict(texts[:4])
     source = tmp_path / "in.csv"
     pd.DataFrame({"text": texts}).to_csv(source, index=False)

@@ -22,7 +22,7 @@ KEYWORDS = {
     "debt collection": ["collector", "calls", "owe"],
 }
 FILLER = ["i", "have", "a", "problem", "with", "the", "company", "and", "they", "did", "not", "help", "me", "at", "all", "please", "fix", "this"]
-ODD_TEXTS = ["", "   ", "\n\t", "🙂 ¿¿ ### ÷", "x" * 3000, "card " * 400]
+ODD_TEXTS = ["🙂 ¿¿ ### ÷", "x" * 3000, "card " * 400, "?", "\u200bcard"]
 
 
 def keyword_task(n: int, seed: int) -> tuple[list[str], list[str]]:
@@ -101,7 +101,7 @@ def test_cached_scoring_equals_naive_full_sequence_scoring(arch, monkeypatch):
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     labels = generate.encode_labels(tok, ["credit", "credit card", "mortgage", "debt collection", "x"])
-    texts = ["my mortgage servicer lost my payment", "", "collector calls me every day about a debt i do not owe", "?"]
+    texts = ["my mortgage servicer lost my payment", "a", "collector calls me every day about a debt i do not owe", "?"]
     prompts = generate.encode_prompts(tok, texts, generate.TEMPLATE, 16)
     naive = generate.naive_score_labels(model, prompts, labels)
     # Batches of 3 mix prompt lengths, so left padding and its positions are exercised.
@@ -200,6 +200,18 @@ def test_always_a_label_from_the_set_with_probabilities_summing_to_one(arch, tra
     assert proba.shape == (len(texts), len(KEYWORDS)) and np.isfinite(proba).all()
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-9)
     assert set(clf.predict(texts)) <= set(clf.classes_)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_empty_text_is_refused_as_by_the_classifier_head(arch, trained):
+    """The prompt alone gave "" a label (the template's own prior); the head systems refuse it."""
+    from tailtune.errors import NoTokens
+
+    clf = trained[arch][0]
+    for texts in (["card", ""], ["card", " \n\t"], ["card", "\u200b"]):
+        with pytest.raises(NoTokens, match=r"text 1 is empty") as caught:
+            clf.predict_proba(texts)
+        assert caught.value.rows == [1]
 
 
 # ----------------------------------------------------------------------------- persistence, deploy

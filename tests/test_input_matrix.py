@@ -234,8 +234,6 @@ def test_train_jobs_fill_one_run_directory(tmp_path, small_csv, monkeypatch):
     comparison.csv for the jobs after it; `tailtune run` with every system then resumes the run."""
     import yaml
 
-    from tailtune import systems as systems_lib
-
     out = tmp_path / "run"
 
     def train(system: str):
@@ -245,14 +243,7 @@ def test_train_jobs_fill_one_run_directory(tmp_path, small_csv, monkeypatch):
     assert first.exit_code == 0, first.output
     before = (out / "systems" / "tfidf-logreg" / "predictions.csv").read_bytes()
 
-    real = systems_lib.run_system
-
-    def out_of_memory(spec, *args, **kwargs):
-        if spec.name == "encoder-probe":
-            raise RuntimeError("out of memory, on purpose\nsecond line of the message")
-        return real(spec, *args, **kwargs)
-
-    monkeypatch.setattr(systems_lib, "run_system", out_of_memory)
+    _fail_system(monkeypatch, "encoder-probe", "out of memory, on purpose\nsecond line of the message")
     broken = train("encoder-probe")
     assert broken.exit_code == 1, broken.output
     assert broken.stderr.strip() == "failed: encoder-probe (the reasons are in comparison.csv)"
@@ -350,7 +341,21 @@ def readonly_dir(tmp_path):
 
 def test_read_only_output_directory(tmp_path, small_csv, readonly_dir):
     out = readonly_dir / "run"
-    assert_error(run_smoke(small_csv, out), out, "not writable", str(out), "choose another --out")
+    assert_error(run_smoke(small_csv, out), out, "not writable: no file can be created in", str(out), "choose another --out")
+
+
+def _fail_system(monkeypatch, name: str, message: str) -> None:
+    """Make system ``name`` raise RuntimeError(message) when it runs; the others run as usual."""
+    from tailtune import systems as systems_lib
+
+    real = systems_lib.run_system
+
+    def failing(spec, *args, **kwargs):
+        if spec.name == name:
+            raise RuntimeError(message)
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(systems_lib, "run_system", failing)
 
 
 def _full_disk(monkeypatch, when):
@@ -396,6 +401,23 @@ def test_full_disk_during_a_system_keeps_finished_work_and_no_half_files(tmp_pat
     again = run_smoke(small_csv, out, systems="tfidf-logreg,encoder-probe")
     assert again.exit_code == 0, again.output
     assert "done already" in again.stdout and (out / "systems" / "encoder-probe" / "metrics.json").is_file()
+
+
+def test_full_disk_while_recording_a_failure_leaves_no_half_record(tmp_path, small_csv, monkeypatch):
+    """A review: an empty .encoder-probe.failed/ was left, which comparison.csv read as a failure
+    whose error.txt did not exist."""
+    _fail_system(monkeypatch, "encoder-probe", "out of memory, on purpose")
+    _full_disk(monkeypatch, lambda path: path.name == "error.txt")
+    out = tmp_path / "run"
+    result = run_smoke(small_csv, out, systems="tfidf-logreg,encoder-probe")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no space left on device writing "), result.stderr
+    assert not list((out / "systems").glob(".encoder-probe.failed*"))  # no half record, no staging folder
+    monkeypatch.undo()
+    again = run_smoke(small_csv, out, systems="tfidf-logreg,encoder-probe")
+    assert again.exit_code == 0, again.output
+    assert pd.read_csv(out / "comparison.csv")["status"].tolist() == ["ok", "ok"]
 
 
 def test_output_path_that_is_a_file(tmp_path, small_csv):

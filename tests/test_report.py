@@ -934,3 +934,44 @@ def test_weighting_tables_show_weighted_minus_unweighted(tmp_path):
         zero = w.value("zero_f1_classes") - base.value("zero_f1_classes")
         assert rows["zero-F1 classes"][3].text == f"{zero:+d}"
         assert w.macro_f1 != base.macro_f1
+
+
+def test_a_decoder_worse_on_the_rare_classes_is_said_so_and_has_its_own_rule_row(tmp_path, monkeypatch):
+    """A review of the demo's memo: "The decoder does not earn its cost here" without bench.json
+    (no cost measured) and with the decoder far worse on the rare tier, and the highlighted rule
+    row "Common classes matter most, latency budget is tight"; and the adapter's base counted
+    the adapter's own parameters."""
+    monkeypatch.setitem(SYSTEMS, "decoder-lora", {**SYSTEMS["decoder-lora"], "skill": (0.0, 0.6)})
+    html = _html(write_fake_run(tmp_path / "run", with_bench=False, n_classes=40))  # rare test rows enough to tell
+    text = _text(html, "latency")
+    assert re.search(r"The decoder is worse on the rare tier, beyond noise \(-0\.\d{3} \[", text), text
+    assert "earn its cost" not in text
+    highlighted = re.findall(r'<td class="best ">(.*?)</td>', html)
+    assert "The encoder is no worse on the rare classes" in highlighted
+    assert "Common classes matter most, latency budget is tight" not in highlighted
+    from tailtune.report import fmt_count
+
+    name, base = re.search(r"One adapter is [\d.]+ \w+ on disk \(([\w-]+)\) against a base of (\S+) parameters", text).groups()
+    total, trained = SYSTEMS[name]["params"]
+    assert base == fmt_count(total - trained) != fmt_count(total)
+
+
+def test_a_change_carried_by_one_row_classes_is_named():
+    """A review: 'Weighting helped, P(better) = 100%' where three classes with one test row each
+    went from F1 0 to 1 and the other tiers lost a little."""
+    from types import SimpleNamespace
+
+    from tailtune.report import _single_row_flips
+
+    def system(f1):
+        return SimpleNamespace(per_class=pd.DataFrame({
+            "label": list("abcdef"), "tier": ["rare"] * 4 + ["common"] * 2, "train_count": [3, 3, 4, 5, 90, 99],
+            "support": [1, 1, 1, 2, 20, 25], "f1": f1,
+        }))
+
+    base = system([0.0, 0.0, 1.0, 0.5, 0.80, 0.90])
+    weighted = system([1.0, 1.0, 0.0, 0.5, 0.75, 0.85])  # +2 -1 on one-row classes, -0.1 elsewhere
+    words = str(_single_row_flips(base, weighted))
+    assert "2 went from F1 0 to 1 and 1 from 1 to 0, +1.00 in F1 summed over classes against +0.90" in words
+    spread = system([0.0, 0.0, 1.0, 1.0, 0.95, 0.95])  # the change is mostly in classes with more rows
+    assert str(_single_row_flips(base, spread)) == ""

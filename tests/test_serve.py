@@ -138,6 +138,7 @@ def test_bad_requests_are_4xx(client, payload, status):
     [
         # str.strip() keeps U+200B, and it has no tokens for the Qwen2 tokenizer
         ('{"texts": ["fine", "\\u200b"]}', "decoder-lora", "text 1 is empty"),
+        ('{"texts": ["fine", " "]}', "encoder-lora", "text 1 is empty"),
         # a lone surrogate is valid JSON but not text: the tokenizer raised a TypeError
         ('{"texts": ["ok \\ud800 text"]}', "encoder-lora", "text 0 is not valid Unicode"),
         ('{"texts": ["ok \\ud800 text"]}', "decoder-lora", "text 0 is not valid Unicode"),
@@ -284,15 +285,16 @@ def test_non_finite_numbers_and_loose_types_are_422_not_500(client, body):
     assert response.json()["detail"][0]["loc"][0] == "body"
 
 
-def test_a_lone_surrogate_is_422_for_a_system_without_a_tokenizer(tmp_path_factory):
+@pytest.mark.parametrize(("body", "says"), [('{"texts": ["ok \\ud800 text"]}', "text 0 is not valid Unicode"),
+                                           ('{"texts": ["fine", " \\u200b"]}', "text 1 is empty")])
+def test_texts_without_text_are_422_for_a_system_without_a_tokenizer(tmp_path_factory, body, says):
     """A review: 422 from the torch systems, 200 with a label from tfidf-logreg."""
     from test_deploy import train_smoke_run
 
     run = train_smoke_run(tmp_path_factory)
     with TestClient(create_app(run, systems=["tfidf-logreg"], max_batch=8, max_chars=500)) as c:
-        response = c.post("/predict", content='{"texts": ["ok \\ud800 text"]}',
-                          headers={"content-type": "application/json"})
-    assert response.status_code == 422 and "text 0 is not valid Unicode" in response.json()["detail"]
+        response = c.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and says in response.json()["detail"]
 
 
 def test_a_torn_adapter_on_a_shared_base_is_one_line(adapter_run, tmp_path):

@@ -129,6 +129,8 @@ def test_split_seeds_bad_input_is_one_line(split_run, tmp_path):
     cases = [
         (["--out", tmp_path / "a", "--split-seeds", "0,0"], "lists a seed twice"),
         (["--out", out / "seed-0", "--split-seeds", "0,1"], "holds a single run"),
+        # a review: "exists, is not empty and is not a tailtune run directory"
+        (["--out", out], "holds one run per split seed; add --split-seeds to resume or extend them"),
         (["--out", out, "--split-seeds", "0,1", "train.epochs=9"],
          "holds split seeds run with a different config (seed-0: train.epochs: 2.0 in the run, 9.0 now)"),
     ]

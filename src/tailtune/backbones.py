@@ -638,6 +638,7 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     texts = list(texts)
     if not texts:
         return []
+    check_readable(texts)
 
     def load():
         return tokenizer(clip_long(tokenizer, texts, max_length), truncation=True, max_length=max_length)["input_ids"]
@@ -651,17 +652,35 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     except (TypeError, UnicodeEncodeError):  # a lone surrogate ("\ud800", e.g. from JSON) is not text
         check_encodable(texts)
         raise
-    # A decoder without a BOS token gives an empty text no token at all: alone it crashed the
-    # forward pass, in a batch it was "classified" from padding alone.
+    # A text of characters this tokenizer drops (a custom vocabulary) has no token either:
+    # alone it crashed the forward pass, in a batch it was "classified" from padding alone.
     empty = [i for i, row in enumerate(ids) if not row]
     if empty:
-        more = f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""
-        raise NoTokens(
-            f"text {empty[0]} ({texts[empty[0]][:40]!r}) has no tokens for this tokenizer{more}, so "
-            "there is nothing to classify; drop it or give it some text",
-            empty,
-        )
+        raise _nothing_to_classify(empty, f"({texts[empty[0]][:40]!r}) has no tokens for this tokenizer")
     return ids
+
+
+def _nothing_to_classify(rows: list[int], what: str) -> NoTokens:
+    more = f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
+    return NoTokens(f"text {rows[0]} {what}{more}, so there is nothing to classify; drop it or give it some text", rows)
+
+
+def check_readable(texts: list) -> None:
+    """One line for the first text there is nothing to classify in, whatever the model.
+
+    Not a string -> :class:`TailtuneError`; blank (:func:`tailtune.data.blank`: nothing but
+    spaces, control or invisible characters) -> :class:`NoTokens`, which ``predict`` on a file
+    reads as "leave unlabelled". Before this an encoder labelled "" from [CLS] [SEP] alone,
+    a BOS-less decoder refused it, and decoder-generate labelled it from its prompt.
+    """
+    from tailtune.data import blank
+
+    empty = [i for i, is_blank in enumerate(blank(texts)) if is_blank]
+    for i in empty:
+        if not isinstance(texts[i], str):
+            raise TailtuneError(f"text {i} is a {type(texts[i]).__name__}, not a string")
+    if empty:
+        raise _nothing_to_classify(empty, "is empty (nothing but spaces or invisible characters)")
 
 
 def check_encodable(texts: list[str]) -> None:
@@ -675,8 +694,6 @@ def check_encodable(texts: list[str]) -> None:
                 f"text {i} is not valid Unicode: character {exc.start} is a lone surrogate "
                 f"({text[exc.start]!r}), which no encoding can store"
             ) from None
-        except AttributeError:
-            raise TailtuneError(f"text {i} is a {type(text).__name__}, not a string") from None
 
 
 # ----------------------------------------------------------------------------- loading

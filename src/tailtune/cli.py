@@ -469,12 +469,25 @@ def serve(
 
 
 def main() -> None:  # the console entry point (pyproject.toml), and python -m tailtune.cli
+    """Runs the app; a usage error (a missing or unknown option, a bad value) is one line and exit 2,
+    as tailtune's own errors are, not click's usage block and a boxed message."""
     import signal
+    import sys
 
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="tailtune")  # an exit code (typer.Exit, --help), or None
+    except typer.TyperException as exc:  # typer's click: UsageError, BadParameter, ...
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            ctx = getattr(exc, "ctx", None)
+            hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+            typer.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
+        code = exc.exit_code
+    except typer.Abort:  # EOF at a prompt
+        typer.echo("aborted", err=True)
+        code = 1
     finally:  # the command is over: a Ctrl-C now would only break atexit clean-up with a traceback
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,11 @@ def read_json(path: Path, codec: str) -> pd.DataFrame:
         parsed = json.load(f, parse_int=str, parse_float=str)
     if parsed in ([], {}):
         return pd.DataFrame()
+    if not isinstance(parsed, list | dict):  # pandas: "DataFrame constructor not properly called!"
+        raise ValueError(
+            "it holds a single value, not a table: give a list of records "
+            '([{"text": ..., "label": ...}, ...]) or an object of columns, or use JSON lines (.jsonl)'
+        )
     if isinstance(parsed, list) and all(isinstance(row, dict) for row in parsed):
         return pd.DataFrame.from_records(parsed)
     if isinstance(parsed, dict) and parsed and all(isinstance(col, list | dict) for col in parsed.values()):
@@ -331,10 +336,24 @@ def _require_column(df: pd.DataFrame, column: str, role: str) -> None:
     if column not in df.columns:
         import difflib
 
+        separator = _separator_hint(df)
         close = difflib.get_close_matches(column, [str(c) for c in df.columns], n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = f" (did you mean '{close[0]}'?)" if close and not separator else ""
         cols = ", ".join(map(str, list(df.columns)[:12]))
-        raise TailtuneError(f"{role} column '{column}' not found{hint}; columns are: {cols}")
+        raise TailtuneError(f"{role} column '{column}' not found{hint}; columns are: {cols}{separator}")
+
+
+def _separator_hint(df: pd.DataFrame) -> str:
+    """A one-column table whose header holds ';' or '|' was written with that separator (a CSV
+    saved by a spreadsheet in a comma-decimal locale): say so, or the error only lists one odd name."""
+    if len(df.columns) != 1:
+        return ""
+    header = str(df.columns[0])
+    found = [sep for sep in (";", "|") if sep in header]
+    if not found:
+        return ""
+    return (f"; the header looks separated by '{found[0]}', and tailtune reads commas (.csv) and tabs (.tsv): "
+            "save the file with one of those")
 
 
 def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, str]:

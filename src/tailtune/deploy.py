@@ -148,9 +148,10 @@ class SklearnPredictor(Predictor):
         return self.pipeline[-1].coef_.size + self.pipeline[-1].intercept_.size
 
     def predict_proba(self, texts: list[str], progress: Callable | None = None) -> np.ndarray:
-        from tailtune.backbones import check_encodable
+        from tailtune.backbones import check_encodable, check_readable
 
-        check_encodable(texts)  # as a tokenizer's systems check: a lone surrogate is not text
+        check_readable(texts)  # as the tokenizers' systems check: an empty text gets no label
+        check_encodable(texts)  # ... and a lone surrogate is not text
         proba = _pipeline_proba(self.pipeline, texts, len(self.classes_))
         if progress is not None:
             progress(len(texts))

@@ -81,6 +81,7 @@ def encode_prompts(tokenizer, texts: list[str], template: str, max_length: int) 
             f"max_length {max_length} leaves no room for the text after the prompt template "
             f"({len(head_ids) + len(tail_ids)} tokens); raise decoder.max_length"
         )
+    backbones.check_readable(texts)  # the prompt alone is no text to classify
     texts = backbones.clip_long(tokenizer, [space + t for t in texts], room)
     texts_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [head_ids + ids[:room] + tail_ids for ids in texts_ids]

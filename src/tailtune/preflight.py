@@ -46,7 +46,7 @@ def check_writable(out: Path) -> None:
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
         raise TailtuneError(
-            f"output directory {out} is not writable ({reason}: {base}); choose another --out"
+            f"output directory {out} is not writable: no file can be created in {base} ({reason}); choose another --out"
         ) from None
     os.close(fd)
     os.unlink(probe)

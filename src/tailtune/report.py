@@ -980,6 +980,8 @@ def _joined_per_class(a: SystemRun, b: SystemRun, suffixes: tuple[str, str]) -> 
 
 
 def section_summary(run: Run, an: Analysis) -> Section:
+    from tailtune.metrics import MIN_DECISIVE
+
     sec = Section("summary", "At a glance")
     items: list[Any] = []
     ok = run.ok_systems
@@ -1022,13 +1024,15 @@ def section_summary(run: Run, an: Analysis) -> Section:
                 "class's test rows are all right or all wrong, so no resample moves the score; "
                 "that is not certainty). A difference between two systems is a "
                 "<em>paired</em> bootstrap (both scored on the same resamples); when its "
-                "interval covers 0 the report calls it <em>within noise</em>. The intervals "
+                "interval covers 0, or fewer than {} test rows are right in one system and wrong in "
+                "the other (too few for a sign test to reach p &lt; 0.05), the report calls it "
+                "<em>within noise</em>. The intervals "
                 "resample this split's test rows only: another split changes the training rows "
                 "too, and where classes have one or two test rows it can move macro-F1 by more than "
                 "these intervals show (<code>tailtune run --split-seeds 0,1,2</code> measures it). Zero-F1 counts "
                 "classes with test examples that a system never gets right. The best value of a "
                 'column is <span class="best-key">highlighted</span>.'
-            ),
+            ).format(MIN_DECISIVE),
             style="callout",
         )
     )
@@ -1476,7 +1480,27 @@ def _weighting_verdict(pair: dict) -> Markup:
     acc = pair["accuracy"]
     if acc is not None:
         text += Markup(" Accuracy changes by {} ({}).").format(fmt_boot(acc), noise_word(acc))
-    return text
+    return text + _single_row_flips(pair["base"], pair["weighted"])
+
+
+def _single_row_flips(base: SystemRun, other: SystemRun) -> Markup:
+    """A sentence when most of a macro-F1 change is classes with one test row flipping between
+    F1 0 and 1: the stratified bootstrap always draws that row, so its interval cannot show
+    how little such a flip says (a review: "helped, P(better) = 100%" on 3 such classes)."""
+    if base.per_class is None or other.per_class is None:
+        return Markup("")
+    joined = _joined_per_class(base, other, ("a", "b"))
+    delta = joined["f1_b"] - joined["f1_a"]
+    single = (joined["support"] == 1) & (delta.abs() == 1)
+    up, down = int((single & (delta > 0)).sum()), int((single & (delta < 0)).sum())
+    total, flipped = delta.sum(), delta[single].sum()
+    if not up + down or abs(flipped) < 0.5 * abs(total) or np.sign(flipped) != np.sign(total):
+        return Markup("")
+    return Markup(
+        " It rests on classes with a single test row: {} went from F1 0 to 1 and {} from 1 to 0, "
+        "{:+.2f} in F1 summed over classes against {:+.2f} for the whole change. One row per class "
+        "is little evidence, whatever the interval says."
+    ).format(up, down, flipped, total)
 
 
 def _gain_loss_tables(base: SystemRun, w: SystemRun) -> list[Any]:
@@ -2028,6 +2052,8 @@ RULES = [
     ("Rare classes matter, and there is a latency budget to spend", "decoder + LoRA"),
     ("Maximum accuracy, cost no object", "full fine-tune (or a larger model)"),
     ("Many fine-tuned variants served at once", "adapters on one shared base"),
+    # not in the study's rule, where the decoder wins the rare classes; runs here often say otherwise
+    ("The encoder is no worse on the rare classes", "encoder + LoRA: the decoder buys nothing there"),
 ]
 
 
@@ -2076,9 +2102,10 @@ def _recommendation(run: Run, an: Analysis) -> list[Any]:
     adapters = [s for s in run.ok_systems if _num(s.info.get("adapter_bytes"))]
     if adapters:
         small = min(adapters, key=lambda s: s.info["adapter_bytes"])
+        total, trained = _num(small.value("total_params")), _num(small.value("trainable_params"))
+        base = "" if total is None else f" against a base of {fmt_count(total - (trained or 0))} parameters"
         facts.append(
-            f"One adapter is {fmt_bytes(small.info['adapter_bytes'])} on disk ({small.name}) "
-            f"against a base of {fmt_count(_num(small.value('total_params')))} parameters, "
+            f"One adapter is {fmt_bytes(small.info['adapter_bytes'])} on disk ({small.name}){base}, "
             "so many variants can share one base model."
         )
 
@@ -2230,13 +2257,14 @@ def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
             ).format(enc_pick, dec, fmt_boot(overall), rare_words, cost, enc_why, provisional),
             RULES[2][0],
         )
-    return (
-        Markup(
-            "<strong>Deploy {}.</strong> {}: {}{}.{}{}"
-        ).format(enc_pick, "The decoder does not earn its cost here" if not ratio or ratio >= 1
-                 else "The decoder is not better here", rare_words, cost, enc_why, provisional),
-        RULES[0][0],
-    )
+    if _worse(rare_res):
+        why = Markup("The decoder is worse on the rare tier, beyond noise ({})").format(fmt_boot(rare_res))
+    elif ratio and ratio >= 1:  # not better where it should be, and slower: measured
+        why = Markup("The decoder does not earn its cost here: {}").format(rare_words)
+    else:
+        why = Markup("The decoder is not better here: {}").format(rare_words)
+    return (Markup("<strong>Deploy {}.</strong> {}{}.{}{}").format(enc_pick, why, cost, enc_why, provisional),
+            RULES[4][0] if rare_res is not None else None)
 
 
 def section_next(run: Run, an: Analysis) -> Section:
@@ -2290,12 +2318,15 @@ def section_next(run: Run, an: Analysis) -> Section:
                     + (f" (training counts {fmt_span(lo, hi)})." if lo is not None else ".")
                 )
     for pair in an.weighting:
+        acc = pair["accuracy"]
         items.append(
-            Markup("Weighting ({}): {} ({}).").format(
+            Markup("Weighting ({}): macro-F1 {} ({}){}.").format(
                 pair["label"],
                 _effect(pair["macro"]),
                 fmt_boot(pair["macro"]) if pair["macro"] else "no predictions",
+                Markup("; accuracy {} ({})").format(_effect(acc), fmt_boot(acc)) if acc else "",
             )
+            + _single_row_flips(pair["base"], pair["weighted"])
         )
     if not an.weighting:
         items.append(_missing_pair_advice(run))
@@ -2322,7 +2353,10 @@ def section_next(run: Run, an: Analysis) -> Section:
         table, best_row = cascade
         sec.blocks.append(Heading("A cheap experiment: encoder first, decoder when unsure"))
         sec.blocks.append(table)
-        if best_row is not None and experiment is None:
+        if best_row is None:
+            sec.blocks.append(Para(f"No threshold beats {an.enc.name} alone on macro-F1 here, so routing "
+                                   f"rows to {an.dec.name} is not worth trying on this run."))
+        elif experiment is None:
             experiment = (
                 f"Serve {an.enc.name} and send rows whose confidence is below "
                 f"{best_row['t']:.1f} to {an.dec.name}; tune the threshold on the validation "

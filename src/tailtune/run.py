@@ -152,6 +152,11 @@ def _check_run_dir(out: Path, cfg: Config, *, keep_others: bool = False) -> Conf
             )
         return saved
     if any(out.iterdir()):
+        from tailtune.splits import seed_runs
+
+        if seed_runs(out):  # run --split-seeds' folder, given without the flag
+            raise TailtuneError(f"{out} holds one run per split seed; add --split-seeds to resume or extend "
+                                "them, or choose another --out")
         raise TailtuneError(f"{out} exists, is not empty and is not a tailtune run directory")
     return None
 
@@ -562,11 +567,20 @@ def _follow(specs, finished: dict, ctx, out: Path, failures: tuple) -> None:
 
 
 def _record_failure(out: Path, name: str, exc: BaseException, reason: str) -> None:
-    """Keep the traceback for the developer; the terminal and comparison.csv get ``reason``."""
+    """Keep the traceback for the developer; the terminal and comparison.csv get ``reason``.
+
+    The record is whole or absent: a disk that filled while it was written left an empty
+    folder, which comparison.csv read as "failed; see error.txt" with no error.txt there."""
     where = out / "systems" / f".{name}.failed"
-    where.mkdir(parents=True, exist_ok=True)
-    rundir.write_text(where / "error.txt", "".join(traceback.format_exception(exc)))
-    rundir.write_text(where / "reason.txt", reason)
+    staging = where.with_name(f"{where.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        rundir.write_text(staging / "reason.txt", reason)
+        rundir.write_text(staging / "error.txt", "".join(traceback.format_exception(exc)))
+        rundir.replace_dir(staging, where)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def library_versions() -> dict:

@@ -5,9 +5,10 @@
   without ``system`` the run's best system by test macro-F1 answers; ``top_k`` defaults to 1.
 - ``GET /health``; ``GET /systems``: name, kind, backbone, method, classes, shared_base.
 
-Requests are checked before any model runs: an empty list, an item that is not a string or
-an empty text -> 422; more than ``max_batch`` texts or a text longer than ``max_chars``
-characters -> 413; an unknown system -> 404.
+Requests are checked before any model runs: an empty list or an item that is not a string
+-> 422; more than ``max_batch`` texts or a text longer than ``max_chars`` characters -> 413;
+an unknown system -> 404. A text the model cannot read (empty, no tokens, a lone surrogate)
+-> 422, from the predictor's own check, before its forward pass.
 
 LoRA systems of one run that share a base model are served from one copy of the base
 weights: every adapter is loaded into one peft model (``load_adapter``), each keeps its own
@@ -34,7 +35,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from tailtune import deploy
 from tailtune.classifier import top_k
-from tailtune.data import blank
 from tailtune.errors import TailtuneError
 
 
@@ -239,9 +239,6 @@ def create_app(
                 raise HTTPException(
                     413, f"text {i} has {len(text)} characters; the limit is {max_chars}"
                 )
-        empty = np.flatnonzero(blank(texts))
-        if empty.size:
-            raise HTTPException(422, f"text {empty[0]} is empty (nothing but spaces or invisible characters)")
         name = registry.default if request.system is None else request.system  # "" is no system's name
         if name not in registry.predictors:
             raise HTTPException(
@@ -253,7 +250,7 @@ def create_app(
             raise HTTPException(422, f"top_k {k} is more than the system's {len(classes)} classes")
         try:
             proba = registry.predict_proba(name, texts)
-        except TailtuneError as exc:  # a text the model cannot read (no tokens; a lone surrogate)
+        except TailtuneError as exc:  # a text the model cannot read (empty, no tokens, a lone surrogate)
             raise HTTPException(422, str(exc)) from None
         labels, confidence = top_k(proba, classes, k)
         return {
