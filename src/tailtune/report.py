@@ -1497,7 +1497,7 @@ def _single_row_flips(base: SystemRun, other: SystemRun) -> Markup:
     if not up + down or abs(flipped) < 0.5 * abs(total) or np.sign(flipped) != np.sign(total):
         return Markup("")
     return Markup(
-        " It rests on classes with a single test row: {} went from F1 0 to 1 and {} from 1 to 0, "
+        " The macro-F1 change rests on classes with a single test row: {} went from F1 0 to 1 and {} from 1 to 0, "
         "{:+.2f} in F1 summed over classes against {:+.2f} for the whole change. One row per class "
         "is little evidence, whatever the interval says."
     ).format(up, down, flipped, total)
