@@ -280,11 +280,13 @@ def test_plan_command_prints_a_table():
     from tailtune.cli import app
 
     result = CliRunner().invoke(
-        app, ["plan", "smoke", "--methods", "lora,head,qlora", "--classes", "7"], env={"COLUMNS": "200"}
-    )
+        app, ["plan", "smoke", "--methods", "lora, head,qlora", "--classes", "7"], env={"COLUMNS": "200"}
+    )  # a space after a comma is not part of the name (a review: "unknown method ' head'")
     assert result.exit_code == 0, result.output
     for word in ("memory plan", "encoder", "decoder", "lora", "head", "activations", "checkpoint"):
         assert word in result.output
+    twice = CliRunner().invoke(app, ["plan", "smoke", "--methods", "lora,lora"])
+    assert twice.exit_code == 2 and "--methods 'lora,lora' names 'lora' twice" in twice.output
 
 
 @pytest.mark.parametrize("arch", ARCHS)

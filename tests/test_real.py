@@ -28,6 +28,21 @@ def test_bundled_encoder_is_a_mean_pooled_sentence_transformer():
     assert (bb.model_type, bb.is_decoder, bb.pooling) == ("bert", False, "mean")
 
 
+def test_a_text_the_bundled_encoder_reads_as_cls_sep_alone_is_not_classified():
+    """A review: U+0483 (and U+FE0F, a lone accent, ...) became [CLS] [SEP], and predict gave it a
+    confident label; a text of only its added tokens has nothing to classify."""
+    from tailtune.data import blank
+    from tailtune.errors import NoTokens
+
+    tok = backbones.load_tokenizer(backbones.resolve("bundled:minilm"))
+    assert tok("\u0483")["input_ids"] == [tok.cls_token_id, tok.sep_token_id] and not blank(["\u0483"])[0]
+    with pytest.raises(NoTokens, match=r"text 1 \('\u0483'\) has no tokens for this tokenizer") as caught:
+        backbones.tokenize(tok, ["a fee", "\u0483"], 32)
+    assert caught.value.rows == [1]
+    # these are blank already (tailtune.data.blank): refused before the tokenizer, and dropped by clean()
+    assert blank(["\ufe0f", "\u0301", "\u3164", "\u2800", "\U000e0020"]).all()
+
+
 def test_bundled_decoder_gguf_converts_to_a_plain_llama_folder():
     bb = backbones.resolve("bundled:smollm2")
     assert (bb.model_type, bb.is_decoder, bb.pooling) == ("llama", True, "last")

@@ -180,6 +180,14 @@ def test_outputs_get_the_mode_any_new_file_gets(tmp_path):
         assert rundir.write_text(existing, "new").stat().st_mode & 0o777 == 0o644  # was turned into 0600
         folder = rundir.temp_dir(tmp_path / "model")
         assert folder.stat().st_mode & 0o777 == 0o755
+        # safetensors' save_file writes 0600 itself (head, adapter and export weights; a review)
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, str(folder / "head.safetensors"))
+        assert (folder / "head.safetensors").stat().st_mode & 0o777 == 0o600
+        rundir.replace_dir(folder, tmp_path / "model")
+        assert (tmp_path / "model" / "head.safetensors").stat().st_mode & 0o777 == 0o644
         os.umask(0o077)
         assert rundir.write_text(tmp_path / "private.csv", "x").stat().st_mode & 0o777 == 0o600  # the user's choice
     finally:

@@ -448,6 +448,7 @@ def _atomic_save_dir(target: Path, write) -> None:
     tmp = rundir.temp_dir(target)
     try:
         write(tmp)
+        rundir.share_private_files(tmp)
         rundir.sync_folder(tmp)
         try:
             os.rename(tmp, target)
@@ -652,9 +653,11 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     except (TypeError, UnicodeEncodeError):  # a lone surrogate ("\ud800", e.g. from JSON) is not text
         check_encodable(texts)
         raise
-    # A text of characters this tokenizer drops (a custom vocabulary) has no token either:
-    # alone it crashed the forward pass, in a batch it was "classified" from padding alone.
-    empty = [i for i, row in enumerate(ids) if not row]
+    # A text of characters this tokenizer drops has no token of its own: a decoder without BOS
+    # crashed on it alone and "classified" it from padding in a batch, and a BERT tokenizer gave
+    # [CLS] [SEP], which got a confident label (U+FE0F, a lone combining accent; a review).
+    added = tokenizer.num_special_tokens_to_add()
+    empty = [i for i, row in enumerate(ids) if len(row) <= added]
     if empty:
         raise _nothing_to_classify(empty, f"({texts[empty[0]][:40]!r}) has no tokens for this tokenizer")
     return ids

@@ -313,7 +313,7 @@ def plan(
     from tailtune.run import make_console
 
     cfg = _config(config, overrides or [])
-    print_plan(make_plan(cfg, methods.split(",") if methods else None, classes), make_console())
+    print_plan(make_plan(cfg, _names(methods, "--methods"), classes), make_console())
 
 
 @app.command()
@@ -423,6 +423,9 @@ def _names(text: str | None, flag: str) -> list[str] | None:
     names = [n.strip() for n in text.split(",")]
     if not all(names):
         raise TailtuneError(f"{flag} '{text}' has an empty name; separate names with single commas")
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise TailtuneError(f"{flag} '{text}' names '{twice}' twice")
     return names
 
 

@@ -294,8 +294,14 @@ def decode_problem(path: Path, codec: str, hint: tuple[str, str] = DATA_ENCODING
 
 # Whitespace, control characters and invisible format characters (zero-width space and joiners,
 # directional marks, word joiner, soft hyphen, BOM): str.strip() keeps most of them, and a text
-# of only these has no tokens for byte-level BPE tokenizers (Qwen2).
-_VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\xad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]")
+# of only these has no tokens for byte-level BPE tokenizers (Qwen2). Also what shows nothing on
+# its own, which a BERT tokenizer reads as [CLS] [SEP] alone (a review): combining marks with no
+# letter (U+0300-036F, the grapheme joiner U+034F), variation selectors, Mongolian selectors and
+# vowel separator, tag characters, Hangul fillers and the blank Braille pattern.
+_VISIBLE = re.compile(
+    r"[^\s\x00-\x1f\x7f-\x9f\xad\u0300-\u036f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    r"\u2028-\u202e\u2060-\u206f\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e007f\U000e0100-\U000e01ef]"
+)
 
 
 def blank(texts) -> np.ndarray:

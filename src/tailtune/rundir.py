@@ -30,6 +30,15 @@ def default_mode(path: Path | str, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~umask)
 
 
+def share_private_files(folder: Path) -> None:
+    """Give each file under ``folder`` that a library wrote owner-only the mode a new file gets
+    under the umask: safetensors' ``save_file`` writes 0600, so head, adapter and exported
+    weights were unreadable to other accounts while every other output file was not."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink() and not path.stat().st_mode & 0o077:
+            default_mode(path)
+
+
 def temp_dir(target: Path) -> Path:
     """A new empty folder next to ``target`` (``.<name>.<random>``), to be renamed into place."""
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
@@ -125,6 +134,7 @@ def write_csv(path: Path, frame) -> Path:
 
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move the complete folder ``tmp`` to ``target``, replacing an older one; on disk first."""
+    share_private_files(tmp)
     sync_folder(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old")
