@@ -413,7 +413,7 @@ def test_full_disk_while_recording_a_failure_leaves_no_half_record(tmp_path, sma
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no space left on device writing "), result.stderr
-    assert not list((out / "systems").glob(".encoder-probe.failed*"))  # no half record, no staging folder
+    assert not list((out / "systems").glob("*encoder-probe.failed*"))  # no half record, no staging folder
     monkeypatch.undo()
     again = run_smoke(small_csv, out, systems="tfidf-logreg,encoder-probe")
     assert again.exit_code == 0, again.output

@@ -955,6 +955,7 @@ def _weighting_pairs(run: Run, n_boot: int, seed: int) -> list[dict]:
                     "macro": overall,
                     "accuracy": _bootstrap(run, w.name, base.name, seed, n_boot, metric="accuracy"),
                     "tiers": tiers,
+                    "single_row": _single_row_flips(base, w),
                 }
             )
     return pairs
@@ -1480,7 +1481,7 @@ def _weighting_verdict(pair: dict) -> Markup:
     acc = pair["accuracy"]
     if acc is not None:
         text += Markup(" Accuracy changes by {} ({}).").format(fmt_boot(acc), noise_word(acc))
-    return text + _single_row_flips(pair["base"], pair["weighted"])
+    return text + pair["single_row"]
 
 
 def _single_row_flips(base: SystemRun, other: SystemRun) -> Markup:
@@ -2326,7 +2327,7 @@ def section_next(run: Run, an: Analysis) -> Section:
                 fmt_boot(pair["macro"]) if pair["macro"] else "no predictions",
                 Markup("; accuracy {} ({})").format(_effect(acc), fmt_boot(acc)) if acc else "",
             )
-            + _single_row_flips(pair["base"], pair["weighted"])
+            + pair["single_row"]
         )
     if not an.weighting:
         items.append(_missing_pair_advice(run))

@@ -572,10 +572,9 @@ def _record_failure(out: Path, name: str, exc: BaseException, reason: str) -> No
     The record is whole or absent: a disk that filled while it was written left an empty
     folder, which comparison.csv read as "failed; see error.txt" with no error.txt there."""
     where = out / "systems" / f".{name}.failed"
-    staging = where.with_name(f"{where.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    staging = rundir.temp_dir(where)
     try:
-        staging.mkdir(parents=True)
         rundir.write_text(staging / "reason.txt", reason)
         rundir.write_text(staging / "error.txt", "".join(traceback.format_exception(exc)))
         rundir.replace_dir(staging, where)
