@@ -240,6 +240,33 @@ def test_numbers_read_as_written_in_jsonl_json_and_parquet(tmp_path):
         assert out["id"].tolist() == ["9007199254740993", "11", "13"], name
 
 
+def test_a_list_or_object_in_a_cell_is_an_error_not_its_printed_form(tmp_path):
+    """A review: a JSON-lines text that was a list was trained on as "['my card', 'was stolen']"."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": i, "text": f"complaint {i}", "label": "AB"[i % 2]} for i in range(20)]
+    cfg = {"text_column": "text", "label_column": "label", "id_column": "id"}
+    for column, value, shown in [("text", ["my card", "was stolen"], r'a list \(\["my card", "was stolen"\]\)'),
+                                 ("label", {"x": 1}, r'an object \(\{"x": "1"\}\)'),
+                                 ("id", [1, 2], r'a list \(\["1", "2"\]\)')]:
+        bad = [dict(r) for r in rows]
+        bad[3][column] = bad[7][column] = value
+        path = tmp_path / f"{column}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in bad))
+        with pytest.raises(TailtuneError, match=rf"^{column} column '{column}' holds {shown} where one value "
+                                                 rf"belongs \(and 1 more\); give each row a single {column}$"):
+            clean(read_table(path), DataConfig(path=str(path), **cfg))
+    pq.write_table(pa.table({"text": [["a", "b"], ["c"]], "label": ["A", "B"]}), tmp_path / "d.parquet")
+    with pytest.raises(TailtuneError, match=r'text column .text. holds a list \(\["a", "b"\]\)'):
+        clean(read_table(tmp_path / "d.parquet"), DataConfig(text_column="text", label_column="label"))
+    path = tmp_path / "ok.jsonl"  # nested values in a column tailtune does not read are fine
+    path.write_text("".join(json.dumps({**r, "meta": {"source": [1]}}) + "\n" for r in rows))
+    assert len(clean(read_table(path), DataConfig(path=str(path), **cfg))[0]) == 20
+
+
 def test_decode_problem_names_a_cut_character_and_is_none_for_a_clean_file(tmp_path):
     from tailtune.data import decode_problem
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -222,6 +223,10 @@ def test_export_refuses_what_a_stock_class_cannot_hold(smoke_run, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(TailtuneError, match="--merged .*file is a file; name a new or empty folder"):
         deploy.export_merged(systems / "encoder-lora", tmp_path / "file", fmt="tailtune")
+    # under a file: named before the model is loaded and run (it came after the check texts ran)
+    with mock.patch.object(TextClassifier, "load", side_effect=AssertionError("loaded the model")), \
+            pytest.raises(TailtuneError, match="--merged .*file/sub/x: .*file is a file, not a folder"):
+        deploy.export_merged(systems / "encoder-lora", tmp_path / "file" / "sub" / "x", fmt="tailtune")
     (tmp_path / "file").unlink()
     result = cli("export", systems / "encoder-lora", "--merged", tmp_path / "d")
     assert result.exit_code == 2
@@ -419,6 +424,11 @@ def test_predict_copies_ids_exactly(smoke_run, tmp_path, suffix):
         # ids could not be written into it
         deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.parquet", chunk_size=1)
         assert pd.read_parquet(tmp_path / "out.parquet")["id"].fillna("").tolist() == ["", "7"]
+        # a text that is a list was classified as its printed form "['debt', 'fee']"
+        source.write_text('{"text": "refund"}\n{"text": ["debt", "fee"]}\n')
+        with pytest.raises(TailtuneError, match=r'text column .text. holds a list \(\["debt", "fee"\]\)'):
+            deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "list.csv", chunk_size=1)
+        assert not (tmp_path / "list.csv").exists()
         # true labels: a chunk without the label key had been "label column not found", mid-file
         test = run_test_texts(smoke_run).iloc[0]
         source.write_text(json.dumps({"text": "refund"}) + "\n" + json.dumps({"text": test["text"], "Product": test["label"]}))

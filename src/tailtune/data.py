@@ -312,6 +312,31 @@ def blank(texts) -> np.ndarray:
     return np.array([not isinstance(t, str) or _VISIBLE.search(t) is None for t in texts], dtype=bool)
 
 
+def string_column(df: pd.DataFrame, column: str, role: str) -> pd.Series:
+    """``df[column]`` as pandas strings (missing values stay missing), after
+    :func:`check_single_values`."""
+    check_single_values(df, column, role)
+    return df[column].astype("string")
+
+
+def check_single_values(df: pd.DataFrame, column: str, role: str) -> None:
+    """A JSON list or object, or a Parquet list, in a cell of ``df[column]`` is an error naming
+    the column and the first such value: its printed form (``"['a', 'b']"``) is not a text, a
+    label or an id (``role``), and was classified or trained on as one without a word."""
+    values = df[column]
+    if values.dtype == object:
+        nested = [v for v in values if isinstance(v, list | dict | tuple | np.ndarray)]
+        if nested:
+            kind = "an object" if isinstance(nested[0], dict) else "a list"
+            shown = json.dumps(nested[0].tolist() if isinstance(nested[0], np.ndarray) else nested[0],
+                               ensure_ascii=False, default=str)
+            shown = shown if len(shown) <= 40 else shown[:39] + "…"
+            raise TailtuneError(
+                f"{role} column '{column}' holds {kind} ({shown}) where one value belongs"
+                f"{f' (and {len(nested) - 1} more)' if len(nested) > 1 else ''}; give each row a single {role}"
+            )
+
+
 def label_series(df: pd.DataFrame, label_column: str) -> pd.Series:
     """The labels of ``df``: one column, or ``A+B`` columns joined as "a / b" (missing if a part is).
 
@@ -319,7 +344,7 @@ def label_series(df: pd.DataFrame, label_column: str) -> pd.Series:
     parts = label_parts(df, label_column)
     for col in parts:
         _require_column(df, col, "label")
-    columns = [df[col].astype("string") for col in parts]
+    columns = [string_column(df, col, "label") for col in parts]
     labels = columns[0]
     for column in columns[1:]:
         labels = labels.str.cat(column, sep=" / ")
@@ -398,12 +423,13 @@ def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
     labels = label_series(df, cfg.label_column)
     if len(df) == 0:
         raise TailtuneError("data file has a header but no rows" + (f": {cfg.path}" if cfg.path else ""))
-    ids = df[cfg.id_column].astype(str) if cfg.id_column in df.columns else pd.Series(
-        np.arange(len(df)).astype(str), index=df.index
-    )
-    out = pd.DataFrame(
-        {"id": ids.to_numpy(), "text": df[cfg.text_column].astype("string").to_numpy(), "label": labels.to_numpy()}
-    )
+    if cfg.id_column in df.columns:
+        check_single_values(df, cfg.id_column, "id")
+        ids = df[cfg.id_column].astype(str)
+    else:
+        ids = pd.Series(np.arange(len(df)).astype(str), index=df.index)
+    texts = string_column(df, cfg.text_column, "text")
+    out = pd.DataFrame({"id": ids.to_numpy(), "text": texts.to_numpy(), "label": labels.to_numpy()})
     report: dict = {"rows_read": int(len(out)), "dropped": {}}
     dropped = report["dropped"]
 

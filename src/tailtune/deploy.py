@@ -575,6 +575,7 @@ def export_merged(
         raise TailtuneError(f"--merged {outdir} is a file; name a new or empty folder")
     if outdir.exists() and any(outdir.iterdir()):
         raise TailtuneError(f"export folder {outdir} already exists and is not empty")
+    check_parent_writable(outdir, "--merged")
     quiet_transformers()
     clf = TextClassifier.load(folder)
     if not methods.get(clf.method).mergeable:
@@ -805,11 +806,11 @@ def prediction_frame(
     import pandas as pd
 
     from tailtune.classifier import top_k
-    from tailtune.data import blank
+    from tailtune.data import blank, string_column
 
     # JSON lines need not share keys: a chunk may lack the text or id column the first one had
     missing = pd.Series(pd.NA, index=frame.index, dtype="string")
-    texts = (frame[text_col] if text_col in frame.columns else missing).astype("string").fillna("")
+    texts = string_column(frame, text_col, "text").fillna("") if text_col in frame.columns else missing.fillna("")
     real = ~blank(texts)
     labels = np.full((len(frame), k), "", dtype=object)
     conf = np.full((len(frame), k), np.nan)
@@ -827,7 +828,7 @@ def prediction_frame(
     if id_col is not None:
         # a string column even when a chunk has no id at all: an all-missing object column became
         # Parquet's null type, which the next chunk's (or Ray part's) strings could not join
-        out[id_col] = (frame[id_col] if id_col in frame.columns else missing).astype("string").array
+        out[id_col] = (string_column(frame, id_col, "id") if id_col in frame.columns else missing).array
     for i in range(k):
         suffix = "" if i == 0 else f"_{i + 1}"
         out[f"label{suffix}"] = labels[:, i]
@@ -839,14 +840,20 @@ def check_output_file(path: Path, *, overwrite: bool, flag: str = "--output") ->
     """Before any work: ``path`` names a file that can be written, and is not one already there
     (unless ``overwrite``); a folder, a folder that is a file, or one without write permission
     is refused here, not after every row has been predicted."""
-    import tempfile
-
     if path.is_dir():
         raise TailtuneError(f"{flag} {path} is a folder; name a file")
     if path.exists() and not overwrite:
         raise TailtuneError(f"{flag} {path} already exists; pass --overwrite to replace it")
+    check_parent_writable(path, flag)
+
+
+def check_parent_writable(path: Path, flag: str) -> None:
+    """Before any work: ``path``'s folder can be made and written in (the missing folders are
+    made when the result is renamed into place); one of them being a file is refused here."""
+    import tempfile
+
     folder = path.parent
-    while not folder.exists() and folder != folder.parent:  # atomic_write makes the missing ones
+    while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
         raise TailtuneError(f"{flag} {path}: {folder} is a file, not a folder")
