@@ -164,6 +164,17 @@ def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, setup, args, mess
     assert not out.exists()
 
 
+def test_usage_errors_click_raises_without_context_name_the_command_help(tmp_path):
+    """An option missing its value, or a flag given one: click gives no context, and the line had no hint."""
+    for args, message in [
+        (["data", "inspect", "--text-column"], "Option '--text-column' requires an argument; see 'tailtune data inspect --help'"),
+        (["run", "--bench=1"], "Option '--bench' does not take a value; see 'tailtune run --help'"),
+    ]:
+        result = tailtune(*args, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.strip() == f"error: {message}", result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_metrics_differ_between_weighted_and_unweighted_class_weights_saved(smoke_run):
     out, _ = smoke_run
     weights = out / "systems" / "encoder-lora-weighted" / "model" / "class_weights.json"

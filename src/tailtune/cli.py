@@ -471,6 +471,21 @@ def serve(
                max_batch=max_batch, max_chars=max_chars, precision=precision)
 
 
+def _command_path(args: list[str]) -> str:
+    """The command ``args`` name (``tailtune data inspect``), for a usage error click raised
+    without its context (an option missing its value, a flag given one)."""
+    command, path = typer.main.get_command(app), ["tailtune"]
+    for arg in args:
+        if not hasattr(command, "commands"):  # a leaf command (typer's click is its own copy)
+            break
+        if arg in command.commands:
+            command = command.commands[arg]
+            path.append(arg)
+        elif not arg.startswith("-"):
+            break
+    return " ".join(path)
+
+
 def main() -> None:  # the console entry point (pyproject.toml), and python -m tailtune.cli
     """Runs the app; a usage error (a missing or unknown option, a bad value) is one line and exit 2,
     as tailtune's own errors are, not click's usage block and a boxed message."""
@@ -482,8 +497,8 @@ def main() -> None:  # the console entry point (pyproject.toml), and python -m t
     except typer.TyperException as exc:  # typer's click: UsageError, BadParameter, ...
         if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
             ctx = getattr(exc, "ctx", None)
-            hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
-            typer.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
+            path = ctx.command_path if ctx is not None else _command_path(sys.argv[1:])
+            typer.echo(f"error: {exc.format_message().rstrip('.')}; see '{path} --help'", err=True)
         code = exc.exit_code
     except typer.Abort:  # EOF at a prompt
         typer.echo("aborted", err=True)
