@@ -919,6 +919,23 @@ def test_encoder_decoder_tables_put_each_system_in_its_own_column(tmp_path):
         assert row[7].text == ("decoder" if dec > enc else "encoder")
 
 
+def test_the_disagreement_table_says_how_many_classes_tie_with_its_last_row():
+    """A review: 14 classes differed by 1.000 and the table showed 10 of them without a word."""
+    from types import SimpleNamespace
+
+    from tailtune.report import N_DISAGREE, _disagreement_table
+
+    n = N_DISAGREE + 4
+    joined = pd.DataFrame({"label": [f"c{i}" for i in range(n + 1)], "tier": "rare", "train_count": 3,
+                           "support": [*range(n, 0, -1), 5], "f1_enc": [1.0] * n + [0.5], "f1_dec": 0.0})
+    an = SimpleNamespace(enc=SimpleNamespace(name="enc"), dec=SimpleNamespace(name="dec"))
+    table = _disagreement_table(an, joined)
+    assert [r[0].text for r in table.rows] == [f"c{i}" for i in range(N_DISAGREE)]  # more test rows first
+    assert "(4 more differ by as much, 1.000; ties go to the class with more test rows)" in table.caption
+    table = _disagreement_table(an, joined.iloc[N_DISAGREE - 1:])  # 5 tied and c14: all fit
+    assert len(table.rows) == 6 and "more differ by as much" not in table.caption
+
+
 def test_weighting_tables_show_weighted_minus_unweighted(tmp_path):
     from tailtune.report import Table, fmt_delta, section_weighting
 

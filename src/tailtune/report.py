@@ -1736,10 +1736,12 @@ def _disagreement_table(an: Analysis, joined: pd.DataFrame) -> Table:
     joined = joined.assign(delta=joined["f1_dec"] - joined["f1_enc"])
     joined = joined.assign(size=joined["delta"].abs())
     # Ties (common among tiny classes) go to the class with more test rows: the sturdier number.
-    top = joined[joined["size"] > 0].sort_values(
+    ranked = joined[joined["size"] > 0].sort_values(
         ["size", "support"], ascending=[False, False], kind="stable"
     )
-    top = top.head(N_DISAGREE)
+    top = ranked.head(N_DISAGREE)
+    # classes left out that differ as much as the last one shown: the cut is arbitrary among them
+    tied = int((ranked["size"].iloc[len(top):] == top["size"].iloc[-1]).sum()) if len(top) else 0
     rows = [
         [
             Cell(r.label),
@@ -1765,8 +1767,10 @@ def _disagreement_table(an: Analysis, joined: pd.DataFrame) -> Table:
             "better",
         ],
         rows,
-        f"The {len(rows)} classes where the two systems' F1 differ most. Classes with few test "
-        "rows swing easily: read the test column before the \u0394.",
+        f"The {len(rows)} classes where the two systems' F1 differ most"
+        + (f" ({tied} more differ by as much, {fmt_metric(top['size'].iloc[-1])}; ties go to the class with "
+           "more test rows)" if tied else "")
+        + ". Classes with few test rows swing easily: read the test column before the \u0394.",
     )
 
 
