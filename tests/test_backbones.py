@@ -229,17 +229,17 @@ def test_a_read_only_cache_fails_before_converting(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("converted before checking the cache")
 
-    def read_only(target):  # root writes anywhere, so the refusal is simulated
+    def read_only(*args, **kwargs):  # root writes anywhere, so the refusal is simulated
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(backbones.rundir, "temp_dir", read_only)
+    monkeypatch.setattr(backbones.rundir.tempfile, "mkstemp", read_only)
     import transformers
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(TailtuneError, match=r"cannot write the converted model to .+ \(Permission denied\); set "
+    with pytest.raises(TailtuneError, match=r"cannot write the converted model to .+ \(permission denied: .+\); set "
                                             "TAILTUNE_CACHE to a writable folder"):
         backbones.convert_gguf(gguf)
 

@@ -284,3 +284,24 @@ def test_a_ctrl_c_after_the_command_has_ended_prints_no_traceback():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "smoke" in done.stdout and done.stderr == ""
+
+
+def test_cli_defaults_are_the_librarys():
+    """The CLI states its defaults in --help, so it repeats them: they must be the library's."""
+    import inspect
+
+    import typer.main
+
+    from tailtune import bench, deploy
+    from tailtune.cli import app
+
+    commands = typer.main.get_command(app).commands
+    options = {name: {p.name: p.default for p in commands[name].params} for name in ("bench", "export", "predict")}
+    library = inspect.signature(bench.bench).parameters
+    assert tuple(int(b) for b in options["bench"]["batch_sizes"].split(",")) == bench.DEFAULT_BATCH_SIZES
+    for name in ("repeats", "max_texts", "price_per_hour"):
+        assert options["bench"][name] == library[name].default, name
+    assert options["export"]["tolerance"] == inspect.signature(deploy.export_merged).parameters["tolerance"].default
+    predict = inspect.signature(deploy.predict_file).parameters
+    for name in ("top_k", "chunk_size", "precision", "encoding"):
+        assert options["predict"][name] == predict["k" if name == "top_k" else name].default, name

@@ -182,3 +182,12 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
     path.write_bytes("out: caf\u00e9\n".encode("cp1252"))
     with pytest.raises(TailtuneError, match=r"cp1252.yaml is not valid UTF-8 \(byte 0xe9 at offset 8\); re-save it"):
         load_config(str(path))
+
+
+def test_a_comma_list_override_refuses_an_empty_or_repeated_name():
+    """A review: systems=a,,b dropped the empty entry without a word, while --systems of bench refused it."""
+    with pytest.raises(TailtuneError, match=r"^config key 'systems' value 'tfidf-logreg,,encoder-probe' has an empty name"):
+        load_config(None, ["systems=tfidf-logreg,,encoder-probe"])
+    with pytest.raises(TailtuneError, match=r"^config key 'systems' value 'tfidf-logreg, tfidf-logreg' names 'tfidf-logreg' twice"):
+        load_config(None, ["systems=tfidf-logreg, tfidf-logreg"])
+    assert load_config(None, ["systems= tfidf-logreg , encoder-probe"]).systems == ["tfidf-logreg", "encoder-probe"]

@@ -144,7 +144,7 @@ def _assert_rank1_only_made_checkpoint_folders(audit: Path) -> None:
     # Every process also runs the preflight's write probe (so all of them stop on the same
     # error); it lands in <out> when a run is made inside it (a split seed's folder), and is
     # removed at once.
-    from tailtune.preflight import WRITE_PROBE
+    from tailtune.rundir import WRITE_PROBE
 
     writes = [w.split(" ", 1) for w in (audit / "rank1.txt").read_text().splitlines()]
     assert writes, "the audit hook saw nothing: it did not run"

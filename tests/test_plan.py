@@ -100,9 +100,10 @@ def test_a_method_measured_with_real_forwards_is_refused_when_its_weights_do_not
     cfg = load_config("smoke")
     backbone = backbones.resolve(cfg.encoder.name)
     assert plan_one(backbone, cfg.encoder, "loha", cfg.method, 5, "fp32")["activations_from"].startswith("real")
-    monkeypatch.setattr(preflight, "available_memory", lambda: (1000, "test RAM"))
+    monkeypatch.setattr(preflight, "available_memory", lambda: (2048, "test RAM"))
+    # the same units as plan's table (GiB, MiB, KiB); this said kB (1e3) and the table KiB
     with pytest.raises(TailtuneError, match=r"loha on bert is measured with real forwards, and its weights alone "
-                                            r"\(.+\) exceed the 1.0 kB free on test RAM"):
+                                            r"\([0-9.]+ [MK]iB\) exceed the 2.0 KiB free on test RAM"):
         plan_one(backbone, cfg.encoder, "loha", cfg.method, 5, "fp32")
 
 

@@ -992,3 +992,14 @@ def test_a_change_carried_by_one_row_classes_is_named():
     assert "2 went from F1 0 to 1 and 1 from 1 to 0, +1.00 in F1 summed over classes against +0.90" in words
     spread = system([0.0, 0.0, 1.0, 1.0, 0.95, 0.95])  # the change is mostly in classes with more rows
     assert str(_single_row_flips(base, spread)) == ""
+
+
+def test_a_data_json_that_is_not_utf8_or_cut_is_one_line(tmp_path):
+    """A review: bytes that are not UTF-8 in data.json were an internal UnicodeDecodeError."""
+    from tailtune.report import load_run
+
+    path = write_fake_run(tmp_path / "run")
+    for damage in (b'{"classes": ["caf\xe9"]}', b'{"classes": ['):
+        (path / "data.json").write_bytes(damage)
+        with pytest.raises(TailtuneError, match=r"data.json is not readable JSON \(.+\); run the same tailtune run command"):
+            load_run(path)

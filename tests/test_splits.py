@@ -178,3 +178,18 @@ def test_the_largest_seed_is_accepted():
     from tailtune.config import MAX_SEED
 
     assert parse_seeds(f"0,{MAX_SEED}") == [0, MAX_SEED]
+
+
+def test_a_seed_comparison_without_a_metric_column_is_one_line(tmp_path):
+    """A review: a seed's comparison.csv without 'status' or a metric was KeyError, an internal error."""
+    from tailtune.splits import per_seed, seed_dir
+
+    seed_dir(tmp_path, 0).mkdir(parents=True)
+    path = seed_dir(tmp_path, 0) / "comparison.csv"
+    path.write_text("system,accuracy,macro_f1,zero_f1_classes\ntfidf-logreg,0.5,0.25,3\n")  # no status: ok
+    assert per_seed(tmp_path, [0]).to_dict("records") == [
+        {"system": "tfidf-logreg", "seed": 0, "status": "ok", "accuracy": 0.5, "macro_f1": 0.25, "zero_f1_classes": 3}
+    ]
+    path.write_text("system,status,accuracy\ntfidf-logreg,ok,0.5\n")
+    with pytest.raises(TailtuneError, match=r"comparison.csv has no 'macro_f1', 'zero_f1_classes' columns; run the same"):
+        per_seed(tmp_path, [0])

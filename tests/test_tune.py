@@ -212,3 +212,7 @@ def test_search_takes_the_best_trial_first_on_ties_and_retrains_only_for_another
     longer = load_config("smoke", ["tune.epochs=2"])
     tune.search(longer, [spec], SimpleNamespace(cfg=longer, data=data, console=None), tmp_path)
     assert len(calls) == 8
+    # a cut tune.json: its trials are trained again (it was an internal JSONDecodeError)
+    (tmp_path / "tune.json").write_text((tmp_path / "tune.json").read_text()[:40])
+    assert tune.search(cfg, [spec], ctx, tmp_path) == [choice] and len(calls) == 12
+    assert len(json.loads((tmp_path / "tune.json").read_text())["trials"]) == 4

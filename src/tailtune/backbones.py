@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailtune import rundir
-from tailtune.errors import NoTokens, TailtuneError
+from tailtune.errors import NoTokens, TailtuneError, first_line
 
 BUNDLED = {
     # name: (python package, file inside it or None for an HF folder named "model")
@@ -284,7 +284,7 @@ def _read_config(path: str, spec: str) -> dict:
             return json.loads(local.read_text())
         except (ValueError, OSError) as exc:  # JSONDecodeError, or bytes that are not text
             raise TailtuneError(f"could not load backbone '{spec}': {local} is not a readable JSON "
-                                f"config ({str(exc).splitlines()[0][:120]})") from None
+                                f"config ({first_line(exc)[:120]})") from None
     from transformers import AutoConfig
 
     host = hub_host()
@@ -304,7 +304,7 @@ def _read_config(path: str, spec: str) -> dict:
     try:
         return AutoConfig.from_pretrained(path).to_dict()
     except (OSError, ValueError) as exc:
-        problem = str(exc).splitlines()[0][:120]
+        problem = first_line(exc)[:120]
     raise TailtuneError(
         f"could not load backbone '{spec}': not a local folder, .gguf file, bundled name, "
         f"or a hub model ({problem})"
@@ -417,7 +417,7 @@ def convert_gguf(gguf: Path) -> Path:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:  # not GGUF, truncated, unsupported architecture
-        raise TailtuneError(f"could not read {gguf} as a GGUF model: {str(exc).splitlines()[0][:160]}") from None
+        raise TailtuneError(f"could not read {gguf} as a GGUF model: {first_line(exc)[:160]}") from None
     # The GGUF-backed model is flagged as quantised and refuses to save; a plain model built
     # from the same config and given the de-quantised weights is an ordinary checkpoint.
     config = loaded.config
@@ -433,14 +433,13 @@ def convert_gguf(gguf: Path) -> Path:
 
 def _check_cache_writable(folder: Path) -> None:
     """Fail before a conversion of a minute, not after it, when the cache cannot take its result."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        rundir.temp_dir(folder / "write-check").rmdir()
-    except OSError as exc:
+    base, problem = rundir.write_problem(folder)
+    if problem is not None:
+        where = f"{base} is a file" if problem == "is a file" else f"{problem}: {base}"
         raise TailtuneError(
-            f"cannot write the converted model to {folder} ({exc.strerror or exc}); set TAILTUNE_CACHE "
+            f"cannot write the converted model to {folder} ({where}); set TAILTUNE_CACHE "
             "to a writable folder"
-        ) from None
+        )
 
 
 def _atomic_save_dir(target: Path, write) -> None:
@@ -746,7 +745,7 @@ def _load_model(backbone: Backbone, tokenizer):
         path = Path(backbone.path)
         ours = cache_dir().resolve() in path.resolve().parents
         raise TailtuneError(
-            f"could not read the weights of backbone '{backbone.spec}' in {path}: {str(exc).splitlines()[0][:160]}"
+            f"could not read the weights of backbone '{backbone.spec}' in {path}: {first_line(exc)[:160]}"
             + ("; it is in tailtune's cache: delete that folder and run again to rebuild it" if ours else "")
         ) from None
     model.config.pad_token_id = tokenizer.pad_token_id

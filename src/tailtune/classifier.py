@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from tailtune import backbones, methods
+from tailtune import backbones, methods, rundir
 from tailtune.config import BackboneConfig, MethodConfig, TrainConfig
-from tailtune.errors import TailtuneError
+from tailtune.errors import TailtuneError, first_line
 
 FORMAT_VERSION = 1
 
@@ -245,12 +245,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- fine-tuned
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first line, or its type when it has no message."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _text_list(texts, what: str) -> list[str]:
@@ -631,10 +625,7 @@ def damaged_model(path: Path):
 def read_meta(path: Path) -> dict:
     """The ``tailtune.json`` of the model folder ``path``, or one line saying it is damaged."""
     meta_file = Path(path) / "tailtune.json"
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise TailtuneError(f"{meta_file} is not readable JSON ({first_line(exc)}); the saved model is damaged") from None
+    meta = rundir.read_json_or_fail(meta_file, "the saved model is damaged")
     if not isinstance(meta, dict):
         raise TailtuneError(f"{meta_file} is not a JSON object; the saved model is damaged")
     return meta

@@ -56,7 +56,7 @@ def _interrupted(exc: BaseException) -> bool:
 
 def _exit_for(exc: BaseException, command: str):
     """One line on stderr for ``exc`` and the exit code: 2 bad input, 130 Ctrl-C, 1 internal error."""
-    from tailtune.errors import TailtuneError
+    from tailtune.errors import TailtuneError, first_line
 
     if isinstance(exc, TailtuneError):
         if not (os.environ.get("TAILTUNE_WORKER") and os.environ.get("RANK", "0") != "0"):
@@ -86,9 +86,8 @@ def _exit_for(exc: BaseException, command: str):
         raise typer.Exit(2) from None
     if os.environ.get("TAILTUNE_DEBUG"):
         raise exc
-    first = str(exc).splitlines()[0] if str(exc) else ""
     typer.echo(
-        f"error: internal error {type(exc).__name__}: {first} (set TAILTUNE_DEBUG=1 for a traceback)",
+        f"error: internal error {type(exc).__name__}: {first_line(exc)} (set TAILTUNE_DEBUG=1 for a traceback)",
         err=True,
     )
     raise typer.Exit(1) from None
@@ -415,18 +414,9 @@ def bench(
 
 
 def _names(text: str | None, flag: str) -> list[str] | None:
-    """A comma-separated list of names; an empty name (",", "a,") is an error, not a system called ''."""
-    from tailtune.errors import TailtuneError
+    from tailtune.config import parse_names
 
-    if text is None:
-        return None
-    names = [n.strip() for n in text.split(",")]
-    if not all(names):
-        raise TailtuneError(f"{flag} '{text}' has an empty name; separate names with single commas")
-    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if twice is not None:
-        raise TailtuneError(f"{flag} '{text}' names '{twice}' twice")
-    return names
+    return None if text is None else parse_names(text, flag)
 
 
 def _bench_and_report(run_dir: Path, report: bool, **options) -> None:

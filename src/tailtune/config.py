@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from tailtune.errors import TailtuneError
+from tailtune.errors import TailtuneError, first_line
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "demo"
@@ -272,7 +272,7 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
     try:
         raw = _yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise TailtuneError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise TailtuneError(f"config {path} is not valid YAML: {first_line(exc)}") from None
     except UnicodeDecodeError as exc:
         raise TailtuneError(
             f"config {path} is not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
@@ -366,6 +366,19 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def parse_names(text: str, what: str) -> list[str]:
+    """A comma-separated list (``"a, b"``), each entry stripped. An empty entry (``","``,
+    ``"a,"``) or one given twice is an error naming ``what`` (a flag or a config key), not a
+    system called '' or one trained twice."""
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise TailtuneError(f"{what} '{text}' has an empty name; separate names with single commas")
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise TailtuneError(f"{what} '{text}' names '{twice}' twice")
+    return names
+
+
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -378,7 +391,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return from_dict(hint, value or {}, f"{key}.")
     if origin is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = parse_names(value, f"config key '{key}' value") if value.strip() else []
         if not isinstance(value, list):
             raise TailtuneError(f"config key '{key}' must be a list, got {value!r}")
         return [_coerce(args[0], v, key) for v in value]

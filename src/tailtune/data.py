@@ -20,7 +20,7 @@ import pandas as pd
 from rich.markup import escape
 
 from tailtune.config import DataConfig
-from tailtune.errors import TailtuneError
+from tailtune.errors import TailtuneError, first_line
 
 READERS = {
     ".csv": "csv",
@@ -116,8 +116,7 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
     except UnicodeDecodeError:
         raise decode_error(path, codec) from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TailtuneError(f"could not read {path} as {kind}: {first}") from None
+        raise TailtuneError(f"could not read {path} as {kind}: {first_line(exc)}") from None
 
 
 def read_json(path: Path, codec: str) -> pd.DataFrame:

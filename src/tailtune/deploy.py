@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from tailtune import rundir
-from tailtune.errors import NoTokens, TailtuneError
+from tailtune.errors import NoTokens, TailtuneError, first_line
 
 # Largest |merged - unmerged| logit allowed on export, in fp32. Merging reorders float sums
 # (W x + B A x s vs (W + B A s) x), which moves logits by ~1e-6 on real models.
@@ -345,7 +345,7 @@ def _load_export(folder: Path, *, merged, precision, device, batch_size) -> Pred
     from tailtune.backbones import quiet_transformers
 
     quiet_transformers()
-    meta = json.loads((folder / EXPORT_INFO).read_text())
+    meta = rundir.read_json_or_fail(folder / EXPORT_INFO, "the export is damaged; export it again")
     model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -671,7 +671,7 @@ def _open_table(
         except UnicodeDecodeError:
             raise decode_error(path, codec, ENCODING_HINT) from None
         except ValueError as exc:  # json.JSONDecodeError is one
-            raise TailtuneError(f"could not read {path} as json: {str(exc).strip().splitlines()[0]}") from None
+            raise TailtuneError(f"could not read {path} as json: {first_line(exc)}") from None
 
         def pieces():
             for start in range(0, len(whole), chunk_size):
@@ -686,7 +686,7 @@ def _open_table(
             parquet = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises its own error types for a corrupt file
             raise TailtuneError(
-                f"could not read {path} as parquet: {str(exc).splitlines()[0]}"
+                f"could not read {path} as parquet: {first_line(exc)}"
             ) from None
 
         def batches():
@@ -728,7 +728,7 @@ def _open_table(
             raise decode_error(path, codec, ENCODING_HINT) from None
         except (ValueError, pd.errors.ParserError) as exc:
             raise TailtuneError(
-                f"could not read {path} as {kind}: {str(exc).strip().splitlines()[0]}"
+                f"could not read {path} as {kind}: {first_line(exc)}"
             ) from None
         finally:
             raw.close()
@@ -850,17 +850,11 @@ def check_output_file(path: Path, *, overwrite: bool, flag: str = "--output") ->
 def check_parent_writable(path: Path, flag: str) -> None:
     """Before any work: ``path``'s folder can be made and written in (the missing folders are
     made when the result is renamed into place); one of them being a file is refused here."""
-    import tempfile
-
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise TailtuneError(f"{flag} {path}: {folder} is a file, not a folder")
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as exc:
-        raise TailtuneError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc})") from None
+    base, problem = rundir.write_problem(path.parent)
+    if problem == "is a file":
+        raise TailtuneError(f"{flag} {path}: {base} is a file, not a folder")
+    if problem is not None:
+        raise TailtuneError(f"{flag} {path}: cannot write in {base} ({problem})")
 
 
 def predict_file(

@@ -19,3 +19,10 @@ class NoTokens(TailtuneError):
     def __init__(self, message: str, rows: list[int]):
         super().__init__(message)
         self.rows = rows
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, or its type when it has no message (``"".splitlines()[0]``
+    raised IndexError inside the handler meant to turn it into one line)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -141,7 +141,8 @@ def plan_one(
     except TailtuneError:
         raise
     except Exception:  # the method needs real values to apply or run: real rows, extrapolated
-        from tailtune.preflight import _size, available_memory
+        from tailtune.preflight import available_memory
+        from tailtune.report import fmt_bytes
 
         weights = sum(p.nbytes for p in build(backbone, bb_cfg, method, method_cfg, n_classes, "meta",
                                                label_tokens is not None).parameters())
@@ -149,7 +150,7 @@ def plan_one(
         if weights > free:  # random weights would be allocated here: refuse before, not by running out
             raise TailtuneError(
                 f"{method} on {backbone.model_type} is measured with real forwards, and its weights alone "
-                f"({_size(weights)}) exceed the {_size(free)} free on {where}"
+                f"({fmt_bytes(weights)}) exceed the {fmt_bytes(free)} free on {where}"
             ) from None
         model = build(backbone, bb_cfg, method, method_cfg, n_classes, device, label_tokens is not None)
         one, reached = trace_forward(model, 1, length, precision, device, False, label_tokens)

@@ -15,41 +15,25 @@ before its first step (:meth:`tailtune.classifier.TextClassifier.fit`).
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from tailtune import rundir
 from tailtune.errors import TailtuneError
 
 # ----------------------------------------------------------------------------- output and data
 
 
-WRITE_PROBE = ".tailtune-write-check."  # prefix of the file check_writable creates and removes
-
-
 def check_writable(out: Path) -> None:
-    """Error unless ``out``, or the nearest existing folder it would be created in, accepts files.
-
-    Tried with a real file: permission bits, read-only mounts and immutable folders all differ
-    in what ``os.access`` reports, but none lets a file be created.
-    """
-    out = Path(out)
-    base = out
-    while not base.exists():
-        base = base.parent
-    if not base.is_dir():
+    """Error unless ``out``, or the nearest existing folder it would be created in, accepts files."""
+    base, problem = rundir.write_problem(Path(out))
+    if problem == "is a file":
         raise TailtuneError(f"cannot create output directory {out}: {base} is a file")
-    try:
-        fd, probe = tempfile.mkstemp(dir=base, prefix=WRITE_PROBE)
-    except OSError as exc:
-        reason = (exc.strerror or str(exc)).lower()
+    if problem is not None:
         raise TailtuneError(
-            f"output directory {out} is not writable: no file can be created in {base} ({reason}); choose another --out"
-        ) from None
-    os.close(fd)
-    os.unlink(probe)
+            f"output directory {out} is not writable: no file can be created in {base} ({problem}); choose another --out"
+        )
 
 
 def check_splits(data, specs) -> None:
@@ -251,6 +235,8 @@ def at_batch(need: dict, batch_size: int) -> int:
 
 
 def _memory_message(spec, cfg, need, free, device) -> str:
+    from tailtune.report import fmt_bytes
+
     slot, batch = spec.slot, need["batch_size"]
     fits = [b for b in range(batch - 1, 0, -1) if at_batch(need, b) <= free]
     if fits:
@@ -268,20 +254,13 @@ def _memory_message(spec, cfg, need, free, device) -> str:
     else:
         fix = "use a smaller backbone or a machine with more memory"
     return (
-        f"{spec.name} needs about {_size(need['total'])} to train (weights {_size(need['weights'])}, "
-        f"gradients + Adam {_size(need['gradients_adam'])}, activations {_size(need['activations'])} "
+        f"{spec.name} needs about {fmt_bytes(need['total'])} to train (weights {fmt_bytes(need['weights'])}, "
+        f"gradients + Adam {fmt_bytes(need['gradients_adam'])}, activations {fmt_bytes(need['activations'])} "
         f"at batch {batch} x {need['tokens']} tokens"
         + (", with the label logits" if need["label_logits"] else "")
-        + (f", probe model {_size(need['probe_copy'])}" if need["probe_copy"] else "")
-        + f") but {device} has {_size(free)} free; {fix}"
+        + (f", probe model {fmt_bytes(need['probe_copy'])}" if need["probe_copy"] else "")
+        + f") but {device} has {fmt_bytes(free)} free; {fix}"
     )
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 # ----------------------------------------------------------------------------- padding

@@ -51,7 +51,6 @@ N_GAIN_LOSS = 5  # classes listed as gaining / losing most under weighting
 N_DISAGREE = 10  # classes listed where encoder and decoder disagree most
 N_CONFUSIONS = 10
 CASCADE_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
-BENCH_VOLUME = 64_000  # bench.json's time_64k_s / cost_64k are for this many complaints
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -196,10 +195,9 @@ def _clean(value: Any) -> Any:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise TailtuneError(f"cannot read {path}: {err}") from err
+    from tailtune.rundir import read_json_or_fail
+
+    return read_json_or_fail(path, "run the same tailtune run command again to rewrite it")
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -1927,6 +1925,8 @@ def pareto_frontier(points: list[dict]) -> list[str]:
 
 
 def _bench_tables(run: Run, bench: dict) -> list[Any]:
+    from tailtune.bench import JOB_SIZE  # the volume bench.json's time_64k_s / cost_64k are for
+
     systems = [s for s in run.ok_systems if s.name in (bench.get("systems") or {})]
     if not systems:
         return [Para("bench.json holds no measurements of this run's systems.", style="warning")]
@@ -2005,8 +2005,8 @@ def _bench_tables(run: Run, bench: dict) -> list[Any]:
                 "p50 / p95 ms per batch",
                 "examples / s",
                 "peak memory",
-                f"{BENCH_VOLUME // 1000}K complaints",
-                f"cost of {BENCH_VOLUME // 1000}K",
+                f"{JOB_SIZE // 1000}K complaints",
+                f"cost of {JOB_SIZE // 1000}K",
             ],
             rows,
             f"Inference on {where}, batch size {bench.get('batch_size', EM_DASH)}; cost at "

@@ -47,7 +47,7 @@ from rich.markup import escape
 
 from tailtune import rundir
 from tailtune.config import Config, dump
-from tailtune.errors import TailtuneError
+from tailtune.errors import TailtuneError, first_line
 
 COMPARISON_COLUMNS = [
     "system", "status", "accuracy", "macro_f1", "weighted_f1", "zero_f1_classes",
@@ -261,16 +261,21 @@ def _comparison(out: Path, n_test: int) -> pd.DataFrame:
     return frame.astype({c: "Int64" for c in ("zero_f1_classes", "trainable_params", "total_params")})
 
 
-def read_comparison(run_dir: Path) -> pd.DataFrame:
-    """``run_dir``'s comparison.csv with its system and status columns, or one line saying it is damaged."""
+def read_comparison(run_dir: Path, needs: tuple[str, ...] = ()) -> pd.DataFrame:
+    """``run_dir``'s comparison.csv with its system and status columns (and the columns in
+    ``needs``), or one line saying it is damaged."""
     path = Path(run_dir) / "comparison.csv"
     try:
         comparison = pd.read_csv(path)
     except ValueError as exc:  # EmptyDataError and ParserError are ValueErrors
-        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TailtuneError(f"{path} is damaged ({problem}); run the same tailtune run command again to rewrite it") from None
-    if "system" not in comparison.columns:
-        raise TailtuneError(f"{path} has no 'system' column; run the same tailtune run command again to rewrite it")
+        raise TailtuneError(f"{path} is damaged ({first_line(exc)}); run the same tailtune run command again to rewrite it") from None
+    lacking = [c for c in ("system", *needs) if c not in comparison.columns]
+    if lacking:
+        raise TailtuneError(
+            f"{path} has no {', '.join(repr(c) for c in lacking)} column{'s' if len(lacking) > 1 else ''}; "
+            "run the same tailtune run command "
+            "again to rewrite it"
+        )
     if "status" not in comparison.columns:  # as the report has always read such a file
         comparison["status"] = "ok"
     return comparison
@@ -487,7 +492,7 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
                 f"({outcome.train_seconds:.0f} s training, {time.perf_counter() - system_started:.0f} s in all)"
             )
         except failures as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             _record_failure(out, spec.name, exc, reason)
             console.print(f"  [red]failed:[/] {escape(reason)}")
         finally:

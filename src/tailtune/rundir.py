@@ -46,6 +46,31 @@ def temp_dir(target: Path) -> Path:
     return tmp
 
 
+WRITE_PROBE = ".tailtune-write-check."  # prefix of the file write_problem creates and removes
+
+
+def write_problem(path: Path) -> tuple[Path, str | None]:
+    """Whether a file can be created at ``path`` (a folder, or one still to be made):
+    (the nearest existing folder it would be created in, None) when it can, else (that path,
+    why not: "is a file", or the OS's reason in lower case).
+
+    Tried with a real file: permission bits, read-only mounts and immutable folders all differ
+    in what ``os.access`` reports, but none lets a file be created.
+    """
+    base = Path(path)
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        return base, "is a file"
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=WRITE_PROBE)
+    except OSError as exc:
+        return base, (exc.strerror or str(exc)).lower()
+    os.close(fd)
+    os.unlink(probe)
+    return base, None
+
+
 STALE_SECONDS = 3600  # a temporary sibling older than this belongs to a process that was killed
 
 
@@ -149,6 +174,17 @@ def replace_dir(tmp: Path, target: Path) -> None:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_json_or_fail(path: Path, damaged: str):
+    """The JSON in ``path``, or a one-line TailtuneError naming the file and what to do
+    (``damaged``): a cut file, bytes that are not UTF-8 and a missing file all read alike."""
+    from tailtune.errors import TailtuneError, first_line
+
+    try:
+        return read_json(path)
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise TailtuneError(f"{path} is not readable JSON ({first_line(exc)}); {damaged}") from None
 
 
 @contextlib.contextmanager

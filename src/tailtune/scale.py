@@ -32,7 +32,7 @@ from tailtune.deploy import (
     prediction_frame,
     resolve_system,
 )
-from tailtune.errors import TailtuneError
+from tailtune.errors import TailtuneError, first_line
 
 # Output column whose order is the input's (monotonically increasing, not consecutive).
 ORDER_KEY = "order_key"
@@ -186,8 +186,9 @@ def predict_ray(
                 if problem:  # pyarrow's message does not say which byte, or the fix
                     raise TailtuneError(problem) from None
                 cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-                raise TailtuneError(f"could not classify {input_path} on Ray: {type(cause).__name__}: {first}") from None
+                raise TailtuneError(
+                    f"could not classify {input_path} on Ray: {type(cause).__name__}: {first_line(cause)}"
+                ) from None
             finally:
                 ray_data_log.setLevel(level)
             parts = sorted(tmp.glob("*.parquet"))
@@ -236,8 +237,7 @@ def _connect(ray, address: str | None, workers: int | None) -> bool:
     except Exception as exc:  # ray raises ConnectionError, ValueError or its own types
         if address is None:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TailtuneError(f"could not connect to a Ray cluster at '{address}': {first}") from None
+        raise TailtuneError(f"could not connect to a Ray cluster at '{address}': {first_line(exc)}") from None
     _quiet_data()
     return True
 
@@ -324,12 +324,11 @@ def _read(path: Path, columns: list[str], blocks: int, codec: str = "utf-8-sig",
 
 def _n_classes(folder: Path) -> int | None:
     """The system's class count from its saved metadata, without loading the model."""
-    import json
-
+    from tailtune import rundir
     from tailtune.deploy import EXPORT_INFO, load_meta
 
     if (folder / EXPORT_INFO).is_file():
-        return json.loads((folder / EXPORT_INFO).read_text()).get("classes")
+        return rundir.read_json_or_fail(folder / EXPORT_INFO, "the export is damaged; export it again").get("classes")
     classes = load_meta(folder).get("classes")
     return len(classes) if classes is not None else None
 

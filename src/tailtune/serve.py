@@ -129,7 +129,7 @@ class Registry:
     def __init__(
         self, run_dir: str | Path, systems: list[str] | None = None, device: str = "auto", precision: str = "auto"
     ):
-        import pandas as pd
+        from tailtune.run import read_comparison
 
         run_dir = Path(run_dir)
         names = deploy.finished_systems(run_dir, systems)
@@ -156,7 +156,7 @@ class Registry:
             if name not in self.predictors:
                 self.predictors[name] = deploy.load_predictor(folders[name], device=str(device), precision=precision)
         self.locks = {name: threading.Lock() for name in names}
-        macro_f1 = pd.read_csv(run_dir / "comparison.csv").set_index("system")["macro_f1"]
+        macro_f1 = read_comparison(run_dir, needs=("macro_f1",)).set_index("system")["macro_f1"]
         self.default = max(names, key=lambda n: (macro_f1.get(n, float("-inf")), -names.index(n)))
 
     def describe(self) -> list[dict]:

@@ -102,9 +102,11 @@ def check_out(out: Path, cfg: Config | None = None) -> None:
 
 def per_seed(out: Path, seeds: list[int]) -> pd.DataFrame:
     """system, seed, status and the test metrics of every seed's comparison.csv, in config order."""
+    from tailtune.run import read_comparison
+
     frames = []
     for s in seeds:
-        comparison = pd.read_csv(seed_dir(out, s) / "comparison.csv")
+        comparison = read_comparison(seed_dir(out, s), needs=METRICS)
         frames.append(comparison[["system", "status", *METRICS]].assign(seed=s))
     # A failed system's metrics are already empty (NaN) in comparison.csv.
     return pd.concat(frames, ignore_index=True)[["system", "seed", "status", *METRICS]]

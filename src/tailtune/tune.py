@@ -72,7 +72,7 @@ def search(cfg: Config, specs, ctx, out: Path) -> list[TuneChoice]:
     from tailtune.distributed import is_main
 
     path = out / TUNE_FILE
-    done = rundir.read_json(path) if path.exists() else {}
+    done = _read_trials(path)
     data = ctx.data
     rows = subset(data.y("train"), cfg.tune.max_rows, cfg.train.seed)
     key = json.dumps(
@@ -119,7 +119,7 @@ def _record(out: Path, key: str, name: str, trial: dict) -> None:
     jobs in one run directory each add their own (writing the whole file lost the others')."""
     path = out / TUNE_FILE
     with rundir.locked(out):
-        on_disk = rundir.read_json(path) if path.exists() else {}
+        on_disk = _read_trials(path)
         if on_disk.get("key") != key:
             on_disk = {"key": key, "trials": {}}
         on_disk["trials"][name] = trial
@@ -146,3 +146,13 @@ def _trial(spec, ctx, lr: float, scheme: str, rows: np.ndarray) -> float:
         console=ctx.console,
     )
     return float(max(e["val_macro_f1"] for e in clf.history_["evals"]))
+
+
+def _read_trials(path: Path) -> dict:
+    """tune.json, or {} when it is missing or damaged (cut, not JSON): the trials it held are
+    run again, as for a run killed before writing it; it was an internal error."""
+    try:
+        done = rundir.read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return done if isinstance(done, dict) and isinstance(done.get("trials", {}), dict) else {}
