@@ -58,7 +58,7 @@ def texts_for(run_dir: Path | None, n: int) -> list[str]:
     from tailtune import bench, deploy
 
     if run_dir is None:
-        return deploy.check_texts()
+        return deploy.export_check_texts()
     return bench.sample_texts(run_dir, n, split=None)[0]
 
 

@@ -8,7 +8,7 @@ as a real job does). Every contender gets a warm-up pass on a small file, then `
 timed passes; the table gives median and 5th-percentile (slow-pass) rows/s and each one's ratio to local.
 
 Part 2 streams a ``--loading-rows`` (default 1M) row CSV the way the local engine reads it
-(``_open_table``, ``--chunk-size`` rows at a time) and tokenises every chunk with the tiny BERT
+(``open_table``, ``--chunk-size`` rows at a time) and tokenises every chunk with the tiny BERT
 tokenizer (or the system's own, for a torch system); it prints rows/s and the process's peak
 RSS after 250k, 500k and 1M rows, which must stay flat: nothing holds more than one chunk. It
 runs first, so Part 1's buffers do not count in its peak.
@@ -68,7 +68,7 @@ def loading(system_dir: Path, path: Path, chunk_size: int, marks: list[int]) -> 
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(backbones.make_tiny("bert"))
-    frames, _ = deploy._open_table(path, chunk_size)
+    frames, _ = deploy.open_table(path, chunk_size)
     print(
         f"\nloading + tokenisation: {path.stat().st_size / 1e6:.0f} MB CSV, chunks of {chunk_size:,} rows"
     )

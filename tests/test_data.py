@@ -92,6 +92,7 @@ def test_prepare_saves_tiers_with_class_lists(small_csv):
         ("", {}, "data file is empty"),
         ("a,b\n", {}, "text column 'Consumer complaint narrative' not found"),
         (f"{TEXT},Issu\nx,A\n", {}, "did you mean 'Issu'"),
+        (f"{TEXT},issue\nx,A\n", {}, "label column 'Issue' not found \\(did you mean 'issue'\\?\\)"),  # case aside
         (f"{TEXT},Issue\n", {}, "header but no rows"),
         (f"{TEXT},Issue\nx,A\ny,A\nz,A\n", {}, "only 1 class"),
         (f"{TEXT},Issue\n ,A\n ,B\n", {}, "no usable rows"),

@@ -134,7 +134,7 @@ def test_decoder_export_equals_tailtune_with_plain_transformers(tmp_path, arch):
 
     clf = make_lora_system(tmp_path / "system", arch, seed=1)
     record = deploy.export_merged(tmp_path / "system", tmp_path / "hf")
-    texts = deploy.check_texts()
+    texts = deploy.export_check_texts()
     ours = TextClassifier.load(tmp_path / "system").predict_logits(texts)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -185,7 +185,7 @@ def test_tailtune_format_export_is_merged_and_equals_unmerged(tmp_path):
     make_lora_system(tmp_path / "system", "bert", seed=3)
     record = deploy.export_merged(tmp_path / "system", tmp_path / "merged", fmt="tailtune")
     assert record["check"]["max_abs_logit_diff"] <= 1e-4 and record["method"] == "lora"
-    texts = deploy.check_texts()
+    texts = deploy.export_check_texts()
     merged = TextClassifier.load(tmp_path / "merged")
     assert merged.method == "full"
     assert not any("lora" in name for name, _ in merged.model_.named_modules())
@@ -244,7 +244,7 @@ def test_a_text_typed_to_end_in_the_eos_string_exports_exactly(tmp_path):
     ours = TextClassifier.load(tmp_path / "system")
     eos = ours.tokenizer_.eos_token
     assert ours.tokenizer_.pad_token == eos and eos in ours.tokenizer_.all_special_tokens
-    assert record["check"]["texts"] == len(deploy.check_texts()) + len(ours.tokenizer_.all_special_tokens)
+    assert record["check"]["texts"] == len(deploy.export_check_texts()) + len(ours.tokenizer_.all_special_tokens)
     texts = [f"my bank charged a fee {eos}", "refund", f"{eos}{eos}"]
     assert ours.tokenizer_(texts[0])["input_ids"][-1] != ours.tokenizer_.pad_token_id  # read as characters
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()

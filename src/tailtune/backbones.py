@@ -799,9 +799,23 @@ def target_modules(model, model_type: str, roles: list[str], top_layers: int | N
             )
         ]
     if top_layers is not None:
-        depth = 1 + max(int(LAYER_INDEX.search(n).group(1)) for n in names)
-        names = [n for n in names if int(LAYER_INDEX.search(n).group(1)) >= depth - top_layers]
+        depth = layer_depth(names)
+        names = [n for n in names if in_top_layers(n, depth, top_layers)]
     return sorted(set(names))
+
+
+def layer_depth(names) -> int:
+    """1 + the highest layer number in module or parameter ``names`` (0 when none has one)."""
+    return 1 + max((int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))), default=-1)
+
+
+def in_top_layers(name: str, depth: int, top_layers: int | None) -> bool:
+    """Whether ``name`` lies in the top ``top_layers`` of ``depth`` numbered layers (any name,
+    for None); a name outside the numbered layers (embeddings, a final norm) is in none."""
+    if top_layers is None:
+        return True
+    match = LAYER_INDEX.search(name)
+    return match is not None and int(match.group(1)) >= depth - top_layers
 
 
 def describe_targets(names: list[str]) -> str:

@@ -345,8 +345,10 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
     CLI's ``-weighted`` systems and is not read here.
 
     Fitted attributes end in ``_``: ``classes_``, ``model_``, ``tokenizer_``, ``backbone_``,
-    ``targets_`` (adapted module names), ``history_``, ``train_seconds_``, and after an LP-FT
-    start ``probe_val_macro_f1_`` (None without validation rows).
+    ``targets_`` (adapted module names), ``history_``, ``train_seconds_``, and
+    ``probe_val_macro_f1_``: the validation macro-F1 of the LP-FT start that ``fit`` fitted
+    itself (None without validation rows, without ``train.head_init: probe``, or when the
+    caller passed ``head_init``, as a run does with its probe's head).
     """
 
     def __init__(

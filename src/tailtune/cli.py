@@ -289,11 +289,10 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
 @friendly
 def presets():
     """List the shipped config presets."""
-    from tailtune.config import PRESET_DIR, available_presets
+    from tailtune.config import available_presets, preset_description
 
     for name in available_presets():
-        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").rstrip(":")
-        typer.echo(f"{name:12s} {first}")
+        typer.echo(f"{name:12s} {preset_description(name)}")
 
 
 @app.command()

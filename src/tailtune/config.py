@@ -212,6 +212,11 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def preset_description(name: str) -> str:
+    """A shipped preset's one-line description: the first line of its YAML, a comment."""
+    return (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").rstrip(":")
+
+
 def _preset_path(source: str | None) -> Path:
     if source is None:
         return PRESET_DIR / f"{DEFAULT_PRESET}.yaml"

@@ -73,6 +73,23 @@ def text_codec(encoding: str, setting: str = "data.encoding") -> str:
     return "utf-8-sig" if name == "utf-8" else name
 
 
+def file_kind(path: Path, role: str) -> str:
+    """The reader for the ``role`` ("data", "input") file ``path`` (a value of ``READERS``),
+    after one-line errors for a path that is missing, a folder, of another type, or empty."""
+    if not path.exists():
+        raise TailtuneError(f"{role} file not found: {path}")
+    if path.is_dir():
+        raise TailtuneError(f"{role} path is a directory, expected a file: {path}")
+    kind = READERS.get(path.suffix.lower())
+    if kind is None:
+        raise TailtuneError(
+            f"unsupported {role} file type '{path.suffix}' for {path} (use .csv, .tsv, .jsonl, .json or .parquet)"
+        )
+    if path.stat().st_size == 0:
+        raise TailtuneError(f"{role} file is empty: {path}")
+    return kind
+
+
 def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
     """Read CSV / TSV / JSONL / JSON / Parquet into strings-as-objects, with clear errors.
 
@@ -81,17 +98,7 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
     """
     path = Path(path)
     codec = text_codec(encoding)
-    if not path.exists():
-        raise TailtuneError(f"data file not found: {path}")
-    if path.is_dir():
-        raise TailtuneError(f"data path is a directory, expected a file: {path}")
-    kind = READERS.get(path.suffix.lower())
-    if kind is None:
-        raise TailtuneError(
-            f"unsupported data file type '{path.suffix}' for {path} (use .csv, .tsv, .jsonl, .json or .parquet)"
-        )
-    if path.stat().st_size == 0:
-        raise TailtuneError(f"data file is empty: {path}")
+    kind = file_kind(path, "data")
     try:
         if kind in ("csv", "tsv"):
             return _read_delimited(path, "\t" if kind == "tsv" else ",", codec)
@@ -342,7 +349,7 @@ def label_series(df: pd.DataFrame, label_column: str) -> pd.Series:
     A column whose own name holds ``+`` is that column. A part named twice is an error."""
     parts = label_parts(df, label_column)
     for col in parts:
-        _require_column(df, col, "label")
+        require_column(df, col, "label")
     columns = [string_column(df, col, "label") for col in parts]
     labels = columns[0]
     for column in columns[1:]:
@@ -362,13 +369,12 @@ def label_parts(df: pd.DataFrame, label_column: str) -> list[str]:
     return parts
 
 
-def _require_column(df: pd.DataFrame, column: str, role: str) -> None:
+def require_column(df: pd.DataFrame, column: str, role: str) -> None:
     if column not in df.columns:
-        import difflib
+        from tailtune.config import suggest
 
         separator = _separator_hint(df)
-        close = difflib.get_close_matches(column, [str(c) for c in df.columns], n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close and not separator else ""
+        hint = "" if separator else suggest(column, [str(c) for c in df.columns])
         cols = ", ".join(map(str, list(df.columns)[:12]))
         raise TailtuneError(f"{role} column '{column}' not found{hint}; columns are: {cols}{separator}")
 
@@ -413,7 +419,7 @@ def clean(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict]:
     columns, in any part) -> exact duplicate texts (first kept when labels agree, all copies
     dropped when they conflict) -> the ``max_rows`` sample -> classes below ``min_class_count``.
     """
-    _require_column(df, cfg.text_column, "text")
+    require_column(df, cfg.text_column, "text")
     if cfg.text_column in label_parts(df, cfg.label_column):
         raise TailtuneError(
             f"the text column '{cfg.text_column}' is also the label column ('{cfg.label_column}'): the model "

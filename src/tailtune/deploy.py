@@ -32,6 +32,7 @@ exact equivalent of a linear head on the pooled vector, so those exports are ref
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shutil
 import time
@@ -53,7 +54,7 @@ EXPORT_INFO = "tailtune_export.json"
 
 
 class Predictor:
-    """Anything that classifies texts. ``kind``: finetune | probe | tfidf | export.
+    """Anything that classifies texts. ``kind``: finetune | probe | tfidf | generate | export.
 
     ``predict_proba(texts)`` returns (N, C) probabilities, columns in ``classes_`` order.
     ``info`` describes the system (backbone, method, ...), ``params`` counts its parameters.
@@ -131,7 +132,7 @@ class TorchPredictor(Predictor):
         # oversubscribing the cores), a probe ran 1.24x slower than the same encoder with a
         # LoRA head (8.66 vs 6.92 ms/example, batch 32; 7.01 with this).
         with single_threaded_blas():
-            return _pipeline_proba(self.head, features, len(self.classes_))
+            return pipeline_proba(self.head, features, len(self.classes_))
 
 
 class SklearnPredictor(Predictor):
@@ -152,14 +153,15 @@ class SklearnPredictor(Predictor):
 
         check_readable(texts)  # as the tokenizers' systems check: an empty text gets no label
         check_encodable(texts)  # ... and a lone surrogate is not text
-        proba = _pipeline_proba(self.pipeline, texts, len(self.classes_))
+        proba = pipeline_proba(self.pipeline, texts, len(self.classes_))
         if progress is not None:
             progress(len(texts))
         return proba
 
 
-def _pipeline_proba(pipeline, inputs, n_classes: int) -> np.ndarray:
-    # The pipeline only knows the classes it saw in training (its classes_ are class indices).
+def pipeline_proba(pipeline, inputs, n_classes: int) -> np.ndarray:
+    """(N, n_classes) probabilities of a scikit-learn pipeline fitted on class indices: the
+    pipeline only knows the classes it saw in training (its ``classes_``); the others get 0."""
     proba = np.zeros((len(inputs), n_classes))
     if len(inputs):  # scikit-learn refuses 0 rows
         proba[:, pipeline[-1].classes_] = pipeline.predict_proba(inputs)
@@ -511,7 +513,7 @@ def _write_tailtune(clf, out: Path, tolerance: float) -> dict:
 EXPORT_FORMATS: dict[str, Callable] = {"hf": _write_hf, "tailtune": _write_tailtune}
 
 
-def check_texts() -> list[str]:
+def export_check_texts() -> list[str]:
     """Texts for export checks: complaint-like, of varied lengths, one beyond any max_length."""
     from tailtune.demo import make_demo_corpus
 
@@ -553,7 +555,7 @@ def export_merged(
     """Write fine-tuned ``system_dir`` with its adapter merged into ``outdir``; return the record.
 
     The export is reloaded from disk and its fp32 logits compared with the unmerged system on
-    ``texts`` (default :func:`check_texts`); above ``tolerance`` nothing is written. The record,
+    ``texts`` (default :func:`export_check_texts`); above ``tolerance`` nothing is written. The record,
     with the measured ``max_abs_logit_diff``, is saved as ``<outdir>/tailtune_export.json``.
     """
     from tailtune import methods
@@ -584,7 +586,7 @@ def export_merged(
             "(tailtune predict / serve)"
         )
     # texts typed to end in a control token: a stock decoder class skips a final pad (= eos) token
-    texts = texts or [*check_texts(), *(f"refund {t}" for t in clf.tokenizer_.all_special_tokens)]
+    texts = texts or [*export_check_texts(), *(f"refund {t}" for t in clf.tokenizer_.all_special_tokens)]
     clf.precision_ = "fp32"
     reference = clf.predict_logits(texts)  # (N, C) unmerged
     source_method = clf.method
@@ -627,11 +629,10 @@ def export_merged(
 
 # ----------------------------------------------------------------------------- streaming predict
 
-READABLE = ("csv", "tsv", "jsonl", "json", "parquet")
 ENCODING_HINT = ("--encoding", "--encoding cp1252")
 
 
-def _open_table(
+def open_table(
     path: Path, chunk_size: int, encoding: str = "utf-8", quoting: int | None = None
 ) -> tuple[Iterator, int]:
     """(iterator of (frame, progress position), progress total) for a data file.
@@ -644,9 +645,9 @@ def _open_table(
     it is read whole, then handed out ``chunk_size`` rows at a time.
     """
     from tailtune.data import (
-        READERS,
         check_no_implicit_index,
         decode_error,
+        file_kind,
         jsonl_frames,
         read_json,
         text_codec,
@@ -654,17 +655,7 @@ def _open_table(
     )
 
     codec = text_codec(encoding, ENCODING_HINT[0])
-    if not path.exists():
-        raise TailtuneError(f"input file not found: {path}")
-    if path.is_dir():
-        raise TailtuneError(f"input path is a directory, expected a file: {path}")
-    kind = READERS.get(path.suffix.lower())
-    if kind not in READABLE:
-        raise TailtuneError(
-            f"unsupported input file type '{path.suffix}' for {path} (use .csv, .tsv, .jsonl, .json or .parquet)"
-        )
-    if path.stat().st_size == 0:
-        raise TailtuneError(f"input file is empty: {path}")
+    kind = file_kind(path, "input")
     if kind == "json":
         try:
             whole = read_json(path, codec)
@@ -769,22 +760,22 @@ class _Sink:
             self.writer.close()
 
 
-def _pick_column(
+def pick_column(
     columns, requested: str | None, defaults: tuple[str, ...], role: str
 ) -> str | None:
     """``requested`` (which must exist), else the first of ``defaults`` present; text is required."""
     import pandas as pd
 
-    from tailtune.data import _require_column
+    from tailtune.data import require_column
 
     if requested is not None:
-        _require_column(pd.DataFrame(columns=columns), requested, role)
+        require_column(pd.DataFrame(columns=columns), requested, role)
         return requested
     found = [c for c in defaults if c in columns]
     if found:
         return found[0]
     if role == "text":
-        _require_column(pd.DataFrame(columns=columns), defaults[0], role)
+        require_column(pd.DataFrame(columns=columns), defaults[0], role)
     return None
 
 
@@ -857,6 +848,31 @@ def check_parent_writable(path: Path, flag: str) -> None:
         raise TailtuneError(f"{flag} {path}: cannot write in {base} ({problem})")
 
 
+def input_columns(path: Path, first, text_column: str | None, id_column: str | None, encoding: str,
+                  scan: bool) -> tuple[list[str], str, str | None]:
+    """(columns, text column, id column or None) of the input file ``path`` whose first chunk is
+    the frame ``first`` (None or no rows: an error). The text and id columns are the ones named,
+    else the defaults (:func:`pick_column`). JSON lines need not share keys: with ``scan`` every
+    line is read for them, not the first chunk's alone."""
+    from tailtune.config import DataConfig
+    from tailtune.data import READERS
+
+    if first is None or len(first) == 0:
+        raise TailtuneError(f"input file has no rows: {path}")
+    columns = [str(c) for c in first.columns]
+    if scan and READERS.get(path.suffix.lower()) == "jsonl":
+        columns = jsonl_keys(path, encoding)
+    defaults = DataConfig()
+    text_col = pick_column(columns, text_column, (defaults.text_column, "text"), "text")
+    id_col = pick_column(columns, id_column, (defaults.id_column, "id"), "id")
+    return columns, text_col, id_col
+
+
+def check_top_k(k: int, n_classes: int) -> None:
+    if k > n_classes:
+        raise TailtuneError(f"--top-k {k} is more than the system's {n_classes} classes")
+
+
 def predict_file(
     system_dir: str | Path,
     input_path: str | Path,
@@ -894,8 +910,7 @@ def predict_file(
     (.csv, .jsonl or .parquet) appears only when complete. Returns {"rows", "unlabelled",
     "seconds", "output", "text_column", "id_column"}.
     """
-    from tailtune.config import DataConfig
-    from tailtune.data import READERS, label_series
+    from tailtune.data import label_series
     from tailtune.rundir import atomic_write
 
     input_path, output_path = Path(input_path), Path(output_path)
@@ -909,18 +924,12 @@ def predict_file(
         if value is not None and value < 1:
             raise TailtuneError(f"{flag} must be at least 1, got {value}")
     check_output_file(output_path, overwrite=bool(overwrite))
-    frames, total = _open_table(input_path, chunk_size, encoding)
+    frames, total = open_table(input_path, chunk_size, encoding)
     first = next(frames, None)
-    if first is None or len(first[0]) == 0:
-        raise TailtuneError(f"input file has no rows: {input_path}")
-    columns = [str(c) for c in first[0].columns]
-    if READERS.get(input_path.suffix.lower()) == "jsonl" and (
-        text_column is None or id_column is None or label_column is not None
-    ):
-        columns = _jsonl_keys(input_path, encoding)  # lines need not share keys: look at all of them
-    defaults = DataConfig()
-    text_col = _pick_column(columns, text_column, (defaults.text_column, "text"), "text")
-    id_col = _pick_column(columns, id_column, (defaults.id_column, "id"), "id")
+    columns, text_col, id_col = input_columns(
+        input_path, first and first[0], text_column, id_column, encoding,
+        scan=text_column is None or id_column is None or label_column is not None,
+    )
 
     def truth_of(frame):
         # a chunk of JSON lines without the label key has no labels (it was "column not found",
@@ -936,10 +945,7 @@ def predict_file(
         _check_label_set(truth_of(first[0]), known, label_column)
     unknown: dict[str, int] = {}
     scored = [0, 0]  # rows with a known label, correct predictions among them
-    if k > len(predictor.classes_):
-        raise TailtuneError(
-            f"--top-k {k} is more than the system's {len(predictor.classes_)} classes"
-        )
+    check_top_k(k, len(predictor.classes_))
     started = time.perf_counter()
     rows = unlabelled = 0
 
@@ -948,7 +954,7 @@ def predict_file(
         sink = _Sink(f, out_kind)
         with _progress(console, total) as advance:
             position = 0
-            for frame, new_position in _chain(first, frames):
+            for frame, new_position in itertools.chain([first], frames):
                 step = (new_position - position) / max(len(frame), 1)
                 out = prediction_frame(
                     predictor,
@@ -988,14 +994,14 @@ def predict_file(
     return result
 
 
-def _jsonl_keys(path: Path, encoding: str) -> list[str]:
+def jsonl_keys(path: Path, encoding: str) -> list[str]:
     """Every key of a JSON lines file, in order of first appearance.
 
     Its lines need not share keys, so the id (or text) column is looked for in all of them, not
     in the first chunk: ids that first appear after it were left out of the output. A pass
     that only parses is a small cost next to predicting the same rows.
     """
-    frames, _ = _open_table(path, 65536, encoding)
+    frames, _ = open_table(path, 65536, encoding)
     return list(dict.fromkeys(str(c) for frame, _ in frames for c in frame.columns))
 
 
@@ -1008,11 +1014,6 @@ def _check_label_set(labels, known: set[str], column: str) -> None:
             f"none of the labels in column '{column}' (e.g. {example}) is a class of this model "
             f"({len(known)} classes, e.g. {sorted(known)[0]!r}); wrong --label-column or wrong model?"
         )
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 class _progress:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tailtune.backbones import LAYER_INDEX, Backbone, target_modules
+from tailtune.backbones import Backbone, in_top_layers, layer_depth, target_modules
 from tailtune.config import MethodConfig
 from tailtune.errors import TailtuneError
 
@@ -34,7 +34,6 @@ class Method:
     save: Callable  # (model, folder) -> None
     load: Callable  # (base model, folder) -> model
     lr: float | None = None  # backbone learning rate from the method's paper; None = train.lr
-    paper: str = ""
     # Trains base weights themselves (full, head, bitfit): "merged" and "unmerged" are one model.
     in_place: bool = False
     # Saves the whole backbone (full): ``load(None, folder)`` needs no base model.
@@ -79,7 +78,7 @@ def _peft_load(base, folder: Path):
     return PeftModel.from_pretrained(base, folder / "adapter")
 
 
-def _peft_method(name: str, make_config: Callable, *, mergeable=True, lr=None, paper="", uses=frozenset(),
+def _peft_method(name: str, make_config: Callable, *, mergeable=True, lr=None, uses=frozenset(),
                  changes_output_at_init=False) -> Method:
     """A method that is one peft config: ``make_config(model, backbone, cfg, top_layers)`` -> (config, names)."""
 
@@ -89,7 +88,7 @@ def _peft_method(name: str, make_config: Callable, *, mergeable=True, lr=None, p
         config, names = make_config(model, backbone, cfg, top_layers)
         return get_peft_model(model, config), names
 
-    return register(Method(name, mergeable, apply, _peft_save, _peft_load, lr, paper, uses=uses,
+    return register(Method(name, mergeable, apply, _peft_save, _peft_load, lr, uses=uses,
                            changes_output_at_init=changes_output_at_init))
 
 
@@ -104,11 +103,11 @@ def _lora_config(**extra) -> Callable:
 
 
 LORA_KEYS = frozenset({"rank", "alpha", "dropout", "targets"})
-_peft_method("lora", _lora_config(), paper="Hu et al. 2021, LoRA", uses=LORA_KEYS)
+_peft_method("lora", _lora_config(), uses=LORA_KEYS)  # Hu et al. 2021
 # scaling alpha / sqrt(r) instead of alpha / r keeps high ranks learning (Kalajdzievski 2023)
-_peft_method("rslora", _lora_config(use_rslora=True), paper="Kalajdzievski 2023, rsLoRA", uses=LORA_KEYS)
+_peft_method("rslora", _lora_config(use_rslora=True), uses=LORA_KEYS)
 # LoRA on the direction, a learned magnitude per output (Liu et al. 2024); merges like LoRA
-_peft_method("dora", _lora_config(use_dora=True), paper="Liu et al. 2024, DoRA", uses=LORA_KEYS)
+_peft_method("dora", _lora_config(use_dora=True), uses=LORA_KEYS)
 
 
 def _lycoris_config(kind: str) -> Callable:
@@ -122,9 +121,9 @@ def _lycoris_config(kind: str) -> Callable:
     return make
 
 
-_peft_method("loha", _lycoris_config("loha"), paper="Hyeon-Woo et al. 2022, LoHa (FedPara)",
-             uses=frozenset({"rank", "alpha", "targets"}))
-_peft_method("lokr", _lycoris_config("lokr"), paper="Edalati et al. 2022, LoKr", uses=frozenset({"rank", "alpha", "targets"}))
+# LoHa: Hyeon-Woo et al. 2022 (FedPara); LoKr: Edalati et al. 2022
+_peft_method("loha", _lycoris_config("loha"), uses=frozenset({"rank", "alpha", "targets"}))
+_peft_method("lokr", _lycoris_config("lokr"), uses=frozenset({"rank", "alpha", "targets"}))
 
 
 def _ia3_config(model, backbone, cfg, top_layers):
@@ -137,7 +136,7 @@ def _ia3_config(model, backbone, cfg, top_layers):
     return IA3Config(target_modules=names, feedforward_modules=ffn), names
 
 
-_peft_method("ia3", _ia3_config, lr=3e-3, paper="Liu et al. 2022, (IA)^3 / T-Few")
+_peft_method("ia3", _ia3_config, lr=3e-3)  # Liu et al. 2022, (IA)^3 / T-Few
 
 
 def _prompt_config(model, backbone, cfg, top_layers):
@@ -152,7 +151,7 @@ def _prompt_config(model, backbone, cfg, top_layers):
 
 
 # Lester et al. train with lr 0.3 under Adafactor; 3e-2 is peft's AdamW equivalent.
-_peft_method("prompt", _prompt_config, mergeable=False, lr=3e-2, paper="Lester et al. 2021, prompt tuning",
+_peft_method("prompt", _prompt_config, mergeable=False, lr=3e-2,
              uses=frozenset({"virtual_tokens"}), changes_output_at_init=True)
 
 
@@ -188,7 +187,8 @@ def _prefix_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int 
     return peft_model, []
 
 
-register(Method("prefix", False, _prefix_apply, _peft_save, _peft_load, 1e-2, "Li & Liang 2021, prefix tuning",
+# Li & Liang 2021
+register(Method("prefix", False, _prefix_apply, _peft_save, _peft_load, 1e-2,
                 uses=frozenset({"virtual_tokens"}), changes_output_at_init=True))
 
 
@@ -224,22 +224,10 @@ def _qlora_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int |
 
 
 # Reloaded for inference onto the full-precision base, where the adapter merges like LoRA.
-register(Method("qlora", True, _qlora_apply, _peft_save, _peft_load, None, "Dettmers et al. 2023, QLoRA",
-                uses=LORA_KEYS))
+register(Method("qlora", True, _qlora_apply, _peft_save, _peft_load, None, uses=LORA_KEYS))  # Dettmers et al. 2023
 
 
 # ----------------------------------------------------------------------------- weights in place
-
-
-def _in_layers(name: str, depth: int | None, top_layers: int | None) -> bool:
-    if top_layers is None:
-        return True
-    match = LAYER_INDEX.search(name)
-    return match is not None and int(match.group(1)) >= depth - top_layers
-
-
-def _depth(model) -> int:
-    return 1 + max((int(m.group(1)) for n, _ in model.named_parameters() if (m := LAYER_INDEX.search(n))), default=0)
 
 
 def _full_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
@@ -259,8 +247,7 @@ def _full_load(base, folder: Path):
     return AutoModel.from_pretrained(folder / "backbone", dtype=torch.float32 if base is None else base.dtype)
 
 
-register(Method("full", True, _full_apply, _full_save, _full_load, 2e-5, "Devlin et al. 2019, full fine-tuning", True,
-                saves_backbone=True))
+register(Method("full", True, _full_apply, _full_save, _full_load, 2e-5, in_place=True, saves_backbone=True))
 
 
 def _head_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
@@ -269,18 +256,19 @@ def _head_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | 
     return model, []
 
 
-register(Method("head", True, _head_apply, lambda model, folder: None, lambda base, folder: base, None,
-                "linear probing, trained end to end", True, uses_lr=False))
+# linear probing, trained end to end
+register(Method("head", True, _head_apply, lambda model, folder: None, lambda base, folder: base, None, in_place=True,
+                uses_lr=False))
 
 
 BIASES_FILE = "biases.safetensors"
 
 
 def _bitfit_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
-    depth = _depth(model)
+    depth = layer_depth(n for n, _ in model.named_parameters())
     names = []
     for name, p in model.named_parameters():
-        train = name.endswith(".bias") and _in_layers(name, depth, top_layers)
+        train = name.endswith(".bias") and in_top_layers(name, depth, top_layers)
         p.requires_grad_(train)
         if train:
             names.append(name)
@@ -313,7 +301,7 @@ def _load_named(model, file: Path):
 
 
 # BitFit changes only biases, which live in the base weights: nothing to merge, no latency.
-register(Method("bitfit", True, _bitfit_apply, _bitfit_save, _bitfit_load, 1e-3, "Ben Zaken et al. 2022, BitFit", True))
+register(Method("bitfit", True, _bitfit_apply, _bitfit_save, _bitfit_load, 1e-3, in_place=True))  # Ben Zaken et al. 2022
 
 
 # ----------------------------------------------------------------------------- bottleneck adapters
@@ -384,5 +372,5 @@ def _adapter_load(base, folder: Path):
     return _load_named(model, folder / ADAPTER_FILE)
 
 
-register(Method("adapter", False, _adapter_apply, _adapter_save, _adapter_load, 1e-3,
-                "Houlsby et al. 2019, bottleneck adapters", uses=frozenset({"bottleneck"})))
+# bottleneck adapters, Houlsby et al. 2019
+register(Method("adapter", False, _adapter_apply, _adapter_save, _adapter_load, 1e-3, uses=frozenset({"bottleneck"})))

@@ -667,7 +667,7 @@ def plot_weighting_deltas(run: Run, pairs: list[dict]) -> Figure | None:
         )
 
 
-def plot_enc_dec_scatter(run: Run, enc: SystemRun, dec: SystemRun, joined: pd.DataFrame):
+def plot_enc_dec_scatter(enc: SystemRun, dec: SystemRun, joined: pd.DataFrame):
     from matplotlib.colors import Normalize
 
     x = joined["f1_enc"].to_numpy()
@@ -1389,7 +1389,7 @@ def section_weighting(run: Run, an: Analysis) -> Section:
     fig = plot_weighting_deltas(run, an.weighting)
     if fig:
         sec.blocks.append(fig)
-    sec.blocks.append(Para(_transfer_verdict(run, an), style="callout"))
+    sec.blocks.append(Para(_transfer_verdict(an), style="callout"))
     return sec
 
 
@@ -1537,7 +1537,7 @@ def _gain_loss_tables(base: SystemRun, w: SystemRun) -> list[Any]:
     return blocks
 
 
-def _transfer_verdict(run: Run, an: Analysis) -> Markup:
+def _transfer_verdict(an: Analysis) -> Markup:
     by_backbone = {}
     for pair in an.weighting:
         if pair["backbone"] in ("encoder", "decoder"):
@@ -1634,11 +1634,11 @@ def section_per_class(run: Run, an: Analysis) -> Section:
                 f"(encoder) and {an.dec.name} (decoder)."
             )
         )
-        sec.blocks.append(plot_enc_dec_scatter(run, an.enc, an.dec, joined))
+        sec.blocks.append(plot_enc_dec_scatter(an.enc, an.dec, joined))
         sec.blocks.append(_disagreement_table(an, joined))
         if an.enc_dec:
             sec.blocks.append(_enc_dec_tier_table(run, an))
-            sec.blocks.append(Para(_enc_dec_prose(run, an), style="callout"))
+            sec.blocks.append(Para(_enc_dec_prose(an), style="callout"))
 
     sec.blocks.append(Heading("F1 against training examples"))
     fig = plot_f1_vs_count(run, ok)
@@ -1812,7 +1812,7 @@ def _enc_dec_tier_table(run: Run, an: Analysis) -> Table:
     )
 
 
-def _enc_dec_prose(run: Run, an: Analysis) -> Markup:
+def _enc_dec_prose(an: Analysis) -> Markup:
     outside = {k: v for k, v in an.enc_dec.items() if k != "all" and (_better(v) or _worse(v))}
     inside = [k for k in an.enc_dec if k != "all" and k not in outside]
     overall = an.enc_dec["all"]
@@ -2340,10 +2340,10 @@ def section_next(run: Run, an: Analysis) -> Section:
         and an.dec
         and not all(any(p["backbone"] == b for p in an.weighting) for b in ("encoder", "decoder"))
     ):
-        items.append(_transfer_verdict(run, an))
+        items.append(_transfer_verdict(an))
     items.extend(_probe_checks(run, an))
     items.extend(_collapse_checks(run))
-    items.extend(_pooling_advice(run, an))
+    items.extend(_pooling_advice(an))
     for s in run.systems:
         if s.status != "ok":
             items.append(Markup("Fix and rerun {}: {}").format(s.name, s.note or "failed"))
@@ -2385,7 +2385,7 @@ def section_next(run: Run, an: Analysis) -> Section:
     return sec
 
 
-def _pooling_advice(run: Run, an: Analysis) -> list[Markup]:
+def _pooling_advice(an: Analysis) -> list[Markup]:
     """When the decoder reads its last token and trails the encoder beyond noise: the mean of its
     hidden states was the larger lever on the products sample (docs/recipes.md section 15)."""
     if an.dec is None or an.dec.info.get("pooling") != "last" or not _worse(an.enc_dec.get("all")):

@@ -10,6 +10,8 @@ Run directory contract (other commands and users build on it)::
     <out>/systems/<name>/per_class.csv   label, tier, train_count, support, precision, recall, f1
     <out>/systems/<name>/predictions.csv id, label, prediction, confidence
     <out>/systems/<name>/model/          everything needed to reload and predict
+    <out>/systems/<name>/files.json      size of every file above, to tell a cut or deleted one
+    <out>/cache/                         frozen features per backbone and split (the probes')
     <out>/systems/.<name>.failed/        a failed system: reason.txt (one line), error.txt (traceback)
 
 Nothing is written before the data and backbones pass their checks. A system is built in
@@ -77,7 +79,7 @@ def _preflight(cfg: Config, names: list[str], console):
     return specs, prepared
 
 
-def _saved_config(path: Path) -> Config | None:
+def saved_config(path: Path) -> Config | None:
     """The config a run directory saved (None when it is not a valid config)."""
     import yaml
 
@@ -89,7 +91,7 @@ def _saved_config(path: Path) -> Config | None:
         return None
 
 
-def _comparable(cfg: Config) -> str:
+def comparable_config(cfg: Config) -> str:
     """A config's text without what may change between runs in one directory: what ``--tune``
     chose (written into the run's config.yaml), the systems (a run can gain systems), and the
     directory's own path.
@@ -105,7 +107,7 @@ def _comparable(cfg: Config) -> str:
     return dump(cfg)
 
 
-def _differences(before: str, after: str, shown: int = 3) -> str:
+def config_differences(before: str, after: str, shown: int = 3) -> str:
     """'train.epochs: 1 in the run, 5 now; ...' for the keys where two dumped configs differ."""
     import yaml
 
@@ -137,10 +139,10 @@ def _check_run_dir(out: Path, cfg: Config, *, keep_others: bool = False) -> Conf
         raise TailtuneError(f"output path exists and is not a directory: {out}")
     config_file = out / "config.yaml"
     if config_file.exists():
-        saved = _saved_config(config_file)
-        before, now = (None, None) if saved is None else (_comparable(saved), _comparable(cfg))
+        saved = saved_config(config_file)
+        before, now = (None, None) if saved is None else (comparable_config(saved), comparable_config(cfg))
         if before is None or before != now:
-            changed = "" if before is None else f" ({_differences(before, now)})"
+            changed = "" if before is None else f" ({config_differences(before, now)})"
             raise TailtuneError(
                 f"{out} holds a run with a different config{changed}; choose another --out or delete it"
             )
@@ -243,7 +245,7 @@ def _comparison(out: Path, n_test: int) -> pd.DataFrame:
     trained yet, or a file of it deleted since) has a ``missing`` row: it was left out, and a
     report without the run's best system said nothing of it.
     """
-    systems = (_saved_config(out / "config.yaml") or Config()).systems
+    systems = (saved_config(out / "config.yaml") or Config()).systems
     rows = []
     for name in systems:
         if _finished(out / "systems" / name, n_test):
@@ -377,7 +379,6 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
     """:func:`run`; ``held`` keeps the locks on the systems this process trains until it returns."""
     from rich.console import Console
 
-    from tailtune import metrics as metrics_lib
     from tailtune.distributed import state
     from tailtune.preflight import check_backbones
     from tailtune.systems import Context, GuardFailure, run_system
@@ -430,7 +431,6 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
             cfg = ctx.cfg = _save_config(out, cfg, keep_others=True)
 
     test = data.split("test")
-    y_test = test["y"].to_numpy()
     failures = (GuardFailure, TailtuneError, RuntimeError, ValueError)
     finished = {s.name: _finished(out / "systems" / s.name, len(test)) for s in specs}
     dist.wait_for_everyone()  # every process has decided what to skip before the main one writes
@@ -455,35 +455,7 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
         system_started = time.perf_counter()
         try:
             outcome = run_system(spec, ctx, tmp / "model", partial / "checkpoints")
-            pred = outcome.proba.argmax(axis=1)
-            metrics, per_class = metrics_lib.evaluate(
-                y_test, pred, labels=data.classes, train_counts=data.train_counts,
-                tiers=data.tiers, tier_names=data.tier_names, n_boot=cfg.eval.n_boot, seed=cfg.eval.seed,
-            )
-            metrics.update(
-                trainable_params=int(outcome.trainable_params),
-                total_params=int(outcome.total_params),
-                train_seconds=round(outcome.train_seconds, 2),
-                system=_describe(spec, cfg, outcome),
-                warnings=outcome.warnings,
-                versions=library_versions(),
-            )
-            rundir.write_json(tmp / "metrics.json", metrics)
-            rundir.write_csv(tmp / "per_class.csv", per_class)
-            rundir.write_csv(
-                tmp / "predictions.csv",
-                pd.DataFrame({
-                    "id": test["id"].to_numpy(),
-                    "label": test["label"].to_numpy(),
-                    "prediction": np.asarray(data.classes)[pred],
-                    "confidence": outcome.proba.max(axis=1).round(6),
-                }),
-            )
-            rundir.write_json(tmp / FILES, _list_files(tmp))
-            system_dir.parent.mkdir(parents=True, exist_ok=True)
-            rundir.replace_dir(tmp, system_dir)
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.rmtree(out / "systems" / f".{spec.name}.failed", ignore_errors=True)
+            metrics = _finish_system(out, spec, cfg, data, outcome)
             for w in outcome.warnings:
                 console.print(f"  [yellow]warning:[/] {escape(w)}")
             console.print(
@@ -513,6 +485,47 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
     console.print(f"run directory: {out}  ({time.perf_counter() - started:.0f} s)", markup=False)
     dist.wait_for_everyone()
     return out
+
+
+def _finish_system(out: Path, spec, cfg: Config, data, outcome) -> dict:
+    """Evaluate a trained system on the test split, write its files next to its model in
+    ``.<name>.partial/staging``, and rename that into ``systems/<name>``; its metrics."""
+    from tailtune import metrics as metrics_lib
+
+    partial = out / "systems" / f".{spec.name}.partial"
+    tmp = partial / "staging"
+    test = data.split("test")
+    pred = outcome.proba.argmax(axis=1)
+    metrics, per_class = metrics_lib.evaluate(
+        test["y"].to_numpy(), pred, labels=data.classes, train_counts=data.train_counts,
+        tiers=data.tiers, tier_names=data.tier_names, n_boot=cfg.eval.n_boot, seed=cfg.eval.seed,
+    )
+    metrics.update(
+        trainable_params=int(outcome.trainable_params),
+        total_params=int(outcome.total_params),
+        train_seconds=round(outcome.train_seconds, 2),
+        system=_describe(spec, cfg, outcome),
+        warnings=outcome.warnings,
+        versions=library_versions(),
+    )
+    rundir.write_json(tmp / "metrics.json", metrics)
+    rundir.write_csv(tmp / "per_class.csv", per_class)
+    rundir.write_csv(
+        tmp / "predictions.csv",
+        pd.DataFrame({
+            "id": test["id"].to_numpy(),
+            "label": test["label"].to_numpy(),
+            "prediction": np.asarray(data.classes)[pred],
+            "confidence": outcome.proba.max(axis=1).round(6),
+        }),
+    )
+    rundir.write_json(tmp / FILES, _list_files(tmp))
+    system_dir = out / "systems" / spec.name
+    system_dir.parent.mkdir(parents=True, exist_ok=True)
+    rundir.replace_dir(tmp, system_dir)
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(out / "systems" / f".{spec.name}.failed", ignore_errors=True)
+    return metrics
 
 
 def _hold(out: Path, specs, held: contextlib.ExitStack) -> list[Path]:

@@ -24,10 +24,10 @@ from pathlib import Path
 from tailtune import rundir
 from tailtune.deploy import (
     ENCODING_HINT,
-    _jsonl_keys,
-    _open_table,
-    _pick_column,
+    check_top_k,
+    input_columns,
     load_predictor,
+    open_table,
     predict_file,
     prediction_frame,
     resolve_system,
@@ -116,22 +116,16 @@ def predict_ray(
         raise TailtuneError(f"--engine ray reads JSON lines as UTF-8 only; leave out --encoding {encoding}")
     # decided once for the header check here and Ray's reader (each decision reads the file twice)
     quoting = tsv_quoting(input_path, codec, ENCODING_HINT) if kind == "tsv" and input_path.is_file() else None
-    frames, _ = _open_table(input_path, 64, encoding, quoting)  # checks the file and reads its header only
+    frames, _ = open_table(input_path, 64, encoding, quoting)  # checks the file and reads its header only
     first = next(frames, None)
     frames.close()
-    if first is None or len(first[0]) == 0:
-        raise TailtuneError(f"input file has no rows: {input_path}")
-    columns = [str(c) for c in first[0].columns]
-    if kind == "jsonl" and (text_column is None or id_column is None):
-        columns = _jsonl_keys(input_path, encoding)
-    from tailtune.config import DataConfig
-
-    defaults = DataConfig()
-    text_col = _pick_column(columns, text_column, (defaults.text_column, "text"), "text")
-    id_col = _pick_column(columns, id_column, (defaults.id_column, "id"), "id")
+    _, text_col, id_col = input_columns(
+        input_path, first and first[0], text_column, id_column, encoding,
+        scan=text_column is None or id_column is None,
+    )
     n_classes = _n_classes(folder)
-    if n_classes is not None and k > n_classes:
-        raise TailtuneError(f"--top-k {k} is more than the system's {n_classes} classes")
+    if n_classes is not None:
+        check_top_k(k, n_classes)
 
     started_here = _connect(ray, address, workers)
     try:

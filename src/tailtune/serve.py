@@ -3,7 +3,8 @@
 - ``POST /predict`` ``{"texts": [str, ...], "system": name?, "top_k": int?}`` ->
   ``{"system": name, "predictions": [{"label", "confidence", "top_k": [{"label", "confidence"}, ...]}]}``;
   without ``system`` the run's best system by test macro-F1 answers; ``top_k`` defaults to 1.
-- ``GET /health``; ``GET /systems``: name, kind, backbone, method, classes, shared_base.
+- ``GET /health``; ``GET /systems``: name, kind, backbone, method, classes, shared_base,
+  default (the system that answers without ``system``).
 
 Requests are checked before any model runs: an empty list or an item that is not a string
 -> 422; more than ``max_batch`` texts or a text longer than ``max_chars`` characters -> 413;

@@ -86,17 +86,17 @@ def check_out(out: Path, cfg: Config | None = None) -> None:
         raise TailtuneError(f"{out} exists and holds other files ({strangers[0]}); choose another --out")
     if cfg is None:
         return
-    from tailtune.run import _comparable, _differences, _saved_config
+    from tailtune.run import comparable_config, config_differences, saved_config
 
     for folder in seed_runs(out):
-        saved = _saved_config(folder / "config.yaml")
+        saved = saved_config(folder / "config.yaml")
         if saved is None:
             continue  # not begun, or not a run: its own check names it when its seed runs
         now = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=saved.data.seed))
-        if _comparable(saved) != _comparable(now):
+        if comparable_config(saved) != comparable_config(now):
             raise TailtuneError(
                 f"{out} holds split seeds run with a different config ({folder.name}: "
-                f"{_differences(_comparable(saved), _comparable(now))}); choose another --out"
+                f"{config_differences(comparable_config(saved), comparable_config(now))}); choose another --out"
             )
 
 

@@ -106,7 +106,7 @@ def _parse_overrides(name: str, text: str) -> tuple:
             from tailtune.methods import ROLES
 
             roles = value.split("|")
-            if not roles or any(r not in ROLES for r in roles):
+            if any(r not in ROLES for r in roles):
                 raise TailtuneError(f"system '{name}': targets must be roles joined by '|' from {', '.join(ROLES)}")
             pairs.append((key, roles))
             continue
@@ -318,6 +318,7 @@ def _run_tfidf(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path |
     from sklearn.pipeline import make_pipeline
 
     from tailtune.classifier import single_threaded_blas
+    from tailtune.deploy import SklearnPredictor, pipeline_proba
 
     t = ctx.cfg.tfidf
     data = ctx.data
@@ -347,13 +348,12 @@ def _run_tfidf(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path |
                 "TF-IDF read character 1-4-grams instead of words"
             )
     seconds = time.perf_counter() - started
-    proba = np.zeros((len(data.split("test")), len(data.classes)))
-    proba[:, pipe[-1].classes_] = pipe.predict_proba(data.texts("test"))
+    predictor = SklearnPredictor(pipe, data.classes)
+    proba = pipeline_proba(pipe, data.texts("test"), len(data.classes))
     model_dir.mkdir(parents=True, exist_ok=True)
     joblib.dump(pipe, model_dir / "pipeline.joblib")
     (model_dir / "tailtune.json").write_text(json.dumps({"kind": "tfidf", "classes": data.classes}, indent=2))
-    n = pipe[-1].coef_.size + pipe[-1].intercept_.size
-    return Outcome(proba, seconds, n, n, {"architecture": architecture}, warnings)
+    return Outcome(proba, seconds, predictor.params, predictor.params, {"architecture": architecture}, warnings)
 
 
 def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path | None = None) -> Outcome:

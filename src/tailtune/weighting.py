@@ -53,9 +53,13 @@ def _inverse(counts: np.ndarray) -> np.ndarray:
     return 1.0 / counts
 
 
+EFFECTIVE_NUMBER_BETA = 0.999  # Cui et al.'s choice for long-tailed sets of this size
+
+
 @register("effective_number")
-def _effective_number(counts: np.ndarray, beta: float = 0.999) -> np.ndarray:
+def _effective_number(counts: np.ndarray) -> np.ndarray:
     """w_c ~ (1 - beta) / (1 - beta**n_c), Cui et al. 2019 ("class-balanced loss")."""
+    beta = EFFECTIVE_NUMBER_BETA
     return (1.0 - beta) / (1.0 - np.power(beta, counts))
 
 
@@ -68,8 +72,10 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The loss-weighting scheme ``name`` (one of ``SCHEMES``; not the strategies in ``OTHER``)."""
     if name not in SCHEMES:
-        raise TailtuneError(f"unknown class weighting '{name}' (schemes: {', '.join(names())})")
+        other = f"; '{name}' is not a loss weighting" if name in OTHER else ""
+        raise TailtuneError(f"unknown class weighting '{name}' (loss weightings: {', '.join(SCHEMES)}){other}")
     return SCHEMES[name]
 
 
