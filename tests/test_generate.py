@@ -89,6 +89,22 @@ def trained(learnable):
 # ----------------------------------------------------------------------------- scoring
 
 
+def naive_score_labels(model, prompts: list[list[int]], labels: list[list[int]]) -> np.ndarray:
+    """(N, C) the label log-likelihoods of :func:`generate.score_labels` with one full, unpadded
+    forward per (prompt, label), no cache."""
+    model.eval()
+    device = next(model.parameters()).device
+    result = np.empty((len(prompts), len(labels)))
+    with torch.inference_mode():
+        for i, p in enumerate(prompts):
+            for c, x in enumerate(labels):
+                ids = torch.tensor([p + x], device=device)
+                logp = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)  # (T-1, V)
+                targets = ids[0, len(p) :]
+                result[i, c] = logp[len(p) - 1 :].gather(-1, targets.unsqueeze(-1)).sum().item()
+    return result
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cached_scoring_equals_naive_full_sequence_scoring(arch, monkeypatch):
     bb = backbones.resolve(f"tiny:{arch}")
@@ -103,7 +119,7 @@ def test_cached_scoring_equals_naive_full_sequence_scoring(arch, monkeypatch):
     labels = generate.encode_labels(tok, ["credit", "credit card", "mortgage", "debt collection", "x"])
     texts = ["my mortgage servicer lost my payment", "a", "collector calls me every day about a debt i do not owe", "?"]
     prompts = generate.encode_prompts(tok, texts, generate.TEMPLATE, 16)
-    naive = generate.naive_score_labels(model, prompts, labels)
+    naive = naive_score_labels(model, prompts, labels)
     # Batches of 3 mix prompt lengths, so left padding and its positions are exercised.
     cached = generate.score_labels(model, tok, prompts, labels, 3, "fp32")
     np.testing.assert_allclose(cached, naive, atol=1e-4, rtol=0)
@@ -241,6 +257,28 @@ def test_save_load_and_deploy_predict_the_same(arch, trained, tmp_path):
     assert not (tmp_path / "model" / "head.safetensors").exists()
 
 
+@pytest.mark.parametrize(("saved", "native_bf16", "expected"),
+                         [("fp16", True, "bf16"), ("fp16", False, "fp32"), ("bf16", False, "fp32"),
+                          ("bf16", True, "bf16")])
+def test_a_loaded_generator_predicts_in_a_precision_this_machine_computes(trained, tmp_path, monkeypatch, saved,
+                                                                          native_bf16, expected):
+    """GenerativeClassifier.load took the saved precision as it was: a model trained in fp16 on a
+    GPU scored in fp16 autocast on a CPU, as TextClassifier.load no longer does (a review)."""
+    import json
+
+    from tailtune import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU, also on a GPU machine
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: native_bf16)
+    clf, test_x, _ = trained[ARCHS[0]]
+    meta = json.loads((clf.save(tmp_path / "m") / "tailtune.json").read_text())
+    (tmp_path / "m" / "tailtune.json").write_text(json.dumps({**meta, "precision": saved}))
+    reloaded = generate.GenerativeClassifier.load(tmp_path / "m")
+    assert reloaded.precision_ == expected
+    if expected == "fp32":
+        np.testing.assert_allclose(reloaded.label_scores(test_x[:4]), clf.label_scores(test_x[:4]), atol=1e-5)
+
+
 def test_parse_system_and_encoder_refused():
     from tailtune.systems import RUNNERS, parse_system
 
@@ -253,6 +291,7 @@ def test_parse_system_and_encoder_refused():
 
 def test_prior_adjustment_removes_tau_log_train_prior_and_survives_reload(learnable, tmp_path):
     from tailtune import deploy
+    from tailtune.classifier import softmax
     from tailtune.systems import parse_system
 
     assert parse_system("decoder-generate-logit_adjusted").weighting == "logit_adjusted"
@@ -265,7 +304,7 @@ def test_prior_adjustment_removes_tau_log_train_prior_and_survives_reload(learna
     assert len(set(counts)) > 1
     texts = keyword_task(6, seed=3)[0]
     raw = clf.label_scores(texts)
-    expected = generate.softmax_scores(raw - 0.5 * np.log(counts / counts.sum()))
+    expected = softmax(raw - 0.5 * np.log(counts / counts.sum()))
     np.testing.assert_allclose(clf.predict_proba(texts), expected, atol=1e-12)
     np.testing.assert_allclose(clf.adjust(raw) - raw, np.broadcast_to(-0.5 * np.log(counts / counts.sum()), raw.shape))
     clf.save(tmp_path / "model")
@@ -348,6 +387,42 @@ def test_fit_interrupted_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     np.testing.assert_array_equal(resumed.label_scores(val_x), reference.label_scores(val_x))
     again = fit(tmp_path)  # finished: kept from the last checkpoint, not trained further
     np.testing.assert_array_equal(again.label_scores(val_x), reference.label_scores(val_x))
+
+
+@pytest.mark.distributed
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, learnable):
+    """Under torchrun, fit counted the steps of one process: 2 processes trained 8 epochs for 4,
+    scored validation every second epoch, and marked their checkpoints as one process's (a review).
+    As for the classifiers (tests/test_distributed.py), 2 processes x batch 8 train on the rows
+    of 1 process x batch 8 x grad_accum 2."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    texts, labels = keyword_task(160, seed=0)  # split 112/24/24: 7 global batches of 16 an epoch
+    pd.DataFrame({"Consumer complaint narrative": texts, "Issue": labels}).to_csv(tmp_path / "k.csv", index=False)
+
+    def history(out, *extra: str) -> dict:
+        command = [sys.executable, "-m", "tailtune.cli", "run", "smoke", "--data", str(tmp_path / "k.csv"),
+                   f"decoder.name={learnable['qwen2']}", "decoder.batch_size=8", "decoder.eval_batch_size=8",
+                   "method.dropout=0", "method.targets=[all]", "train.lr=0.02", "train.warmup_ratio=0",
+                   "train.epochs=4", "train.eval_per_epoch=2", "train.early_stopping_patience=100",
+                   "--systems", "decoder-generate", "--no-report", "--out", str(out), *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                                env={**os.environ, "COLUMNS": "120", "TOKENIZERS_PARALLELISM": "false"})
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads((out / "systems" / "decoder-generate" / "metrics.json").read_text())["system"]["training"]
+
+    one = history(tmp_path / "one", "train.grad_accum=2")
+    two = history(tmp_path / "two", "--processes", "2")
+    assert one["steps"] == two["steps"] == 28 and two["epochs_run"] == 4
+    assert [(e["step"], e["val_macro_f1"]) for e in two["evals"]] == [(e["step"], e["val_macro_f1"]) for e in one["evals"]]
+    assert two["best_step"] == one["best_step"]
+    for x, y in zip(one["losses"], two["losses"], strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), x["step"]
 
 
 @pytest.mark.parametrize(("labels_written", "status", "note"), [

@@ -29,8 +29,6 @@ selection on validation macro-F1 sees the adjusted scores.
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -219,30 +217,6 @@ def collate_label_batch(batch: list[dict], pad: int, label_logits_only: bool = T
     return out
 
 
-def naive_score_labels(model, prompts: list[list[int]], labels: list[list[int]]) -> np.ndarray:
-    """(N, C) the same log-likelihoods with one full, unpadded forward per (prompt, label); for tests."""
-    import torch
-
-    model.eval()
-    device = next(model.parameters()).device
-    result = np.empty((len(prompts), len(labels)))
-    with torch.inference_mode():
-        for i, p in enumerate(prompts):
-            for c, x in enumerate(labels):
-                ids = torch.tensor([p + x], device=device)
-                logp = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)  # (T-1, V)
-                targets = ids[0, len(p) :]
-                result[i, c] = logp[len(p) - 1 :].gather(-1, targets.unsqueeze(-1)).sum().item()
-    return result
-
-
-def softmax_scores(scores: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of (N, C) label log-likelihoods, as float64 so a row sums to 1 tightly."""
-    z = scores - scores.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 # ----------------------------------------------------------------------------- the classifier
 
 
@@ -313,21 +287,29 @@ class GenerativeClassifier:
         scheduler, RNG states, data order, the best state and the history), the latest kept, and
         a later call with the same arguments continues from it to the same result. Validation
         runs when an epoch's last step ends, before that step's checkpoint is written.
+
+        Under ``torchrun`` / ``accelerate launch`` every process calls ``fit`` with the same
+        arguments and trains as in :func:`tailtune.train.fit`: a step takes ``batch_size *
+        grad_accum * processes`` rows, only the main process writes checkpoints, and they resume
+        under as many processes. Every process scores all of validation; the main process's
+        macro-F1 is the one every process selects and stops on.
         """
         import torch
-        from transformers import TrainerCallback
+        from accelerate.utils import broadcast_object_list
 
         from tailtune import methods
         from tailtune.classifier import count_params
+        from tailtune.distributed import state
         from tailtune.metrics import macro_f1
         from tailtune.train import (
-            _checkpoint_writer,
-            _fit_key,
-            _load_trainable,
-            _restore,
-            _resume_point,
-            _rich_progress,
+            Selector,
+            fit_key,
+            load_trainable,
+            optimizer_and_schedule,
             resolve_precision,
+            resume,
+            rich_progress,
+            step_plan,
         )
 
         self.classes_ = list(classes) if classes is not None else sorted(set(labels))
@@ -358,103 +340,53 @@ class GenerativeClassifier:
         for p, label in zip(prompts, labels, strict=True):
             target = self.label_ids_[index[label]]
             rows.append({"input_ids": p + target, "labels": [-100] * len(p) + target})
-        epochs = self.backbone.epochs if self.backbone.epochs is not None else self.train.epochs
+        plan = step_plan(len(rows), self.train, self.backbone, state().num_processes, work_dir)
         # Scoring validation costs a pass over every label for every row; with one epoch there is
         # one state to keep and nothing to select, so it is skipped.
-        has_val = bool(val_texts) and epochs > 1
+        has_val = bool(val_texts) and plan.epochs > 1
         val_prompts = encode_prompts(self.tokenizer_, val_texts, self.template, max_length) if has_val else []
         val_y = np.array([index[c] for c in val_labels]) if has_val else None
 
-        cuda = torch.cuda.is_available()
-        per_step = self.backbone.batch_size * self.train.grad_accum
-        steps_per_epoch = max(1, math.ceil(len(rows) / per_step))
-        total_steps = max(1, math.ceil(steps_per_epoch * epochs))
-        save_steps = 0
-        if work_dir is not None:
-            save_steps = max(1, math.ceil(steps_per_epoch / self.train.eval_per_epoch)) * self.train.checkpoint_every
         lr = self.backbone.lr if self.backbone.lr is not None else self.train.lr
         trainable = [p for p in self.model_.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=self.train.weight_decay)
-        from transformers import get_linear_schedule_with_warmup
+        optimizer, scheduler = optimizer_and_schedule([{"params": trainable, "lr": lr}], self.train, plan.total_steps)
+        selector = Selector(self.model_, self.precision_, plan.total_steps, self.train.early_stopping_patience, has_val)
+        key = fit_key(self.model_, [r["input_ids"] for r in rows], np.array([index[c] for c in labels]),
+                      val_prompts, val_y if has_val else np.array([], dtype=np.int64), self.train, self.backbone,
+                      None, extra=[self.template, self.label_template, self.prior_tau])
+        run = resume(work_dir, key, selector, plan.total_steps, console)
 
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.train.warmup_ratio * total_steps), total_steps)
-        history: dict = {"precision": self.precision_, "steps": total_steps, "evals": [], "losses": []}
-        best = {"f1": -1.0, "state": None, "step": 0, "bad": 0}
-        clf = self
+        def epoch_end_scores(state) -> tuple[float | None, float | None] | None:
+            """(val macro-F1, val accuracy) when an epoch's last step ends (before its checkpoint),
+            (None, None) there without validation; None after any other step."""
+            if state.global_step % plan.steps_per_epoch and state.global_step < plan.total_steps:
+                return None
+            if not has_val:
+                return None, None
+            scores = score_labels(
+                self.model_, self.tokenizer_, val_prompts, self.label_ids_, self.backbone.eval_batch_size,
+                self.precision_,
+            )
+            self.model_.train()
+            pred = self.adjust(scores).argmax(1)
+            # Each process scores on its own device; all of them must select and stop alike.
+            f1, accuracy = broadcast_object_list([macro_f1(val_y, pred, len(self.classes_)),
+                                                  float((pred == val_y).mean())])
+            return f1, accuracy
 
-        resume = _resume_point(Path(work_dir), console=console) if work_dir is not None else None
-        key = _fit_key(self.model_, [r["input_ids"] for r in rows], np.array([index[c] for c in labels]),
-                       val_prompts, val_y if has_val else np.array([], dtype=np.int64), self.train, self.backbone,
-                       None, extra=[self.template, self.label_template, self.prior_tau])
-        saved = _restore(resume, work_dir, key, 1, history, best)
-        started = time.perf_counter()
-        on_checkpoint = _checkpoint_writer(key, 1, history, best, started)
-
-        class Select(TrainerCallback):
-            """Score val when an epoch's last step ends (before its checkpoint); keep the best LoRA
-            state; stop after ``patience`` bad epochs."""
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step % steps_per_epoch and state.global_step < total_steps:
-                    return
-                f1 = acc = None
-                if has_val:
-                    scores = score_labels(
-                        clf.model_, clf.tokenizer_, val_prompts, clf.label_ids_,
-                        clf.backbone.eval_batch_size, clf.precision_,
-                    )
-                    pred = clf.adjust(scores).argmax(1)
-                    f1 = macro_f1(val_y, pred, len(clf.classes_))
-                    acc = float((pred == val_y).mean())
-                    clf.model_.train()
-                history["evals"].append({"step": state.global_step, "epoch": state.epoch, "val_macro_f1": f1,
-                                         "val_accuracy": acc})
-                if not has_val or f1 > best["f1"]:
-                    state_now = {n: p.detach().clone() for n, p in clf.model_.named_parameters() if p.requires_grad}
-                    best.update(f1=f1 if has_val else -1.0, state=state_now, step=state.global_step, bad=0)
-                else:
-                    best["bad"] += 1
-                    if best["bad"] >= clf.train.early_stopping_patience:
-                        control.should_training_stop = True
-                        history["stopped_early"] = True
-
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
-                    history["losses"].append({"step": state.global_step, "loss": float(logs["loss"])})
-
-        pad = self.tokenizer_.pad_token_id
-
-        def collate(batch: list[dict]) -> dict:
-            return collate_label_batch(batch, pad)
-
-        callbacks = [Select()]
-        if console is not None:
-            if resume is not None:
-                console.print(f"  resuming from step {saved['step']}/{total_steps} ({resume})", markup=False)
-            callbacks.append(_rich_progress(console, total_steps))
-
-        if saved is not None and saved["done"]:  # killed after training ended: the checkpoint holds it all
-            _load_trainable(self.model_, resume)
+        if run.finished:
+            load_trainable(self.model_, run.folder)
         else:
-            self._train_steps(rows, collate, optimizer, scheduler, callbacks, epochs, total_steps, save_steps,
-                              work_dir, on_checkpoint, resume, cuda)
-        self.train_seconds_ = history.get("seconds_before_resume", 0.0) + time.perf_counter() - started
-        if best["state"] is not None:
-            with torch.no_grad():
-                params = dict(self.model_.named_parameters())
-                for name, value in best["state"].items():
-                    params[name].copy_(value)
-        last = history["evals"][-1] if history["evals"] else {"epoch": epochs}
-        history.update(
-            best_val_macro_f1=best["f1"] if has_val else None, best_step=best["step"],
-            epochs_run=last["epoch"], stopped_early=history.get("stopped_early", False),
-        )
-        self.history_ = history
-        self.model_.eval()
+            callbacks = [selector.callback(epoch_end_scores)]
+            if console is not None:
+                callbacks.append(rich_progress(console, plan.total_steps))
+            self._train_steps(rows, optimizer, scheduler, callbacks, plan, work_dir, run)
+        self.train_seconds_ = run.seconds()
+        last = selector.history["evals"][-1] if selector.history["evals"] else {"epoch": plan.epochs}
+        self.history_ = selector.finish(last["epoch"])
         return self
 
-    def _train_steps(self, rows, collate, optimizer, scheduler, callbacks, epochs, total_steps, save_steps,
-                     work_dir, on_checkpoint, resume, cuda) -> None:
+    def _train_steps(self, rows, optimizer, scheduler, callbacks, plan, work_dir, run) -> None:
         """The Trainer run of :meth:`fit`: rows shuffled each epoch (from the seed and the epoch
         alone, so a resumed epoch replays its order), lean checkpoints in ``work_dir``. Not
         length-grouped: on a task whose label shows in the prompt's length, batches sorted by
@@ -464,24 +396,25 @@ class GenerativeClassifier:
         import torch
         from transformers import PrinterCallback, TrainingArguments
 
-        from tailtune.train import _trainer_class
+        from tailtune.train import trainer_class
 
-        trainer_cls = _trainer_class(lambda g: torch.randperm(len(rows), generator=g).tolist(), len(rows),
-                                     self.train.seed, on_checkpoint)
+        pad = self.tokenizer_.pad_token_id
+        trainer_cls = trainer_class(lambda g: torch.randperm(len(rows), generator=g).tolist(), len(rows),
+                                    self.train.seed, run.on_checkpoint)
         with tempfile.TemporaryDirectory(prefix="tailtune-generate-") as tmp:
             args = TrainingArguments(
                 output_dir=str(work_dir or tmp),
                 per_device_train_batch_size=self.backbone.batch_size,
                 gradient_accumulation_steps=self.train.grad_accum,
-                num_train_epochs=epochs,
-                max_steps=total_steps,
+                num_train_epochs=plan.epochs,
+                max_steps=plan.total_steps,
                 eval_strategy="no",
-                save_strategy="steps" if save_steps else "no",
-                save_steps=max(save_steps, 1),
+                save_strategy="steps" if plan.save_steps else "no",
+                save_steps=max(plan.save_steps, 1),
                 logging_strategy="steps",
-                logging_steps=max(1, total_steps // 20),
+                logging_steps=max(1, plan.total_steps // 20),
                 report_to=[],
-                use_cpu=not cuda,
+                use_cpu=not torch.cuda.is_available(),
                 bf16=self.precision_ == "bf16",
                 fp16=self.precision_ == "fp16",
                 seed=self.train.seed,
@@ -493,11 +426,11 @@ class GenerativeClassifier:
                 max_grad_norm=1.0,
             )
             trainer = trainer_cls(
-                model=self.model_, args=args, train_dataset=rows, data_collator=collate,
+                model=self.model_, args=args, train_dataset=rows, data_collator=lambda b: collate_label_batch(b, pad),
                 optimizers=(optimizer, scheduler), callbacks=callbacks,
             )
             trainer.remove_callback(PrinterCallback)
-            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+            trainer.train(resume_from_checkpoint=run.checkpoint)
 
     # -- inference
 
@@ -516,7 +449,9 @@ class GenerativeClassifier:
 
     def predict_proba(self, texts: list[str], progress=None) -> np.ndarray:
         """(N, C) probabilities: softmax over the (prior-adjusted) label log-likelihoods."""
-        return softmax_scores(self.adjust(self.label_scores(texts, progress)))
+        from tailtune.classifier import softmax
+
+        return softmax(self.adjust(self.label_scores(texts, progress)))
 
     def predict(self, texts: list[str]) -> list[str]:
         return [self.classes_[i] for i in self.predict_proba(texts).argmax(axis=1)]
@@ -560,7 +495,7 @@ class GenerativeClassifier:
         from transformers import AutoTokenizer
 
         from tailtune import methods
-        from tailtune.classifier import count_params, read_saved
+        from tailtune.classifier import _usable_precision, count_params, read_saved
 
         path = Path(path)
         meta, config = read_saved(path, KIND)
@@ -577,7 +512,7 @@ class GenerativeClassifier:
         self.tokenizer_ = AutoTokenizer.from_pretrained(path / "tokenizer")
         self.tokenizer_.padding_side = meta["padding_side"]
         self.label_ids_ = encode_labels(self.tokenizer_, self.classes_, self.label_template)
-        self.precision_ = meta["precision"]
+        self.precision_ = _usable_precision(meta["precision"])  # fp16 from a GPU is not run on a CPU
         self.targets_ = meta["targets"]
         model = methods.get("lora").load(load_causal_lm(self.backbone_, self.tokenizer_), path)
         self.model_ = model.eval().requires_grad_(False)
@@ -611,9 +546,11 @@ def _predictor_base():
             return count_params(self.clf.model_)[1]
 
         def predict_proba(self, texts, progress=None) -> np.ndarray:
+            from tailtune.classifier import softmax
+
             c = self.clf
             prompts = encode_prompts(c.tokenizer_, texts, c.template, c.backbone.max_length)
-            return softmax_scores(
+            return softmax(
                 c.adjust(score_labels(c.model_, c.tokenizer_, prompts, c.label_ids_, self.batch_size, self.precision, progress))
             )
 
@@ -658,6 +595,7 @@ def run_system(spec, ctx, model_dir: Path, work_dir: Path | None = None):
     ``work_dir`` holds its checkpoints, so an interrupted run continues where it was."""
     import dataclasses
 
+    from tailtune.classifier import softmax
     from tailtune.systems import GuardFailure, Outcome, _bar, check_coverage
 
     data = ctx.data
@@ -690,7 +628,7 @@ def run_system(spec, ctx, model_dir: Path, work_dir: Path | None = None):
     clf.history_["reload_max_score_diff"] = diff
     adapter_bytes = sum(f.stat().st_size for f in (model_dir / "adapter").rglob("*") if f.is_file())
     return Outcome(
-        softmax_scores(scores), clf.train_seconds_, clf.trainable_params_, clf.total_params_,
+        softmax(scores), clf.train_seconds_, clf.trainable_params_, clf.total_params_,
         {
             "architecture": clf.backbone_.model_type,
             "backbone_name": bb_cfg.name,

@@ -14,13 +14,15 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tailtune import rundir
 from tailtune.config import BackboneConfig, TrainConfig
-from tailtune.errors import TailtuneError
+from tailtune.errors import TailtuneError, first_line
 
 # A checkpoint folder holds the Trainer's files (optimizer, scheduler, RNG, trainer state) and:
 TRAINABLE_FILE = "trainable.safetensors"  # the trainable parameters only; the frozen backbone is rebuilt
@@ -126,12 +128,7 @@ def fit(
     """
     import torch
     from accelerate.utils import broadcast_object_list
-    from transformers import (
-        DataCollatorWithPadding,
-        PrinterCallback,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import DataCollatorWithPadding, PrinterCallback, TrainingArguments
 
     from tailtune.distributed import state
 
@@ -145,49 +142,22 @@ def fit(
         val_set, start_val_f1 = None, None
     else:
         val_set = [{"input_ids": ids, "labels": int(label)} for ids, label in zip(val_ids, val_y, strict=True)]
-
-    per_step = backbone.batch_size * train.grad_accum * dist.num_processes  # rows per optimisation step
-    steps_per_epoch = max(1, math.ceil(len(train_set) / per_step))
-    epochs = backbone.epochs if backbone.epochs is not None else train.epochs
-    total_steps = max(1, math.ceil(steps_per_epoch * epochs))
-    # Rounded up: the Trainer always evaluates at the last step, so rounding down added one more
-    # validation pass (evals at 86, 172 and 173 of 173 steps).
-    eval_steps = max(1, math.ceil(steps_per_epoch / train.eval_per_epoch))
-    save_steps = eval_steps * train.checkpoint_every if work_dir is not None else 0
+    plan = step_plan(len(train_set), train, backbone, dist.num_processes, work_dir)
 
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("score.")]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("score.")]
-    lr = backbone.lr if backbone.lr is not None else train.lr
     groups = [{"params": head, "lr": train.head_lr}]
     if body:
-        groups.append({"params": body, "lr": lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=train.weight_decay)
-    from transformers import get_linear_schedule_with_warmup
+        groups.append({"params": body, "lr": backbone.lr if backbone.lr is not None else train.lr})
+    optimizer, scheduler = optimizer_and_schedule(groups, train, plan.total_steps)
 
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(train.warmup_ratio * total_steps), total_steps
-    )
-
-    history: dict = {"precision": precision, "steps": total_steps, "evals": [], "losses": []}
-    best = {"f1": -1.0, "state": None, "step": 0, "bad": 0}
-
-    def snapshot() -> dict:
-        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    resume = None
-    if work_dir is not None:
-        with dist.main_process_first():  # the main process deletes incomplete checkpoints first
-            resume = _resume_point(Path(work_dir), clean=dist.is_main_process,
-                                   console=console if dist.is_main_process else None)
+    selector = Selector(model, precision, plan.total_steps, train.early_stopping_patience, val_set is not None)
     # A probe's score can differ in the last bit between GPUs; selection must not.
     start_val_f1 = broadcast_object_list([start_val_f1])[0]
-    key = _fit_key(model, train_ids, y, val_ids, val_y, train, backbone, class_sampling)
-    saved = _restore(resume, work_dir, key, dist.num_processes, history, best)
-    if saved is None and start_val_f1 is not None:
-        best.update(f1=start_val_f1, state=snapshot())
-        history["evals"].append({"step": 0, "epoch": 0.0, "val_macro_f1": start_val_f1, "val_accuracy": None})
-    started = time.perf_counter()
-    on_checkpoint = _checkpoint_writer(key, dist.num_processes, history, best, started)
+    key = fit_key(model, train_ids, y, val_ids, val_y, train, backbone, class_sampling)
+    run = resume(work_dir, key, selector, plan.total_steps, console)
+    if run.saved is None and start_val_f1 is not None:
+        selector.start(start_val_f1)
 
     def compute_metrics(pred) -> dict:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
@@ -199,57 +169,32 @@ def fit(
             raise RuntimeError(f"evaluated {len(y_true)} validation rows, expected {len(val_set)}")
         return {"macro_f1": _macro_f1(y_true, y_pred), "accuracy": float((y_pred == y_true).mean())}
 
-    class Select(TrainerCallback):
-        """Keep the best trainable state on val macro-F1; stop after ``patience`` bad evals."""
-
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            f1 = metrics["eval_macro_f1"]
-            history["evals"].append(
-                {"step": state.global_step, "epoch": state.epoch, "val_macro_f1": f1,
-                 "val_accuracy": metrics["eval_accuracy"]}
-            )
-            if f1 > best["f1"]:
-                best.update(f1=f1, state=snapshot(), step=state.global_step, bad=0)
-            else:
-                best["bad"] += 1
-                if best["bad"] >= train.early_stopping_patience:
-                    control.should_training_stop = True
-                    history["stopped_early"] = True
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                history["losses"].append({"step": state.global_step, "loss": float(logs["loss"])})
-
-    if saved is not None and saved["done"]:
-        # Killed after training ended: the checkpoint already holds everything fit returns.
-        if console is not None:
-            console.print(f"  training had finished (step {saved['step']}); kept from {resume}", markup=False)
-        _load_trainable(model, resume)
-        epochs_run = saved["epoch"]
+    if run.finished:
+        load_trainable(model, run.folder)
+        epochs_run = run.saved["epoch"]
     else:
-        callbacks = [Select()]
+        callbacks = [selector.callback()]
         if console is not None:
-            if resume is not None:
-                console.print(f"  resuming from step {saved['step']}/{total_steps} ({resume})", markup=False)
-            callbacks.append(_rich_progress(console, total_steps))
+            callbacks.append(rich_progress(console, plan.total_steps))
         if class_sampling is None:
-            trainer_cls = _length_grouped_trainer([len(ids) for ids in train_ids], per_step, train.seed, on_checkpoint)
+            trainer_cls = _length_grouped_trainer([len(ids) for ids in train_ids], plan.per_step, train.seed,
+                                                  run.on_checkpoint)
         else:
-            trainer_cls = _sampling_trainer(y, class_sampling, train.seed, on_checkpoint)
+            trainer_cls = _sampling_trainer(y, class_sampling, train.seed, run.on_checkpoint)
         with tempfile.TemporaryDirectory(prefix="tailtune-trainer-") as tmp:
             args = TrainingArguments(
                 output_dir=str(work_dir or tmp),
                 per_device_train_batch_size=backbone.batch_size,
                 per_device_eval_batch_size=backbone.eval_batch_size,
                 gradient_accumulation_steps=train.grad_accum,
-                num_train_epochs=epochs,
-                max_steps=total_steps,
+                num_train_epochs=plan.epochs,
+                max_steps=plan.total_steps,
                 eval_strategy="steps" if val_set is not None else "no",
-                eval_steps=eval_steps,
-                save_strategy="steps" if save_steps else "no",
-                save_steps=max(save_steps, 1),
+                eval_steps=plan.eval_steps,
+                save_strategy="steps" if plan.save_steps else "no",
+                save_steps=max(plan.save_steps, 1),
                 logging_strategy="steps",
-                logging_steps=max(1, min(eval_steps, total_steps // 20 or 1)),
+                logging_steps=max(1, min(plan.eval_steps, plan.total_steps // 20 or 1)),
                 report_to=[],
                 use_cpu=not cuda,
                 bf16=precision == "bf16",
@@ -276,25 +221,182 @@ def fit(
                 callbacks=callbacks,
             )
             trainer.remove_callback(PrinterCallback)  # rich progress replaces the raw log dicts
-            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+            trainer.train(resume_from_checkpoint=run.checkpoint)
         epochs_run = trainer.state.epoch
-    if best["state"] is not None:
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for name, value in best["state"].items():
-                params[name].copy_(value)
-    history.update(
-        best_val_macro_f1=best["f1"] if val_set is not None else None,
-        best_step=best["step"] if val_set is not None else None,
-        epochs_run=epochs_run,
-        stopped_early=history.get("stopped_early", False),
-    )
-    model.eval()
-    return history
+    return selector.finish(epochs_run)
 
 
-def _fit_key(model, train_ids, y, val_ids, val_y, train: TrainConfig, backbone: BackboneConfig,
-             class_sampling, extra=None) -> str:
+# ----------------------------------------------------------------------------- shared by both fits
+# train.fit and GenerativeClassifier.fit (tailtune.generate) train with the same step plan,
+# optimiser, model selection and checkpoints; each keeps its own Trainer and validation.
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How long a fit trains, in optimisation steps, and how often it evaluates and checkpoints."""
+
+    epochs: float
+    per_step: int  # rows per optimisation step, over every training process
+    steps_per_epoch: int
+    total_steps: int
+    eval_steps: int  # steps between two evaluations (``train.eval_per_epoch`` per epoch)
+    save_steps: int  # steps between two checkpoints; 0 without a work_dir
+
+
+def step_plan(n_rows: int, train: TrainConfig, backbone: BackboneConfig, processes: int,
+              work_dir: str | Path | None) -> StepPlan:
+    """The :class:`StepPlan` for ``n_rows`` training rows shared out to ``processes`` processes."""
+    per_step = backbone.batch_size * train.grad_accum * processes
+    steps_per_epoch = max(1, math.ceil(n_rows / per_step))
+    epochs = backbone.epochs if backbone.epochs is not None else train.epochs
+    total_steps = max(1, math.ceil(steps_per_epoch * epochs))
+    # Rounded up: the Trainer always evaluates at the last step, so rounding down added one more
+    # validation pass (evals at 86, 172 and 173 of 173 steps).
+    eval_steps = max(1, math.ceil(steps_per_epoch / train.eval_per_epoch))
+    save_steps = eval_steps * train.checkpoint_every if work_dir is not None else 0
+    return StepPlan(epochs, per_step, steps_per_epoch, total_steps, eval_steps, save_steps)
+
+
+def optimizer_and_schedule(groups: list[dict], train: TrainConfig, total_steps: int):
+    """(AdamW over the parameter ``groups``, each with its own "lr"; its learning-rate schedule:
+    linear warm-up over ``train.warmup_ratio`` of ``total_steps``, then linear decay to 0)."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(groups, weight_decay=train.weight_decay)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(train.warmup_ratio * total_steps), total_steps)
+
+
+class Selector:
+    """Model selection on validation macro-F1, and the history a fit returns.
+
+    :meth:`record` notes an evaluation in ``history["evals"]``: a macro-F1 above every earlier
+    one keeps a copy of the trainable parameters, any other counts as bad, and ``patience`` bad
+    evaluations in a row stop training. An evaluation without validation (macro-F1 None) keeps
+    its state, so the last one wins. ``history`` and ``best`` are what a checkpoint saves and a
+    resume puts back (:func:`resume`).
+    """
+
+    def __init__(self, model, precision: str, total_steps: int, patience: int, validated: bool):
+        self.model, self.patience, self.validated = model, patience, validated
+        self.history: dict = {"precision": precision, "steps": total_steps, "evals": [], "losses": []}
+        self.best: dict = {"f1": -1.0, "state": None, "step": 0, "bad": 0}
+
+    def snapshot(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def start(self, f1: float) -> None:
+        """Let the starting state, of known validation macro-F1 ``f1`` (LP-FT: the probe's), compete."""
+        self.best.update(f1=f1, state=self.snapshot())
+        self.history["evals"].append({"step": 0, "epoch": 0.0, "val_macro_f1": f1, "val_accuracy": None})
+
+    def record(self, step: int, epoch: float, f1: float | None, accuracy: float | None, control) -> None:
+        """An evaluation at ``step``; sets the Trainer's ``control.should_training_stop`` after ``patience`` bad ones."""
+        self.history["evals"].append({"step": step, "epoch": epoch, "val_macro_f1": f1, "val_accuracy": accuracy})
+        if f1 is None or f1 > self.best["f1"]:
+            self.best.update(f1=-1.0 if f1 is None else f1, state=self.snapshot(), step=step, bad=0)
+        else:
+            self.best["bad"] += 1
+            if self.best["bad"] >= self.patience:
+                control.should_training_stop = True
+                self.history["stopped_early"] = True
+
+    def callback(self, evaluate=None):
+        """The TrainerCallback feeding this selector: every loss the Trainer logs, and its
+        evaluations (``eval_macro_f1``, ``eval_accuracy``); with ``evaluate(state)``, the caller's
+        own instead, after every step where it returns ``(macro_f1, accuracy)`` (None: not this step)."""
+        from transformers import TrainerCallback
+
+        selector = self
+
+        class Select(TrainerCallback):
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                selector.record(state.global_step, state.epoch, metrics["eval_macro_f1"], metrics["eval_accuracy"],
+                                control)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                scored = evaluate(state) if evaluate is not None else None
+                if scored is not None:
+                    selector.record(state.global_step, state.epoch, *scored, control)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    selector.history["losses"].append({"step": state.global_step, "loss": float(logs["loss"])})
+
+        return Select()
+
+    def finish(self, epochs_run: float) -> dict:
+        """Load the kept state into the model (none kept: the last state stays), complete the
+        history (``best_step``: the kept state's step, None without one) and return it; the
+        model is left in eval mode."""
+        import torch
+
+        if self.best["state"] is not None:
+            with torch.no_grad():
+                params = dict(self.model.named_parameters())
+                for name, value in self.best["state"].items():
+                    params[name].copy_(value)
+        self.history.update(
+            best_val_macro_f1=self.best["f1"] if self.validated else None,
+            best_step=self.best["step"] if self.best["state"] is not None else None,
+            epochs_run=epochs_run,
+            stopped_early=self.history.get("stopped_early", False),
+        )
+        self.model.eval()
+        return self.history
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a fit continues from, and what completes each checkpoint it writes (:func:`resume`)."""
+
+    folder: Path | None  # the latest complete checkpoint; None: training starts at step 0
+    saved: dict | None  # that checkpoint's selection state (step, epoch, done, ...)
+    on_checkpoint: Callable  # for :func:`trainer_class`
+    started: float  # time.perf_counter() when this attempt started
+
+    @property
+    def finished(self) -> bool:
+        """Killed after training ended: the checkpoint holds everything the fit returns."""
+        return self.saved is not None and self.saved["done"]
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The Trainer's ``resume_from_checkpoint``."""
+        return None if self.folder is None else str(self.folder)
+
+    def seconds(self) -> float:
+        """Training time so far, s: this attempt's and that of the attempts before the resume."""
+        return (self.saved["seconds"] if self.saved is not None else 0.0) + time.perf_counter() - self.started
+
+
+def resume(work_dir: str | Path | None, key: str, selector: Selector, total_steps: int, console=None) -> Resume:
+    """Resume a fit of key ``key`` (:func:`fit_key`) from ``work_dir``'s latest complete
+    checkpoint, if any: its history and best state go back into ``selector``, and the console
+    says so. Every training process calls it; the main process first, which deletes the other
+    checkpoints, prints and later writes checkpoints; a checkpoint records how many processes
+    trained, and resuming it with another number is refused."""
+    from tailtune.distributed import state
+
+    dist = state()
+    console = console if dist.is_main_process else None
+    folder = None
+    if work_dir is not None:
+        with dist.main_process_first():  # the main process deletes incomplete checkpoints first
+            folder = _resume_point(Path(work_dir), clean=dist.is_main_process, console=console)
+    saved = _restore(folder, work_dir, key, dist.num_processes, selector.history, selector.best)
+    if console is not None and saved is not None:
+        if saved["done"]:
+            console.print(f"  training had finished (step {saved['step']}); kept from {folder}", markup=False)
+        else:
+            console.print(f"  resuming from step {saved['step']}/{total_steps} ({folder})", markup=False)
+    started = time.perf_counter()
+    writer = _checkpoint_writer(key, dist.num_processes, selector.history, selector.best, started)
+    return Resume(folder, saved, writer, started)
+
+
+def fit_key(model, train_ids, y, val_ids, val_y, train: TrainConfig, backbone: BackboneConfig,
+            class_sampling, extra=None) -> str:
     """What a checkpoint must come from for :func:`fit` to resume it: the rows (token ids and
     labels, in order), the settings, and the trainable parameters' names and shapes (the method
     and its rank); ``extra``, any other setting the caller trains with (JSON). 16 hex digits of SHA-256."""
@@ -344,7 +446,7 @@ def _restore(resume: Path | None, work_dir, key: str, processes: int, history: d
 
 
 def _checkpoint_writer(key: str, processes: int, history: dict, best: dict, started: float):
-    """``on_checkpoint(folder, state, control)`` for :func:`_trainer_class`: the best state and the
+    """``on_checkpoint(folder, state, control)`` for :func:`trainer_class`: the best state and the
     selection state next to the Trainer's checkpoint; written last, the selection file marks it complete."""
 
     def on_checkpoint(folder: Path, state, control) -> None:
@@ -418,11 +520,11 @@ def _damaged(folder: Path) -> str | None:
                     if archive.testzip() is not None:
                         raise ValueError("a damaged member")
         except Exception as exc:  # noqa: BLE001 - any reader's error means the file is unusable
-            return f"{file.name}: {str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}"
+            return f"{file.name}: {first_line(exc)[:80]}"
     return None
 
 
-def _load_trainable(model, folder: Path) -> None:
+def load_trainable(model, folder: Path) -> None:
     """Copy the trainable parameters saved in checkpoint ``folder`` into ``model``."""
     import torch
     from safetensors.torch import load_file
@@ -439,7 +541,7 @@ def _load_trainable(model, folder: Path) -> None:
             p.copy_(saved[name])
 
 
-def _trainer_class(draw, n_rows: int, seed: int, on_checkpoint=None):
+def trainer_class(draw, n_rows: int, seed: int, on_checkpoint=None):
     """The Trainer tailtune trains with: a data order a resumed run replays, lean checkpoints.
 
     ``draw(generator)`` returns one epoch's row order (``n_rows`` indices). The generator is
@@ -511,7 +613,7 @@ def _trainer_class(draw, n_rows: int, seed: int, on_checkpoint=None):
             save_file(trainable, folder / TRAINABLE_FILE)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            _load_trainable(model or self.model, Path(resume_from_checkpoint))
+            load_trainable(model or self.model, Path(resume_from_checkpoint))
             self.loss_window.saved = json.loads((Path(resume_from_checkpoint) / LOSS_WINDOW_FILE).read_text())
 
         def _save_checkpoint(self, model, trial):
@@ -538,7 +640,7 @@ def _length_grouped_trainer(lengths: list[int], batch_size: int, seed: int, on_c
     """A Trainer class whose batches hold rows of similar length (little padding), shuffled per epoch."""
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    return _trainer_class(
+    return trainer_class(
         lambda g: get_length_grouped_indices(lengths, batch_size, generator=g), len(lengths), seed, on_checkpoint
     )
 
@@ -548,13 +650,13 @@ def _sampling_trainer(y: np.ndarray, class_sampling: np.ndarray, seed: int, on_c
     import torch
 
     weights = torch.as_tensor(np.asarray(class_sampling, dtype=float)[y], dtype=torch.double)
-    return _trainer_class(
+    return trainer_class(
         lambda g: torch.multinomial(weights, len(weights), replacement=True, generator=g).tolist(),
         len(weights), seed, on_checkpoint,
     )
 
 
-def _rich_progress(console, total_steps: int):
+def rich_progress(console, total_steps: int):
     """A TrainerCallback drawing a rich progress bar over optimisation steps, with loss and val macro-F1."""
     from rich.progress import (
         BarColumn,
