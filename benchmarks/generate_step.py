@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = backbones.load_tokenizer(backbone)
     torch.manual_seed(0)
     model, _ = methods.get("lora").apply(
-        generate.load_causal_lm(backbone, tokenizer), backbone, MethodConfig(rank=16, alpha=32, dropout=0.0),
+        generate.load_causal_lm(backbone, tokenizer),
+        backbone,
+        MethodConfig(rank=16, alpha=32, dropout=0.0),
         args.adapt_layers or None,
     )
     model.train()

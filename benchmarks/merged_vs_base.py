@@ -62,9 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         report(seconds, len(texts), "merged")
         merged_vs_base = np.median(seconds["merged"]) / np.median(seconds["base"])
         unmerged_vs_merged = np.median(seconds["unmerged"]) / np.median(seconds["merged"])
-        print(
-            f"merged / base {merged_vs_base:.3f}x (target <= 1.03); unmerged / merged {unmerged_vs_merged:.3f}x"
-        )
+        print(f"merged / base {merged_vs_base:.3f}x (target <= 1.03); unmerged / merged {unmerged_vs_merged:.3f}x")
 
 
 if __name__ == "__main__":

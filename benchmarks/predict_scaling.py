@@ -69,9 +69,7 @@ def loading(system_dir: Path, path: Path, chunk_size: int, marks: list[int]) -> 
 
         tokenizer = AutoTokenizer.from_pretrained(backbones.make_tiny("bert"))
     frames, _ = deploy.open_table(path, chunk_size)
-    print(
-        f"\nloading + tokenisation: {path.stat().st_size / 1e6:.0f} MB CSV, chunks of {chunk_size:,} rows"
-    )
+    print(f"\nloading + tokenisation: {path.stat().st_size / 1e6:.0f} MB CSV, chunks of {chunk_size:,} rows")
     print(f"{'rows':>10} {'rows/s':>10} {'tokens/row':>11} {'peak RSS MB':>12}")
     rows, tokens, started, marks = 0, 0, time.perf_counter(), list(marks)
     for frame, _ in frames:
@@ -84,9 +82,7 @@ def loading(system_dir: Path, path: Path, chunk_size: int, marks: list[int]) -> 
             print(f"{rows:>10,} {rate:>10,.0f} {tokens / rows:>11.1f} {peak_rss_mb():>12.0f}")
 
 
-def throughput(
-    system_dir: Path, path: Path, warm: Path, rows: int, repeats: int, chunk_size: int
-) -> None:
+def throughput(system_dir: Path, path: Path, warm: Path, rows: int, repeats: int, chunk_size: int) -> None:
     import ray
 
     from tailtune import deploy, scale
@@ -119,17 +115,12 @@ def throughput(
     finally:
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
-    print(
-        f"\npredict throughput: {rows:,} rows, {system_dir.name}, chunks of {chunk_size:,}, {repeats} passes"
-    )
+    print(f"\npredict throughput: {rows:,} rows, {system_dir.name}, chunks of {chunk_size:,}, {repeats} passes")
     ref = np.median(rows / np.asarray(seconds["local"]))
     print(f"{'engine':<16} {'median rows/s':>14} {'p5 rows/s':>11} {'vs local':>9}")
     for name, s in seconds.items():
         rate = rows / np.asarray(s)
-        print(
-            f"{name:<16} {np.median(rate):>14,.0f} {np.percentile(rate, 5):>11,.0f} "
-            f"{np.median(rate) / ref:>8.2f}x"
-        )
+        print(f"{name:<16} {np.median(rate):>14,.0f} {np.percentile(rate, 5):>11,.0f} {np.median(rate) / ref:>8.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:

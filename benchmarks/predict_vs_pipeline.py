@@ -51,15 +51,11 @@ from _common import at_least_one, entry, locate, report, texts_for
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="run directory, system folder or exported folder")
-    parser.add_argument(
-        "--system", help="system of the run (default: its first fine-tuned decoder system)"
-    )
+    parser.add_argument("--system", help="system of the run (default: its first fine-tuned decoder system)")
     parser.add_argument("--texts", type=at_least_one, default=512)
     parser.add_argument("--batch-size", type=at_least_one, default=32)
     parser.add_argument("--repeats", type=at_least_one, default=5)
-    parser.add_argument(
-        "--max-length", type=int, help="truncate both sides here (default: the system's own)"
-    )
+    parser.add_argument("--max-length", type=int, help="truncate both sides here (default: the system's own)")
     args = parser.parse_args(argv)
     if args.max_length is not None and args.max_length < 1:
         parser.error("--max-length must be at least 1")
@@ -77,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     folders, run_dir = locate(
         args.path,
         args.system,
-        lambda m: m["kind"] == "export"
-        or (m["kind"] == "finetune" and (args.system or not in_run or m["backbone"]["kind"] == "decoder")),
+        lambda m: (
+            m["kind"] == "export"
+            or (m["kind"] == "finetune" and (args.system or not in_run or m["backbone"]["kind"] == "decoder"))
+        ),
         "fine-tuned system or export",
     )
     system_dir = folders[0]
@@ -124,9 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     def run_tailtune():
         return ours.predict_proba(texts)
 
-    agree = np.mean(
-        np.asarray(ours.predict(texts)) == np.asarray([r["label"] for r in run_pipeline()])
-    )
+    agree = np.mean(np.asarray(ours.predict(texts)) == np.asarray([r["label"] for r in run_pipeline()]))
     print(
         f"{system_dir}: {type(hf).__name__}, {len(texts)} texts, batch {args.batch_size}, "
         f"{device.type}, tailtune precision {ours.precision}, {torch.get_num_threads()} threads, "

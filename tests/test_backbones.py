@@ -62,17 +62,27 @@ def test_kind_and_trained_pooling_per_checkpoint(tmp_path):
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     assert backbones.resolve(str(folder)).pooling == "mean"
     # other sentence-transformers modes fell back to CLS, which such checkpoints never trained
-    for mode, expected in (("max_tokens", "mean"), ("mean_sqrt_len_tokens", "mean"), ("weightedmean_tokens", "mean"),
-                           ("lasttoken", "last"), ("cls_token", "cls")):
+    for mode, expected in (
+        ("max_tokens", "mean"),
+        ("mean_sqrt_len_tokens", "mean"),
+        ("weightedmean_tokens", "mean"),
+        ("lasttoken", "last"),
+        ("cls_token", "cls"),
+    ):
         (folder / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{mode}": True}))
         assert backbones.resolve(str(folder)).pooling == expected, mode
     # modules.json names the Pooling module's folder; it need not be 1_Pooling
     (folder / "1_Pooling").rename(folder / "2_Pool")
     (folder / "2_Pool" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     assert backbones.resolve(str(folder)).pooling == "cls"
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "2_Pool", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "2_Pool", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
     assert backbones.resolve(str(folder)).pooling == "mean"
 
 
@@ -136,9 +146,12 @@ def test_a_hub_name_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch, tm
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert not backbones.reachable("huggingface.co")
     for name in ("answerdotai/ModernBERT-base", "minilm"):
-        with pytest.raises(TailtuneError, match=rf"could not load backbone '{name}': not a local folder, .gguf "
-                                                r"file, bundled name or a hub model in the local cache, and the hub "
-                                                r"\(huggingface.co\) cannot be reached from here"):
+        with pytest.raises(
+            TailtuneError,
+            match=rf"could not load backbone '{name}': not a local folder, .gguf "
+            r"file, bundled name or a hub model in the local cache, and the hub "
+            r"\(huggingface.co\) cannot be reached from here",
+        ):
             backbones.resolve(name)
     assert online == []  # no call that would retry against an unreachable hub
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.internal:8080")
@@ -185,8 +198,11 @@ def test_a_file_that_is_not_gguf_and_a_broken_config_fail_in_one_line(tmp_path, 
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "bert",')
-    with pytest.raises(TailtuneError, match=rf"could not load backbone '{folder}': {folder}/config.json is not a "
-                                            "readable JSON config"):
+    with pytest.raises(
+        TailtuneError,
+        match=rf"could not load backbone '{folder}': {folder}/config.json is not a "
+        "readable JSON config",
+    ):
         backbones.resolve(str(folder))
 
 
@@ -226,6 +242,7 @@ def test_a_killed_conversion_leaves_no_temporary_folder_behind(tmp_path):
 
 def test_a_read_only_cache_fails_before_converting(tmp_path, monkeypatch):
     """A read-only TAILTUNE_CACHE failed only after the whole conversion (30 s for SmolLM2)."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("converted before checking the cache")
 
@@ -239,8 +256,11 @@ def test_a_read_only_cache_fails_before_converting(tmp_path, monkeypatch):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(TailtuneError, match=r"cannot write the converted model to .+ \(permission denied: .+\); set "
-                                            "TAILTUNE_CACHE to a writable folder"):
+    with pytest.raises(
+        TailtuneError,
+        match=r"cannot write the converted model to .+ \(permission denied: .+\); set "
+        "TAILTUNE_CACHE to a writable folder",
+    ):
         backbones.convert_gguf(gguf)
 
 
@@ -256,7 +276,9 @@ def test_a_cached_hub_model_loads_without_the_hub_when_it_cannot_be_reached(tmp_
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("abc123")
     # a sentence-transformers checkpoint: its pooling is read from the hub cache too (was CLS)
-    (snapshot / "modules.json").write_text(json.dumps([{"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (snapshot / "modules.json").write_text(
+        json.dumps([{"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])
+    )
     (snapshot / "1_Pooling").mkdir()
     (snapshot / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     script = (
@@ -264,8 +286,12 @@ def test_a_cached_hub_model_loads_without_the_hub_when_it_cannot_be_reached(tmp_
         "bb = b.resolve('acme/tinybert'); tok = b.load_tokenizer(bb); b.load_model(bb, tok)\n"
         "print(c.HF_HUB_OFFLINE, bb.pooling, tok('hello')['input_ids'])\n"
     )
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "https://hub.invalid",
-           "TAILTUNE_CACHE": str(tmp_path / "cache")}
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_ENDPOINT": "https://hub.invalid",
+        "TAILTUNE_CACHE": str(tmp_path / "cache"),
+    }
     env.pop("HF_HUB_OFFLINE", None)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -285,7 +311,10 @@ def test_top_layers_keeps_only_the_last_layers():
     model = backbones.load_model(bb, backbones.load_tokenizer(bb))
     top = backbones.target_modules(model, bb.model_type, ["attention", "ffn"], top_layers=1)
     assert top and all(".1." in n for n in top)
-    assert backbones.describe_targets(top) == "1 layers x [mlp.down_proj, mlp.gate_proj, mlp.up_proj, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, self_attn.v_proj]"
+    assert (
+        backbones.describe_targets(top)
+        == "1 layers x [mlp.down_proj, mlp.gate_proj, mlp.up_proj, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, self_attn.v_proj]"
+    )
 
 
 LONG_TEXT = "My servicer charged a late fee again; I paid on 03/04, see XXXX. " * 4000  # 260K chars

@@ -69,11 +69,7 @@ def test_bench_json_has_every_field(benched):
         assert entry["variant"] in names
         for skipped in entry["skipped"]:
             assert skipped["variant"] not in names and skipped["reason"]
-        headline = [
-            r
-            for r in entry["variants"]
-            if r["variant"] == entry["variant"] and r["batch_size"] == 4
-        ]
+        headline = [r for r in entry["variants"] if r["variant"] == entry["variant"] and r["batch_size"] == 4]
         assert headline[0]["ms_per_example"] == entry["ms_per_example"]
     assert {r["variant"] for r in saved["systems"]["encoder-lora"]["variants"]} >= {
         "unmerged-fp32",
@@ -86,9 +82,7 @@ def test_bench_json_has_every_field(benched):
     }
     assert all(r > 0 for r in saved["ratios"]["unmerged_vs_merged"].values())
     dec, enc = saved["systems"]["decoder-lora"], saved["systems"]["encoder-lora"]
-    assert saved["ratios"]["decoder_vs_encoder"] == pytest.approx(
-        dec["ms_per_example"] / enc["ms_per_example"]
-    )
+    assert saved["ratios"]["decoder_vs_encoder"] == pytest.approx(dec["ms_per_example"] / enc["ms_per_example"])
 
 
 def test_memory_is_each_systems_own(benched):
@@ -131,9 +125,7 @@ def test_length_batches_cover_every_text_longest_first():
     batches = bench.length_batches(texts, 4)
     assert [len(b) for b in batches] == [4, 2]
     flat = [t for b in batches for t in b]
-    assert sorted(flat) == sorted(texts) and [len(t) for t in flat] == sorted(
-        map(len, texts), reverse=True
-    )
+    assert sorted(flat) == sorted(texts) and [len(t) for t in flat] == sorted(map(len, texts), reverse=True)
 
 
 def test_bench_command_runs(smoke_run):
@@ -154,10 +146,7 @@ def test_bench_command_runs(smoke_run):
     assert result.returncode == 0, result.stderr
     assert "deployment headline" in result.stdout and "decoder-lora" in result.stdout
     saved = json.loads((smoke_run / "bench.json").read_text())
-    assert (
-        list(saved["systems"]) == ["tfidf-logreg", "decoder-lora"]
-        and saved["price_per_hour"] == 1.5
-    )
+    assert list(saved["systems"]) == ["tfidf-logreg", "decoder-lora"] and saved["price_per_hour"] == 1.5
 
 
 @pytest.mark.parametrize(
@@ -200,8 +189,12 @@ def test_benchmarks_refuse_an_unsuitable_system_folder_in_one_line(smoke_run):
 
     script = Path(__file__).parents[1] / "benchmarks" / "merged_vs_base.py"
     system = smoke_run / "systems" / "tfidf-logreg"
-    result = subprocess.run([sys.executable, str(script), str(system), "--texts", "4", "--repeats", "1"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script), str(system), "--texts", "4", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"error: {system} is not a LoRA system"
 
@@ -229,7 +222,9 @@ def test_pipeline_benchmark_times_an_encoder_system_against_the_stock_class(smok
     script = Path(__file__).parents[1] / "benchmarks" / "predict_vs_pipeline.py"
     result = subprocess.run(
         [sys.executable, str(script), str(smoke_run), "--system", "encoder-lora", "--texts", "8", "--repeats", "1"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert "BertForSequenceClassification with the same weights" in result.stdout, result.stdout
@@ -246,10 +241,15 @@ def test_pipeline_benchmark_times_a_mean_pooled_decoder_against_the_stock_class(
     script = Path(__file__).parents[1] / "benchmarks" / "predict_vs_pipeline.py"
     result = subprocess.run(
         [sys.executable, str(script), str(out), "--texts", "8", "--repeats", "1"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert "mean pooling) vs pipeline on Qwen2ForSequenceClassification with the same weights (timing only: it pools its last token)" in result.stdout, result.stdout
+    assert (
+        "mean pooling) vs pipeline on Qwen2ForSequenceClassification with the same weights (timing only: it pools its last token)"
+        in result.stdout
+    ), result.stdout
     assert "x faster than the pipeline" in result.stdout
 
 

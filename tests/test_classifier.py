@@ -129,18 +129,28 @@ def test_fit_save_load_gives_identical_predictions(tmp_path, arch, method):
         assert loaded.tokenizer_.pad_token is not None
 
 
-@pytest.mark.parametrize(("saved", "native_bf16", "expected"),
-                         [("fp16", True, "bf16"), ("fp16", False, "fp32"), ("bf16", False, "fp32"),
-                          ("bf16", True, "bf16"), ("fp32", True, "fp32")])
-def test_a_loaded_model_predicts_in_a_precision_this_machine_computes(tmp_path, monkeypatch, saved, native_bf16,
-                                                                      expected):
+@pytest.mark.parametrize(
+    ("saved", "native_bf16", "expected"),
+    [
+        ("fp16", True, "bf16"),
+        ("fp16", False, "fp32"),
+        ("bf16", False, "fp32"),
+        ("bf16", True, "bf16"),
+        ("fp32", True, "fp32"),
+    ],
+)
+def test_a_loaded_model_predicts_in_a_precision_this_machine_computes(
+    tmp_path, monkeypatch, saved, native_bf16, expected
+):
     """A model trained in fp16 on a GPU ran fp16 autocast on a CPU: 12.1 s against 3.8 s in fp32 (a review)."""
     from tailtune import train
 
     if torch.cuda.is_available():
         pytest.skip("the CPU's choice")
     clf = TextClassifier(
-        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2), "lora", MethodConfig(rank=2, alpha=4),
+        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2),
+        "lora",
+        MethodConfig(rank=2, alpha=4),
         TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32", head_init="random"),
     ).fit(TEXTS, ["a", "b", "a", "b"])
     meta = json.loads((clf.save(tmp_path / "m") / "tailtune.json").read_text())
@@ -380,9 +390,7 @@ def test_save_never_empties_a_folder_that_is_not_a_model(tmp_path):
         (tmp_path / f"link-{target}").symlink_to(tmp_path / target)
         with pytest.raises(TailtuneError, match="is a symbolic link; save to the folder it points to"):
             clf.save(tmp_path / f"link-{target}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "empty", "link-empty", "link-nowhere", "model.txt", "work"
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "link-empty", "link-nowhere", "model.txt", "work"]
 
 
 def test_the_library_starts_from_the_probe_as_the_cli_does():
@@ -393,8 +401,10 @@ def test_the_library_starts_from_the_probe_as_the_cli_does():
     labels, val = ["a", "b", "a", "b"], [TEXTS[1], TEXTS[0]]
     frozen = TrainConfig(epochs=1, lr=0.0, head_lr=0.0, precision="fp32")  # the start, kept as it is
     clf = TextClassifier(
-        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2, eval_batch_size=4), "lora",
-        MethodConfig(rank=2, alpha=4), frozen,
+        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2, eval_batch_size=4),
+        "lora",
+        MethodConfig(rank=2, alpha=4),
+        frozen,
     ).fit(TEXTS, labels, val_texts=val, val_labels=["b", "a"])
     probe = ProbeClassifier(clf.backbone, seed=0)
     torch.manual_seed(0)  # the tiny model's random weights, as fit builds them
@@ -404,8 +414,9 @@ def test_the_library_starts_from_the_probe_as_the_cli_does():
     (W, b), _ = lpft_start(probe, np.array([2, 2]), "none", 1.0)
     np.testing.assert_allclose(clf.predict_logits(TEXTS), probe.features(TEXTS) @ W.T + b, atol=1e-4)
     start = clf.history_["evals"][0]
-    assert start["step"] == 0 and start["val_macro_f1"] == macro_f1(np.array([1, 0]), np.array(
-        [clf.classes_.index(p) for p in clf.predict(val)]), 2)
+    assert start["step"] == 0 and start["val_macro_f1"] == macro_f1(
+        np.array([1, 0]), np.array([clf.classes_.index(p) for p in clf.predict(val)]), 2
+    )
     assert clf.probe_val_macro_f1_ is not None
     random_start = TextClassifier(
         clf.backbone, "lora", MethodConfig(rank=2, alpha=4), dataclasses.replace(frozen, head_init="random")
@@ -544,8 +555,9 @@ def test_lpft_start_adds_the_log_training_prior_for_an_unweighted_loss():
     y_train = np.repeat([0, 1, 2], [60, 6, 2])
     y_val = np.array([0, 0, 1, 2])
     val_features = np.eye(3, dtype=np.float32)[y_val] * 0.1
-    probe = types.SimpleNamespace(W_=np.eye(3, dtype=np.float32), b_=np.zeros(3, dtype=np.float32), intercept=True,
-                                  val_macro_f1_=1.0)
+    probe = types.SimpleNamespace(
+        W_=np.eye(3, dtype=np.float32), b_=np.zeros(3, dtype=np.float32), intercept=True, val_macro_f1_=1.0
+    )
     counts = np.bincount(y_train)
     (W, b), start = lpft_start(probe, counts, "none", 1.0, (val_features, y_val))
     log_prior = np.log(np.bincount(y_train) / y_train.size)
@@ -586,8 +598,11 @@ def test_weighted_loss_uses_the_class_weights_and_fit_passes_them():
     torch.testing.assert_close(out["loss"], expected)
     assert not torch.isclose(out["loss"], plain(batch["input_ids"], batch["attention_mask"], labels)["loss"])
     clf = TextClassifier(
-        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2), "lora", MethodConfig(rank=2, alpha=4),
-        TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32", head_init="random"), weighting="sqrt_inverse",
+        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2),
+        "lora",
+        MethodConfig(rank=2, alpha=4),
+        TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32", head_init="random"),
+        weighting="sqrt_inverse",
     ).fit(TEXTS * 2 + TEXTS[:1], ["a", "b", "a", "a"] * 2 + ["a"])
     counts = np.array([7, 2])
     np.testing.assert_allclose(clf.model_.class_weights.numpy(), class_weights(counts, "sqrt_inverse"), rtol=1e-6)
@@ -598,7 +613,8 @@ def test_an_unbeaten_lp_ft_start_is_the_model_fit_returns():
 
     clf = TextClassifier(
         BackboneConfig(name="tiny:bert", max_length=32, batch_size=2, eval_batch_size=4),
-        "lora", MethodConfig(rank=2, alpha=4),
+        "lora",
+        MethodConfig(rank=2, alpha=4),
         TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32"),
     )
     head = (np.zeros((2, 32), np.float32), np.zeros(2, np.float32))
@@ -615,7 +631,9 @@ def test_fit_uses_the_configured_logit_tau():
     from tailtune.weighting import logit_adjustment
 
     clf = TextClassifier(
-        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2), "lora", MethodConfig(rank=2, alpha=4),
+        BackboneConfig(name="tiny:bert", max_length=32, batch_size=2),
+        "lora",
+        MethodConfig(rank=2, alpha=4),
         TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32", head_init="random", logit_tau=0.5),
         weighting="logit_adjusted",
     ).fit(TEXTS * 2 + TEXTS[:1], ["a", "b", "a", "a"] * 2 + ["a"])

@@ -22,7 +22,11 @@ def tailtune(*args, cwd=None, check=False, columns: str | None = "120"):
         env["COLUMNS"] = columns
     result = subprocess.run(
         [sys.executable, "-m", "tailtune.cli", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=900,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
@@ -44,7 +48,13 @@ def test_smoke_run_writes_the_whole_contract(smoke_run):
     comparison = pd.read_csv(out / "comparison.csv")
     assert comparison["system"].tolist() == SMOKE_SYSTEMS
     assert set(comparison.columns) >= {
-        "accuracy", "macro_f1", "weighted_f1", "zero_f1_classes", "trainable_params", "total_params", "train_seconds"
+        "accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "zero_f1_classes",
+        "trainable_params",
+        "total_params",
+        "train_seconds",
     }
     n_test = data["splits"]["test"]
     ok = comparison[comparison["status"] == "ok"]
@@ -52,8 +62,18 @@ def test_smoke_run_writes_the_whole_contract(smoke_run):
     for name in ok["system"]:
         d = out / "systems" / name
         m = json.loads((d / "metrics.json").read_text())
-        for key in ("accuracy", "macro_f1", "weighted_f1", "zero_f1_classes", "n_classes", "ci", "tiers",
-                    "trainable_params", "total_params", "train_seconds"):
+        for key in (
+            "accuracy",
+            "macro_f1",
+            "weighted_f1",
+            "zero_f1_classes",
+            "n_classes",
+            "ci",
+            "tiers",
+            "trainable_params",
+            "total_params",
+            "train_seconds",
+        ):
             assert key in m, (name, key)
         lo, hi = m["ci"]["macro_f1"]
         assert lo <= m["macro_f1"] <= hi
@@ -124,7 +144,10 @@ def test_report_and_inspect_and_presets(smoke_run, small_csv):
     inspect = tailtune("data", "inspect", odd, "--label-column", "Issue: main", check=True)
     assert "complaints #2 données 😀.csv: " in inspect.stdout
     wrong = tailtune("data", "inspect", small_csv, "smoke", "data.sed=5")
-    assert wrong.returncode == 2 and wrong.stderr.strip() == "error: unknown config key 'data.sed' (did you mean 'data.seed'?)"
+    assert (
+        wrong.returncode == 2
+        and wrong.stderr.strip() == "error: unknown config key 'data.sed' (did you mean 'data.seed'?)"
+    )
     presets = tailtune("presets", check=True)
     assert all(p in presets.stdout for p in ("demo", "smoke", "cpu-real", "cfpb-paper"))
     assert tailtune("--help", check=True).stdout
@@ -154,8 +177,10 @@ def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, setup, args, mess
     if setup is not None:
         (tmp_path / "f.csv").write_text(setup)
     out = tmp_path / "run"
-    result = tailtune("run", "smoke", *args, "--out", out, cwd=tmp_path) if args[0] != "nosuchpreset" else tailtune(
-        "run", *args, "--out", out, cwd=tmp_path
+    result = (
+        tailtune("run", "smoke", *args, "--out", out, cwd=tmp_path)
+        if args[0] != "nosuchpreset"
+        else tailtune("run", *args, "--out", out, cwd=tmp_path)
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -167,7 +192,10 @@ def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, setup, args, mess
 def test_usage_errors_click_raises_without_context_name_the_command_help(tmp_path):
     """An option missing its value, or a flag given one: click gives no context, and the line had no hint."""
     for args, message in [
-        (["data", "inspect", "--text-column"], "Option '--text-column' requires an argument; see 'tailtune data inspect --help'"),
+        (
+            ["data", "inspect", "--text-column"],
+            "Option '--text-column' requires an argument; see 'tailtune data inspect --help'",
+        ),
         (["run", "--bench=1"], "Option '--bench' does not take a value; see 'tailtune run --help'"),
     ]:
         result = tailtune(*args, cwd=tmp_path)

@@ -25,7 +25,9 @@ def test_paper_preset_matches_the_reference_study():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config("demo", ["train.epochs=3", "method.rank=8", "data.path=x.csv", "systems=tfidf-logreg,encoder-lora"])
+    cfg = load_config(
+        "demo", ["train.epochs=3", "method.rank=8", "data.path=x.csv", "systems=tfidf-logreg,encoder-lora"]
+    )
     assert cfg.train.epochs == 3.0 and isinstance(cfg.train.epochs, float)
     assert cfg.method.rank == 8
     assert cfg.data.path == "x.csv"
@@ -58,8 +60,11 @@ def test_yaml_file_path(tmp_path):
         (["systems=encoder-lorax"], "unknown system 'encoder-lorax'"),
         (["systems=encoder-lora-weigted"], r"did you mean 'encoder-lora-weighted'\?"),  # it said 'encoder-lora'
         (["tune.lr_factors=[1,1]"], "tune.lr_factors lists a factor twice"),
-        (["systems=encoder-generate"], r"unknown system 'encoder-generate' \(did you mean 'decoder-generate'\?\).*"
-                                       r"decoder-generate\[-logit_adjusted\].*schemes: none, sqrt_inverse"),
+        (
+            ["systems=encoder-generate"],
+            r"unknown system 'encoder-generate' \(did you mean 'decoder-generate'\?\).*"
+            r"decoder-generate\[-logit_adjusted\].*schemes: none, sqrt_inverse",
+        ),
         (["train.weighting=sqrt"], "unknown class weighting"),
         (["data.tier_names=[a,b]"], "tier_names needs 4 names"),
         (["train.precision=fp8"], "precision must be one of"),
@@ -80,8 +85,10 @@ def test_yaml_file_path(tmp_path):
         (["data.demo.exponent=nan"], "data.demo.exponent must be >= 0"),
         (["data.tier_names=[x,x,x,x]"], "data.tier_names names a tier twice"),
         (["systems=encoder-lora@rank=8+rank=4"], "system 'encoder-lora@rank=8\\+rank=4' sets rank twice"),
-        (["systems=encoder-lora@lr=1e-4,encoder-lora@lr=0.0001"],
-         "systems 'encoder-lora@lr=1e-4' and 'encoder-lora@lr=0.0001' are the same system spelt two ways"),
+        (
+            ["systems=encoder-lora@lr=1e-4,encoder-lora@lr=0.0001"],
+            "systems 'encoder-lora@lr=1e-4' and 'encoder-lora@lr=0.0001' are the same system spelt two ways",
+        ),
         (["train="], r"'train' is a section; set its keys one by one \(train.<key>=value\)"),
         (["data=null"], "'data' is a section"),
         (["train.checkpoint_every=-1"], "checkpoint_every must be >= 0"),
@@ -141,8 +148,16 @@ def test_dump_round_trips(tmp_path):
 def test_paths_and_column_names_in_overrides_are_text_as_typed():
     """YAML parsing cut "base.csv #old.csv" at the comment (the run read another file) and made
     columns named yes or 2024 a bool and an int."""
-    cfg = load_config("demo", ["data.path=/d/base.csv #old.csv", "data.label_column=yes", "data.text_column=2024",
-                               "out=runs/a: b", "encoder.name=my model #2"])
+    cfg = load_config(
+        "demo",
+        [
+            "data.path=/d/base.csv #old.csv",
+            "data.label_column=yes",
+            "data.text_column=2024",
+            "out=runs/a: b",
+            "encoder.name=my model #2",
+        ],
+    )
     assert cfg.data.path == "/d/base.csv #old.csv"
     assert (cfg.data.label_column, cfg.data.text_column) == ("yes", "2024")
     assert (cfg.out, cfg.encoder.name) == ("runs/a: b", "my model #2")
@@ -165,11 +180,15 @@ def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
     path.write_text("train: {epochs: 1}\nout: x\ntrain: {lr: 0.001}\n")
     with pytest.raises(TailtuneError, match=r"not valid YAML: key 'train' appears twice \(line 3\)"):
         load_config(str(path))
-    with pytest.raises(TailtuneError, match="override value '{epochs: 1, epochs: 2}' is not valid: key 'epochs' appears twice"):
+    with pytest.raises(
+        TailtuneError, match="override value '{epochs: 1, epochs: 2}' is not valid: key 'epochs' appears twice"
+    ):
         load_config("smoke", ["train={epochs: 1, epochs: 2}"])
     # merge keys may repeat what they merge; an unhashable key is YAML's own one-line error
-    path.write_text("encoder: &bb {max_length: 64, batch_size: 8}\ndecoder: {<<: *bb, batch_size: 4}\n"
-                    "method: {<<: [{rank: 4}], alpha: 8}\n")
+    path.write_text(
+        "encoder: &bb {max_length: 64, batch_size: 8}\ndecoder: {<<: *bb, batch_size: 4}\n"
+        "method: {<<: [{rank: 4}], alpha: 8}\n"
+    )
     cfg = load_config(str(path))
     assert (cfg.decoder.max_length, cfg.decoder.batch_size, cfg.method.rank) == (64, 4, 4)
     path.write_text("? [a, b]\n: 1\n")
@@ -186,8 +205,12 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
 
 def test_a_comma_list_override_refuses_an_empty_or_repeated_name():
     """A review: systems=a,,b dropped the empty entry without a word, while --systems of bench refused it."""
-    with pytest.raises(TailtuneError, match=r"^config key 'systems' value 'tfidf-logreg,,encoder-probe' has an empty name"):
+    with pytest.raises(
+        TailtuneError, match=r"^config key 'systems' value 'tfidf-logreg,,encoder-probe' has an empty name"
+    ):
         load_config(None, ["systems=tfidf-logreg,,encoder-probe"])
-    with pytest.raises(TailtuneError, match=r"^config key 'systems' value 'tfidf-logreg, tfidf-logreg' names 'tfidf-logreg' twice"):
+    with pytest.raises(
+        TailtuneError, match=r"^config key 'systems' value 'tfidf-logreg, tfidf-logreg' names 'tfidf-logreg' twice"
+    ):
         load_config(None, ["systems=tfidf-logreg, tfidf-logreg"])
     assert load_config(None, ["systems= tfidf-logreg , encoder-probe"]).systems == ["tfidf-logreg", "encoder-probe"]

@@ -21,8 +21,21 @@ def test_reads_csv_jsonl_parquet_alike(tmp_path, small_frame):
 def test_cleaning_counts_every_dropped_row():
     df = pd.DataFrame(
         {
-            TEXT: ["a b", "  ", "dup text", "dup text", "conflict", "conflict", "x", "y", "z", "w", None, "lonely",
-                   "\u200b\u00a0\u2060"],
+            TEXT: [
+                "a b",
+                "  ",
+                "dup text",
+                "dup text",
+                "conflict",
+                "conflict",
+                "x",
+                "y",
+                "z",
+                "w",
+                None,
+                "lonely",
+                "\u200b\u00a0\u2060",
+            ],
             "Issue": ["A", "A", "A", "A", "A", "B", "B", "B", "A", "", "A", "C", "A"],
         }
     )
@@ -68,10 +81,19 @@ def test_split_is_stratified_seeded_and_keeps_tiny_classes_in_test():
 def test_tiers_use_inclusive_upper_edges():
     names = ["rare", "uncommon", "common", "head"]
     assert assign_tiers([4, 27, 28, 99, 100, 999, 1000], [27, 99, 999], names) == [
-        "rare", "rare", "uncommon", "uncommon", "common", "common", "head"
+        "rare",
+        "rare",
+        "uncommon",
+        "uncommon",
+        "common",
+        "common",
+        "head",
     ]
     assert tier_ranges([27, 99, 999], names) == {
-        "rare": "<=27", "uncommon": "28-99", "common": "100-999", "head": ">=1000"
+        "rare": "<=27",
+        "uncommon": "28-99",
+        "common": "100-999",
+        "head": ">=1000",
     }
 
 
@@ -174,11 +196,13 @@ def test_max_rows_sample_keeps_no_class_below_min_class_count():
 
 def test_a_missing_part_of_a_joined_label_drops_the_row():
     """'Mortgage' + '' became the class 'Mortgage / ' (and 'N/A' one of its own) from a CSV."""
-    frame = pd.DataFrame({
-        TEXT: [f"complaint {i}" for i in range(8)],
-        "P": ["Mortgage"] * 4 + ["Card"] * 4,
-        "I": ["Escrow", "Escrow", "", " ", "Fees", "Fees", "N/A", None],
-    })
+    frame = pd.DataFrame(
+        {
+            TEXT: [f"complaint {i}" for i in range(8)],
+            "P": ["Mortgage"] * 4 + ["Card"] * 4,
+            "I": ["Escrow", "Escrow", "", " ", "Fees", "Fees", "N/A", None],
+        }
+    )
     out, report = clean(frame, DataConfig(label_column="P+I", min_class_count=1))
     assert sorted(out["label"].unique()) == ["Card / Fees", "Mortgage / Escrow"]
     assert report["dropped"]["empty_label"] + report["dropped"]["na_label"] == 4
@@ -225,17 +249,24 @@ def test_numbers_read_as_written_in_jsonl_json_and_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     labels, ids = [1, 2, None, 2], [9007199254740993, 11, 12, 13]
-    (tmp_path / "d.jsonl").write_text("".join(
-        json.dumps({"id": i, "text": f"t {i}", "label": label}) + "\n" for i, label in zip(ids, labels, strict=True)
-    ))
-    pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "text": [f"t {i}" for i in ids],
-                             "label": pa.array(labels, pa.int64())}), tmp_path / "d.parquet")
+    (tmp_path / "d.jsonl").write_text(
+        "".join(
+            json.dumps({"id": i, "text": f"t {i}", "label": label}) + "\n" for i, label in zip(ids, labels, strict=True)
+        )
+    )
+    pq.write_table(
+        pa.table(
+            {"id": pa.array(ids, pa.int64()), "text": [f"t {i}" for i in ids], "label": pa.array(labels, pa.int64())}
+        ),
+        tmp_path / "d.parquet",
+    )
     records = [{"id": i, "text": f"t {i}", "label": label} for i, label in zip(ids, labels, strict=True)]
     (tmp_path / "d.json").write_text(json.dumps(records))
     (tmp_path / "columns.json").write_text(json.dumps({key: [r[key] for r in records] for key in records[0]}))
     for name in ("d.jsonl", "d.parquet", "d.json", "columns.json"):
-        cfg = DataConfig(path=str(tmp_path / name), text_column="text", label_column="label", id_column="id",
-                         min_class_count=1)
+        cfg = DataConfig(
+            path=str(tmp_path / name), text_column="text", label_column="label", id_column="id", min_class_count=1
+        )
         out, _ = clean(read_table(cfg.path), cfg)
         assert out["label"].tolist() == ["1", "2", "2"], name
         assert out["id"].tolist() == ["9007199254740993", "11", "13"], name
@@ -250,15 +281,20 @@ def test_a_list_or_object_in_a_cell_is_an_error_not_its_printed_form(tmp_path):
 
     rows = [{"id": i, "text": f"complaint {i}", "label": "AB"[i % 2]} for i in range(20)]
     cfg = {"text_column": "text", "label_column": "label", "id_column": "id"}
-    for column, value, shown in [("text", ["my card", "was stolen"], r'a list \(\["my card", "was stolen"\]\)'),
-                                 ("label", {"x": 1}, r'an object \(\{"x": "1"\}\)'),
-                                 ("id", [1, 2], r'a list \(\["1", "2"\]\)')]:
+    for column, value, shown in [
+        ("text", ["my card", "was stolen"], r'a list \(\["my card", "was stolen"\]\)'),
+        ("label", {"x": 1}, r'an object \(\{"x": "1"\}\)'),
+        ("id", [1, 2], r'a list \(\["1", "2"\]\)'),
+    ]:
         bad = [dict(r) for r in rows]
         bad[3][column] = bad[7][column] = value
         path = tmp_path / f"{column}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in bad))
-        with pytest.raises(TailtuneError, match=rf"^{column} column '{column}' holds {shown} where one value "
-                                                 rf"belongs \(and 1 more\); give each row a single {column}$"):
+        with pytest.raises(
+            TailtuneError,
+            match=rf"^{column} column '{column}' holds {shown} where one value "
+            rf"belongs \(and 1 more\); give each row a single {column}$",
+        ):
             clean(read_table(path), DataConfig(path=str(path), **cfg))
     pq.write_table(pa.table({"text": [["a", "b"], ["c"]], "label": ["A", "B"]}), tmp_path / "d.parquet")
     with pytest.raises(TailtuneError, match=r'text column .text. holds a list \(\["a", "b"\]\)'):

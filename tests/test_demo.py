@@ -138,9 +138,7 @@ def test_siblings_share_more_vocabulary_than_strangers(corpus):
     words = [_content_words(t) for t in corpus[TEXT_COLUMN]]
     issue, product = corpus["Issue"].to_numpy(), corpus["Product"].to_numpy()
     a, b = rng.integers(0, len(corpus), size=(2, 20_000))
-    jaccard = np.array(
-        [len(words[i] & words[j]) / len(words[i] | words[j]) for i, j in zip(a, b, strict=True)]
-    )
+    jaccard = np.array([len(words[i] & words[j]) / len(words[i] | words[j]) for i, j in zip(a, b, strict=True)])
     same_issue = (issue[a] == issue[b]) & (a != b)
     siblings = (product[a] == product[b]) & (issue[a] != issue[b])
     strangers = product[a] != product[b]
@@ -166,15 +164,11 @@ def test_tfidf_baseline_learns_but_does_not_saturate():
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
     # One BLAS thread: on a loaded two-core box, BLAS threads made this fit ~10x slower.
     with threadpool_limits(1):
-        model = LogisticRegression(max_iter=1000).fit(
-            vectorizer.fit_transform(train[TEXT_COLUMN]), train["Issue"]
-        )
+        model = LogisticRegression(max_iter=1000).fit(vectorizer.fit_transform(train[TEXT_COLUMN]), train["Issue"])
         predicted = model.predict(vectorizer.transform(test[TEXT_COLUMN]))
     accuracy = (predicted == test["Issue"]).mean()
     majority = test["Issue"].value_counts(normalize=True).iloc[0]
-    f1 = f1_score(
-        test["Issue"], predicted, labels=sorted(df["Issue"].unique()), average=None, zero_division=0
-    )
+    f1 = f1_score(test["Issue"], predicted, labels=sorted(df["Issue"].unique()), average=None, zero_division=0)
     # Measured: accuracy ~0.74 (majority 0.36); with every narrative naming its issue, 0.91.
     assert accuracy > majority + 0.2
     assert accuracy < 0.85

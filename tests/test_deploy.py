@@ -142,9 +142,7 @@ def test_decoder_export_equals_tailtune_with_plain_transformers(tmp_path, arch):
     assert [model.config.id2label[i] for i in range(len(clf.classes_))] == clf.classes_
     assert model.config.label2id == {c: i for i, c in enumerate(clf.classes_)}
     with torch.inference_mode():  # one padded batch: padding is exercised
-        theirs = model(
-            **tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        ).logits.numpy()
+        theirs = model(**tokenizer(texts, padding=True, truncation=True, return_tensors="pt")).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
     assert (theirs.argmax(1) == ours.argmax(1)).all()
     saved = json.loads((tmp_path / "hf" / deploy.EXPORT_INFO).read_text())
@@ -171,9 +169,7 @@ def test_exported_folder_needs_nothing_from_tailtune_or_peft(tmp_path):
         "assert not [m for m in sys.modules if m.split('.')[0] in ('tailtune', 'peft')]\n"
         "print(json.dumps([o['label'] for o in out]))\n"
     )
-    plain = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
-    )
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0, plain.stderr
     expected = deploy.load_predictor(tmp_path / "system").predict(
         ["debt collector keeps calling me", "wrong balance on my card"]
@@ -208,9 +204,7 @@ def test_a_merge_that_loses_the_adapter_is_caught_and_nothing_is_written(tmp_pat
 
 def test_export_refuses_what_a_stock_class_cannot_hold(smoke_run, tmp_path):
     systems = smoke_run / "systems"
-    with pytest.raises(
-        TailtuneError, match=r"BertForSequenceClassification .*tanh.*--format tailtune"
-    ):
+    with pytest.raises(TailtuneError, match=r"BertForSequenceClassification .*tanh.*--format tailtune"):
         deploy.export_merged(systems / "encoder-lora", tmp_path / "a")
     with pytest.raises(TailtuneError, match="no adapter to merge"):
         deploy.export_merged(systems / "tfidf-logreg", tmp_path / "c")
@@ -224,8 +218,10 @@ def test_export_refuses_what_a_stock_class_cannot_hold(smoke_run, tmp_path):
     with pytest.raises(TailtuneError, match="--merged .*file is a file; name a new or empty folder"):
         deploy.export_merged(systems / "encoder-lora", tmp_path / "file", fmt="tailtune")
     # under a file: named before the model is loaded and run (it came after the check texts ran)
-    with mock.patch.object(TextClassifier, "load", side_effect=AssertionError("loaded the model")), \
-            pytest.raises(TailtuneError, match="--merged .*file/sub/x: .*file is a file, not a folder"):
+    with (
+        mock.patch.object(TextClassifier, "load", side_effect=AssertionError("loaded the model")),
+        pytest.raises(TailtuneError, match="--merged .*file/sub/x: .*file is a file, not a folder"),
+    ):
         deploy.export_merged(systems / "encoder-lora", tmp_path / "file" / "sub" / "x", fmt="tailtune")
     (tmp_path / "file").unlink()
     result = cli("export", systems / "encoder-lora", "--merged", tmp_path / "d")
@@ -310,9 +306,7 @@ def test_non_mergeable_method_is_refused(tmp_path, monkeypatch):
 
     make_lora_system(tmp_path / "system", "bert", seed=6)
     lora = methods.get("lora")
-    monkeypatch.setitem(
-        methods.METHODS, "side", methods.Method("side", False, lora.apply, lora.save, lora.load)
-    )
+    monkeypatch.setitem(methods.METHODS, "side", methods.Method("side", False, lora.apply, lora.save, lora.load))
     meta = json.loads((tmp_path / "system" / "tailtune.json").read_text())
     (tmp_path / "system" / "tailtune.json").write_text(json.dumps({**meta, "method": "side"}))
     with pytest.raises(TailtuneError, match="cannot be merged"):
@@ -327,9 +321,7 @@ def _input_frame(n: int = 53) -> pd.DataFrame:
     that are not in sorted order."""
     from tailtune.demo import make_demo_corpus
 
-    texts = make_demo_corpus(n_classes=8, max_count=60, seed=9)[
-        "Consumer complaint narrative"
-    ].tolist()[:n]
+    texts = make_demo_corpus(n_classes=8, max_count=60, seed=9)["Consumer complaint narrative"].tolist()[:n]
     texts[::5] = ["refund"] * len(texts[::5])
     texts[3::7] = [" ".join(texts[:6])] * len(texts[3::7])
     texts[4] = ""
@@ -402,21 +394,24 @@ def test_predict_copies_ids_exactly(smoke_run, tmp_path, suffix):
         import pyarrow.parquet as pq
 
         pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "text": frame["text"].tolist()}), source)
-    deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv", id_column="id",
-                        chunk_size=2)
+    deploy.predict_file(
+        smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv", id_column="id", chunk_size=2
+    )
     out = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
     assert out["id"].tolist() == ["9007199254740993", "3004095", "", "12"]
     if suffix == ".jsonl":  # a chunk of lines with no id key, or no text key: "internal error KeyError: 'id'"
         source.write_text('{"id": 1, "text": "refund"}\n{"text": "debt"}\n{"text": "fee"}\n{"id": 4}\n')
-        deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv", chunk_size=1,
-                            overwrite=True)
+        deploy.predict_file(
+            smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv", chunk_size=1, overwrite=True
+        )
         out = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
         assert out["id"].tolist() == ["1", "", "", "4"]
         assert (out["label"][:3] != "").all() and out["label"][3] == ""
         # ids (and texts) that first appear after the first chunk were left out of the output
         source.write_text('{"body": "refund"}\n{"id": 7, "text": "debt"}\n')
-        result = deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv",
-                                     chunk_size=1, overwrite=True)
+        result = deploy.predict_file(
+            smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv", chunk_size=1, overwrite=True
+        )
         assert (result["id_column"], result["text_column"]) == ("id", "text")
         out = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
         assert out["id"].tolist() == ["", "7"] and out["label"][0] == "" and out["label"][1] != ""
@@ -431,9 +426,17 @@ def test_predict_copies_ids_exactly(smoke_run, tmp_path, suffix):
         assert not (tmp_path / "list.csv").exists()
         # true labels: a chunk without the label key had been "label column not found", mid-file
         test = run_test_texts(smoke_run).iloc[0]
-        source.write_text(json.dumps({"text": "refund"}) + "\n" + json.dumps({"text": test["text"], "Product": test["label"]}))
-        result = deploy.predict_file(smoke_run / "systems" / "tfidf-logreg", source, tmp_path / "out.csv",
-                                     chunk_size=1, label_column="Product", overwrite=True)
+        source.write_text(
+            json.dumps({"text": "refund"}) + "\n" + json.dumps({"text": test["text"], "Product": test["label"]})
+        )
+        result = deploy.predict_file(
+            smoke_run / "systems" / "tfidf-logreg",
+            source,
+            tmp_path / "out.csv",
+            chunk_size=1,
+            label_column="Product",
+            overwrite=True,
+        )
         expected = deploy.load_predictor(smoke_run / "systems" / "tfidf-logreg").predict([test["text"]])[0]
         assert result["rows"] == 2 and result["unknown_labels"] == {}
         assert result["accuracy"] == float(expected == test["label"])
@@ -450,8 +453,18 @@ def test_predict_reads_a_json_document_with_predicts_own_errors(smoke_run, tmp_p
         f"error: {source} is not valid UTF-8: byte 0xe9 at line 1 (byte offset 17); if the file was saved in "
         "another encoding say which (--encoding cp1252), or re-save it as UTF-8"
     ]
-    result = cli("predict", system, "--input", source, "--output", tmp_path / "o.csv", "--encoding", "cp1252",
-                 "--chunk-size", "1")
+    result = cli(
+        "predict",
+        system,
+        "--input",
+        source,
+        "--output",
+        tmp_path / "o.csv",
+        "--encoding",
+        "cp1252",
+        "--chunk-size",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("2 rows -> ")
     expected = deploy.load_predictor(system).predict(["le caf\u00e9", "refund"])
@@ -474,12 +487,28 @@ def test_predict_on_a_csv_that_is_not_utf8_is_one_line(smoke_run, tmp_path):
         "another encoding say which (--encoding cp1252), or re-save it as UTF-8"
     )
     assert not (tmp_path / "o.csv").exists()
-    result = cli("predict", smoke_run / "systems" / "tfidf-logreg", "--input", source, "--output", tmp_path / "o.csv",
-                 "--encoding", "cp1252")
+    result = cli(
+        "predict",
+        smoke_run / "systems" / "tfidf-logreg",
+        "--input",
+        source,
+        "--output",
+        tmp_path / "o.csv",
+        "--encoding",
+        "cp1252",
+    )
     assert result.exit_code == 0, result.output
     assert len(pd.read_csv(tmp_path / "o.csv")) == 1
-    result = cli("predict", smoke_run / "systems" / "tfidf-logreg", "--input", source, "--output", tmp_path / "p.csv",
-                 "--encoding", "klingon")
+    result = cli(
+        "predict",
+        smoke_run / "systems" / "tfidf-logreg",
+        "--input",
+        source,
+        "--output",
+        tmp_path / "p.csv",
+        "--encoding",
+        "klingon",
+    )
     assert result.exit_code == 2 and result.stderr.strip().startswith("error: --encoding 'klingon' is not a known")
 
 
@@ -529,13 +558,14 @@ def test_predict_command_runs(smoke_run, tmp_path):
         (None, [], "input file not found"),
         ("text\nhello\n", ["--system", "."], "not a tailtune system folder"),
         ("text\nhello\n", ["--label-column", "Issue"], "label column 'Issue' not found"),
-        ("text,Issue\nhello,Mortgage\nbye,Payday\n", ["--label-column", "Issue"],
-         "none of the labels in column 'Issue' (e.g. 'Mortgage', 'Payday') is a class of this model"),
+        (
+            "text,Issue\nhello,Mortgage\nbye,Payday\n",
+            ["--label-column", "Issue"],
+            "none of the labels in column 'Issue' (e.g. 'Mortgage', 'Payday') is a class of this model",
+        ),
     ],
 )
-def test_predict_bad_input_is_one_line_exit_2_and_no_output(
-    smoke_run, tmp_path, content, args, message
-):
+def test_predict_bad_input_is_one_line_exit_2_and_no_output(smoke_run, tmp_path, content, args, message):
     source = tmp_path / "in.csv"
     if content is not None:
         source.write_text(content)
@@ -570,8 +600,16 @@ def test_predict_checks_true_labels_against_the_models_classes(smoke_run, tmp_pa
     predicted = pd.read_csv(tmp_path / "p.csv")["label"]
     known = frame["Issue"] != "A label the model never saw"
     assert done["accuracy"] == pytest.approx((predicted[known] == frame["Issue"][known]).mean())
-    result = cli("predict", system, "--input", tmp_path / "labelled.csv", "--output", tmp_path / "q.csv",
-                 "--label-column", "Issue")
+    result = cli(
+        "predict",
+        system,
+        "--input",
+        tmp_path / "labelled.csv",
+        "--output",
+        tmp_path / "q.csv",
+        "--label-column",
+        "Issue",
+    )
     assert result.exit_code == 0, result.output
     assert "2 rows carry labels the model cannot predict: 'A label the model never saw' (2)" in result.output
 
@@ -589,8 +627,18 @@ def test_a_run_made_with_relative_paths_deploys_from_anywhere(tmp_path, small_fr
     shutil.copytree(backbones.make_tiny("bert"), work / "mybert")
     small_frame.to_csv(work / "d.csv", index=False)
     monkeypatch.chdir(work)
-    made = cli("run", "smoke", "encoder.name=./mybert", "--data", "d.csv", "--systems",
-               "tfidf-logreg,encoder-lora", "--out", "r", "--no-report")
+    made = cli(
+        "run",
+        "smoke",
+        "encoder.name=./mybert",
+        "--data",
+        "d.csv",
+        "--systems",
+        "tfidf-logreg,encoder-lora",
+        "--out",
+        "r",
+        "--no-report",
+    )
     assert made.exit_code == 0, made.output
 
     monkeypatch.chdir(elsewhere)
@@ -601,8 +649,9 @@ def test_a_run_made_with_relative_paths_deploys_from_anywhere(tmp_path, small_fr
     assert len(pd.read_csv("out.csv")) == 5
     exported = cli("export", system, "--merged", "merged", "--format", "tailtune")
     assert exported.exit_code == 0, exported.output
-    benched = cli("bench", work / "r", "--systems", "encoder-lora", "--max-texts", "8", "--repeats", "1",
-                  "--batch-sizes", "8")
+    benched = cli(
+        "bench", work / "r", "--systems", "encoder-lora", "--max-texts", "8", "--repeats", "1", "--batch-sizes", "8"
+    )
     assert benched.exit_code == 0, benched.output
 
     # The merged export holds the whole backbone: it predicts where the base folder is gone.
@@ -614,8 +663,9 @@ def test_a_run_made_with_relative_paths_deploys_from_anywhere(tmp_path, small_fr
 
 def test_predict_scores_joined_label_columns_as_training_joined_them(tmp_path, small_csv):
     """A run trained on `Product+Issue` could not be scored: predict --label-column took one column."""
-    out = smoke_run_quietly(tmp_path / "run", "systems=[tfidf-logreg]", f"data.path={small_csv}",
-                            "data.label_column=Product+Issue")
+    out = smoke_run_quietly(
+        tmp_path / "run", "systems=[tfidf-logreg]", f"data.path={small_csv}", "data.label_column=Product+Issue"
+    )
     system = out / "systems" / "tfidf-logreg"
     frame = pd.read_csv(small_csv)
     frame.loc[0, "Issue"] = ""  # a missing part: no label, as in training
@@ -625,8 +675,16 @@ def test_predict_scores_joined_label_columns_as_training_joined_them(tmp_path, s
     predicted = pd.read_csv(tmp_path / "p.csv")["label"][1:]
     truth = (frame["Product"] + " / " + frame["Issue"])[1:]
     assert done["accuracy"] == pytest.approx((predicted == truth).mean())
-    result = cli("predict", system, "--input", tmp_path / "labelled.csv", "--output", tmp_path / "q.csv",
-                 "--label-column", "Product+Isue")
+    result = cli(
+        "predict",
+        system,
+        "--input",
+        tmp_path / "labelled.csv",
+        "--output",
+        tmp_path / "q.csv",
+        "--label-column",
+        "Product+Isue",
+    )
     assert result.exit_code == 2 and "label column 'Isue' not found" in result.output, result.output
 
 
@@ -636,8 +694,9 @@ def test_predict_on_a_failed_system_says_it_failed_and_why(tmp_path):
     failed.mkdir(parents=True)
     (failed / "reason.txt").write_text("collapsed: predicts 1 of 12 classes\n")
     (tmp_path / "in.csv").write_text("text\nhello\n")
-    result = cli("predict", tmp_path / "systems" / "encoder-lora", "--input", tmp_path / "in.csv",
-                 "--output", tmp_path / "o.csv")
+    result = cli(
+        "predict", tmp_path / "systems" / "encoder-lora", "--input", tmp_path / "in.csv", "--output", tmp_path / "o.csv"
+    )
     assert result.exit_code == 2
     assert result.stderr.strip() == (
         "error: encoder-lora failed in this run, so it has no model: collapsed: predicts 1 of 12 classes "
@@ -663,8 +722,18 @@ def test_predict_leaves_a_text_with_no_tokens_unlabelled(smoke_run, tmp_path):
         predictor.predict(texts[:4])
     source = tmp_path / "in.csv"
     pd.DataFrame({"text": texts}).to_csv(source, index=False)
-    result = cli("predict", system_dir, "--input", source, "--output", tmp_path / "out.csv", "--chunk-size", "4",
-                 "--precision", "fp32")
+    result = cli(
+        "predict",
+        system_dir,
+        "--input",
+        source,
+        "--output",
+        tmp_path / "out.csv",
+        "--chunk-size",
+        "4",
+        "--precision",
+        "fp32",
+    )
     assert result.exit_code == 0, result.output
     assert "2 rows have no text to classify (empty, or no tokens) and are left unlabelled" in result.stdout
     out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False, na_values=[""])
@@ -743,8 +812,9 @@ def test_predict_refuses_an_existing_output_unless_told_to_overwrite(smoke_run, 
     assert pd.read_csv(output).columns.tolist() == ["label", "confidence"]
 
 
-@pytest.mark.parametrize(("make", "message"), [("folder", "is a folder; name a file"),
-                                               ("parent-file", "is a file, not a folder")])
+@pytest.mark.parametrize(
+    ("make", "message"), [("folder", "is a folder; name a file"), ("parent-file", "is a file, not a folder")]
+)
 def test_predict_checks_the_output_path_before_anything_is_predicted(smoke_run, tmp_path, monkeypatch, make, message):
     """A review: a folder as --output failed after the whole input was predicted, naming a hidden temp file."""
     source = tmp_path / "in.csv"
@@ -802,6 +872,7 @@ def test_a_missing_run_or_a_system_still_training_says_so(tmp_path):
     assert result.exit_code == 2 and f"run directory not found: {tmp_path / 'nope'}" in result.output
     (tmp_path / "systems" / ".encoder-lora.partial").mkdir(parents=True)
     (tmp_path / "in.csv").write_text("text\nhello\n")
-    result = cli("predict", tmp_path / "systems" / "encoder-lora", "--input", tmp_path / "in.csv",
-                 "--output", tmp_path / "o.csv")
+    result = cli(
+        "predict", tmp_path / "systems" / "encoder-lora", "--input", tmp_path / "in.csv", "--output", tmp_path / "o.csv"
+    )
     assert result.exit_code == 2 and "encoder-lora is still being trained" in result.output, result.output

@@ -79,9 +79,7 @@ def _tiny_bert_without_dropout(where: Path) -> Path:
     return folder
 
 
-def _args(
-    out: Path, backbone: Path, *extra: str, systems: list[str] = SYSTEMS, command: str = "run"
-) -> list[str]:
+def _args(out: Path, backbone: Path, *extra: str, systems: list[str] = SYSTEMS, command: str = "run") -> list[str]:
     # `train --system X` is `run --systems X --no-report`.
     chosen = ["--system", ",".join(systems)] if command == "train" else ["--systems", ",".join(systems), "--no-report"]
     return [
@@ -111,9 +109,7 @@ def _env(**extra: str) -> dict:
     return {**os.environ, "COLUMNS": "120", "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
-def _run(
-    out: Path, backbone: Path, *extra: str, env: dict | None = None, **kwargs
-) -> subprocess.CompletedProcess:
+def _run(out: Path, backbone: Path, *extra: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(
         _args(out, backbone, *extra, **kwargs),
         capture_output=True,
@@ -195,9 +191,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs):
         hb = json.loads((two / "systems" / name / "metrics.json").read_text())["system"]["training"]
         assert ha["steps"] == hb["steps"] == 21  # 7 steps of 16 rows per epoch, 3 epochs
         assert [e["step"] for e in ha["evals"]] == [e["step"] for e in hb["evals"]]
-        assert [e["val_macro_f1"] for e in ha["evals"]] == [
-            e["val_macro_f1"] for e in hb["evals"]
-        ], name
+        assert [e["val_macro_f1"] for e in ha["evals"]] == [e["val_macro_f1"] for e in hb["evals"]], name
         assert ha["best_step"] == hb["best_step"]
         assert [x["step"] for x in ha["losses"]] == [x["step"] for x in hb["losses"]]
         for x, y in zip(ha["losses"], hb["losses"], strict=True):
@@ -217,10 +211,7 @@ def test_two_processes_resume_after_ctrl_c(tmp_path, runs):
 
     def complete() -> list[int]:
         """Steps of the checkpoints whose selection file, written last, exists."""
-        return [
-            int(c.parent.name.split("-")[1])
-            for c in checkpoints.glob("checkpoint-*/selection.json")
-        ]
+        return [int(c.parent.name.split("-")[1]) for c in checkpoints.glob("checkpoint-*/selection.json")]
 
     proc = subprocess.Popen(
         args,
@@ -246,9 +237,7 @@ def test_two_processes_resume_after_ctrl_c(tmp_path, runs):
     _run(out, runs["backbone"], "--processes", "2", systems=[name])
     resumed, reference = _history(out, name), _history(runs["two"], name)
     assert resumed["resumed_at_steps"] == [step]
-    assert [e["val_macro_f1"] for e in resumed["evals"]] == [
-        e["val_macro_f1"] for e in reference["evals"]
-    ]
+    assert [e["val_macro_f1"] for e in resumed["evals"]] == [e["val_macro_f1"] for e in reference["evals"]]
     for x, y in zip(resumed["losses"], reference["losses"], strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), x["step"]
     a, b = (
@@ -317,9 +306,25 @@ def test_bad_input_under_processes_is_one_line_and_exit_2(tmp_path):
     the command exited 1; without --processes it is one line and exit 2."""
     (tmp_path / "n.csv").write_text("text,Issue\nhi,a\n")
     result = subprocess.run(
-        [sys.executable, "-m", "tailtune.cli", "run", "smoke", "--data", str(tmp_path / "n.csv"), "--out",
-         str(tmp_path / "run"), "--systems", "tfidf-logreg", "--processes", "2"],
-        capture_output=True, text=True, env=_env(TMPDIR=str(tmp_path)), timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "tailtune.cli",
+            "run",
+            "smoke",
+            "--data",
+            str(tmp_path / "n.csv"),
+            "--out",
+            str(tmp_path / "run"),
+            "--systems",
+            "tfidf-logreg",
+            "--processes",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(TMPDIR=str(tmp_path)),
+        timeout=600,
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == (

@@ -21,7 +21,26 @@ KEYWORDS = {
     "student loan": ["tuition", "school", "college"],
     "debt collection": ["collector", "calls", "owe"],
 }
-FILLER = ["i", "have", "a", "problem", "with", "the", "company", "and", "they", "did", "not", "help", "me", "at", "all", "please", "fix", "this"]
+FILLER = [
+    "i",
+    "have",
+    "a",
+    "problem",
+    "with",
+    "the",
+    "company",
+    "and",
+    "they",
+    "did",
+    "not",
+    "help",
+    "me",
+    "at",
+    "all",
+    "please",
+    "fix",
+    "this",
+]
 ODD_TEXTS = ["🙂 ¿¿ ### ÷", "x" * 3000, "card " * 400, "?", "\u200bcard"]
 
 
@@ -257,11 +276,13 @@ def test_save_load_and_deploy_predict_the_same(arch, trained, tmp_path):
     assert not (tmp_path / "model" / "head.safetensors").exists()
 
 
-@pytest.mark.parametrize(("saved", "native_bf16", "expected"),
-                         [("fp16", True, "bf16"), ("fp16", False, "fp32"), ("bf16", False, "fp32"),
-                          ("bf16", True, "bf16")])
-def test_a_loaded_generator_predicts_in_a_precision_this_machine_computes(trained, tmp_path, monkeypatch, saved,
-                                                                          native_bf16, expected):
+@pytest.mark.parametrize(
+    ("saved", "native_bf16", "expected"),
+    [("fp16", True, "bf16"), ("fp16", False, "fp32"), ("bf16", False, "fp32"), ("bf16", True, "bf16")],
+)
+def test_a_loaded_generator_predicts_in_a_precision_this_machine_computes(
+    trained, tmp_path, monkeypatch, saved, native_bf16, expected
+):
     """GenerativeClassifier.load took the saved precision as it was: a model trained in fp16 on a
     GPU scored in fp16 autocast on a CPU, as TextClassifier.load no longer does (a review)."""
     import json
@@ -308,7 +329,9 @@ def test_prior_adjustment_removes_tau_log_train_prior_and_survives_reload(learna
     np.testing.assert_allclose(clf.predict_proba(texts), expected, atol=1e-12)
     np.testing.assert_allclose(clf.adjust(raw) - raw, np.broadcast_to(-0.5 * np.log(counts / counts.sum()), raw.shape))
     clf.save(tmp_path / "model")
-    np.testing.assert_allclose(generate.GenerativeClassifier.load(tmp_path / "model").predict_proba(texts), expected, atol=1e-9)
+    np.testing.assert_allclose(
+        generate.GenerativeClassifier.load(tmp_path / "model").predict_proba(texts), expected, atol=1e-9
+    )
     predictor = deploy.load_predictor(tmp_path / "model", merged=False, precision="fp32", device="cpu")
     np.testing.assert_allclose(predictor.predict_proba(texts), expected, atol=1e-9)
     with pytest.raises(TailtuneError, match="prior_tau"):
@@ -357,9 +380,17 @@ def test_a_generate_system_prints_and_records_its_lr_and_settings(tmp_path, lear
     pd.DataFrame({"Consumer complaint narrative": texts, "Issue": labels}).to_csv(tmp_path / "k.csv", index=False)
     name = "decoder-generate@lr=0.02+epochs=12+rank=8"
     out = tmp_path / "run"
-    result = run_smoke(tmp_path / "k.csv", out, f"decoder.name={learnable['qwen2']}", "train.eval_per_epoch=1",
-                       "method.targets=[all]", "method.dropout=0", "train.warmup_ratio=0", "decoder.batch_size=8",
-                       systems=name)  # the recipe of `trained`, which learns the keyword task
+    result = run_smoke(
+        tmp_path / "k.csv",
+        out,
+        f"decoder.name={learnable['qwen2']}",
+        "train.eval_per_epoch=1",
+        "method.targets=[all]",
+        "method.dropout=0",
+        "train.warmup_ratio=0",
+        "decoder.batch_size=8",
+        systems=name,
+    )  # the recipe of `trained`, which learns the keyword task
     assert "label generation, lr 0.02;" in " ".join(result.stdout.split()), result.output
     info = json.loads((out / "systems" / name / "metrics.json").read_text())["system"]
     assert info["lr"] == 0.02 and info["settings"] == {"lr": 0.02, "epochs": 12, "rank": 8}
@@ -376,7 +407,8 @@ def test_fit_interrupted_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
 
     def fit(work_dir=None):
         return _classifier("tiny:qwen2", lr=1e-2, epochs=4).fit(
-            train_x, train_y, val_texts=val_x, val_labels=val_y, work_dir=work_dir)
+            train_x, train_y, val_texts=val_x, val_labels=val_y, work_dir=work_dir
+        )
 
     reference = fit()
     assert [e["step"] for e in reference.history_["evals"]] == [8, 16, 24, 32]  # 8 steps an epoch
@@ -406,31 +438,62 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, learn
     pd.DataFrame({"Consumer complaint narrative": texts, "Issue": labels}).to_csv(tmp_path / "k.csv", index=False)
 
     def history(out, *extra: str) -> dict:
-        command = [sys.executable, "-m", "tailtune.cli", "run", "smoke", "--data", str(tmp_path / "k.csv"),
-                   f"decoder.name={learnable['qwen2']}", "decoder.batch_size=8", "decoder.eval_batch_size=8",
-                   "method.dropout=0", "method.targets=[all]", "train.lr=0.02", "train.warmup_ratio=0",
-                   "train.epochs=4", "train.eval_per_epoch=2", "train.early_stopping_patience=100",
-                   "--systems", "decoder-generate", "--no-report", "--out", str(out), *extra]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                                env={**os.environ, "COLUMNS": "120", "TOKENIZERS_PARALLELISM": "false"})
+        command = [
+            sys.executable,
+            "-m",
+            "tailtune.cli",
+            "run",
+            "smoke",
+            "--data",
+            str(tmp_path / "k.csv"),
+            f"decoder.name={learnable['qwen2']}",
+            "decoder.batch_size=8",
+            "decoder.eval_batch_size=8",
+            "method.dropout=0",
+            "method.targets=[all]",
+            "train.lr=0.02",
+            "train.warmup_ratio=0",
+            "train.epochs=4",
+            "train.eval_per_epoch=2",
+            "train.early_stopping_patience=100",
+            "--systems",
+            "decoder-generate",
+            "--no-report",
+            "--out",
+            str(out),
+            *extra,
+        ]
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "COLUMNS": "120", "TOKENIZERS_PARALLELISM": "false"},
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         return json.loads((out / "systems" / "decoder-generate" / "metrics.json").read_text())["system"]["training"]
 
     one = history(tmp_path / "one", "train.grad_accum=2")
     two = history(tmp_path / "two", "--processes", "2")
     assert one["steps"] == two["steps"] == 28 and two["epochs_run"] == 4
-    assert [(e["step"], e["val_macro_f1"]) for e in two["evals"]] == [(e["step"], e["val_macro_f1"]) for e in one["evals"]]
+    assert [(e["step"], e["val_macro_f1"]) for e in two["evals"]] == [
+        (e["step"], e["val_macro_f1"]) for e in one["evals"]
+    ]
     assert two["best_step"] == one["best_step"]
     for x, y in zip(one["losses"], two["losses"], strict=True):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), x["step"]
 
 
-@pytest.mark.parametrize(("labels_written", "status", "note"), [
-    (1, "failed", "collapsed: generates one label"),
-    (2, "ok", "predicts only 2 of 8 classes on test; likely cause"),
-])
-def test_a_generator_that_writes_one_or_few_labels_is_failed_or_warned(tmp_path, monkeypatch, small_csv,
-                                                                      labels_written, status, note):
+@pytest.mark.parametrize(
+    ("labels_written", "status", "note"),
+    [
+        (1, "failed", "collapsed: generates one label"),
+        (2, "ok", "predicts only 2 of 8 classes on test; likely cause"),
+    ],
+)
+def test_a_generator_that_writes_one_or_few_labels_is_failed_or_warned(
+    tmp_path, monkeypatch, small_csv, labels_written, status, note
+):
     """The guards of the head systems, for decoder-generate (its coverage warning had no test)."""
     import pandas as pd
     from test_input_matrix import run_smoke

@@ -34,13 +34,22 @@ def _fit(data, tmp_path, lpft: bool = True, **train):
         BackboneConfig(name="tiny:bert", max_length=32, batch_size=8, eval_batch_size=32),
         "lora",
         MethodConfig(rank=4, alpha=8),
-        TrainConfig(precision="fp32", warmup_ratio=0.0, early_stopping_patience=100,
-                    head_init="probe" if lpft else "random", **train),
+        TrainConfig(
+            precision="fp32",
+            warmup_ratio=0.0,
+            early_stopping_patience=100,
+            head_init="probe" if lpft else "random",
+            **train,
+        ),
     )
     probe = _probe(data) if lpft else None
     clf.fit(
-        data.texts("train"), data.labels("train"), val_texts=data.texts("val"), val_labels=data.labels("val"),
-        classes=data.classes, head_init=(probe.W_, probe.b_) if lpft else None,
+        data.texts("train"),
+        data.labels("train"),
+        val_texts=data.texts("val"),
+        val_labels=data.labels("val"),
+        classes=data.classes,
+        head_init=(probe.W_, probe.b_) if lpft else None,
         start_val_f1=probe.val_macro_f1_ if lpft else None,
     )
     clf.save(tmp_path / "model")
@@ -81,8 +90,10 @@ def test_a_working_recipe_raises_no_collapse_warning(data, tmp_path):
     # Past its start but below a better balanced probe, an unweighted system is told why.
     clf.history_ = {**clf.history_, "best_step": 1}
     below = _guards(clf, logits, tmp_path / "model", data, probe_val_f1=1.0)
-    assert any("below its own (class-balanced) probe's 1.000: its loss (weighting 'none') is not class-balanced" in w
-               for w in below), below
+    assert any(
+        "below its own (class-balanced) probe's 1.000: its loss (weighting 'none') is not class-balanced" in w
+        for w in below
+    ), below
 
 
 def test_one_class_for_every_row_fails_the_system(data, tmp_path):

@@ -62,8 +62,15 @@ def cp1252_csv(tmp_path, small_frame):
 
 def test_non_utf8_file_is_an_error_naming_file_line_and_the_encoding_option(tmp_path, cp1252_csv):
     out = tmp_path / "run"
-    line = assert_error(run_smoke(cp1252_csv, out), out, str(cp1252_csv), "not valid UTF-8", "line 3",
-                        "byte offset", "data.encoding=cp1252")
+    line = assert_error(
+        run_smoke(cp1252_csv, out),
+        out,
+        str(cp1252_csv),
+        "not valid UTF-8",
+        "line 3",
+        "byte offset",
+        "data.encoding=cp1252",
+    )
     assert "0xe9" in line
     inspect = tailtune("data", "inspect", cp1252_csv)
     assert inspect.exit_code == 2 and "--encoding" in inspect.stderr
@@ -72,7 +79,9 @@ def test_non_utf8_file_is_an_error_naming_file_line_and_the_encoding_option(tmp_
 def test_data_encoding_reads_a_non_utf8_file(tmp_path, cp1252_csv):
     result = run_smoke(cp1252_csv, tmp_path / "run", "data.encoding=cp1252")
     assert result.exit_code == 0, result.output
-    assert "caf\u00e9 na\u00efve" in " ".join(prepare(DataConfig(path=str(cp1252_csv), encoding="cp1252")).frame["text"])
+    assert "caf\u00e9 na\u00efve" in " ".join(
+        prepare(DataConfig(path=str(cp1252_csv), encoding="cp1252")).frame["text"]
+    )
     inspect = tailtune("data", "inspect", cp1252_csv, "--encoding", "cp1252")
     assert inspect.exit_code == 0, inspect.output
 
@@ -103,11 +112,19 @@ def messy_csv(tmp_path, small_frame):
     frame.loc[0, TEXT] = "first line\nsecond line, with a comma\r\nthird line"
     frame.loc[1, TEXT] = " ".join(["overdraft fee dispute"] * 20000)  # 60,000 words
     biggest = frame["Issue"].value_counts().index[0]
-    extra = pd.DataFrame({
-        TEXT: ["label is NaN here", "label is empty here", "label is null here", "lonely text",
-               "fee typed in lower case one", "fee typed in lower case two"],
-        "Issue": ["NaN", "", "null", "Lonely class", biggest.lower() + " ", biggest.lower() + " "],
-    })
+    extra = pd.DataFrame(
+        {
+            TEXT: [
+                "label is NaN here",
+                "label is empty here",
+                "label is null here",
+                "lonely text",
+                "fee typed in lower case one",
+                "fee typed in lower case two",
+            ],
+            "Issue": ["NaN", "", "null", "Lonely class", biggest.lower() + " ", biggest.lower() + " "],
+        }
+    )
     path = tmp_path / "messy.csv"
     path.write_bytes(pd.concat([frame, extra]).to_csv(index=False, lineterminator="\r\n").encode("utf-8-sig"))
     return path, biggest
@@ -147,7 +164,8 @@ def test_texts_of_one_character_words_train_tfidf_on_character_ngrams(tmp_path, 
     codes = {label: i for i, label in enumerate(sorted(frame["Issue"].unique()))}
     # each class's texts are its own letter (a, b, ...) among shared digits
     frame[TEXT] = [
-        f"{chr(ord('a') + codes[label])} {i % 10} {chr(ord('a') + codes[label])}" for i, label in enumerate(frame["Issue"])
+        f"{chr(ord('a') + codes[label])} {i % 10} {chr(ord('a') + codes[label])}"
+        for i, label in enumerate(frame["Issue"])
     ]
     path = tmp_path / "letters.csv"
     frame.to_csv(path, index=False)
@@ -275,8 +293,9 @@ def test_quoted_newlines_stay_inside_one_text(tmp_path, messy_csv):
 
 def test_a_label_never_appears_only_in_test(small_frame):
     """Classes below min_class_count are dropped; every kept class has a training row."""
-    frame = pd.concat([small_frame, pd.DataFrame({TEXT: ["one", "two a", "two b"],
-                                                  "Issue": ["Single", "Pair", "Pair"]})])
+    frame = pd.concat(
+        [small_frame, pd.DataFrame({TEXT: ["one", "two a", "two b"], "Issue": ["Single", "Pair", "Pair"]})]
+    )
     p = prepare(DataConfig(), frame=frame, source="test")
     assert p.summary["dropped_classes"] == ["Single"] and "Single" not in p.classes
     assert (p.train_counts >= 1).all()
@@ -341,7 +360,9 @@ def readonly_dir(tmp_path):
 
 def test_read_only_output_directory(tmp_path, small_csv, readonly_dir):
     out = readonly_dir / "run"
-    assert_error(run_smoke(small_csv, out), out, "not writable: no file can be created in", str(out), "choose another --out")
+    assert_error(
+        run_smoke(small_csv, out), out, "not writable: no file can be created in", str(out), "choose another --out"
+    )
 
 
 def _fail_system(monkeypatch, name: str, message: str) -> None:

@@ -42,7 +42,9 @@ def _classifier(arch: str, method: str) -> TextClassifier:
 
 
 def _method_state(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("score.")}
+    return {
+        n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("score.")
+    }
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -147,7 +149,9 @@ def test_adapter_starts_as_the_base_model_and_only_adapters_train():
     assert len(names) == 2 * 2  # tiny bert: 2 layers x (attention output, FFN output)
     ids = tokenize(tok, TEXTS, 32)
     np.testing.assert_allclose(
-        run_forward(adapted, tok, ids, 6, "fp32", "logits"), run_forward(plain, tok, ids, 6, "fp32", "logits"), atol=1e-6
+        run_forward(adapted, tok, ids, 6, "fp32", "logits"),
+        run_forward(plain, tok, ids, 6, "fp32", "logits"),
+        atol=1e-6,
     )
     body = {n for n, p in adapted.backbone.named_parameters() if p.requires_grad}
     assert body and all(".adapter_" in n for n in body)

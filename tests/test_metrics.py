@@ -27,9 +27,7 @@ Y_PRED = np.array([0, 0, 1, 1, 3, 0])
 
 
 def _hand_eval(**kw):
-    return evaluate(
-        Y_TRUE, Y_PRED, labels=LABELS, train_counts=TRAIN, tiers=TIERS, tier_names=TIER_NAMES, **kw
-    )
+    return evaluate(Y_TRUE, Y_PRED, labels=LABELS, train_counts=TRAIN, tiers=TIERS, tier_names=TIER_NAMES, **kw)
 
 
 def _random_case(seed: int, n: int = 300, n_classes: int = 12, acc: float = 0.6):
@@ -71,15 +69,9 @@ def test_hand_built_case():
     assert list(pc["label"]) == ["A", "B", "E", "C", "D"]  # train_count 100, 50, 20, 5, 2
     rows = pc.set_index("label")
     assert list(rows.loc[["A", "B", "C", "D", "E"], "support"]) == [3, 2, 1, 0, 0]
-    np.testing.assert_allclose(
-        rows.loc[["A", "B", "C", "D", "E"], "precision"], [2 / 3, 0.5, 0, 0, 0]
-    )
-    np.testing.assert_allclose(
-        rows.loc[["A", "B", "C", "D", "E"], "recall"], [2 / 3, 0.5, 0, np.nan, np.nan]
-    )
-    np.testing.assert_allclose(
-        rows.loc[["A", "B", "C", "D", "E"], "f1"], [2 / 3, 0.5, 0, np.nan, np.nan]
-    )
+    np.testing.assert_allclose(rows.loc[["A", "B", "C", "D", "E"], "precision"], [2 / 3, 0.5, 0, 0, 0])
+    np.testing.assert_allclose(rows.loc[["A", "B", "C", "D", "E"], "recall"], [2 / 3, 0.5, 0, np.nan, np.nan])
+    np.testing.assert_allclose(rows.loc[["A", "B", "C", "D", "E"], "f1"], [2 / 3, 0.5, 0, np.nan, np.nan])
     assert rows.loc["C", "tier"] == "tail"
 
 
@@ -137,18 +129,12 @@ def test_matches_sklearn_on_random_cases(seed):
         n_boot=20,
     )
     kw = {"labels": evaluated, "zero_division": 0}
-    assert m["macro_f1"] == pytest.approx(
-        f1_score(y_true, y_pred, average="macro", **kw), abs=1e-12
-    )
-    assert m["weighted_f1"] == pytest.approx(
-        f1_score(y_true, y_pred, average="weighted", **kw), abs=1e-12
-    )
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", **kw), abs=1e-12)
+    assert m["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted", **kw), abs=1e-12)
     assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
     assert m["n_classes"] == evaluated.size
 
-    p, r, f, s = precision_recall_fscore_support(
-        y_true, y_pred, labels=range(n_classes), zero_division=0
-    )
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=range(n_classes), zero_division=0)
     rows = pc.set_index("label").loc[[f"c{i:02d}" for i in range(n_classes)]]
     np.testing.assert_array_equal(rows["support"], s)
     np.testing.assert_allclose(rows["precision"], p, atol=1e-12)
@@ -221,9 +207,7 @@ def test_ci_matches_a_plain_loop_reference():
     assert all((np.bincount(y_true[i], minlength=12) == np.bincount(y_true, minlength=12)).all() for i in idx)
     acc = [accuracy_score(y_true[i], y_pred[i]) for i in idx]
     macro = [
-        f1_score(
-            y_true[i], y_pred[i], labels=np.intersect1d(evaluated, y_true[i]), average="macro", zero_division=0
-        )
+        f1_score(y_true[i], y_pred[i], labels=np.intersect1d(evaluated, y_true[i]), average="macro", zero_division=0)
         for i in idx
     ]
     np.testing.assert_allclose(m["ci"]["accuracy"], np.percentile(acc, [2.5, 97.5]), atol=1e-12)
@@ -416,8 +400,14 @@ def test_ci_contains_the_estimate_on_a_long_tail():
     y_true = np.concatenate([np.zeros(300, int), np.arange(1, 61)])
     y_pred = np.where(rng.random(y_true.size) < 0.6, y_true, 0)
     m, _ = evaluate(
-        y_true, y_pred, labels=[str(i) for i in range(61)], train_counts=[1] * 61,
-        tiers=["t"] * 61, tier_names=["t"], n_boot=500, seed=0,
+        y_true,
+        y_pred,
+        labels=[str(i) for i in range(61)],
+        train_counts=[1] * 61,
+        tiers=["t"] * 61,
+        tier_names=["t"],
+        n_boot=500,
+        seed=0,
     )
     lo, hi = m["ci"]["macro_f1"]
     assert lo <= m["macro_f1"] <= hi

@@ -102,16 +102,25 @@ def test_a_method_measured_with_real_forwards_is_refused_when_its_weights_do_not
     assert plan_one(backbone, cfg.encoder, "loha", cfg.method, 5, "fp32")["activations_from"].startswith("real")
     monkeypatch.setattr(preflight, "available_memory", lambda: (2048, "test RAM"))
     # the same units as plan's table (GiB, MiB, KiB); this said kB (1e3) and the table KiB
-    with pytest.raises(TailtuneError, match=r"loha on bert is measured with real forwards, and its weights alone "
-                                            r"\([0-9.]+ [MK]iB\) exceed the 2.0 KiB free on test RAM"):
+    with pytest.raises(
+        TailtuneError,
+        match=r"loha on bert is measured with real forwards, and its weights alone "
+        r"\([0-9.]+ [MK]iB\) exceed the 2.0 KiB free on test RAM",
+    ):
         plan_one(backbone, cfg.encoder, "loha", cfg.method, 5, "fp32")
 
 
 # ----------------------------------------------------------------------------- measured peak
 
 # Big enough that the activations (~100-300 MB at batch 16 x 128 tokens) dwarf small buffers.
-DIMS = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-            max_position_embeddings=512)
+DIMS = dict(
+    vocab_size=512,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=1024,
+    max_position_embeddings=512,
+)
 BATCH, LENGTH = 16, 128
 # Planned total / measured peak must lie in [LOW, HIGH]. Why not 1: the measured peak also
 # holds backward's in-flight gradients (of the op being differentiated: up to two tensors the
@@ -127,8 +136,16 @@ def _config_folder(tmp_path, arch: str):
     if arch == "bert":
         config = tf.BertConfig(**DIMS)
     elif arch == "modernbert":
-        config = tf.ModernBertConfig(pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3,
-                                     global_attn_every_n_layers=1, classifier_pooling="mean", **DIMS)
+        config = tf.ModernBertConfig(
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            cls_token_id=2,
+            sep_token_id=3,
+            global_attn_every_n_layers=1,
+            classifier_pooling="mean",
+            **DIMS,
+        )
     else:
         config = tf.Qwen2Config(num_key_value_heads=2, eos_token_id=0, bos_token_id=0, **DIMS)
     folder = tmp_path / arch
@@ -158,7 +175,10 @@ def measured_peak(model, batch: int, length: int, label_tokens: int | None = Non
 
         rows = [{"input_ids": r.tolist(), "labels": [-100] * length + r[length:].tolist()} for r in ids]
         batch_in = generate.collate_label_batch(rows, 0)
-        labels, extra = batch_in["labels"], {"position_ids": batch_in["position_ids"], "logits_to_keep": label_tokens + 1}
+        labels, extra = (
+            batch_in["labels"],
+            {"position_ids": batch_in["position_ids"], "logits_to_keep": label_tokens + 1},
+        )
     model.train()
 
     def step():
@@ -183,8 +203,16 @@ def measured_peak(model, batch: int, length: int, label_tokens: int | None = Non
 
 @pytest.mark.parametrize(
     "arch,method",
-    [("bert", "lora"), ("bert", "full"), ("modernbert", "lora"), ("qwen2", "lora"), ("bert", "prompt"), ("bert", "prefix"),
-     ("qwen2", "prompt"), ("qwen2", "prefix")],
+    [
+        ("bert", "lora"),
+        ("bert", "full"),
+        ("modernbert", "lora"),
+        ("qwen2", "lora"),
+        ("bert", "prompt"),
+        ("bert", "prefix"),
+        ("qwen2", "prompt"),
+        ("qwen2", "prefix"),
+    ],
 )
 def test_total_is_near_the_measured_peak_of_a_training_step(arch, method, tmp_path):
     """Prompt and prefix tuning backpropagate through every layer, so backward's in-flight

@@ -42,8 +42,13 @@ def test_classes_too_small_for_a_validation_split(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text(f"{TEXT},Issue\n" + "".join(f"text {c} {i},{c}\n" for c in "ABCD" for i in range(2)))
     out = tmp_path / "run"
-    assert_error(run_smoke(path, out, systems="tfidf-logreg,encoder-probe"), out,
-                 "no validation rows", "fewer than 3 rows", "encoder-probe")
+    assert_error(
+        run_smoke(path, out, systems="tfidf-logreg,encoder-probe"),
+        out,
+        "no validation rows",
+        "fewer than 3 rows",
+        "encoder-probe",
+    )
     assert run_smoke(path, out).exit_code == 0  # tf-idf needs no validation split
     # data inspect said "problems found: none" for it
     from rich.console import Console
@@ -66,8 +71,11 @@ def test_decoder_without_pad_or_eos_token(tmp_path, small_csv):
     del config["eos_token"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     out = tmp_path / "run"
-    assert_error(run_smoke(small_csv, out, f"decoder.name={folder}", systems="decoder-lora"), out,
-                 "neither a pad nor an eos token")
+    assert_error(
+        run_smoke(small_csv, out, f"decoder.name={folder}", systems="decoder-lora"),
+        out,
+        "neither a pad nor an eos token",
+    )
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "bert", "modernbert", "mpnet"])
@@ -108,7 +116,9 @@ def test_fit_checks_padding_on_its_own_model_before_training(small_frame, monkey
     real = preflight.check_padding
     monkeypatch.setattr(preflight, "check_padding", lambda model, *a, **k: (seen.append(model), real(model, *a, **k)))
     clf = classifier.TextClassifier(
-        BackboneConfig(name="tiny:qwen2", max_length=32), "lora", MethodConfig(rank=4, alpha=8),
+        BackboneConfig(name="tiny:qwen2", max_length=32),
+        "lora",
+        MethodConfig(rank=4, alpha=8),
         TrainConfig(precision="fp32"),
     )
     texts, labels = small_frame[TEXT].tolist(), small_frame["Issue"].tolist()
@@ -146,11 +156,13 @@ def test_run_refuses_a_right_padding_decoder_tokenizer(tmp_path, small_csv, monk
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid on a CUDA machine")
 def test_fp16_without_a_gpu(tmp_path, small_csv):
     out = tmp_path / "run"
-    assert_error(run_smoke(small_csv, out, "train.precision=fp16", systems="encoder-lora"), out,
-                 "fp16 needs a CUDA GPU")
+    assert_error(
+        run_smoke(small_csv, out, "train.precision=fp16", systems="encoder-lora"), out, "fp16 needs a CUDA GPU"
+    )
     # also in a run with no fine-tuning: its config.yaml kept fp16, and systems trained into it later got it
-    assert_error(run_smoke(small_csv, out, "train.precision=fp16", systems="tfidf-logreg"), out,
-                 "fp16 needs a CUDA GPU")
+    assert_error(
+        run_smoke(small_csv, out, "train.precision=fp16", systems="tfidf-logreg"), out, "fp16 needs a CUDA GPU"
+    )
 
 
 def _t4(monkeypatch):
@@ -177,8 +189,9 @@ def test_bf16_on_a_gpu_without_bf16(tmp_path, small_csv, monkeypatch):
     with pytest.raises(TailtuneError, match="this GPU does not support bf16"):
         resolve_precision("bf16")
     out = tmp_path / "run"
-    assert_error(run_smoke(small_csv, out, "train.precision=bf16", systems="encoder-lora"), out,
-                 "does not support bf16")
+    assert_error(
+        run_smoke(small_csv, out, "train.precision=bf16", systems="encoder-lora"), out, "does not support bf16"
+    )
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: __import__("types").SimpleNamespace(major=8))
     assert resolve_precision("auto") == "bf16"  # an A100 or later
 
@@ -189,8 +202,11 @@ def test_bf16_on_a_gpu_without_bf16(tmp_path, small_csv, monkeypatch):
 def test_target_role_matching_no_module(tmp_path, small_csv, monkeypatch):
     monkeypatch.setitem(backbones.ROLE_PATTERNS, "bert", {**backbones.ROLE_PATTERNS["bert"], "ffn": r"no_such_module$"})
     out = tmp_path / "run"
-    assert_error(run_smoke(small_csv, out, systems="tfidf-logreg,encoder-lora"), out,
-                 "target role 'ffn' matches no module in this bert model")
+    assert_error(
+        run_smoke(small_csv, out, systems="tfidf-logreg,encoder-lora"),
+        out,
+        "target role 'ffn' matches no module in this bert model",
+    )
 
 
 def _need(system: str, small_frame, *overrides: str, label_tokens: int | None = None):
@@ -200,7 +216,11 @@ def _need(system: str, small_frame, *overrides: str, label_tokens: int | None = 
     spec = parse_system(system)
     backbone = backbones.resolve(getattr(cfg, spec.slot).name)
     seq_len = getattr(cfg, spec.slot).max_length
-    return cfg, preflight.training_memory(spec, cfg, backbone, len(data.classes), seq_len, label_tokens), len(data.classes)
+    return (
+        cfg,
+        preflight.training_memory(spec, cfg, backbone, len(data.classes), seq_len, label_tokens),
+        len(data.classes),
+    )
 
 
 @pytest.mark.parametrize("system", ["encoder-lora", "encoder-full", "encoder-prompt", "decoder-lora", "decoder-head"])
@@ -242,8 +262,9 @@ def test_not_enough_memory_suggests_what_fits(tmp_path, small_csv, small_frame, 
         free = preflight.at_batch(_need(system, small_frame)[1], 2) + 1
     monkeypatch.setattr(preflight, "available_memory", lambda: (free, "test RAM"))
     out = tmp_path / "run"
-    line = assert_error(run_smoke(small_csv, out, systems=system), out,
-                        f"{system} needs about", "test RAM", "probe model", advice)
+    line = assert_error(
+        run_smoke(small_csv, out, systems=system), out, f"{system} needs about", "test RAM", "probe model", advice
+    )
     if advice.startswith("try"):
         assert "encoder.batch_size=2 train.grad_accum=8" in line
 
@@ -266,11 +287,21 @@ def test_systems_that_train_the_same_model_are_traced_once(monkeypatch):
 
 
 def test_not_enough_memory_for_any_batch_suggests_fewer_adapted_layers_where_that_helps():
-    need = {"total": 10**9, "weights": 10**8, "gradients_adam": 10**6, "activations": 8 * 10**8, "probe_copy": 0,
-            "batch_size": 16, "tokens": 256, "label_logits": False, "fewer_layers": True}
+    need = {
+        "total": 10**9,
+        "weights": 10**8,
+        "gradients_adam": 10**6,
+        "activations": 8 * 10**8,
+        "probe_copy": 0,
+        "batch_size": 16,
+        "tokens": 256,
+        "label_logits": False,
+        "fewer_layers": True,
+    }
     spec, cfg = parse_system("encoder-lora"), load_config("smoke")
     assert "adapt fewer layers (encoder.adapt_layers=2), lower encoder.max_length" in preflight._memory_message(
-        spec, cfg, need, 10**6, "test RAM")
+        spec, cfg, need, 10**6, "test RAM"
+    )
     assert "use a smaller backbone" in preflight._memory_message(spec, cfg, {**need, "fewer_layers": False}, 10**6, "x")
 
 
@@ -278,15 +309,26 @@ def test_the_suggested_batch_keeps_the_effective_batch_or_says_it_does_not():
     """encoder.batch_size=4000000 was told "batch_size=102477 grad_accum=40 (the same effective
     batch)": 4,099,080 rows."""
     spec, cfg = parse_system("encoder-lora"), load_config("smoke")
-    need = {"total": 10**9, "weights": 0, "gradients_adam": 0, "activations": 10**9, "probe_copy": 0,
-            "batch_size": 16, "tokens": 256, "label_logits": False, "fewer_layers": True}
+    need = {
+        "total": 10**9,
+        "weights": 0,
+        "gradients_adam": 0,
+        "activations": 10**9,
+        "probe_copy": 0,
+        "batch_size": 16,
+        "tokens": 256,
+        "label_logits": False,
+        "fewer_layers": True,
+    }
     room = 7 * 10**9 // 16 + 1  # batch 7 fits: 8 divides 16 but does not fit, 4 is the largest that does
     assert "batch_size=4 train.grad_accum=4 (the same effective batch)" in preflight._memory_message(
-        spec, cfg, need, room, "x")
+        spec, cfg, need, room, "x"
+    )
     prime = {**need, "batch_size": 13}
     room = 12 * 10**9 // 13 + 1  # batch 12 fits; 13 is prime, and batch 1 would be twelve times slower
     assert "batch_size=12 train.grad_accum=2 (effective batch 24, was 13)" in preflight._memory_message(
-        spec, cfg, prime, room, "x")
+        spec, cfg, prime, room, "x"
+    )
 
 
 def test_decoder_generate_is_planned_with_its_label_logits_and_refused_when_it_cannot_fit(
@@ -310,8 +352,13 @@ def test_decoder_generate_is_planned_with_its_label_logits_and_refused_when_it_c
         _need("decoder-generate", small_frame, "decoder.name=tiny:bert", label_tokens=longest)
     monkeypatch.setattr(preflight, "available_memory", lambda: (1000, "test RAM"))
     out = tmp_path / "run"
-    assert_error(run_smoke(small_csv, out, systems="decoder-generate"), out, "decoder-generate needs about",
-                 "with the label logits", "test RAM")
+    assert_error(
+        run_smoke(small_csv, out, systems="decoder-generate"),
+        out,
+        "decoder-generate needs about",
+        "with the label logits",
+        "test RAM",
+    )
 
 
 # ----------------------------------------------------------------------------- cost
@@ -353,7 +400,8 @@ def test_virtual_tokens_must_fit_the_position_table(tmp_path, small_csv, system)
     virtual = 8 if "@" in system else 20
     out = tmp_path / "run"
     assert_error(
-        run_smoke(small_csv, out, "encoder.max_length=510", systems=f"tfidf-logreg,{system}"), out,
+        run_smoke(small_csv, out, "encoder.max_length=510", systems=f"tfidf-logreg,{system}"),
+        out,
         f"{system}: 510 tokens + {virtual} virtual tokens exceed the 512 positions of bert; "
         f"set encoder.max_length to at most {512 - virtual}",
     )

@@ -132,10 +132,7 @@ def _fake_classes(n_classes: int) -> tuple[list[str], np.ndarray, list[str]]:
     """Names, training counts (4 .. 2000, geometric, descending) and tier of each class."""
     names = [ISSUES[i] if i < len(ISSUES) else f"Other issue {i}" for i in range(n_classes)]
     counts = np.round(2000 * (4 / 2000) ** (np.arange(n_classes) / (n_classes - 1))).astype(int)
-    tiers = [
-        next((t for t, e in zip(TIER_NAMES, TIER_EDGES, strict=False) if c <= e), TIER_NAMES[-1])
-        for c in counts
-    ]
+    tiers = [next((t for t, e in zip(TIER_NAMES, TIER_EDGES, strict=False) if c <= e), TIER_NAMES[-1]) for c in counts]
     return names, counts, tiers
 
 
@@ -184,9 +181,7 @@ def write_fake_run(
         "tiers": {
             "edges": TIER_EDGES,
             "names": TIER_NAMES,
-            "classes": {
-                t: [n for n, tt in zip(names, tiers, strict=True) if tt == t] for t in TIER_NAMES
-            },
+            "classes": {t: [n for n, tt in zip(names, tiers, strict=True) if tt == t] for t in TIER_NAMES},
         },
         "train_counts": {n: int(c) for n, c in zip(names, counts, strict=True)},
         "splits": {"train": int(counts.sum()), "val": n_test, "test": n_test},
@@ -201,9 +196,7 @@ def write_fake_run(
         logc = np.log10(counts)
         p_correct = lo + (hi - lo) * (logc - logc.min()) / (logc.max() - logc.min())
         correct = rng.random(n_test) < p_correct[y_true]
-        other = np.where(
-            rng.random(n_test) < 0.6, partner[y_true], rng.choice(n_classes, n_test, p=prior)
-        )
+        other = np.where(rng.random(n_test) < 0.6, partner[y_true], rng.choice(n_classes, n_test, p=prior))
         y_pred = np.where(correct, y_true, other)
         confidence = np.where(correct, rng.beta(6, 2, n_test), rng.beta(2, 3, n_test))
         metrics, per_class = evaluate(
@@ -249,10 +242,7 @@ def write_fake_run(
             {
                 "system": name,
                 "status": "ok",
-                **{
-                    k: metrics[k]
-                    for k in ("accuracy", "macro_f1", "weighted_f1", "zero_f1_classes")
-                },
+                **{k: metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1", "zero_f1_classes")},
                 "trainable_params": trainable,
                 "total_params": total,
                 "train_seconds": metrics["train_seconds"],
@@ -293,9 +283,7 @@ def write_fake_run(
             "torch": "2.9.0",
         }
         (path / "bench.json").write_text(
-            json.dumps(
-                {"machine": machine, "price_per_hour": 2.5, "batch_size": 32, "systems": bench}
-            )
+            json.dumps({"machine": machine, "price_per_hour": 2.5, "batch_size": 32, "systems": bench})
         )
     return path
 
@@ -440,9 +428,7 @@ def test_paired_bootstraps_match_metrics_module(full_run):
     y, enc = _indices(path, "encoder-lora", labels)
     _, dec = _indices(path, "decoder-lora", labels)
     _, enc_w = _indices(path, "encoder-lora-weighted", labels)
-    best_enc = max(
-        ("encoder-lora", "encoder-lora-weighted"), key=lambda s: _metrics(path, s)["macro_f1"]
-    )
+    best_enc = max(("encoder-lora", "encoder-lora-weighted"), key=lambda s: _metrics(path, s)["macro_f1"])
     rare = [labels.index(c) for c in tiers["rare"] if labels.index(c) in set(y)]
     enc_best = enc if best_enc == "encoder-lora" else enc_w
     res = paired_bootstrap(y, dec, enc_best, classes=rare, n_boot=N_BOOT, seed=0)
@@ -483,9 +469,7 @@ def test_one_system_run_says_what_is_missing(tmp_path):
     assert "Only one system" in html
     assert "<code>encoder-lora-weighted</code>" in html
     assert "no finished fine-tuned decoder" in html
-    assert f">{fmt_metric(_metrics(path, 'encoder-lora')['macro_f1'])}<" in _row(
-        html, "encoder-lora"
-    )
+    assert f">{fmt_metric(_metrics(path, 'encoder-lora')['macro_f1'])}<" in _row(html, "encoder-lora")
 
 
 def test_a_weighted_system_tuned_to_no_weighting_gets_no_impossible_advice(tmp_path):
@@ -556,8 +540,10 @@ def test_recommendation_names_the_probe_when_fine_tuning_does_not_beat_it(tmp_pa
     html = _html(path)
     assert "Deploy encoder-probe (frozen encoder + linear head).</strong> The decoder does not earn" in html
     # identical predictions are said in words, not as "+0.000 [+0.000, +0.000]" (seen on products)
-    assert ("It is the frozen probe, not encoder-lora: fine-tuning made the same prediction as the probe on "
-            "every test row, and at serving time") in html
+    assert (
+        "It is the frozen probe, not encoder-lora: fine-tuning made the same prediction as the probe on "
+        "every test row, and at serving time"
+    ) in html
     assert "beyond noise (+0.000 [+0.000, +0.000] macro-F1)" not in html
 
 
@@ -583,15 +569,17 @@ def test_recommendation_names_the_baseline_when_nothing_beats_it(tmp_path):
     html = _html(path)
     assert "Deploy tfidf-logreg (TF-IDF + logistic regression).</strong>" in html
     # the probe's step told as a step to the baseline; tfidf-logreg is not called "the frozen probe" (a review)
-    assert ("Fine-tuning encoder-lora made the same prediction as its frozen probe encoder-probe on every test "
-            "row; and encoder-probe made the same prediction as the baseline tfidf-logreg on every test row") in html
+    assert (
+        "Fine-tuning encoder-lora made the same prediction as its frozen probe encoder-probe on every test "
+        "row; and encoder-probe made the same prediction as the baseline tfidf-logreg on every test row"
+    ) in html
     assert "It is the frozen probe" not in html
     assert "Fine-tuning does not beat the frozen encoder probe beyond noise" in html
 
 
 def _text(html: str, section: str) -> str:
     """The words of a report section (tags removed, spaces collapsed)."""
-    part = html[html.index(f'id="{section}"'):]
+    part = html[html.index(f'id="{section}"') :]
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", part))
 
 
@@ -612,8 +600,10 @@ def test_memo_says_worse_when_fine_tuning_is_worse_than_the_probe(tmp_path):
     assert "Fine-tuning is worse than the frozen encoder probe, beyond noise (encoder-lora" in _text(html, "next")
     assert "does not beat the frozen encoder probe" not in html
     # the probe beats this baseline too: on the probe's row
-    assert ("Fine-tuning encoder-lora scored below its frozen probe encoder-probe beyond noise (-0.135 [-0.195, "
-            "-0.076] macro-F1); and encoder-probe scored below the baseline tfidf-logreg") in _text(html, "summary")
+    assert (
+        "Fine-tuning encoder-lora scored below its frozen probe encoder-probe beyond noise (-0.135 [-0.195, "
+        "-0.076] macro-F1); and encoder-probe scored below the baseline tfidf-logreg"
+    ) in _text(html, "summary")
     _predict_mode(path, "tfidf-logreg")  # a baseline the probe beats: the probe is deployed
     html = _html(path)
     assert "It is the frozen probe, not encoder-lora: fine-tuning scored below the probe beyond noise" in html
@@ -636,13 +626,12 @@ def test_never_learned_classes_are_named_by_their_counts_and_tiers(tmp_path):
     text = _text(_html(path), "next")
     counts = json.loads((path / "data.json").read_text())["train_counts"]
     low, high = min(counts[c] for c in never), max(counts[c] for c in never)
-    assert (f"Double the training examples of the 3 never-learned classes (training counts "
-            f"{low}\u2013{high})") in text
+    assert (f"Double the training examples of the 3 never-learned classes (training counts {low}\u2013{high})") in text
     assert "does macro-F1 on the medium tier, the common tier move?" in text
 
 
 def test_one_never_learned_class_is_one_class(tmp_path):
-    """"1 classes have zero F1 ...; their training counts run 30–30"."""
+    """ "1 classes have zero F1 ...; their training counts run 30–30"."""
     systems = ("tfidf-logreg", "encoder-lora")
     path = write_fake_run(tmp_path / "run", systems=systems)
     never = json.loads((path / "data.json").read_text())["tiers"]["classes"]["medium"][0]
@@ -654,8 +643,10 @@ def test_one_never_learned_class_is_one_class(tmp_path):
         pc.to_csv(file, index=False)
     text = _text(_html(path), "next")
     count = json.loads((path / "data.json").read_text())["train_counts"][never]
-    assert (f"1 class has zero F1 in every system (1 medium); its training count is {count:,}. No method here "
-            "learns it: it needs more labelled examples") in text
+    assert (
+        f"1 class has zero F1 in every system (1 medium); its training count is {count:,}. No method here "
+        "learns it: it needs more labelled examples"
+    ) in text
     assert f"never-learned class (training counts {count:,})" in text
 
 
@@ -668,11 +659,14 @@ def test_collapse_needs_few_classes_relative_to_the_label_set():
     y = np.array([0, 1] * 20)
     two = SimpleNamespace(preds={"s": y.copy()}, labels=["a", "b"], y_true=y)
     assert _collapse_checks(two) == []
-    assert "looks collapsed" in _collapse_checks(SimpleNamespace(preds={"s": np.zeros(40, int)}, labels=["a", "b"],
-                                                                 y_true=y))[0]
+    assert (
+        "looks collapsed"
+        in _collapse_checks(SimpleNamespace(preds={"s": np.zeros(40, int)}, labels=["a", "b"], y_true=y))[0]
+    )
     y6 = np.arange(40) % 6
-    assert "looks collapsed" in _collapse_checks(SimpleNamespace(preds={"s": y6 % 2}, labels=list("abcdef"),
-                                                                 y_true=y6))[0]
+    assert (
+        "looks collapsed" in _collapse_checks(SimpleNamespace(preds={"s": y6 % 2}, labels=list("abcdef"), y_true=y6))[0]
+    )
 
 
 @pytest.mark.parametrize(
@@ -681,7 +675,12 @@ def test_collapse_needs_few_classes_relative_to_the_label_set():
         ("finetune", "lora", (), "Raise the rank or add target modules on best"),
         ("finetune", "full", (), "Try LoRA on the same backbone against best (encoder-lora)"),
         ("baseline", None, ("tfidf-logreg",), "Add encoder-probe and encoder-lora and check whether they beat best"),
-        ("baseline", None, ("encoder-probe", "encoder-lora@rank=4"), "No backbone here beats best: try a larger encoder"),
+        (
+            "baseline",
+            None,
+            ("encoder-probe", "encoder-lora@rank=4"),
+            "No backbone here beats best: try a larger encoder",
+        ),
     ],
 )
 def test_next_experiment_fits_what_the_best_system_is(kind, method, have, expected):
@@ -737,8 +736,11 @@ def test_sweep_points_pair_weighting_within_their_own_settings(tmp_path, monkeyp
     for rank in (2, 4):
         for name in ("encoder-lora", "encoder-lora-weighted", "decoder-lora"):
             monkeypatch.setitem(SYSTEMS, f"{name}@rank={rank}", SYSTEMS[name])
-    systems = ("tfidf-logreg", *(f"{n}@rank={r}" for r in (2, 4) for n in ("encoder-lora", "encoder-lora-weighted")),
-               "decoder-lora@rank=2")
+    systems = (
+        "tfidf-logreg",
+        *(f"{n}@rank={r}" for r in (2, 4) for n in ("encoder-lora", "encoder-lora-weighted")),
+        "decoder-lora@rank=2",
+    )
     text = re.sub(r"<[^>]+>", "", _html(write_fake_run(tmp_path / "run", systems=systems)))
     for rank in (2, 4):
         assert f"encoder-lora-weighted@rank={rank} vs encoder-lora@rank={rank}" in text
@@ -805,8 +807,10 @@ def test_tier_ticks_count_classes_in_words():
 
     from tailtune.report import _tier_tick
 
-    run = SimpleNamespace(train_counts={"a": 41, "b": 5, "c": 9},
-                          data={"tiers": {"classes": {"head": ["a"], "rare": ["b", "c"], "none": []}}})
+    run = SimpleNamespace(
+        train_counts={"a": 41, "b": 5, "c": 9},
+        data={"tiers": {"classes": {"head": ["a"], "rare": ["b", "c"], "none": []}}},
+    )
     assert _tier_tick(run, "head") == "head\n1 class, 41 train"  # was "1 classes, 41\u201341 train"
     assert _tier_tick(run, "rare") == "rare\n2 classes, 5\u20139 train"
     assert _tier_tick(run, "none") == "none\nno classes"
@@ -926,13 +930,21 @@ def test_the_disagreement_table_says_how_many_classes_tie_with_its_last_row():
     from tailtune.report import N_DISAGREE, _disagreement_table
 
     n = N_DISAGREE + 4
-    joined = pd.DataFrame({"label": [f"c{i}" for i in range(n + 1)], "tier": "rare", "train_count": 3,
-                           "support": [*range(n, 0, -1), 5], "f1_enc": [1.0] * n + [0.5], "f1_dec": 0.0})
+    joined = pd.DataFrame(
+        {
+            "label": [f"c{i}" for i in range(n + 1)],
+            "tier": "rare",
+            "train_count": 3,
+            "support": [*range(n, 0, -1), 5],
+            "f1_enc": [1.0] * n + [0.5],
+            "f1_dec": 0.0,
+        }
+    )
     an = SimpleNamespace(enc=SimpleNamespace(name="enc"), dec=SimpleNamespace(name="dec"))
     table = _disagreement_table(an, joined)
     assert [r[0].text for r in table.rows] == [f"c{i}" for i in range(N_DISAGREE)]  # more test rows first
     assert "(4 more differ by as much, 1.000; ties go to the class with more test rows)" in table.caption
-    table = _disagreement_table(an, joined.iloc[N_DISAGREE - 1:])  # 5 tied and c14: all fit
+    table = _disagreement_table(an, joined.iloc[N_DISAGREE - 1 :])  # 5 tied and c14: all fit
     assert len(table.rows) == 6 and "more differ by as much" not in table.caption
 
 
@@ -940,8 +952,9 @@ def test_weighting_tables_show_weighted_minus_unweighted(tmp_path):
     from tailtune.report import Table, fmt_delta, section_weighting
 
     run, an = _analysed(tmp_path)
-    tables = [b for b in section_weighting(run, an).blocks
-              if isinstance(b, Table) and "95% paired CI of \u0394" in b.header]
+    tables = [
+        b for b in section_weighting(run, an).blocks if isinstance(b, Table) and "95% paired CI of \u0394" in b.header
+    ]
     assert len(tables) == len(an.weighting) >= 1
     for table, pair in zip(tables, an.weighting, strict=True):
         base, w = pair["base"], pair["weighted"]
@@ -968,7 +981,9 @@ def test_a_decoder_worse_on_the_rare_classes_is_said_so_and_has_its_own_rule_row
     assert "Common classes matter most, latency budget is tight" not in highlighted
     from tailtune.report import fmt_count
 
-    name, base = re.search(r"One adapter is [\d.]+ \w+ on disk \(([\w-]+)\) against a base of (\S+) parameters", text).groups()
+    name, base = re.search(
+        r"One adapter is [\d.]+ \w+ on disk \(([\w-]+)\) against a base of (\S+) parameters", text
+    ).groups()
     total, trained = SYSTEMS[name]["params"]
     assert base == fmt_count(total - trained) != fmt_count(total)
 
@@ -981,10 +996,17 @@ def test_a_change_carried_by_one_row_classes_is_named():
     from tailtune.report import _single_row_flips
 
     def system(f1):
-        return SimpleNamespace(per_class=pd.DataFrame({
-            "label": list("abcdef"), "tier": ["rare"] * 4 + ["common"] * 2, "train_count": [3, 3, 4, 5, 90, 99],
-            "support": [1, 1, 1, 2, 20, 25], "f1": f1,
-        }))
+        return SimpleNamespace(
+            per_class=pd.DataFrame(
+                {
+                    "label": list("abcdef"),
+                    "tier": ["rare"] * 4 + ["common"] * 2,
+                    "train_count": [3, 3, 4, 5, 90, 99],
+                    "support": [1, 1, 1, 2, 20, 25],
+                    "f1": f1,
+                }
+            )
+        )
 
     base = system([0.0, 0.0, 1.0, 0.5, 0.80, 0.90])
     weighted = system([1.0, 1.0, 0.0, 0.5, 0.75, 0.85])  # +2 -1 on one-row classes, -0.1 elsewhere
@@ -1001,5 +1023,7 @@ def test_a_data_json_that_is_not_utf8_or_cut_is_one_line(tmp_path):
     path = write_fake_run(tmp_path / "run")
     for damage in (b'{"classes": ["caf\xe9"]}', b'{"classes": ['):
         (path / "data.json").write_bytes(damage)
-        with pytest.raises(TailtuneError, match=r"data.json is not readable JSON \(.+\); run the same tailtune run command"):
+        with pytest.raises(
+            TailtuneError, match=r"data.json is not readable JSON \(.+\); run the same tailtune run command"
+        ):
             load_run(path)

@@ -26,8 +26,14 @@ SYSTEMS = ["tfidf-logreg", *FINETUNED]
 # The smoke preset with an evaluation, hence a checkpoint, every 2 of the 8 steps per epoch,
 # and 3 epochs without early stopping: 12 resume points per fine-tuned system.
 RUN = [
-    "run", "smoke", "train.eval_per_epoch=4", "train.epochs=3", "train.early_stopping_patience=100",
-    "--systems", ",".join(SYSTEMS), "--no-report",
+    "run",
+    "smoke",
+    "train.eval_per_epoch=4",
+    "train.epochs=3",
+    "train.early_stopping_patience=100",
+    "--systems",
+    ",".join(SYSTEMS),
+    "--no-report",
 ]
 HEADERS = {
     "comparison.csv": "system,status,accuracy,macro_f1,weighted_f1,zero_f1_classes,trainable_params,"
@@ -46,8 +52,9 @@ def _start(out: Path, logs: Path) -> subprocess.Popen:
     logs.mkdir(parents=True, exist_ok=True)
     n = len(list(logs.glob("*.err")))
     with open(logs / f"{n}.out", "w") as stdout, open(logs / f"{n}.err", "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "tailtune.cli", *RUN, "--out", str(out)],
-                                stdout=stdout, stderr=stderr, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tailtune.cli", *RUN, "--out", str(out)], stdout=stdout, stderr=stderr, env=env
+        )
     proc.stderr_path = logs / f"{n}.err"
     return proc
 
@@ -206,8 +213,15 @@ def _classifier(arch: str, weighting: str, patience: int = 100):
         BackboneConfig(name=f"tiny:{arch}", max_length=32, batch_size=8, eval_batch_size=32),
         "lora",
         MethodConfig(rank=2, alpha=4),
-        TrainConfig(epochs=4, lr=1e-2, head_lr=1e-1, precision="fp32", head_init="random", eval_per_epoch=2,
-                    early_stopping_patience=patience),
+        TrainConfig(
+            epochs=4,
+            lr=1e-2,
+            head_lr=1e-1,
+            precision="fp32",
+            head_init="random",
+            eval_per_epoch=2,
+            early_stopping_patience=patience,
+        ),
         weighting=weighting,
     )
 
@@ -278,8 +292,9 @@ def test_fit_refuses_checkpoints_of_another_fit(tmp_path, corpus):
     other_settings = _classifier("bert", "none")
     other_settings.train.lr = 1e-3
     with pytest.raises(TailtuneError, match="holds checkpoints of another fit"):
-        other_settings.fit(texts, labels, val_texts=val_texts, val_labels=val_labels, classes=classes,
-                           work_dir=tmp_path)
+        other_settings.fit(
+            texts, labels, val_texts=val_texts, val_labels=val_labels, classes=classes, work_dir=tmp_path
+        )
 
 
 def test_resume_point_skips_a_half_written_checkpoint(tmp_path):
@@ -324,9 +339,12 @@ def test_a_checkpoint_is_on_disk_before_it_is_marked_complete(tmp_path, synced, 
 
     _fit(corpus, "bert", "none", work_dir=tmp_path)
     folder = tmp_path / "checkpoint-40"
-    marker = next(i for i, path in enumerate(synced)
-                  if Path(path).parent == folder and Path(path).name.startswith(f".{SELECTION_FILE}."))
+    marker = next(
+        i
+        for i, path in enumerate(synced)
+        if Path(path).parent == folder and Path(path).name.startswith(f".{SELECTION_FILE}.")
+    )
     before = {Path(path).name for path in synced[:marker] if Path(path).parent == folder}
     assert before >= {p.name for p in folder.iterdir()} - {SELECTION_FILE}
-    after = synced[marker + 1:]
+    after = synced[marker + 1 :]
     assert str(folder) in after and str(tmp_path) in after

@@ -63,8 +63,11 @@ def test_weights_changed_in_place_are_refused_on_resume_and_by_the_saved_model(t
         "differs); choose another --out, or restore the files the run was made with"
     )
     assert not list((out / "systems").glob("*encoder-lora*"))
-    with pytest.raises(TailtuneError, match=f"the backbone in {folder} has changed since this model was trained on it "
-                       r"\(model.safetensors differs\); restore those files, or train again"):
+    with pytest.raises(
+        TailtuneError,
+        match=f"the backbone in {folder} has changed since this model was trained on it "
+        r"\(model.safetensors differs\); restore those files, or train again",
+    ):
         deploy.load_predictor(out / "systems" / "encoder-probe")
 
 
@@ -202,7 +205,8 @@ def test_a_hub_models_digest_is_its_cached_files_not_its_commit(tmp_path, monkey
     changed = model_digests("org/m")
     assert changed is not None and changed["model.safetensors"] != first["model.safetensors"]
     assert {n: d for n, d in changed.items() if n != "model.safetensors"} == {
-        n: d for n, d in first.items() if n != "model.safetensors"}
+        n: d for n, d in first.items() if n != "model.safetensors"
+    }
     assert model_digests("org/not-cached") is None and model_digests("not a repo id!") is None
 
 

@@ -63,9 +63,23 @@ def test_train_jobs_at_the_same_time_fill_one_run_directory(tmp_path, small_csv)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     jobs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tailtune.cli", "train", "smoke", "--data", str(small_csv), "--out", str(out),
-             "--system", system],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            [
+                sys.executable,
+                "-m",
+                "tailtune.cli",
+                "train",
+                "smoke",
+                "--data",
+                str(small_csv),
+                "--out",
+                str(out),
+                "--system",
+                system,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for system in ("encoder-probe", "tfidf-logreg")
     ]
@@ -106,8 +120,19 @@ def test_a_system_another_process_is_training_is_refused(tmp_path, small_csv):
         busy = CliRunner().invoke(app, [*train, "encoder-probe"])
         # one command for a new system and the busy one: refused, and it leaves the run as it was
         # (it wrote the new system into config.yaml, and the busy job's own command was then refused)
-        both = CliRunner().invoke(app, ["run", "smoke", "--data", str(small_csv), "--out", str(out), "--systems",
-                                        "tfidf-logreg,encoder-probe,encoder-lora"])
+        both = CliRunner().invoke(
+            app,
+            [
+                "run",
+                "smoke",
+                "--data",
+                str(small_csv),
+                "--out",
+                str(out),
+                "--systems",
+                "tfidf-logreg,encoder-probe,encoder-lora",
+            ],
+        )
         assert both.exit_code == 2 and "another tailtune process is training encoder-probe" in both.stderr
         assert (out / "config.yaml").read_text() == before
         assert not (out / "systems" / ".encoder-lora.partial").exists()
@@ -204,8 +229,17 @@ def test_a_finished_system_with_a_missing_or_cut_file_is_trained_again(tmp_path,
     from tailtune.cli import app
 
     out = tmp_path / "run"
-    command = ["run", "smoke", "--data", str(small_csv), "--out", str(out), "--systems", "tfidf-logreg,encoder-lora",
-               "--no-report"]
+    command = [
+        "run",
+        "smoke",
+        "--data",
+        str(small_csv),
+        "--out",
+        str(out),
+        "--systems",
+        "tfidf-logreg,encoder-lora",
+        "--no-report",
+    ]
     assert CliRunner().invoke(app, command).exit_code == 0
     system = out / "systems" / "encoder-lora"
     files = json.loads((system / "files.json").read_text())

@@ -102,8 +102,12 @@ def test_bad_ray_predict_is_one_line_exit_2(scale_run, tmp_path, args, message):
     (tmp_path / "file").write_text("x")
     complaints(5).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
     complaints(5).to_json(tmp_path / "in.json", orient="records")
-    paths = {"existing": tmp_path / "existing", "file": tmp_path / "file", "jsonl": tmp_path / "in.jsonl",
-             "json": tmp_path / "in.json"}
+    paths = {
+        "existing": tmp_path / "existing",
+        "file": tmp_path / "file",
+        "jsonl": tmp_path / "in.jsonl",
+        "json": tmp_path / "in.json",
+    }
     args = [a.format(**paths) for a in args]
     if "--output" not in args:
         args += ["--output", tmp_path / "out"]
@@ -185,9 +189,7 @@ def test_ray_equals_local_with_a_torch_system(scale_run, ray_session, tmp_path):
         chunk_size=500,
         batch_size=1,
     )
-    deploy.predict_file(
-        system, tmp_path / "in.jsonl", tmp_path / "local.parquet", k=3, batch_size=1
-    )
+    deploy.predict_file(system, tmp_path / "in.jsonl", tmp_path / "local.parquet", k=3, batch_size=1)
     assert_same_predictions(tmp_path / "ray", tmp_path / "local.parquet", frame)
 
 
@@ -236,9 +238,24 @@ def _ray_predict_fails(run: Path, source: Path, out: Path) -> tuple:
     """(result, last stderr line) of `predict --engine ray` in a subprocess, which must exit 2
     without a traceback and without writing ``out``."""
     result = subprocess.run(
-        [sys.executable, "-m", "tailtune.cli", "predict", str(run / "systems" / "tfidf-logreg"), "--input",
-         str(source), "--output", str(out), "--engine", "ray", "--workers", "1"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "tailtune.cli",
+            "predict",
+            str(run / "systems" / "tfidf-logreg"),
+            "--input",
+            str(source),
+            "--output",
+            str(out),
+            "--engine",
+            "ray",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "internal error" not in result.stderr
@@ -251,7 +268,9 @@ def test_a_row_ray_cannot_read_is_one_line(scale_run, tmp_path):
     # past the rows the header check reads, so the error comes from Ray's reader
     (tmp_path / "in.csv").write_text("text,Issue\n" + "fine,a\n" * 500 + "one,too,many\n")
     _, last = _ray_predict_fails(scale_run, tmp_path / "in.csv", tmp_path / "out")
-    assert last.startswith(f"error: could not classify {tmp_path / 'in.csv'} on Ray: ValueError: Failed to read CSV"), last
+    assert last.startswith(f"error: could not classify {tmp_path / 'in.csv'} on Ray: ValueError: Failed to read CSV"), (
+        last
+    )
 
 
 def test_predict_command_starts_and_stops_its_own_cluster(scale_run, tmp_path):

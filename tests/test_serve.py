@@ -67,26 +67,18 @@ def test_health_and_systems(client):
         shared = systems[f"{slot}-lora"]["shared_base"]
         assert shared == {"backbone": f"tiny:{arch}", "systems": [f"{slot}-lora", f"{slot}-lora-weighted"]}
         assert systems[f"{slot}-lora-weighted"]["shared_base"] == shared
-    assert all(
-        s["classes"] == 5 and s["kind"] == "finetune" and s["method"] == "lora"
-        for s in systems.values()
-    )
+    assert all(s["classes"] == 5 and s["kind"] == "finetune" and s["method"] == "lora" for s in systems.values())
 
 
 def test_predict_answers_with_top_k(client):
-    body = client.post(
-        "/predict", json={"texts": TEXTS, "system": "decoder-lora", "top_k": 3}
-    ).json()
+    body = client.post("/predict", json={"texts": TEXTS, "system": "decoder-lora", "top_k": 3}).json()
     assert body["system"] == "decoder-lora" and len(body["predictions"]) == len(TEXTS)
     for p in body["predictions"]:
         assert [t["label"] for t in p["top_k"]][0] == p["label"] and len(p["top_k"]) == 3
         confidences = [t["confidence"] for t in p["top_k"]]
         assert confidences == sorted(confidences, reverse=True) and 0 < p["confidence"] <= 1
     default = client.post("/predict", json={"texts": TEXTS[:1]}).json()
-    assert (
-        default["system"] == "encoder-lora-weighted"
-        and len(default["predictions"][0]["top_k"]) == 1
-    )
+    assert default["system"] == "encoder-lora-weighted" and len(default["predictions"][0]["top_k"]) == 1
 
 
 @pytest.mark.parametrize("slot", ["encoder", "decoder"])
@@ -95,19 +87,13 @@ def test_two_adapters_on_one_base_answer_as_each_alone(adapter_run, client, slot
     names = (f"{slot}-lora", f"{slot}-lora-weighted")
     a, b = (registry.predictors[n] for n in names)
     assert a.shared is b.shared and len(a.shared.model.backbone.peft_config) == 2
-    alone = {
-        name: TextClassifier.load(adapter_run / "systems" / name / "model").predict_proba(TEXTS)
-        for name in names
-    }
+    alone = {name: TextClassifier.load(adapter_run / "systems" / name / "model").predict_proba(TEXTS) for name in names}
     assert np.abs(alone[names[0]] - alone[names[1]]).max() > 1e-2  # the switch matters
     for name in (*names, *names):
         body = client.post("/predict", json={"texts": TEXTS, "system": name, "top_k": 5}).json()
         classes = TextClassifier.load(adapter_run / "systems" / name / "model").classes_
         served = np.array(
-            [
-                [dict((t["label"], t["confidence"]) for t in p["top_k"])[c] for c in classes]
-                for p in body["predictions"]
-            ]
+            [[dict((t["label"], t["confidence"]) for t in p["top_k"])[c] for c in classes] for p in body["predictions"]]
         )
         np.testing.assert_allclose(served, alone[name], atol=1e-5)
 
@@ -224,9 +210,7 @@ def test_serve_command_answers_and_stops_on_sigterm(adapter_run):
             except httpx.TransportError:
                 assert server.poll() is None, server.stdout.read()
                 time.sleep(0.5)
-        body = httpx.post(
-            f"{url}/predict", json={"texts": TEXTS, "system": "encoder-lora"}, timeout=60
-        ).json()
+        body = httpx.post(f"{url}/predict", json={"texts": TEXTS, "system": "encoder-lora"}, timeout=60).json()
         expected = deploy.load_predictor(adapter_run / "systems" / "encoder-lora").predict(TEXTS)
         assert [p["label"] for p in body["predictions"]] == expected
         server.send_signal(signal.SIGTERM)
@@ -244,8 +228,9 @@ def test_a_system_name_with_a_dot_is_served(tmp_path):
     """peft refuses '.' in an adapter name: a sweep's encoder-lora@dropout=0.1 stopped serve."""
     for name, seed in (("encoder-lora", 11), ("encoder-lora@dropout=0.1", 12)):
         make_lora_system(tmp_path / "systems" / name / "model", "bert", seed)
-    pd.DataFrame({"system": ["encoder-lora", "encoder-lora@dropout=0.1"], "status": ["ok", "ok"],
-                  "macro_f1": [0.2, 0.3]}).to_csv(tmp_path / "comparison.csv", index=False)
+    pd.DataFrame(
+        {"system": ["encoder-lora", "encoder-lora@dropout=0.1"], "status": ["ok", "ok"], "macro_f1": [0.2, 0.3]}
+    ).to_csv(tmp_path / "comparison.csv", index=False)
     with TestClient(create_app(tmp_path, max_batch=8, max_chars=500, precision="fp32")) as c:
         body = c.post("/predict", json={"texts": TEXTS, "system": "encoder-lora@dropout=0.1"}).json()
     alone = TextClassifier.load(tmp_path / "systems" / "encoder-lora@dropout=0.1" / "model").predict(TEXTS)
@@ -285,8 +270,13 @@ def test_non_finite_numbers_and_loose_types_are_422_not_500(client, body):
     assert response.json()["detail"][0]["loc"][0] == "body"
 
 
-@pytest.mark.parametrize(("body", "says"), [('{"texts": ["ok \\ud800 text"]}', "text 0 is not valid Unicode"),
-                                           ('{"texts": ["fine", " \\u200b"]}', "text 1 is empty")])
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ('{"texts": ["ok \\ud800 text"]}', "text 0 is not valid Unicode"),
+        ('{"texts": ["fine", " \\u200b"]}', "text 1 is empty"),
+    ],
+)
 def test_texts_without_text_are_422_for_a_system_without_a_tokenizer(tmp_path_factory, body, says):
     """A review: 422 from the torch systems, 200 with a label from tfidf-logreg."""
     from test_deploy import train_smoke_run

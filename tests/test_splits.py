@@ -21,15 +21,24 @@ def tailtune(*args, cwd=None):
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
         [sys.executable, "-m", "tailtune.cli", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
     )
 
 
 def test_parse_seeds():
     assert parse_seeds("3, 0,1") == [3, 0, 1]
-    for text, message in [("0", "at least 2"), ("0,x", "non-negative integers"), ("0,-1", "non-negative"),
-                          ("0,,1", "non-negative"), ("2,2", "twice"),
-                          ("0,4294967296", "seed 4294967296 is above 4294967295")]:
+    for text, message in [
+        ("0", "at least 2"),
+        ("0,x", "non-negative integers"),
+        ("0,-1", "non-negative"),
+        ("0,,1", "non-negative"),
+        ("2,2", "twice"),
+        ("0,4294967296", "seed 4294967296 is above 4294967295"),
+    ]:
         with pytest.raises(TailtuneError, match=message):
             parse_seeds(text)
 
@@ -131,8 +140,10 @@ def test_split_seeds_bad_input_is_one_line(split_run, tmp_path):
         (["--out", out / "seed-0", "--split-seeds", "0,1"], "holds a single run"),
         # a review: "exists, is not empty and is not a tailtune run directory"
         (["--out", out], "holds one run per split seed; add --split-seeds to resume or extend them"),
-        (["--out", out, "--split-seeds", "0,1", "train.epochs=9"],
-         "holds split seeds run with a different config (seed-0: train.epochs: 2.0 in the run, 9.0 now)"),
+        (
+            ["--out", out, "--split-seeds", "0,1", "train.epochs=9"],
+            "holds split seeds run with a different config (seed-0: train.epochs: 2.0 in the run, 9.0 now)",
+        ),
     ]
     for args, message in cases:
         result = tailtune("run", "smoke", f"systems={SYSTEMS}", *args, "--no-report")
@@ -146,8 +157,18 @@ def test_split_seeds_bad_input_is_one_line(split_run, tmp_path):
 
 def test_split_seeds_with_tune_tune_each_seed(tmp_path):
     out = tmp_path / "run"
-    result = tailtune("run", "smoke", "systems=tfidf-logreg,encoder-lora", "tune.lr_factors=[1,4]",
-                      "--out", out, "--split-seeds", "0,1", "--tune", "--no-report")
+    result = tailtune(
+        "run",
+        "smoke",
+        "systems=tfidf-logreg,encoder-lora",
+        "tune.lr_factors=[1,4]",
+        "--out",
+        out,
+        "--split-seeds",
+        "0,1",
+        "--tune",
+        "--no-report",
+    )
     assert result.returncode == 0, result.stderr
     for seed in (0, 1):
         run = out / f"seed-{seed}"
@@ -191,5 +212,7 @@ def test_a_seed_comparison_without_a_metric_column_is_one_line(tmp_path):
         {"system": "tfidf-logreg", "seed": 0, "status": "ok", "accuracy": 0.5, "macro_f1": 0.25, "zero_f1_classes": 3}
     ]
     path.write_text("system,status,accuracy\ntfidf-logreg,ok,0.5\n")
-    with pytest.raises(TailtuneError, match=r"comparison.csv has no 'macro_f1', 'zero_f1_classes' columns; run the same"):
+    with pytest.raises(
+        TailtuneError, match=r"comparison.csv has no 'macro_f1', 'zero_f1_classes' columns; run the same"
+    ):
         per_seed(tmp_path, [0])

@@ -47,16 +47,20 @@ def test_axes_cross_and_baselines_stay_once():
     assert overrides == ["eval.n_boot=50"]
     names = grid_systems(["tfidf-logreg", "encoder-probe", "encoder-lora-weighted"], axes)
     assert names == [
-        "tfidf-logreg", "encoder-probe",
-        "encoder-lora-weighted@rank=4", "encoder-lora-weighted@rank=16",
+        "tfidf-logreg",
+        "encoder-probe",
+        "encoder-lora-weighted@rank=4",
+        "encoder-lora-weighted@rank=16",
         "encoder-ia3-weighted",  # ia3 has no rank: one point, not two of the same model
     ]
     assert split_values("attention,[attention,ffn]") == ["attention", "attention|ffn"]
     # the README's own example: the duplicate check failed on the targets' list ("unhashable type")
     axes, _ = parse_args(["method.rank=4,16", "method.targets=attention,all"])
     assert grid_systems(["encoder-lora"], axes) == [
-        "encoder-lora@rank=4+targets=attention", "encoder-lora@rank=4+targets=all",
-        "encoder-lora@rank=16+targets=attention", "encoder-lora@rank=16+targets=all",
+        "encoder-lora@rank=4+targets=attention",
+        "encoder-lora@rank=4+targets=all",
+        "encoder-lora@rank=16+targets=attention",
+        "encoder-lora@rank=16+targets=all",
     ]
 
 
@@ -71,7 +75,10 @@ def test_axes_cross_and_baselines_stay_once():
         (["method.rank=4,,16"], "empty value"),
         (["method.rank=4,x"], "rank must be a number"),
         # the same value written twice trained the same model twice
-        (["method.rank=4,04"], "the sweep produces the same system twice (encoder-lora@rank=4 and encoder-lora@rank=04)"),
+        (
+            ["method.rank=4,04"],
+            "the sweep produces the same system twice (encoder-lora@rank=4 and encoder-lora@rank=04)",
+        ),
         (["train.lr=1e-3,0.001"], "the sweep produces the same system twice"),
         # an axis no swept method uses was dropped without a word (ia3 has no rank)
         (["method=ia3", "method.rank=4,16"], "sweep axis 'method.rank' applies to none of the swept methods (ia3)"),
@@ -86,8 +93,15 @@ def test_bad_axes_are_refused_before_anything_trains(items, message):
 def test_sweep_command_runs_every_point_with_its_settings(tmp_path):
     out = tmp_path / "sweep"
     result = tailtune(
-        "sweep", "smoke", "method=lora,bitfit", "method.rank=2,8", "--systems", "tfidf-logreg,encoder-lora",
-        "--out", out, check=True,
+        "sweep",
+        "smoke",
+        "method=lora,bitfit",
+        "method.rank=2,8",
+        "--systems",
+        "tfidf-logreg,encoder-lora",
+        "--out",
+        out,
+        check=True,
     )
     comparison = pd.read_csv(out / "comparison.csv")
     expected = ["tfidf-logreg", "encoder-lora@rank=2", "encoder-lora@rank=8", "encoder-bitfit"]
@@ -146,10 +160,13 @@ def test_the_swept_config_goes_beside_the_presets_run_unless_told_where():
 
 def test_the_swept_config_is_validated_as_a_whole():
     # a tune.chosen entry for the plain system no longer names a system of the sweep
-    cfg = load_config("smoke", [
-        "systems=[tfidf-logreg,encoder-lora]",
-        "tune.chosen=[{system: encoder-lora, lr: 0.001, weighting: none, val_macro_f1: 0.5}]",
-    ])
+    cfg = load_config(
+        "smoke",
+        [
+            "systems=[tfidf-logreg,encoder-lora]",
+            "tune.chosen=[{system: encoder-lora, lr: 0.001, weighting: none, val_macro_f1: 0.5}]",
+        ],
+    )
     axes, _ = parse_args(["method.rank=4,16"])
     with pytest.raises(TailtuneError, match="tune.chosen names 'encoder-lora', which is not in systems"):
         sweep_config(cfg, axes)
@@ -161,8 +178,19 @@ def test_sweep_takes_the_text_column_as_run_does(tmp_path):
 
     source = tmp_path / "d.csv"
     source.write_text("body,Issue\nhello,A\n")
-    result = cli("sweep", "smoke", "method=lora,ia3", "--data", source, "--label-column", "Issue",
-                 "--text-column", "narrative", "--out", tmp_path / "s")
+    result = cli(
+        "sweep",
+        "smoke",
+        "method=lora,ia3",
+        "--data",
+        source,
+        "--label-column",
+        "Issue",
+        "--text-column",
+        "narrative",
+        "--out",
+        tmp_path / "s",
+    )
     assert result.exit_code == 2, result.output
     assert "text column 'narrative' not found" in result.output
     assert not (tmp_path / "s").exists()

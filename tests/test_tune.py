@@ -17,11 +17,17 @@ def test_the_grid_searches_what_the_name_leaves_open_default_first():
     cfg = load_config("smoke", ["tune.lr_factors=[0.5,1,2]", "tune.weightings=[none,sqrt_inverse]"])
     # smoke: train.lr 1e-3, train.weighting sqrt_inverse; the default comes first in each list
     assert grid(parse_system("encoder-lora-weighted"), cfg) == [
-        (1e-3, "sqrt_inverse"), (5e-4, "sqrt_inverse"), (2e-3, "sqrt_inverse"),
-        (1e-3, "none"), (5e-4, "none"), (2e-3, "none"),
+        (1e-3, "sqrt_inverse"),
+        (5e-4, "sqrt_inverse"),
+        (2e-3, "sqrt_inverse"),
+        (1e-3, "none"),
+        (5e-4, "none"),
+        (2e-3, "none"),
     ]
     assert grid(parse_system("encoder-lora-logit_adjusted"), cfg) == [
-        (1e-3, "logit_adjusted"), (5e-4, "logit_adjusted"), (2e-3, "logit_adjusted"),
+        (1e-3, "logit_adjusted"),
+        (5e-4, "logit_adjusted"),
+        (2e-3, "logit_adjusted"),
     ]
     # full fine-tuning starts from its paper's rate, not train.lr
     assert [lr for lr, _ in grid(parse_system("encoder-full"), cfg)] == [2e-5, 1e-5, 4e-5]
@@ -71,15 +77,31 @@ def _trials(out):
 
 def test_tune_chooses_on_validation_writes_the_choice_and_trains_with_it(tmp_path):
     out = tmp_path / "tuned"
-    args = ("run", "smoke", "--systems", "tfidf-logreg,encoder-lora-weighted,encoder-lora@lr=1e-3", "--tune",
-            "tune.lr_factors=[1,4]", "tune.weightings=[sqrt_inverse,logit_adjusted]", "--out", out, "--no-report")
+    args = (
+        "run",
+        "smoke",
+        "--systems",
+        "tfidf-logreg,encoder-lora-weighted,encoder-lora@lr=1e-3",
+        "--tune",
+        "tune.lr_factors=[1,4]",
+        "tune.weightings=[sqrt_inverse,logit_adjusted]",
+        "--out",
+        out,
+        "--no-report",
+    )
     first = tailtune(*args, check=True)
     trials = _trials(out)
     assert len(trials) == 4  # 2 lrs x 2 weightings for the -weighted system; the other names its lr
     best = max(trials.values(), key=lambda t: t["val_macro_f1"])
     chosen = yaml.safe_load((out / "config.yaml").read_text())["tune"]["chosen"]
-    assert chosen == [{"system": "encoder-lora-weighted", "lr": best["lr"], "weighting": best["weighting"],
-                       "val_macro_f1": round(best["val_macro_f1"], 4)}]
+    assert chosen == [
+        {
+            "system": "encoder-lora-weighted",
+            "lr": best["lr"],
+            "weighting": best["weighting"],
+            "val_macro_f1": round(best["val_macro_f1"], 4),
+        }
+    ]
     system = json.loads((out / "systems" / "encoder-lora-weighted" / "metrics.json").read_text())["system"]
     assert (system["lr"], system["weighting"], system["tuned"]) == (best["lr"], best["weighting"], True)
     assert "chosen: lr" in first.stdout
@@ -110,7 +132,13 @@ def test_tune_chooses_on_validation_writes_the_choice_and_trains_with_it(tmp_pat
 def test_a_config_with_chosen_values_trains_with_them_without_searching(tmp_path):
     out = tmp_path / "given"
     tailtune(
-        "run", "smoke", "--systems", "encoder-lora-weighted", "--out", out, "--no-report",
+        "run",
+        "smoke",
+        "--systems",
+        "encoder-lora-weighted",
+        "--out",
+        out,
+        "--no-report",
         "tune.chosen=[{system: encoder-lora-weighted, lr: 0.0005, weighting: logit_adjusted, val_macro_f1: 0.5}]",
         check=True,
     )
@@ -137,8 +165,14 @@ def _tiny_prepared():
     rows += [(f"v{i}", f"val text {i}", c, "val") for i, c in enumerate(classes)]
     frame = pd.DataFrame(rows, columns=["id", "text", "label", "split"])
     frame["y"] = frame["label"].map({c: i for i, c in enumerate(classes)})
-    return Prepared(frame, classes, np.array([30, 8, 2]), ["common", "mid", "rare"], ["rare", "mid", "common"],
-                    summary={"splits": {"train": 40, "val": 3, "test": 0}})
+    return Prepared(
+        frame,
+        classes,
+        np.array([30, 8, 2]),
+        ["common", "mid", "rare"],
+        ["rare", "mid", "common"],
+        summary={"splits": {"train": 40, "val": 3, "test": 0}},
+    )
 
 
 def test_a_trial_trains_on_the_subset_for_tune_epochs_and_scores_its_best_epoch(monkeypatch):
@@ -161,7 +195,9 @@ def test_a_trial_trains_on_the_subset_for_tune_epochs_and_scores_its_best_epoch(
             self.train, self.backbone = Recipe(cfg.train.epochs), Recipe(7)
 
         def fit(self, texts, labels, **kw):
-            seen.update(texts=texts, labels=labels, epochs=self.train.epochs, backbone_epochs=self.backbone.epochs, **kw)
+            seen.update(
+                texts=texts, labels=labels, epochs=self.train.epochs, backbone_epochs=self.backbone.epochs, **kw
+            )
             self.history_ = {"evals": [{"val_macro_f1": 0.2}, {"val_macro_f1": 0.6}, {"val_macro_f1": 0.4}]}
 
     def prepare(spec, ctx, lr, scheme):

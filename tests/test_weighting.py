@@ -21,7 +21,7 @@ def test_inverse_and_effective_number():
     assert inv[1] / inv[0] == pytest.approx(100)
     eff = class_weights(counts, "effective_number")
     beta = 0.999
-    raw = (1 - beta) / (1 - beta ** counts)
+    raw = (1 - beta) / (1 - beta**counts)
     assert eff[1] / eff[0] == pytest.approx(raw[1] / raw[0])
 
 
@@ -60,9 +60,11 @@ def test_plan_sets_exactly_one_lever():
     fields = ("class_weights", "logit_offset", "class_sampling")
     for name in names():
         chosen = [f for f in fields if getattr(plan(name, counts), f) is not None]
-        assert chosen == ([] if name == "none" else [
-            {"logit_adjusted": "logit_offset", "balanced_sampling": "class_sampling"}.get(name, "class_weights")
-        ])
+        assert chosen == (
+            []
+            if name == "none"
+            else [{"logit_adjusted": "logit_offset", "balanced_sampling": "class_sampling"}.get(name, "class_weights")]
+        )
     sampling = plan("balanced_sampling", counts).class_sampling
     # every class is equally likely: per-class mass n_c * w_c is constant
     np.testing.assert_allclose(counts * sampling, counts[0] * sampling[0])

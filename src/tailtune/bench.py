@@ -114,9 +114,7 @@ def time_batches(predict: Callable, texts: list[str], batch_size: int, repeats: 
     }
 
 
-def compare(
-    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
-) -> dict[str, np.ndarray]:
+def compare(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, np.ndarray]:
     """Seconds per call of each contender, side by side: all warm up, then the calls interleave.
 
     Interleaving spreads drift in machine load (other processes, clock changes) over every
@@ -238,9 +236,7 @@ def system_method(system_dir: Path):
     return methods.get(deploy.load_meta(folder)["method"]) if kind == "finetune" else None
 
 
-def _variants(
-    system_dir: Path, device, method
-) -> tuple[list[tuple[str, Callable | None, str | None]], str, str]:
+def _variants(system_dir: Path, device, method) -> tuple[list[tuple[str, Callable | None, str | None]], str, str]:
     """([(variant, build() -> predictor, skip reason)], headline variant, reference variant).
 
     ``method``: the system's :class:`~tailtune.methods.Method` (:func:`system_method`), or None.
@@ -372,27 +368,19 @@ def bench(
             proba = predictor.predict_proba(texts)
             if variant == headline:
                 params = predictor.params
-            accuracy[variant] = float(
-                np.mean(np.asarray(predictor.classes_, dtype=object)[proba.argmax(1)] == gold)
-            )
+            accuracy[variant] = float(np.mean(np.asarray(predictor.classes_, dtype=object)[proba.argmax(1)] == gold))
             # Largest batch first: the headline batch then comes first among a variant's rows.
             for b in sorted(set(batch_sizes), reverse=True):
                 predictor.batch_size = b
                 timing = time_batches(predictor.predict_proba, texts, b, repeats)
                 rows.append({"variant": variant, "batch_size": b, **timing})
                 if console is not None:
-                    console.print(
-                        f"  {variant:14s} batch {b:3d}: {timing['ms_per_example']:8.3f} ms/example"
-                    )
+                    console.print(f"  {variant:14s} batch {b:3d}: {timing['ms_per_example']:8.3f} ms/example")
             del predictor
         for row in rows:
             row["accuracy"] = accuracy[row["variant"]]
-            row["accuracy_change"] = (
-                accuracy[row["variant"]] - accuracy[reference] if reference in accuracy else None
-            )
-        top = next(
-            r for r in rows if r["variant"] == headline and r["batch_size"] == headline_batch
-        )
+            row["accuracy_change"] = accuracy[row["variant"]] - accuracy[reference] if reference in accuracy else None
+        top = next(r for r in rows if r["variant"] == headline and r["batch_size"] == headline_batch)
         seconds = JOB_SIZE * top["ms_per_example"] / 1000
         result["systems"][name] = {
             "ms_per_example": top["ms_per_example"],
@@ -489,13 +477,11 @@ def _keep_earlier(path: Path, result: dict, run_dir: Path, finished: list[str]) 
 def decoder_vs_encoder(systems: dict) -> float | None:
     """Median of decoder/encoder headline ms per example over systems that differ only in slot."""
     ratios = [
-        entry["ms_per_example"]
-        / systems["encoder-" + name.removeprefix("decoder-")]["ms_per_example"]
+        entry["ms_per_example"] / systems["encoder-" + name.removeprefix("decoder-")]["ms_per_example"]
         for name, entry in systems.items()
         if name.startswith("decoder-") and "encoder-" + name.removeprefix("decoder-") in systems
     ]
     return float(np.median(ratios)) if ratios else None
-
 
 
 def _table(title: str, columns: tuple[str, ...]):
@@ -506,6 +492,7 @@ def _table(title: str, columns: tuple[str, ...]):
     for col in columns:
         table.add_column(col, justify="left" if col in ("system", "variant") else "right", no_wrap=True)
     return table
+
 
 def print_bench(result: dict, console) -> None:
     """Every variant and batch size, then the headline per system."""

@@ -61,7 +61,13 @@ def _module():
         """backbone -> pool(hidden, mask) -> ``score`` (linear; no bias on decoders). Returns {"loss", "logits"}."""
 
         def __init__(
-            self, backbone, n_classes: int, pooling: str, is_decoder: bool, class_weights=None, logit_offset=None,
+            self,
+            backbone,
+            n_classes: int,
+            pooling: str,
+            is_decoder: bool,
+            class_weights=None,
+            logit_offset=None,
             bias: bool | None = None,
         ):
             super().__init__()
@@ -70,7 +76,9 @@ def _module():
             self.is_decoder = is_decoder
             # Decoder heads have no bias, like transformers' <Family>ForSequenceClassification
             # ``score``, so a merged decoder exports to the stock class exactly.
-            self.score = nn.Linear(backbone.config.hidden_size, n_classes, bias=not is_decoder if bias is None else bias)
+            self.score = nn.Linear(
+                backbone.config.hidden_size, n_classes, bias=not is_decoder if bias is None else bias
+            )
             # Training-only: loss weights, and the logit-adjustment offset the loss adds (the
             # returned logits never include it, so prediction uses the balanced logits).
             for name, value in (("class_weights", class_weights), ("logit_offset", logit_offset)):
@@ -190,6 +198,7 @@ def encode_labels(labels, classes=None, what: str = "labels") -> tuple[list, np.
     a saved model's JSON cannot hold). A missing label, or one outside ``classes``, is an error
     that names it.
     """
+
     def plain(value):
         return value.item() if isinstance(value, np.generic) else value
 
@@ -208,8 +217,10 @@ def encode_labels(labels, classes=None, what: str = "labels") -> tuple[list, np.
         try:
             classes = sorted(set(labels))
         except TypeError:
-            raise TailtuneError(f"{what} mix types ({', '.join(sorted({type(v).__name__ for v in labels}))}); "
-                                "use one type for every label") from None
+            raise TailtuneError(
+                f"{what} mix types ({', '.join(sorted({type(v).__name__ for v in labels}))}); "
+                "use one type for every label"
+            ) from None
     classes = [plain(c) for c in classes]
     index = {c: i for i, c in enumerate(classes)}
     if len(index) != len(classes):
@@ -400,7 +411,12 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
         if self.train.backbone_dropout is not None:  # before the method: LoRA keeps method.dropout
             backbones.set_dropout(base, self.train.backbone_dropout)
         return base, _module()(
-            base, len(classes), self.pooling_, self.backbone_.is_decoder, imbalance.class_weights, imbalance.logit_offset
+            base,
+            len(classes),
+            self.pooling_,
+            self.backbone_.is_decoder,
+            imbalance.class_weights,
+            imbalance.logit_offset,
         )
 
     def fit(
@@ -454,7 +470,9 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
                     f"val_texts has {len(val_texts)} rows and val_labels {len(val_y)}; they must be the same length"
                 )
             if not val_texts:
-                raise TailtuneError("val_texts is empty; leave val_texts and val_labels out to train without validation")
+                raise TailtuneError(
+                    "val_texts is empty; leave val_texts and val_labels out to train without validation"
+                )
         self.classes_ = classes
         counts = np.bincount(y, minlength=len(self.classes_))
         self.imbalance_ = weighting.plan(self.weighting, counts, self.train.logit_tau)
@@ -465,7 +483,9 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
         if head_init is None and self.train.head_init == "probe":
             head_init, start_val_f1 = self._probe_start(model, train_ids, y, val_ids, val_y, counts)
         method = methods.get(self.method)
-        model.backbone, self.targets_ = method.apply(base, self.backbone_, self.method_config, self.backbone.adapt_layers)
+        model.backbone, self.targets_ = method.apply(
+            base, self.backbone_, self.method_config, self.backbone.adapt_layers
+        )
         if head_init is not None:
             with torch.no_grad():
                 model.score.weight.copy_(torch.as_tensor(head_init[0]))
@@ -507,7 +527,11 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
 
         precision, size = resolve_precision(self.train.precision), self.backbone.eval_batch_size
         features = run_forward(model, self.tokenizer_, train_ids, size, precision, "features")
-        val = None if val_ids is None else (run_forward(model, self.tokenizer_, val_ids, size, precision, "features"), val_y)
+        val = (
+            None
+            if val_ids is None
+            else (run_forward(model, self.tokenizer_, val_ids, size, precision, "features"), val_y)
+        )
         probe = ProbeClassifier(self.backbone, seed=self.train.seed, intercept=not self.backbone_.is_decoder)
         probe.fit_features(features, y, self.classes_, val=val, choose_C=True)
         self.probe_val_macro_f1_ = getattr(probe, "val_macro_f1_", None)
@@ -592,7 +616,9 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
         self.tokenizer_ = AutoTokenizer.from_pretrained(path / "tokenizer")
         self.tokenizer_.padding_side = meta["padding_side"]
         # A merged export or full fine-tuning holds the whole backbone: the base is not read.
-        base = method.load(None, path) if method.saves_backbone else backbones.load_model(self.backbone_, self.tokenizer_)
+        base = (
+            method.load(None, path) if method.saves_backbone else backbones.load_model(self.backbone_, self.tokenizer_)
+        )
         head = load_file(str(path / "head.safetensors"))
         model = _module()(base, len(self.classes_), self.pooling_, self.backbone_.is_decoder, bias="bias" in head)
         if not method.saves_backbone:
@@ -669,7 +695,12 @@ def single_threaded_blas():
 
 
 def fit_logreg(
-    features: np.ndarray, y: np.ndarray, n_classes: int, class_weight="balanced", C: float = 1.0, seed: int = 0,
+    features: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    class_weight="balanced",
+    C: float = 1.0,
+    seed: int = 0,
     intercept: bool = True,
 ):
     """Standardised multinomial logistic regression; returns (pipeline, W (C, H), b (C,)).
@@ -755,10 +786,16 @@ class ProbeClassifier:
         if not hasattr(self, "model_"):
             self.load_encoder()
         ids = tokenize(self.tokenizer_, texts, self.backbone.max_length)
-        return run_forward(self.model_, self.tokenizer_, ids, self.backbone.eval_batch_size, self.precision_, "features", progress)
+        return run_forward(
+            self.model_, self.tokenizer_, ids, self.backbone.eval_batch_size, self.precision_, "features", progress
+        )
 
     def fit_features(
-        self, features: np.ndarray, y: np.ndarray, classes: list[str], val: tuple[np.ndarray, np.ndarray] | None = None,
+        self,
+        features: np.ndarray,
+        y: np.ndarray,
+        classes: list[str],
+        val: tuple[np.ndarray, np.ndarray] | None = None,
         choose_C: bool | None = None,
     ) -> ProbeClassifier:
         """Fit on (N, H) features; ``C_`` records the regularisation used.

@@ -14,8 +14,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    help="Parameter-efficient fine-tuning of text classifiers on long-tailed label sets, "
-    "compared class by class.",
+    help="Parameter-efficient fine-tuning of text classifiers on long-tailed label sets, compared class by class.",
 )
 data_app = typer.Typer(no_args_is_help=True, help="Look at a data file before training on it.")
 app.add_typer(data_app, name="data")
@@ -104,7 +103,8 @@ def _config(config: str | None, overrides: list[str], **options):
     # with a quote stays as it is (config.TEXT_KEYS).
     extra = [
         f"{key}={json.dumps(str(value), ensure_ascii=False) if key in TEXT_KEYS else value}"
-        for key, value in options.items() if value is not None
+        for key, value in options.items()
+        if value is not None
     ]
     return load_config(config, [*overrides, *extra])
 
@@ -114,7 +114,9 @@ def _config(config: str | None, overrides: list[str], **options):
 def run(
     config: str = typer.Argument(None, help="Preset name (demo, smoke, cpu-real, cfpb-paper) or YAML path."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.epochs=3."),
-    data: Path = typer.Option(None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."),
+    data: Path = typer.Option(
+        None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."
+    ),
     label_column: str = typer.Option(None, help="Label column, or columns joined by '+' (e.g. Product+Issue)."),
     text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
     out: Path = typer.Option(None, "--out", help="Run directory (default from the preset)."),
@@ -134,8 +136,20 @@ def run(
     ),
 ):
     """Train and compare every system of a config, class by class; write a run directory."""
-    _launch(config, overrides, data, label_column, text_column, out, systems, report, processes, tune, split_seeds,
-            bench=bench)
+    _launch(
+        config,
+        overrides,
+        data,
+        label_column,
+        text_column,
+        out,
+        systems,
+        report,
+        processes,
+        tune,
+        split_seeds,
+        bench=bench,
+    )
 
 
 @app.command()
@@ -144,7 +158,9 @@ def train(
     config: str = typer.Argument(None, help="Preset name or YAML path."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.epochs=3."),
     system: str = typer.Option(..., "--system", help="System(s) to train, comma-separated, e.g. encoder-lora."),
-    data: Path = typer.Option(None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."),
+    data: Path = typer.Option(
+        None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."
+    ),
     label_column: str = typer.Option(None, help="Label column, or columns joined by '+'."),
     text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
     out: Path = typer.Option(None, "--out", help="Run directory (default from the preset)."),
@@ -157,12 +173,24 @@ def train(
 
     The run's other systems are left as they are, so one job per system can fill one run directory, at the same time or one after another; `tailtune run` with every system then resumes it (skipping what is finished) and writes the report. Resume and --processes work as in `run`.
     """
-    _launch(config, overrides, data, label_column, text_column, out, system, False, processes, tune,
-            named_only=True)
+    _launch(config, overrides, data, label_column, text_column, out, system, False, processes, tune, named_only=True)
 
 
-def _launch(config, overrides, data, label_column, text_column, out, systems, report: bool, processes: int,
-            tune: bool = False, split_seeds: str | None = None, named_only: bool = False, bench: bool = False):
+def _launch(
+    config,
+    overrides,
+    data,
+    label_column,
+    text_column,
+    out,
+    systems,
+    report: bool,
+    processes: int,
+    tune: bool = False,
+    split_seeds: str | None = None,
+    named_only: bool = False,
+    bench: bool = False,
+):
     from tailtune.distributed import relaunch
     from tailtune.errors import TailtuneError
     from tailtune.run import run as run_all
@@ -171,8 +199,14 @@ def _launch(config, overrides, data, label_column, text_column, out, systems, re
     cfg = _config(
         config,
         overrides or [],
-        **{"data.path": data, "data.label_column": label_column, "data.text_column": text_column,
-           "out": out, "systems": systems, "tune.enabled": True if tune else None},
+        **{
+            "data.path": data,
+            "data.label_column": label_column,
+            "data.text_column": text_column,
+            "out": out,
+            "systems": systems,
+            "tune.enabled": True if tune else None,
+        },
     )
     seeds = parse_seeds(split_seeds) if split_seeds is not None else None
     if seeds:
@@ -211,11 +245,13 @@ def _exit_if_failed(out: Path, names: list[str], seeds: list[int] | None) -> Non
     from tailtune.run import failed_systems
     from tailtune.splits import seed_dir
 
-    failed = {name for d in ([seed_dir(out, s) for s in seeds] if seeds else [out])
-              for name in failed_systems(d, names)}
+    failed = {
+        name for d in ([seed_dir(out, s) for s in seeds] if seeds else [out]) for name in failed_systems(d, names)
+    }
     if failed:
-        typer.echo(f"failed: {', '.join(n for n in names if n in failed)} (the reasons are in comparison.csv)",
-                   err=True)
+        typer.echo(
+            f"failed: {', '.join(n for n in names if n in failed)} (the reasons are in comparison.csv)", err=True
+        )
         raise SystemExit(1)
 
 
@@ -226,7 +262,9 @@ def sweep(
     items: list[str] = typer.Argument(
         None, help="Axes (method=lora,dora  method.rank=4,16  train.lr=1e-4,1e-3) and plain overrides."
     ),
-    data: Path = typer.Option(None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."),
+    data: Path = typer.Option(
+        None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."
+    ),
     label_column: str = typer.Option(None, help="Label column, or columns joined by '+'."),
     text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
     out: Path = typer.Option(None, "--out", help="Run directory (default: the preset's, plus -sweep)."),
@@ -241,7 +279,8 @@ def sweep(
         items, config = [config, *(items or [])], None
     axes, overrides = parse_args(items or [])
     cfg = _config(
-        config, overrides,
+        config,
+        overrides,
         **{"data.path": data, "data.label_column": label_column, "data.text_column": text_column, "systems": systems},
     )
     cfg = sweep_config(cfg, axes, str(out) if out else None)
@@ -267,9 +306,15 @@ def data_inspect(
     from tailtune.run import make_console
 
     cfg = _config(
-        config, overrides or [],
-        **{"data.path": path, "data.label_column": label_column, "data.text_column": text_column,
-           "data.min_class_count": min_class_count, "data.encoding": encoding},
+        config,
+        overrides or [],
+        **{
+            "data.path": path,
+            "data.label_column": label_column,
+            "data.text_column": text_column,
+            "data.min_class_count": min_class_count,
+            "data.encoding": encoding,
+        },
     )
     inspect_data(cfg.data, make_console())
 
@@ -319,7 +364,9 @@ def plan(
 def export(
     system_dir: Path = typer.Argument(..., help="A fine-tuned system: <run>/systems/<name>."),
     merged: Path = typer.Option(..., "--merged", help="Folder to write the merged model to (new or empty)."),
-    format: str = typer.Option("hf", "--format", help="hf (stock transformers class) or tailtune (TextClassifier.load)."),
+    format: str = typer.Option(
+        "hf", "--format", help="hf (stock transformers class) or tailtune (TextClassifier.load)."
+    ),
     tolerance: float = typer.Option(1e-4, help="Largest |merged - unmerged| fp32 logit difference accepted."),
 ):
     """Merge a system's adapter into the base weights and save it; checked against the unmerged model."""
@@ -337,18 +384,25 @@ def export(
 @friendly
 def predict(
     system_dir: Path = typer.Argument(..., help="<run>/systems/<name>, its model/ folder, or an export."),
-    input: Path = typer.Option(..., "--input", help="CSV / TSV / JSONL / JSON / Parquet file to classify (a .json is read whole)."),
-    output: Path = typer.Option(..., "--output", help="Predictions file (.csv, .jsonl or .parquet); a folder with --engine ray."),
+    input: Path = typer.Option(
+        ..., "--input", help="CSV / TSV / JSONL / JSON / Parquet file to classify (a .json is read whole)."
+    ),
+    output: Path = typer.Option(
+        ..., "--output", help="Predictions file (.csv, .jsonl or .parquet); a folder with --engine ray."
+    ),
     top_k: int = typer.Option(1, "--top-k", help="Also write label_2, confidence_2, ... up to k."),
     text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative, else text)."),
     id_column: str = typer.Option(None, help="Id column copied to the output (default: Complaint ID, else id)."),
-    chunk_size: int = typer.Option(4096, help="Rows read at a time; memory does not grow with the file (except a .json)."),
+    chunk_size: int = typer.Option(
+        4096, help="Rows read at a time; memory does not grow with the file (except a .json)."
+    ),
     batch_size: int = typer.Option(None, help="Texts per forward pass (default: the system's eval batch size)."),
     precision: str = typer.Option(
         "auto", help="auto (bf16 where the CPU/GPU computes it natively), fp32, bf16 or fp16."
     ),
     label_column: str = typer.Option(
-        None, help="True labels in the input (one column, or columns joined by '+' as in training): checked against the model's classes, and accuracy reported."
+        None,
+        help="True labels in the input (one column, or columns joined by '+' as in training): checked against the model's classes, and accuracy reported.",
     ),
     engine: str = typer.Option(
         "local", help="local (this process) or ray (Ray Data; --output is a folder of Parquet parts)."
@@ -364,10 +418,22 @@ def predict(
     from tailtune.scale import predict as run_predict
 
     done = run_predict(
-        engine, system_dir, input, output, text_column=text_column, id_column=id_column, k=top_k,
-        chunk_size=chunk_size, batch_size=batch_size, precision=precision, console=make_console(stderr=True),
-        label_column=label_column, encoding=encoding, overwrite=overwrite or None,
-        address=address, workers=workers,
+        engine,
+        system_dir,
+        input,
+        output,
+        text_column=text_column,
+        id_column=id_column,
+        k=top_k,
+        chunk_size=chunk_size,
+        batch_size=batch_size,
+        precision=precision,
+        console=make_console(stderr=True),
+        label_column=label_column,
+        encoding=encoding,
+        overwrite=overwrite or None,
+        address=address,
+        workers=workers,
     )
     rows = f"{done['rows']:,} row" + ("" if done["rows"] == 1 else "s")
     typer.echo(f"{rows} -> {done['output']} ({done['seconds']:.1f} s)")
@@ -407,8 +473,13 @@ def bench(
     except ValueError:
         raise TailtuneError(f"--batch-sizes must be integers separated by commas, got '{batch_sizes}'") from None
     _bench_and_report(
-        run_dir, report=(run_dir / "report.html").is_file(), batch_sizes=sizes, repeats=repeats,
-        max_texts=max_texts, price_per_hour=price_per_hour, systems=_names(systems, "--systems"),
+        run_dir,
+        report=(run_dir / "report.html").is_file(),
+        batch_sizes=sizes,
+        repeats=repeats,
+        max_texts=max_texts,
+        price_per_hour=price_per_hour,
+        systems=_names(systems, "--systems"),
     )
 
 
@@ -456,8 +527,15 @@ def serve(
     except ImportError as exc:  # fastapi / uvicorn (imported by tailtune.serve) are the serve extra
         raise TailtuneError(f"serve needs {exc.name}: pip install 'tailtune[serve]'") from None
 
-    run_server(run_dir, host=host, port=port, systems=_names(systems, "--systems"),
-               max_batch=max_batch, max_chars=max_chars, precision=precision)
+    run_server(
+        run_dir,
+        host=host,
+        port=port,
+        systems=_names(systems, "--systems"),
+        max_batch=max_batch,
+        max_chars=max_chars,
+        precision=precision,
+    )
 
 
 def _command_path(args: list[str]) -> str:

@@ -232,17 +232,24 @@ def _preset_path(source: str | None) -> Path:
         return PRESET_DIR / f"{stem}.yaml"
     hint = suggest(stem, available_presets())
     raise TailtuneError(
-        f"unknown preset or missing config file '{source}'{hint} "
-        f"(presets: {', '.join(available_presets())})"
+        f"unknown preset or missing config file '{source}'{hint} (presets: {', '.join(available_presets())})"
     )
 
 
 # Paths, column names and model names: an override's value is the text as typed, not YAML
 # ("complaints #2.csv" lost " #2.csv" as a comment; a column "yes" or "2024" was not a string).
-TEXT_KEYS = frozenset({
-    "out", "data.path", "data.encoding", "data.text_column", "data.label_column", "data.id_column",
-    "encoder.name", "decoder.name",
-})
+TEXT_KEYS = frozenset(
+    {
+        "out",
+        "data.path",
+        "data.encoding",
+        "data.text_column",
+        "data.label_column",
+        "data.id_column",
+        "encoder.name",
+        "decoder.name",
+    }
+)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -520,7 +527,9 @@ def check_train(t: TrainConfig) -> None:
     if not 0 <= t.weight_decay < math.inf:
         raise TailtuneError("train.weight_decay must be >= 0")
     if not 0 <= t.seed <= MAX_SEED:
-        raise TailtuneError(f"train.seed must be between 0 and {MAX_SEED} (numpy's and scikit-learn's range), got {t.seed}")
+        raise TailtuneError(
+            f"train.seed must be between 0 and {MAX_SEED} (numpy's and scikit-learn's range), got {t.seed}"
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -559,7 +568,9 @@ def validate(cfg: Config) -> None:
         raise TailtuneError("data.demo.exponent must be >= 0")
     for key, seed in (("data.seed", d.seed), ("data.demo.seed", d.demo.seed), ("eval.seed", cfg.eval.seed)):
         if not 0 <= seed <= MAX_SEED:
-            raise TailtuneError(f"{key} must be between 0 and {MAX_SEED} (numpy's and scikit-learn's range), got {seed}")
+            raise TailtuneError(
+                f"{key} must be between 0 and {MAX_SEED} (numpy's and scikit-learn's range), got {seed}"
+            )
     for slot in ("encoder", "decoder"):
         check_backbone(getattr(cfg, slot), slot)
     check_method(cfg.method)

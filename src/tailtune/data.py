@@ -269,7 +269,7 @@ def decode_problem(path: Path, codec: str, hint: tuple[str, str] = DATA_ENCODING
             except UnicodeDecodeError as exc:
                 where = f"byte {line[exc.start]:#x} at line {number} (byte offset {offset + exc.start})"
                 break
-            text = line[len(codecs.BOM_UTF8):] if number == 1 and line.startswith(codecs.BOM_UTF8) else line
+            text = line[len(codecs.BOM_UTF8) :] if number == 1 and line.startswith(codecs.BOM_UTF8) else line
             utf8_before = utf8_before or not text.isascii()
             offset += len(line)
         else:
@@ -334,8 +334,9 @@ def check_single_values(df: pd.DataFrame, column: str, role: str) -> None:
         nested = [v for v in values if isinstance(v, list | dict | tuple | np.ndarray)]
         if nested:
             kind = "an object" if isinstance(nested[0], dict) else "a list"
-            shown = json.dumps(nested[0].tolist() if isinstance(nested[0], np.ndarray) else nested[0],
-                               ensure_ascii=False, default=str)
+            shown = json.dumps(
+                nested[0].tolist() if isinstance(nested[0], np.ndarray) else nested[0], ensure_ascii=False, default=str
+            )
             shown = shown if len(shown) <= 40 else shown[:39] + "…"
             raise TailtuneError(
                 f"{role} column '{column}' holds {kind} ({shown}) where one value belongs"
@@ -388,8 +389,10 @@ def _separator_hint(df: pd.DataFrame) -> str:
     found = [sep for sep in (";", "|") if sep in header]
     if not found:
         return ""
-    return (f"; the header looks separated by '{found[0]}', and tailtune reads commas (.csv) and tabs (.tsv): "
-            "save the file with one of those")
+    return (
+        f"; the header looks separated by '{found[0]}', and tailtune reads commas (.csv) and tabs (.tsv): "
+        "save the file with one of those"
+    )
 
 
 def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
@@ -545,9 +548,7 @@ def tier_ranges(edges: list[int], names: list[str]) -> dict[str, str]:
     lows = [1] + [e + 1 for e in edges]
     out = {}
     for i, name in enumerate(names):
-        out[name] = f">={lows[i]}" if i == len(edges) else (
-            f"<={edges[i]}" if i == 0 else f"{lows[i]}-{edges[i]}"
-        )
+        out[name] = f">={lows[i]}" if i == len(edges) else (f"<={edges[i]}" if i == 0 else f"{lows[i]}-{edges[i]}")
     return out
 
 
@@ -575,9 +576,7 @@ def prepare(cfg: DataConfig, frame: pd.DataFrame | None = None, source: str | No
                 "edges": edges,
                 "names": list(cfg.tier_names),
                 "ranges": tier_ranges(edges, cfg.tier_names),
-                "classes": {
-                    t: [c for c, ct in zip(classes, tiers, strict=True) if ct == t] for t in cfg.tier_names
-                },
+                "classes": {t: [c for c, ct in zip(classes, tiers, strict=True) if ct == t] for t in cfg.tier_names},
             },
             "splits": {s: int((out["split"] == s).sum()) for s in ("train", "val", "test")},
             "text_words": _length_summary(out["text"]),
@@ -623,7 +622,9 @@ def inspect_data(cfg: DataConfig, console) -> Prepared:
         if n:
             console.print(f"  dropped {n} rows: {reason.replace('_', ' ')}")
     words = s["text_words"]
-    console.print(f"  words per text: mean {words['mean']}, median {words['p50']}, p95 {words['p95']}, max {words['max']}")
+    console.print(
+        f"  words per text: mean {words['mean']}, median {words['p50']}, p95 {words['p95']}, max {words['max']}"
+    )
     console.print(
         f"  {s['n_classes']} classes; split train/val/test = "
         f"{s['splits']['train']}/{s['splits']['val']}/{s['splits']['test']} (seed {s['seed']})"
@@ -648,15 +649,19 @@ def inspect_data(cfg: DataConfig, console) -> Prepared:
     console.print(table)
     problems = []
     if s["dropped_classes"]:
-        problems.append(f"{len(s['dropped_classes'])} classes below {cfg.min_class_count} rows dropped: "
-                        + ", ".join(s["dropped_classes"][:5]))
+        problems.append(
+            f"{len(s['dropped_classes'])} classes below {cfg.min_class_count} rows dropped: "
+            + ", ".join(s["dropped_classes"][:5])
+        )
     if s["conflicting_duplicate_texts"]:
         problems.append(f"{s['conflicting_duplicate_texts']} texts appear with conflicting labels (all copies dropped)")
     for variants in s["possible_duplicate_labels"]:
         problems.append(f"possible duplicate labels, differ only by case/spaces (not merged): {variants}")
     if s["splits"]["val"] == 0:  # what preflight.check_splits refuses in a run
-        problems.append("no validation rows (every class has fewer than 3 rows): probes and fine-tuning pick "
-                        "their model on validation, so a run can train only tfidf-logreg")
+        problems.append(
+            "no validation rows (every class has fewer than 3 rows): probes and fine-tuning pick "
+            "their model on validation, so a run can train only tfidf-logreg"
+        )
     console.print("[bold]problems found:[/] " + ("none" if not problems else ""))
     for p in problems:
         console.print(f"  - {p}", markup=False)

@@ -85,8 +85,7 @@ _PRODUCTS = (
         8.0,
         "my credit report",
         "Credit reporting|Other personal consumer report|Credit repair services",
-        "Equifax|Experian|TransUnion|the credit bureau|XXXX, a consumer reporting agency|"
-        "the credit reporting agency",
+        "Equifax|Experian|TransUnion|the credit bureau|XXXX, a consumer reporting agency|the credit reporting agency",
         "I pulled my credit report from all three bureaus|my credit score dropped more than 80 "
         "points|I sent a dispute letter to {company}|I am trying to buy a house and need my credit "
         "fixed|{company} is reporting information that hurts my score|I have disputed this item "
@@ -139,8 +138,7 @@ _PRODUCTS = (
         "Debt collection",
         1.6,
         "this debt",
-        "I do not know|Other debt|Credit card debt|Medical debt|Auto debt|Telecommunications "
-        "debt|Rental debt",
+        "I do not know|Other debt|Credit card debt|Medical debt|Auto debt|Telecommunications debt|Rental debt",
         "the debt collector|the collection agency|XXXX Recovery Services|a law firm collecting "
         "for XXXX|XXXX Financial, a debt buyer",
         "a collection agency contacted me about a debt|{company} says I owe {amount}|the original "
@@ -220,8 +218,7 @@ _PRODUCTS = (
         "Checking or savings account",
         1.0,
         "my checking account",
-        "Checking account|Savings account|Other banking product or service|CD (Certificate of "
-        "Deposit)",
+        "Checking account|Savings account|Other banking product or service|CD (Certificate of Deposit)",
         "my bank|the bank|XXXX Bank|the credit union|XXXX Bank, N.A.",
         "I have had a checking account with {company} since XXXX|my direct deposit goes into "
         "this account|I went to the branch and spoke with the manager|the bank's customer "
@@ -261,8 +258,7 @@ _PRODUCTS = (
         "my credit card",
         "General-purpose credit card or charge card|Store credit card|General-purpose prepaid "
         "card|Government benefit card|Gift card",
-        "the card issuer|my credit card company|XXXX Card Services|XXXX Bank, the card issuer|"
-        "the prepaid card company",
+        "the card issuer|my credit card company|XXXX Card Services|XXXX Bank, the card issuer|the prepaid card company",
         "I have had this credit card for years|my credit limit is {amount}|I always pay my card "
         "balance in full|I called the number on the back of my card|my statement closing date "
         "is the XXXX of every month|I use the card for everyday purchases|the card is in good "
@@ -476,8 +472,7 @@ _PRODUCTS = (
         "my debt relief program",
         "Debt settlement|Credit repair services|Mortgage modification or foreclosure avoidance|"
         "Student loan debt relief",
-        "the debt relief company|the debt settlement company|XXXX Debt Solutions|the credit "
-        "counseling agency",
+        "the debt relief company|the debt settlement company|XXXX Debt Solutions|the credit counseling agency",
         "I enrolled in a debt settlement program with {company}|I paid them {amount} every "
         "month|they said they would negotiate with my creditors|my creditors kept calling while "
         "I was in the program|I signed up after seeing an ad",
@@ -503,16 +498,13 @@ _SUB_ISSUES = {
     "status or results|Investigation took more than 30 days",
     "Improper use of your report": "Reporting company used your report improperly|Credit "
     "inquiries on your report that you don't recognize",
-    "Attempts to collect debt not owed": "Debt is not yours|Debt was paid|Debt was result of "
-    "identity theft",
+    "Attempts to collect debt not owed": "Debt is not yours|Debt was paid|Debt was result of identity theft",
     "Written notification about debt": "Didn't receive enough information to verify debt|Didn't "
     "receive notice of right to dispute",
-    "Communication tactics": "Frequent or repeated calls|Used obscene, profane, or other abusive "
-    "language",
+    "Communication tactics": "Frequent or repeated calls|Used obscene, profane, or other abusive language",
     "Trouble during payment process": "Payment not applied|Escrow, taxes, or insurance|Fees",
     "Struggling to pay mortgage": "Loan modification|Foreclosure|Forbearance",
-    "Managing an account": "Deposits and withdrawals|Funds not handled or disbursed as "
-    "instructed|Banking errors",
+    "Managing an account": "Deposits and withdrawals|Funds not handled or disbursed as instructed|Banking errors",
     "Problem with a purchase shown on your statement": "Credit card company isn't resolving a "
     "dispute about a purchase on your statement|Card was charged for something you did not "
     "purchase with the card",
@@ -640,9 +632,7 @@ def make_demo_corpus(
     if not 1 <= n_classes <= len(catalogue):
         raise TailtuneError(f"n_classes must be between 1 and {len(catalogue)}, got {n_classes}")
     if not 1 <= min_count <= max_count:
-        raise TailtuneError(
-            f"need 1 <= min_count <= max_count, got min_count={min_count}, max_count={max_count}"
-        )
+        raise TailtuneError(f"need 1 <= min_count <= max_count, got min_count={min_count}, max_count={max_count}")
     if exponent < 0:
         raise TailtuneError(f"exponent must be >= 0, got {exponent}")
 
@@ -669,13 +659,8 @@ def make_demo_corpus(
 
     products = [_PRODUCTS[p] for p in product_of]
     cues = [_pool(products[c].issues[issue_names[c]]) for c in range(n_classes)]
-    class_sub_issues = [
-        _pool(_SUB_ISSUES[name]) if name in _SUB_ISSUES else () for name in issue_names
-    ]
-    siblings = [
-        np.flatnonzero((product_of == product_of[c]) & (np.arange(n_classes) != c))
-        for c in range(n_classes)
-    ]
+    class_sub_issues = [_pool(_SUB_ISSUES[name]) if name in _SUB_ISSUES else () for name in issue_names]
+    siblings = [np.flatnonzero((product_of == product_of[c]) & (np.arange(n_classes) != c)) for c in range(n_classes)]
     # A borrowed cue comes from a sibling in proportion to its size: confusion flows mostly
     # between frequent issues, and a rare issue's few cues are not drowned by leaks from the head.
     sibling_cdf = [np.cumsum(counts[s]) / counts[s].sum() if len(s) else s for s in siblings]
@@ -699,13 +684,8 @@ def make_demo_corpus(
     mode = rng.choice(3, size=n, p=_MODE_P)  # 0 short, 1 normal, 2 long
     log_counts = np.log(counts)
     spread = max(log_counts.max() - log_counts.min(), 1e-9)
-    p_own = (
-        _P_OWN_CUE_TAIL
-        + (_P_OWN_CUE_HEAD - _P_OWN_CUE_TAIL) * ((log_counts - log_counts.min()) / spread) ** 2
-    )
-    n_own = np.where(
-        rng.random(n) < p_own[labels], 1 + rng.choice(3, size=n, p=_OWN_CUE_COUNT_P), 0
-    )
+    p_own = _P_OWN_CUE_TAIL + (_P_OWN_CUE_HEAD - _P_OWN_CUE_TAIL) * ((log_counts - log_counts.min()) / spread) ** 2
+    n_own = np.where(rng.random(n) < p_own[labels], 1 + rng.choice(3, size=n, p=_OWN_CUE_COUNT_P), 0)
     has_sibling = rng.random(n) < _P_SIBLING_CUE
     # pick[i, slot] % len(pool) chooses from a pool; each slot serves one choice only, so
     # editing one pool or choice leaves every other draw of the corpus unchanged.
@@ -739,13 +719,9 @@ def make_demo_corpus(
         if has_sibling[i] and len(siblings[c]):
             donor = siblings[c][np.searchsorted(sibling_cdf[c], coin[i, 7], side="right")]
             sib = cues[donor]
-            cue_lines.append(
-                cue_frames[k[10] % len(cue_frames)].replace("{cue}", sib[k[11] % len(sib)])
-            )
+            cue_lines.append(cue_frames[k[10] % len(cue_frames)].replace("{cue}", sib[k[11] % len(sib)]))
         context_lines = [
-            context_frames[k[12 + j] % len(context_frames)].replace(
-                "{ctx}", context[(k[16] + j) % len(context)]
-            )
+            context_frames[k[12 + j] % len(context_frames)].replace("{ctx}", context[(k[16] + j) % len(context)])
             for j in range(n_context[i])
         ]
         if mode[i] != 0 and coin[i, 8] < _P_FOREIGN_CONTEXT:
@@ -806,7 +782,28 @@ def make_demo_corpus(
 
 
 # Words of the bulk texts in scale tests and benchmarks: what matters there is row count, not meaning.
-BULK_WORDS = ["loan", "card", "bank", "fee", "late", "payment", "credit", "report", "mortgage", "debt", "collector", "fraud", "account", "interest", "statement", "dispute", "lender", "servicer", "scam", "notice"]
+BULK_WORDS = [
+    "loan",
+    "card",
+    "bank",
+    "fee",
+    "late",
+    "payment",
+    "credit",
+    "report",
+    "mortgage",
+    "debt",
+    "collector",
+    "fraud",
+    "account",
+    "interest",
+    "statement",
+    "dispute",
+    "lender",
+    "servicer",
+    "scam",
+    "notice",
+]
 
 
 def bulk_texts(n: int, rng, words: int = 6) -> list[str]:

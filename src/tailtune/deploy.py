@@ -115,9 +115,7 @@ class TorchPredictor(Predictor):
         from tailtune.classifier import run_forward, tokenize
 
         ids = tokenize(self.tokenizer, texts, self.max_length)
-        return run_forward(
-            self.model, self.tokenizer, ids, self.batch_size, self.precision, "logits", progress
-        )
+        return run_forward(self.model, self.tokenizer, ids, self.batch_size, self.precision, "logits", progress)
 
     def predict_proba(self, texts: list[str], progress: Callable | None = None) -> np.ndarray:
         from tailtune.classifier import run_forward, single_threaded_blas, softmax, tokenize
@@ -125,9 +123,7 @@ class TorchPredictor(Predictor):
         if self.head is None:
             return softmax(self.logits(texts, progress))
         ids = tokenize(self.tokenizer, texts, self.max_length)
-        features = run_forward(
-            self.model, self.tokenizer, ids, self.batch_size, self.precision, "features", progress
-        )
+        features = run_forward(self.model, self.tokenizer, ids, self.batch_size, self.precision, "features", progress)
         # The head's BLAS on one thread, next to torch's threads: left multi-threaded (likely
         # oversubscribing the cores), a probe ran 1.24x slower than the same encoder with a
         # LoRA head (8.66 vs 6.92 ms/example, batch 32; 7.01 with this).
@@ -187,8 +183,10 @@ def resolve_system(path: str | Path) -> tuple[str, Path]:
                 f"(see {failed})"
             )
         if (path.parent / f".{path.name}.partial").is_dir():
-            raise TailtuneError(f"{path.name} is still being trained, or its training was interrupted: "
-                                "no model yet (the run's command finishes it)")
+            raise TailtuneError(
+                f"{path.name} is still being trained, or its training was interrupted: "
+                "no model yet (the run's command finishes it)"
+            )
         raise TailtuneError(f"system folder not found: {path}")
     for folder in (path / "model", path):
         meta = folder / "tailtune.json"
@@ -314,9 +312,7 @@ def _load_probe(folder: Path, *, merged, precision, device, batch_size) -> Predi
     meta = load_meta(folder)
     bb = meta["backbone"]
     backbone = backbones.Backbone.from_saved(bb, meta["pooling"])
-    probe = ProbeClassifier(
-        BackboneConfig(name=bb["spec"], pooling=meta["pooling"], max_length=meta["max_length"])
-    )
+    probe = ProbeClassifier(BackboneConfig(name=bb["spec"], pooling=meta["pooling"], max_length=meta["max_length"]))
     probe.load_encoder(backbone)
     info = {"backbone": bb["spec"], "method": "probe"}
     return TorchPredictor(
@@ -470,9 +466,7 @@ def save_hf(model, clf, out: Path) -> None:
     """Save stock ``model`` (from :func:`hf_classifier`) with ``clf``'s tokenizer, set up as tailtune runs it."""
     model.save_pretrained(out)
     tokenizer = clf.tokenizer_
-    tokenizer.model_max_length = (
-        clf.backbone.max_length
-    )  # so truncation=True cuts where tailtune does
+    tokenizer.model_max_length = clf.backbone.max_length  # so truncation=True cuts where tailtune does
     tokenizer.save_pretrained(out)
     # save_pretrained keeps the padding side the tokenizer was created with, not the one set later.
     config_file = out / "tokenizer_config.json"
@@ -517,9 +511,7 @@ def export_check_texts() -> list[str]:
     """Texts for export checks: complaint-like, of varied lengths, one beyond any max_length."""
     from tailtune.demo import make_demo_corpus
 
-    texts = make_demo_corpus(n_classes=6, max_count=3, min_count=2, seed=11)[
-        "Consumer complaint narrative"
-    ].tolist()
+    texts = make_demo_corpus(n_classes=6, max_count=3, min_count=2, seed=11)["Consumer complaint narrative"].tolist()
     return [*texts[:14], "refund", " ".join(texts) * 4]
 
 
@@ -530,9 +522,7 @@ def _reloaded_logits(fmt: str, folder: Path, texts: list[str]) -> np.ndarray:
     if fmt == "hf":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        model = AutoModelForSequenceClassification.from_pretrained(
-            folder, dtype=torch.float32
-        ).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         with torch.inference_mode():
@@ -676,9 +666,7 @@ def open_table(
         try:
             parquet = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises its own error types for a corrupt file
-            raise TailtuneError(
-                f"could not read {path} as parquet: {first_line(exc)}"
-            ) from None
+            raise TailtuneError(f"could not read {path} as parquet: {first_line(exc)}") from None
 
         def batches():
             done = 0
@@ -718,9 +706,7 @@ def open_table(
         except UnicodeDecodeError:
             raise decode_error(path, codec, ENCODING_HINT) from None
         except (ValueError, pd.errors.ParserError) as exc:
-            raise TailtuneError(
-                f"could not read {path} as {kind}: {first_line(exc)}"
-            ) from None
+            raise TailtuneError(f"could not read {path} as {kind}: {first_line(exc)}") from None
         finally:
             raw.close()
 
@@ -740,10 +726,7 @@ class _Sink:
             self.f.write(frame.to_csv(index=False, header=self.first).encode("utf-8"))
         elif self.kind == "jsonl":
             self.f.write(
-                frame.to_json(orient="records", lines=True, force_ascii=False)
-                .rstrip("\n")
-                .encode("utf-8")
-                + b"\n"
+                frame.to_json(orient="records", lines=True, force_ascii=False).rstrip("\n").encode("utf-8") + b"\n"
             )
         else:
             import pyarrow as pa
@@ -760,9 +743,7 @@ class _Sink:
             self.writer.close()
 
 
-def pick_column(
-    columns, requested: str | None, defaults: tuple[str, ...], role: str
-) -> str | None:
+def pick_column(columns, requested: str | None, defaults: tuple[str, ...], role: str) -> str | None:
     """``requested`` (which must exist), else the first of ``defaults`` present; text is required."""
     import pandas as pd
 
@@ -848,8 +829,9 @@ def check_parent_writable(path: Path, flag: str) -> None:
         raise TailtuneError(f"{flag} {path}: cannot write in {base} ({problem})")
 
 
-def input_columns(path: Path, first, text_column: str | None, id_column: str | None, encoding: str,
-                  scan: bool) -> tuple[list[str], str, str | None]:
+def input_columns(
+    path: Path, first, text_column: str | None, id_column: str | None, encoding: str, scan: bool
+) -> tuple[list[str], str, str | None]:
     """(columns, text column, id column or None) of the input file ``path`` whose first chunk is
     the frame ``first`` (None or no rows: an error). The text and id columns are the ones named,
     else the defaults (:func:`pick_column`). JSON lines need not share keys: with ``scan`` every
@@ -927,7 +909,11 @@ def predict_file(
     frames, total = open_table(input_path, chunk_size, encoding)
     first = next(frames, None)
     columns, text_col, id_col = input_columns(
-        input_path, first and first[0], text_column, id_column, encoding,
+        input_path,
+        first and first[0],
+        text_column,
+        id_column,
+        encoding,
         scan=text_column is None or id_column is None or label_column is not None,
     )
 

@@ -72,9 +72,7 @@ def relaunch(processes: int) -> int | None:
     world = os.environ.get("WORLD_SIZE")
     if world is not None:
         if processes > 1 and int(world) != processes:
-            raise TailtuneError(
-                f"--processes {processes}, but this was launched with {world} processes"
-            )
+            raise TailtuneError(f"--processes {processes}, but this was launched with {world} processes")
         return None
     if processes == 1:
         return None

@@ -120,7 +120,12 @@ def encode_labels(tokenizer, classes: list[str], label_template: str = LABEL_TEM
 
 
 def score_labels(
-    model, tokenizer, prompts: list[list[int]], labels: list[list[int]], batch_size: int, precision: str,
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    labels: list[list[int]],
+    batch_size: int,
+    precision: str,
     progress=None,
 ) -> np.ndarray:
     """(N, C) summed log-probability of each label's tokens after each prompt, in input order.
@@ -174,10 +179,17 @@ def score_labels(
                 step_ids = label_ids[cs].repeat(n, 1)  # (n*k, L)
                 step_mask = torch.cat([mask.repeat_interleave(k, 0), label_mask[cs].repeat(n, 1)], dim=1)
                 step_pos = real.repeat_interleave(k).unsqueeze(1) + torch.arange(width, device=device)
-                logits = model(
-                    input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, past_key_values=cache,
-                    use_cache=True,
-                ).logits[:, :-1].float()  # (n*k, L-1, V)
+                logits = (
+                    model(
+                        input_ids=step_ids,
+                        attention_mask=step_mask,
+                        position_ids=step_pos,
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+                    .logits[:, :-1]
+                    .float()
+                )  # (n*k, L-1, V)
                 target = follow[cs].repeat(n, 1)
                 lp = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
                 lp = (lp * follow_mask[cs].repeat(n, 1)).sum(1).view(n, k)
@@ -351,9 +363,17 @@ class GenerativeClassifier:
         trainable = [p for p in self.model_.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_schedule([{"params": trainable, "lr": lr}], self.train, plan.total_steps)
         selector = Selector(self.model_, self.precision_, plan.total_steps, self.train.early_stopping_patience, has_val)
-        key = fit_key(self.model_, [r["input_ids"] for r in rows], np.array([index[c] for c in labels]),
-                      val_prompts, val_y if has_val else np.array([], dtype=np.int64), self.train, self.backbone,
-                      None, extra=[self.template, self.label_template, self.prior_tau])
+        key = fit_key(
+            self.model_,
+            [r["input_ids"] for r in rows],
+            np.array([index[c] for c in labels]),
+            val_prompts,
+            val_y if has_val else np.array([], dtype=np.int64),
+            self.train,
+            self.backbone,
+            None,
+            extra=[self.template, self.label_template, self.prior_tau],
+        )
         run = resume(work_dir, key, selector, plan.total_steps, console)
 
         def epoch_end_scores(state) -> tuple[float | None, float | None] | None:
@@ -364,14 +384,19 @@ class GenerativeClassifier:
             if not has_val:
                 return None, None
             scores = score_labels(
-                self.model_, self.tokenizer_, val_prompts, self.label_ids_, self.backbone.eval_batch_size,
+                self.model_,
+                self.tokenizer_,
+                val_prompts,
+                self.label_ids_,
+                self.backbone.eval_batch_size,
                 self.precision_,
             )
             self.model_.train()
             pred = self.adjust(scores).argmax(1)
             # Each process scores on its own device; all of them must select and stop alike.
-            f1, accuracy = broadcast_object_list([macro_f1(val_y, pred, len(self.classes_)),
-                                                  float((pred == val_y).mean())])
+            f1, accuracy = broadcast_object_list(
+                [macro_f1(val_y, pred, len(self.classes_)), float((pred == val_y).mean())]
+            )
             return f1, accuracy
 
         if run.finished:
@@ -399,8 +424,9 @@ class GenerativeClassifier:
         from tailtune.train import trainer_class
 
         pad = self.tokenizer_.pad_token_id
-        trainer_cls = trainer_class(lambda g: torch.randperm(len(rows), generator=g).tolist(), len(rows),
-                                    self.train.seed, run.on_checkpoint)
+        trainer_cls = trainer_class(
+            lambda g: torch.randperm(len(rows), generator=g).tolist(), len(rows), self.train.seed, run.on_checkpoint
+        )
         with tempfile.TemporaryDirectory(prefix="tailtune-generate-") as tmp:
             args = TrainingArguments(
                 output_dir=str(work_dir or tmp),
@@ -426,8 +452,12 @@ class GenerativeClassifier:
                 max_grad_norm=1.0,
             )
             trainer = trainer_cls(
-                model=self.model_, args=args, train_dataset=rows, data_collator=lambda b: collate_label_batch(b, pad),
-                optimizers=(optimizer, scheduler), callbacks=callbacks,
+                model=self.model_,
+                args=args,
+                train_dataset=rows,
+                data_collator=lambda b: collate_label_batch(b, pad),
+                optimizers=(optimizer, scheduler),
+                callbacks=callbacks,
             )
             trainer.remove_callback(PrinterCallback)
             trainer.train(resume_from_checkpoint=run.checkpoint)
@@ -438,7 +468,12 @@ class GenerativeClassifier:
         """(N, C) summed label log-likelihoods, columns in ``classes_`` order."""
         prompts = encode_prompts(self.tokenizer_, texts, self.template, self.backbone.max_length)
         return score_labels(
-            self.model_, self.tokenizer_, prompts, self.label_ids_, self.backbone.eval_batch_size, self.precision_,
+            self.model_,
+            self.tokenizer_,
+            prompts,
+            self.label_ids_,
+            self.backbone.eval_batch_size,
+            self.precision_,
             progress,
         )
 
@@ -501,8 +536,10 @@ class GenerativeClassifier:
         meta, config = read_saved(path, KIND)
         bb = meta["backbone"]
         self = cls(
-            config, MethodConfig(**meta["method_config"]),
-            template=meta["template"], label_template=meta["label_template"],
+            config,
+            MethodConfig(**meta["method_config"]),
+            template=meta["template"],
+            label_template=meta["label_template"],
             prior_tau=meta.get("prior_tau", 0.0),
         )
         self.classes_ = meta["classes"]
@@ -551,7 +588,11 @@ def _predictor_base():
             c = self.clf
             prompts = encode_prompts(c.tokenizer_, texts, c.template, c.backbone.max_length)
             return softmax(
-                c.adjust(score_labels(c.model_, c.tokenizer_, prompts, c.label_ids_, self.batch_size, self.precision, progress))
+                c.adjust(
+                    score_labels(
+                        c.model_, c.tokenizer_, prompts, c.label_ids_, self.batch_size, self.precision, progress
+                    )
+                )
             )
 
         def quantized(self):
@@ -581,7 +622,9 @@ def load_predictor(folder: Path, *, merged, precision, device, batch_size):
     clf.model_.to(device)
     info = {"backbone": clf.backbone.name, "method": "generate (lora)"}
     return _predictor_base()(
-        clf, precision=pick_precision(precision, device), batch_size=batch_size or clf.backbone.eval_batch_size,
+        clf,
+        precision=pick_precision(precision, device),
+        batch_size=batch_size or clf.backbone.eval_batch_size,
         info=info,
     )
 
@@ -611,9 +654,14 @@ def run_system(spec, ctx, model_dir: Path, work_dir: Path | None = None):
     tau = train_cfg.logit_tau if spec.weighting == "logit_adjusted" else 0.0
     clf = GenerativeClassifier(bb_cfg, method_cfg, train_cfg, template=template, prior_tau=tau)
     clf.fit(
-        data.texts("train"), data.split("train")["label"].tolist(),
-        val_texts=data.texts("val"), val_labels=data.split("val")["label"].tolist(),
-        classes=data.classes, backbone=ctx.backbone(spec.slot), console=ctx.console, work_dir=work_dir,
+        data.texts("train"),
+        data.split("train")["label"].tolist(),
+        val_texts=data.texts("val"),
+        val_labels=data.split("val")["label"].tolist(),
+        classes=data.classes,
+        backbone=ctx.backbone(spec.slot),
+        console=ctx.console,
+        work_dir=work_dir,
     )
     texts = data.texts("test")
     with _bar(ctx.console, "  scoring labels (test)", len(texts)) as advance:
@@ -628,7 +676,10 @@ def run_system(spec, ctx, model_dir: Path, work_dir: Path | None = None):
     clf.history_["reload_max_score_diff"] = diff
     adapter_bytes = sum(f.stat().st_size for f in (model_dir / "adapter").rglob("*") if f.is_file())
     return Outcome(
-        softmax(scores), clf.train_seconds_, clf.trainable_params_, clf.total_params_,
+        softmax(scores),
+        clf.train_seconds_,
+        clf.trainable_params_,
+        clf.total_params_,
         {
             "architecture": clf.backbone_.model_type,
             "backbone_name": bb_cfg.name,

@@ -78,8 +78,9 @@ def _peft_load(base, folder: Path):
     return PeftModel.from_pretrained(base, folder / "adapter")
 
 
-def _peft_method(name: str, make_config: Callable, *, mergeable=True, lr=None, uses=frozenset(),
-                 changes_output_at_init=False) -> Method:
+def _peft_method(
+    name: str, make_config: Callable, *, mergeable=True, lr=None, uses=frozenset(), changes_output_at_init=False
+) -> Method:
     """A method that is one peft config: ``make_config(model, backbone, cfg, top_layers)`` -> (config, names)."""
 
     def apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
@@ -88,8 +89,11 @@ def _peft_method(name: str, make_config: Callable, *, mergeable=True, lr=None, u
         config, names = make_config(model, backbone, cfg, top_layers)
         return get_peft_model(model, config), names
 
-    return register(Method(name, mergeable, apply, _peft_save, _peft_load, lr, uses=uses,
-                           changes_output_at_init=changes_output_at_init))
+    return register(
+        Method(
+            name, mergeable, apply, _peft_save, _peft_load, lr, uses=uses, changes_output_at_init=changes_output_at_init
+        )
+    )
 
 
 def _lora_config(**extra) -> Callable:
@@ -97,7 +101,9 @@ def _lora_config(**extra) -> Callable:
         from peft import LoraConfig
 
         names = target_modules(model, backbone.model_type, cfg.targets, top_layers)
-        return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names, **extra), names
+        return LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names, **extra
+        ), names
 
     return make
 
@@ -144,15 +150,17 @@ def _prompt_config(model, backbone, cfg, top_layers):
 
     # Initialised from sampled vocabulary embeddings, Lester et al.'s best initialisation.
     config = PromptTuningConfig(
-        task_type="FEATURE_EXTRACTION", num_virtual_tokens=cfg.virtual_tokens,
+        task_type="FEATURE_EXTRACTION",
+        num_virtual_tokens=cfg.virtual_tokens,
         prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
     )
     return config, []
 
 
 # Lester et al. train with lr 0.3 under Adafactor; 3e-2 is peft's AdamW equivalent.
-_peft_method("prompt", _prompt_config, mergeable=False, lr=3e-2,
-             uses=frozenset({"virtual_tokens"}), changes_output_at_init=True)
+_peft_method(
+    "prompt", _prompt_config, mergeable=False, lr=3e-2, uses=frozenset({"virtual_tokens"}), changes_output_at_init=True
+)
 
 
 def _prefix_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
@@ -188,17 +196,25 @@ def _prefix_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int 
 
 
 # Li & Liang 2021
-register(Method("prefix", False, _prefix_apply, _peft_save, _peft_load, 1e-2,
-                uses=frozenset({"virtual_tokens"}), changes_output_at_init=True))
+register(
+    Method(
+        "prefix",
+        False,
+        _prefix_apply,
+        _peft_save,
+        _peft_load,
+        1e-2,
+        uses=frozenset({"virtual_tokens"}),
+        changes_output_at_init=True,
+    )
+)
 
 
 def _qlora_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | None = None):
     import torch
 
     if not torch.cuda.is_available():
-        raise TailtuneError(
-            "qlora needs a CUDA GPU (bitsandbytes 4-bit kernels) and this machine has none; use lora"
-        )
+        raise TailtuneError("qlora needs a CUDA GPU (bitsandbytes 4-bit kernels) and this machine has none; use lora")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -211,7 +227,9 @@ def _qlora_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int |
     quantised = AutoModel.from_pretrained(
         backbone.path,
         quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         ),
         device_map={"": 0},
@@ -257,8 +275,18 @@ def _head_apply(model, backbone: Backbone, cfg: MethodConfig, top_layers: int | 
 
 
 # linear probing, trained end to end
-register(Method("head", True, _head_apply, lambda model, folder: None, lambda base, folder: base, None, in_place=True,
-                uses_lr=False))
+register(
+    Method(
+        "head",
+        True,
+        _head_apply,
+        lambda model, folder: None,
+        lambda base, folder: base,
+        None,
+        in_place=True,
+        uses_lr=False,
+    )
+)
 
 
 BIASES_FILE = "biases.safetensors"
@@ -301,7 +329,9 @@ def _load_named(model, file: Path):
 
 
 # BitFit changes only biases, which live in the base weights: nothing to merge, no latency.
-register(Method("bitfit", True, _bitfit_apply, _bitfit_save, _bitfit_load, 1e-3, in_place=True))  # Ben Zaken et al. 2022
+register(
+    Method("bitfit", True, _bitfit_apply, _bitfit_save, _bitfit_load, 1e-3, in_place=True)
+)  # Ben Zaken et al. 2022
 
 
 # ----------------------------------------------------------------------------- bottleneck adapters

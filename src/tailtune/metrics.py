@@ -48,9 +48,7 @@ def _as_labels(y, name: str, n_classes: int | None = None) -> np.ndarray:
     if y.size and y.min() < 0:
         raise TailtuneError(f"{name} holds a negative class index ({y.min()})")
     if n_classes is not None and y.size and y.max() >= n_classes:
-        raise TailtuneError(
-            f"{name} holds class index {y.max()}, but there are only {n_classes} classes"
-        )
+        raise TailtuneError(f"{name} holds class index {y.max()}, but there are only {n_classes} classes")
     return y
 
 
@@ -67,9 +65,7 @@ def _f1(tp: np.ndarray, support: np.ndarray, predicted: np.ndarray) -> np.ndarra
     return np.divide(2.0 * tp, denom, out=np.zeros(np.shape(tp)), where=denom > 0)
 
 
-def _counts(
-    y_true: np.ndarray, y_pred: np.ndarray, n_classes: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tp, support, predicted), each of shape (C,)."""
     tp = np.bincount(y_true[y_true == y_pred], minlength=n_classes)
     support = np.bincount(y_true, minlength=n_classes)
@@ -228,9 +224,7 @@ def evaluate(
             "macro_f1": float(f1[scored].mean()) if scored.size else None,
             "zero_f1_classes": int(np.isin(scored, zero).sum()),
             "train_range": (
-                [int(train_counts[members].min()), int(train_counts[members].max())]
-                if members.size
-                else None
+                [int(train_counts[members].min()), int(train_counts[members].max())] if members.size else None
             ),
         }
 
@@ -260,9 +254,9 @@ def evaluate(
             "f1": f1,
         }
     )
-    per_class = per_class.sort_values(
-        ["train_count", "label"], ascending=[False, True], kind="stable"
-    ).reset_index(drop=True)
+    per_class = per_class.sort_values(["train_count", "label"], ascending=[False, True], kind="stable").reset_index(
+        drop=True
+    )
     return metrics, per_class
 
 
@@ -318,8 +312,7 @@ def paired_bootstrap(
 
     everything = np.arange(y_true.size)[None, :]  # the full test set as one "resample"
     point_a, point_b = (
-        _resample_scores(y_true, pred, everything, classes, n_classes)[metric][0]
-        for pred in (pred_a, pred_b)
+        _resample_scores(y_true, pred, everything, classes, n_classes)[metric][0] for pred in (pred_a, pred_b)
     )
     boot_a, boot_b = _bootstrap(y_true, [pred_a, pred_b], classes, n_classes, n_boot, seed)
     diffs = boot_a[metric] - boot_b[metric]

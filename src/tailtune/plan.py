@@ -75,8 +75,18 @@ def plan(cfg: Config, methods: list[str] | None = None, n_classes: int | None = 
                 continue
             try:
                 if name == GENERATE:
-                    row = {**plan_one(backbone, bb_cfg, "lora", cfg.method, n_classes, precision,
-                                      label_tokens=_longest_label(backbone, classes)), "method": GENERATE}
+                    row = {
+                        **plan_one(
+                            backbone,
+                            bb_cfg,
+                            "lora",
+                            cfg.method,
+                            n_classes,
+                            precision,
+                            label_tokens=_longest_label(backbone, classes),
+                        ),
+                        "method": GENERATE,
+                    }
                 else:
                     row = plan_one(backbone, bb_cfg, name, cfg.method, n_classes, precision)
             except TailtuneError as exc:
@@ -87,8 +97,12 @@ def plan(cfg: Config, methods: list[str] | None = None, n_classes: int | None = 
                 method_cfg, _, spec_bb, _ = spec.configs(cfg)
                 try:
                     label_tokens = _longest_label(backbone, classes) if spec.kind == "generate" else None
-                    row = {**plan_one(backbone, spec_bb, spec.method, method_cfg, n_classes, precision,
-                                      label_tokens=label_tokens), "method": spec.name}
+                    row = {
+                        **plan_one(
+                            backbone, spec_bb, spec.method, method_cfg, n_classes, precision, label_tokens=label_tokens
+                        ),
+                        "method": spec.name,
+                    }
                 except TailtuneError as exc:
                     row = {"method": spec.name, "error": str(exc)}
                 rows.append({"slot": slot, "backbone": spec_bb.name, **row})
@@ -115,8 +129,14 @@ def _longest_label(backbone, classes: list[str] | None) -> int:
 
 
 def plan_one(
-    backbone, bb_cfg: BackboneConfig, method: str, method_cfg: MethodConfig, n_classes: int, precision: str,
-    device: str | None = None, label_tokens: int | None = None,
+    backbone,
+    bb_cfg: BackboneConfig,
+    method: str,
+    method_cfg: MethodConfig,
+    n_classes: int,
+    precision: str,
+    device: str | None = None,
+    label_tokens: int | None = None,
 ) -> dict:
     """The plan of ``method`` on one resolved backbone; raises TailtuneError when the method refuses.
 
@@ -144,8 +164,12 @@ def plan_one(
         from tailtune.preflight import available_memory
         from tailtune.report import fmt_bytes
 
-        weights = sum(p.nbytes for p in build(backbone, bb_cfg, method, method_cfg, n_classes, "meta",
-                                               label_tokens is not None).parameters())
+        weights = sum(
+            p.nbytes
+            for p in build(
+                backbone, bb_cfg, method, method_cfg, n_classes, "meta", label_tokens is not None
+            ).parameters()
+        )
         free, where = available_memory()
         if weights > free:  # random weights would be allocated here: refuse before, not by running out
             raise TailtuneError(
@@ -188,7 +212,12 @@ def plan_one(
 
 
 def build(
-    backbone, bb_cfg: BackboneConfig, method: str, method_cfg: MethodConfig, n_classes: int, device: str,
+    backbone,
+    bb_cfg: BackboneConfig,
+    method: str,
+    method_cfg: MethodConfig,
+    n_classes: int,
+    device: str,
     causal: bool = False,
 ):
     """The classifier training would build (backbone from its config, method applied, head), on ``device``;
@@ -279,7 +308,11 @@ def trace_forward(
             width = length + (label_tokens or 0)
             ids = torch.zeros(batch, width, dtype=torch.long, device=device)  # (B, T)
             mask = torch.ones(batch, width, dtype=torch.long, device=device)
-            inputs = {"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(batch, dtype=torch.long, device=device)}
+            inputs = {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "labels": torch.zeros(batch, dtype=torch.long, device=device),
+            }
             if label_tokens is not None:
                 keep = label_tokens + 1
                 positions = torch.arange(width, device=device).expand(batch, width)
@@ -319,20 +352,28 @@ def print_plan(rows: list[dict], console) -> None:
     first = next((r for r in rows if r.get("error") is None), None)
     caption = (
         f"fp32 weights + AdamW; activations at batch x length per slot, {first['precision']} on {first['device']}"
-        if first else None
+        if first
+        else None
     )
     table = Table(title="memory plan (one training step)", caption=caption)
     for column in ("slot", "method", "trainable", "%", *FIELDS, "total", "checkpoint", "batch x len", "note"):
-        table.add_column(column, justify="left" if column in ("slot", "method", "note") else "right",
-                         no_wrap=column == "method")  # a system's name with its settings, whole
+        table.add_column(
+            column, justify="left" if column in ("slot", "method", "note") else "right", no_wrap=column == "method"
+        )  # a system's name with its settings, whole
     for r in rows:
         if r.get("error"):
             table.add_row(r["slot"], r["method"], *[""] * 9, Text(r["error"], style="yellow"))
             continue
         note = "" if r["activations_from"] == "fake forward" else r["activations_from"]
         table.add_row(
-            r["slot"], r["method"], f"{r['trainable']:,}", f"{r['trainable_pct']:.2f}",
-            *[fmt_bytes(r[f]) for f in FIELDS], f"[bold]{fmt_bytes(r['total'])}[/]", fmt_bytes(r["checkpoint"]),
-            f"{r['batch_size']} x {r['max_length']}", note,
+            r["slot"],
+            r["method"],
+            f"{r['trainable']:,}",
+            f"{r['trainable_pct']:.2f}",
+            *[fmt_bytes(r[f]) for f in FIELDS],
+            f"[bold]{fmt_bytes(r['total'])}[/]",
+            fmt_bytes(r["checkpoint"]),
+            f"{r['batch_size']} x {r['max_length']}",
+            note,
         )
     console.print(table)

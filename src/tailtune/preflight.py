@@ -93,8 +93,15 @@ def check_backbones(ctx, specs) -> None:
 
 
 # Encoders with a learned position table; RoBERTa-style ones start counting after the pad id.
-ABSOLUTE_POSITIONS = {"bert": False, "distilbert": False, "electra": False, "roberta": True,
-                      "xlm-roberta": True, "camembert": True, "mpnet": True}
+ABSOLUTE_POSITIONS = {
+    "bert": False,
+    "distilbert": False,
+    "electra": False,
+    "roberta": True,
+    "xlm-roberta": True,
+    "camembert": True,
+    "mpnet": True,
+}
 
 
 def check_positions(spec, cfg, backbone) -> None:
@@ -180,8 +187,11 @@ def available_memory() -> tuple[int, str]:
     # A container's memory limit is invisible in /proc/meminfo; reclaimable page cache counts as free.
     for limit_file, usage_file, cache_key in (
         ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "inactive_file"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-         "total_inactive_file"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+            "total_inactive_file",
+        ),
     ):
         try:
             limit = int(Path(limit_file).read_text())
@@ -213,20 +223,37 @@ def training_memory(spec, cfg, backbone, n_classes: int, seq_len: int, label_tok
     from tailtune.train import resolve_precision
 
     method_cfg, _, bb_cfg, _ = spec.configs(cfg)
-    row = plan_one(backbone, dataclasses.replace(bb_cfg, max_length=seq_len), spec.method, method_cfg, n_classes,
-                   resolve_precision(cfg.train.precision), label_tokens=label_tokens)
+    row = plan_one(
+        backbone,
+        dataclasses.replace(bb_cfg, max_length=seq_len),
+        spec.method,
+        method_cfg,
+        n_classes,
+        resolve_precision(cfg.train.precision),
+        label_tokens=label_tokens,
+    )
     config = AutoConfig.from_pretrained(backbone.path)
     probe = 0
     if label_tokens is None and (cfg.train.head_init == "probe" or f"{spec.slot}-probe" in cfg.systems):
         with torch.device("meta"):  # shapes only: nothing allocated, no weights read
             probe = 4 * sum(p.numel() for p in AutoModel.from_config(config).parameters())
     layers = config.get_text_config().num_hidden_layers
-    parts = {"weights": row["weights"], "gradients_adam": row["grads"] + row["optimizer"],
-             "activations": row["activations"], "probe_copy": probe}
-    return {**parts, "total": sum(parts.values()), "batch_size": row["batch_size"], "tokens": row["max_length"],
-            "label_logits": label_tokens is not None,
-            # prompt / prefix tuning backpropagates through every layer whatever adapt_layers says
-            "fewer_layers": spec.method not in ("full", "prompt", "prefix") and min(bb_cfg.adapt_layers or layers, layers) > 2}
+    parts = {
+        "weights": row["weights"],
+        "gradients_adam": row["grads"] + row["optimizer"],
+        "activations": row["activations"],
+        "probe_copy": probe,
+    }
+    return {
+        **parts,
+        "total": sum(parts.values()),
+        "batch_size": row["batch_size"],
+        "tokens": row["max_length"],
+        "label_logits": label_tokens is not None,
+        # prompt / prefix tuning backpropagates through every layer whatever adapt_layers says
+        "fewer_layers": spec.method not in ("full", "prompt", "prefix")
+        and min(bb_cfg.adapt_layers or layers, layers) > 2,
+    }
 
 
 def at_batch(need: dict, batch_size: int) -> int:
@@ -245,7 +272,11 @@ def _memory_message(spec, cfg, need, free, device) -> str:
         even = next((b for b in fits if effective % b == 0), 1)
         rows = even if 2 * even >= fits[0] else fits[0]
         accum = math.ceil(effective / rows)
-        same = "the same effective batch" if rows * accum == effective else f"effective batch {rows * accum:,}, was {effective:,}"
+        same = (
+            "the same effective batch"
+            if rows * accum == effective
+            else f"effective batch {rows * accum:,}, was {effective:,}"
+        )
         fix = f"try {slot}.batch_size={rows} train.grad_accum={accum} ({same})"
     elif spec.method == "full":
         fix = f"fine-tune with LoRA instead ({slot}-lora) or use a smaller backbone"

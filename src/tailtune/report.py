@@ -242,8 +242,10 @@ def load_run(run_dir: str | Path) -> Run:
             system.note = f"systems/{name}/metrics.json is missing; train it again with the run's command"
         if system.status == "ok" and not files_intact(folder):
             system.status = "missing"  # a file deleted or cut since it was written (files.json)
-            system.note = (f"a file of systems/{name} is missing or cut since it was written; "
-                           "train it again with the run's command")
+            system.note = (
+                f"a file of systems/{name} is missing or cut since it was written; "
+                "train it again with the run's command"
+            )
         # Class names are text, even "None" or "N/A"; only the score columns may be missing.
         if (folder / "per_class.csv").is_file():
             system.per_class = pd.read_csv(
@@ -260,8 +262,11 @@ def load_run(run_dir: str | Path) -> Run:
                 na_values={"confidence": ["", "nan", "NaN"]},
             )
         systems.append(system)
-    versions = {json.dumps(s.metrics.get("versions") if isinstance(s.metrics, dict) else None, sort_keys=True)
-                for s in systems if s.metrics is not None}
+    versions = {
+        json.dumps(s.metrics.get("versions") if isinstance(s.metrics, dict) else None, sort_keys=True)
+        for s in systems
+        if s.metrics is not None
+    }
     if len(versions) > 1:  # a run resumed after an upgrade, or systems of a tailtune that kept none
         problems.append(
             "the systems were trained with different library versions (see where the numbers come "
@@ -352,8 +357,7 @@ def _align_predictions(
             frame = frame.set_index("id").reindex(ref_ids)
             if frame["prediction"].isna().any():
                 problems.append(
-                    f"systems/{s.name}/predictions.csv covers other test rows; "
-                    "it is left out of the paired comparisons"
+                    f"systems/{s.name}/predictions.csv covers other test rows; it is left out of the paired comparisons"
                 )
                 continue
             frame = frame.reset_index()
@@ -550,10 +554,7 @@ def plot_long_tail(run: Run) -> Figure | None:
     with _style():
         fig = _new_figure(10, 3.2)
         ax = fig.add_subplot()
-        colours = [
-            _tier_colour(run, run.tier_of[label]) if label in run.tier_of else GREY
-            for label, _ in counts
-        ]
+        colours = [_tier_colour(run, run.tier_of[label]) if label in run.tier_of else GREY for label, _ in counts]
         ax.bar(range(len(counts)), [c for _, c in counts], width=0.85, color=colours)
         ax.set_yscale("log")
         ax.set_xlim(-0.8, len(counts) - 0.2)
@@ -612,13 +613,12 @@ def plot_tier_bars(run: Run, systems: list[SystemRun]) -> Figure | None:
         return _png(
             fig,
             "Grouped bar chart of macro-F1 per frequency tier for every system.",
-            "Macro-F1 within each tier, rarest tier on the left. The number above a bar is "
-            "its value.",
+            "Macro-F1 within each tier, rarest tier on the left. The number above a bar is its value.",
         )
 
 
 def fmt_span(lo, hi) -> str:
-    """"5–26", or "30" when both ends are one count ("30–30" read like a typo)."""
+    """ "5–26", or "30" when both ends are one count ("30–30" read like a typo)."""
     return f"{lo:,}" if lo == hi else f"{lo:,}\u2013{hi:,}"
 
 
@@ -626,7 +626,9 @@ def _tier_tick(run: Run, tier: str) -> str:
     members = [run.train_counts.get(c, 0) for c in run.data["tiers"]["classes"][tier]]
     if not members:
         return f"{tier}\nno classes"
-    return f"{tier}\n{len(members)} class{'es' if len(members) != 1 else ''}, {fmt_span(min(members), max(members))} train"
+    return (
+        f"{tier}\n{len(members)} class{'es' if len(members) != 1 else ''}, {fmt_span(min(members), max(members))} train"
+    )
 
 
 def plot_weighting_deltas(run: Run, pairs: list[dict]) -> Figure | None:
@@ -660,8 +662,7 @@ def plot_weighting_deltas(run: Run, pairs: list[dict]) -> Figure | None:
         ax.legend(loc="best")
         return _png(
             fig,
-            "Bar chart of the change in per-tier macro-F1 from class weighting, with 95% "
-            "paired-bootstrap intervals.",
+            "Bar chart of the change in per-tier macro-F1 from class weighting, with 95% paired-bootstrap intervals.",
             "Change in macro-F1 per tier from class weighting (above 0 = weighting helped), "
             "with 95% paired-bootstrap intervals. A bar whose interval crosses 0 is within noise.",
         )
@@ -699,9 +700,7 @@ def plot_enc_dec_scatter(enc: SystemRun, dec: SystemRun, joined: pd.DataFrame):
         ax.set_ylabel(f"per-class F1, decoder ({dec.name})")
         above, below = int((y > x).sum()), int((y < x).sum())
         both_zero = int(((x == 0) & (y == 0)).sum())
-        ax.set_title(
-            f"decoder better on {above} classes, encoder on {below}, tied on {len(x) - above - below}"
-        )
+        ax.set_title(f"decoder better on {above} classes, encoder on {below}, tied on {len(x) - above - below}")
         if both_zero:
             ax.annotate(
                 f"{both_zero} at (0, 0)",
@@ -786,8 +785,7 @@ def plot_f1_vs_count(run: Run, systems: list[SystemRun]) -> Figure | None:
                 ax.tick_params(labelbottom=True)
         return _png(
             fig,
-            "Per-class F1 against log10 training examples, one panel per system, with a "
-            "binned trend line.",
+            "Per-class F1 against log10 training examples, one panel per system, with a binned trend line.",
             "Per-class F1 against log\u2081\u2080 of the class's training examples. Dots are "
             "classes; the line joins the mean F1 of bins holding equal numbers of classes. "
             "Dotted verticals separate the tiers.",
@@ -834,9 +832,7 @@ def plot_pareto(points: list[dict], frontier: list[str], colours: dict[str, str]
                     capsize=3,
                     zorder=2,
                 )
-            ax.scatter(
-                p["ms"], p["f1"], s=70 if on else 45, color=colour, edgecolors="black", zorder=3
-            )
+            ax.scatter(p["ms"], p["f1"], s=70 if on else 45, color=colour, edgecolors="black", zorder=3)
             ax.annotate(
                 p["name"] + ("" if on else " (dominated)"),
                 (p["ms"], p["f1"]),
@@ -858,8 +854,7 @@ def plot_pareto(points: list[dict], frontier: list[str], colours: dict[str, str]
         ax.legend(loc="lower right")
         return _png(
             fig,
-            "Scatter plot of macro-F1 against milliseconds per example with the Pareto "
-            "frontier drawn.",
+            "Scatter plot of macro-F1 against milliseconds per example with the Pareto frontier drawn.",
             "Quality against latency. Systems on the frontier (joined) have no other system that "
             "is both faster and better; grey systems are dominated. Bars are 95% bootstrap CIs.",
         )
@@ -891,9 +886,7 @@ def _bootstrap(run: Run, a: str, b: str, an_seed: int, n_boot: int, **kw) -> dic
 
     if run.y_true is None or a not in run.preds or b not in run.preds:
         return None
-    return paired_bootstrap(
-        run.y_true, run.preds[a], run.preds[b], n_boot=n_boot, seed=an_seed, **kw
-    )
+    return paired_bootstrap(run.y_true, run.preds[a], run.preds[b], n_boot=n_boot, seed=an_seed, **kw)
 
 
 def _tier_bootstraps(run: Run, a: str, b: str, n_boot: int, seed: int) -> dict[str, dict]:
@@ -1071,20 +1064,14 @@ def section_data(run: Run) -> Section:
         more = f" and {len(dropped_classes) - 12} more" if len(dropped_classes) > 12 else ""
         sec.blocks.append(Para(f"{len(dropped_classes)} classes were dropped: {shown}{more}."))
 
-    test_counts = (
-        np.bincount(run.y_true, minlength=len(run.labels)) if run.y_true is not None else None
-    )
+    test_counts = np.bincount(run.y_true, minlength=len(run.labels)) if run.y_true is not None else None
     total_train = sum(run.train_counts.values()) or 1
     rows = []
     for tier in run.tier_names:
         members = run.data["tiers"]["classes"][tier]
         counts = [run.train_counts.get(c, 0) for c in members]
         train_rows = sum(counts)
-        test_rows = (
-            int(sum(test_counts[run.labels.index(c)] for c in members))
-            if test_counts is not None
-            else None
-        )
+        test_rows = int(sum(test_counts[run.labels.index(c)] for c in members)) if test_counts is not None else None
         rows.append(
             [
                 Cell(tier),
@@ -1092,9 +1079,7 @@ def section_data(run: Run) -> Section:
                 Cell(fmt_span(min(counts), max(counts)), num=True),
                 Cell(f"{train_rows:,} ({fmt_pct(train_rows / total_train)})", num=True),
                 Cell(
-                    EM_DASH
-                    if test_rows is None
-                    else f"{test_rows:,} ({fmt_pct(test_rows / len(run.y_true))})",
+                    EM_DASH if test_rows is None else f"{test_rows:,} ({fmt_pct(test_rows / len(run.y_true))})",
                     num=True,
                 ),
             ]
@@ -1244,10 +1229,23 @@ def plot_quality_vs_params(systems: list[SystemRun], colours: dict[str, str]) ->
         ax = fig.add_subplot()
         for i, s in enumerate(sorted(systems, key=lambda s: _num(s.value("trainable_params")))):
             x, y = _num(s.value("trainable_params")), s.macro_f1
-            ax.scatter(x, y, s=55, color=colours.get(s.name, GREY), edgecolors="black", zorder=3,
-                       marker="o" if s.info.get("mergeable", True) else "s")
-            ax.annotate(s.name, (x, y), xytext=(7, 7 if i % 2 == 0 else -13), textcoords="offset points",
-                        fontsize=8, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+            ax.scatter(
+                x,
+                y,
+                s=55,
+                color=colours.get(s.name, GREY),
+                edgecolors="black",
+                zorder=3,
+                marker="o" if s.info.get("mergeable", True) else "s",
+            )
+            ax.annotate(
+                s.name,
+                (x, y),
+                xytext=(7, 7 if i % 2 == 0 else -13),
+                textcoords="offset points",
+                fontsize=8,
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+            )
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_count(v)))
         ax.set_xlabel("trained parameters (log scale)")
@@ -1293,9 +1291,7 @@ def _systems_prose(run: Run, an: Analysis) -> list[Any]:
         ]
     by_acc = max(ok, key=lambda s: _num(s.value("accuracy")) or 0)
     text = [
-        Markup("<strong>{}</strong> has the highest macro-F1 ({}).").format(
-            an.best.name, fmt_metric(an.best.macro_f1)
-        )
+        Markup("<strong>{}</strong> has the highest macro-F1 ({}).").format(an.best.name, fmt_metric(an.best.macro_f1))
     ]
     if by_acc is not an.best:
         text.append(
@@ -1335,14 +1331,9 @@ def section_weighting(run: Run, an: Analysis) -> Section:
         return sec
     for pair in an.weighting:
         base, w = pair["base"], pair["weighted"]
-        sec.blocks.append(
-            Heading(Markup("{}: {} vs {}").format(pair["backbone"], w.name, base.name))
-        )
+        sec.blocks.append(Heading(Markup("{}: {} vs {}").format(pair["backbone"], w.name, base.name)))
         zero = {
-            tier: [
-                ((x.metrics.get("tiers") or {}).get(tier) or {}).get("zero_f1_classes")
-                for x in (base, w)
-            ]
+            tier: [((x.metrics.get("tiers") or {}).get(tier) or {}).get("zero_f1_classes") for x in (base, w)]
             for tier in run.tier_names
         }
         rows = [
@@ -1393,9 +1384,7 @@ def section_weighting(run: Run, an: Analysis) -> Section:
     return sec
 
 
-def _paired_row(
-    label: str, a: Any, b: Any, res: dict | None, *, count: bool = False, sub: str = ""
-) -> list[Cell]:
+def _paired_row(label: str, a: Any, b: Any, res: dict | None, *, count: bool = False, sub: str = "") -> list[Cell]:
     """One row of a before/after table: a, b, b - a, and the paired bootstrap of b - a."""
     a, b = _num(a), _num(b)
     delta = None if a is None or b is None else b - a
@@ -1545,9 +1534,7 @@ def _transfer_verdict(an: Analysis) -> Markup:
     enc, dec = by_backbone.get("encoder"), by_backbone.get("decoder")
     if enc and dec:
         e, d = _effect(enc["macro"]), _effect(dec["macro"])
-        nums = Markup("encoder {}, decoder {}").format(
-            fmt_boot(enc["macro"]), fmt_boot(dec["macro"])
-        )
+        nums = Markup("encoder {}, decoder {}").format(fmt_boot(enc["macro"]), fmt_boot(dec["macro"]))
         if e == d == "within noise":
             return Markup(
                 "<strong>Does the effect transfer from encoder to decoder?</strong> Neither "
@@ -1556,8 +1543,7 @@ def _transfer_verdict(an: Analysis) -> Markup:
             ).format(nums)
         if e == d:
             return Markup(
-                "<strong>Does the effect transfer from encoder to decoder?</strong> Yes: "
-                "weighting {} both ({})."
+                "<strong>Does the effect transfer from encoder to decoder?</strong> Yes: weighting {} both ({})."
             ).format(e, nums)
         return Markup(
             "<strong>Does the effect transfer from encoder to decoder?</strong> No: on the "
@@ -1599,8 +1585,10 @@ def section_per_class(run: Run, an: Analysis) -> Section:
     if an.enc is None or an.dec is None:
         missing = [b for b, s in (("encoder", an.enc), ("decoder", an.dec)) if s is None]
         failed = [
-            s.name for s in run.systems
-            if s.status != "ok" and s.info.get("kind") in ("finetune", None)
+            s.name
+            for s in run.systems
+            if s.status != "ok"
+            and s.info.get("kind") in ("finetune", None)
             and s.info.get("backbone", s.name.split("-", 1)[0]) in missing
         ]
         all_failed = all(s.status == "failed" for s in run.systems if s.name in failed)
@@ -1653,18 +1641,12 @@ def _zero_f1_table(run: Run, systems: list[SystemRun]) -> Table:
     rows = []
     for tier in [*run.tier_names, None]:
         counts = [
-            (s.metrics.get("tiers", {}).get(tier) or {}).get("zero_f1_classes")
-            if tier
-            else s.value("zero_f1_classes")
+            (s.metrics.get("tiers", {}).get(tier) or {}).get("zero_f1_classes") if tier else s.value("zero_f1_classes")
             for s in systems
         ]
         n = (
             next(
-                (
-                    s.metrics["tiers"][tier]["n_classes"]
-                    for s in systems
-                    if tier in s.metrics.get("tiers", {})
-                ),
+                (s.metrics["tiers"][tier]["n_classes"] for s in systems if tier in s.metrics.get("tiers", {})),
                 None,
             )
             if tier
@@ -1719,14 +1701,13 @@ def _tier_prose(run: Run, systems: list[SystemRun]) -> Markup:
             last, fmt_metric(abs(gaps[0])), "more" if gaps[0] >= 0 else "less", first
         )
     elif gaps:
-        text += Markup(
-            " The gap between the {} and the {} tier ranges from {} to {} macro-F1 across "
-            "systems."
-        ).format(last, first, fmt_metric(min(gaps)), fmt_metric(max(gaps)))
+        text += Markup(" The gap between the {} and the {} tier ranges from {} to {} macro-F1 across systems.").format(
+            last, first, fmt_metric(min(gaps)), fmt_metric(max(gaps))
+        )
     if run.y_true is not None and run.tier_classes(last).size:
-        text += Markup(
-            " Accuracy in section 1 weighs classes by their test rows: the {} tier is {} of them."
-        ).format(last, fmt_pct(np.isin(run.y_true, run.tier_classes(last)).mean()))
+        text += Markup(" Accuracy in section 1 weighs classes by their test rows: the {} tier is {} of them.").format(
+            last, fmt_pct(np.isin(run.y_true, run.tier_classes(last)).mean())
+        )
     return text
 
 
@@ -1734,12 +1715,10 @@ def _disagreement_table(an: Analysis, joined: pd.DataFrame) -> Table:
     joined = joined.assign(delta=joined["f1_dec"] - joined["f1_enc"])
     joined = joined.assign(size=joined["delta"].abs())
     # Ties (common among tiny classes) go to the class with more test rows: the sturdier number.
-    ranked = joined[joined["size"] > 0].sort_values(
-        ["size", "support"], ascending=[False, False], kind="stable"
-    )
+    ranked = joined[joined["size"] > 0].sort_values(["size", "support"], ascending=[False, False], kind="stable")
     top = ranked.head(N_DISAGREE)
     # classes left out that differ as much as the last one shown: the cut is arbitrary among them
-    tied = int((ranked["size"].iloc[len(top):] == top["size"].iloc[-1]).sum()) if len(top) else 0
+    tied = int((ranked["size"].iloc[len(top) :] == top["size"].iloc[-1]).sum()) if len(top) else 0
     rows = [
         [
             Cell(r.label),
@@ -1766,8 +1745,12 @@ def _disagreement_table(an: Analysis, joined: pd.DataFrame) -> Table:
         ],
         rows,
         f"The {len(rows)} classes where the two systems' F1 differ most"
-        + (f" ({tied} more differ by as much, {fmt_metric(top['size'].iloc[-1])}; ties go to the class with "
-           "more test rows)" if tied else "")
+        + (
+            f" ({tied} more differ by as much, {fmt_metric(top['size'].iloc[-1])}; ties go to the class with "
+            "more test rows)"
+            if tied
+            else ""
+        )
         + ". Classes with few test rows swing easily: read the test column before the \u0394.",
     )
 
@@ -1807,8 +1790,7 @@ def _enc_dec_tier_table(run: Run, an: Analysis) -> Table:
             "",
         ],
         rows,
-        f"Macro-F1 per tier, decoder against encoder; paired bootstrap over test rows, "
-        f"{an.n_boot} resamples.",
+        f"Macro-F1 per tier, decoder against encoder; paired bootstrap over test rows, {an.n_boot} resamples.",
     )
 
 
@@ -1855,11 +1837,7 @@ def _confusions(run: Run, an: Analysis) -> list[Any]:
         for k in order
     ]
     share = pairs[order].sum() / wrong.sum()
-    into_common = sum(
-        1
-        for k in order
-        if run.tier_names and run.tier_of.get(run.labels[k % n]) == run.tier_names[-1]
-    )
+    into_common = sum(1 for k in order if run.tier_names and run.tier_of.get(run.labels[k % n]) == run.tier_names[-1])
     return [
         Heading(f"Top confusions of {best.name}"),
         Table(
@@ -1897,9 +1875,7 @@ def section_latency(run: Run, an: Analysis) -> Section:
             b = bench.get("systems", {}).get(s.name)
             if b and b.get("ms_per_example"):
                 ci = (s.metrics.get("ci") or {}).get("macro_f1")
-                points.append(
-                    {"name": s.name, "ms": b["ms_per_example"], "f1": s.macro_f1, "ci": ci}
-                )
+                points.append({"name": s.name, "ms": b["ms_per_example"], "f1": s.macro_f1, "ci": ci})
         if points:
             frontier = pareto_frontier(points)
             sec.blocks.append(plot_pareto(points, frontier, colours))
@@ -1941,7 +1917,8 @@ def _bench_tables(run: Run, bench: dict) -> list[Any]:
         "examples_per_s": _best_cells(col("examples_per_s"), True),
         # each measured in a fresh process since bench.json has model_stamp; one process before
         "peak_mem_mb": _best_cells(col("peak_mem_mb"), False)
-        if all("model_stamp" in e for e in entries) else [False] * len(entries),
+        if all("model_stamp" in e for e in entries)
+        else [False] * len(entries),
         "time_64k_s": _best_cells(col("time_64k_s"), False),
         "cost_64k": _best_cells(col("cost_64k"), False),
     }
@@ -1964,9 +1941,7 @@ def _bench_tables(run: Run, bench: dict) -> list[Any]:
                     sub=f"batch {chosen['batch_size']}" if "batch_size" in chosen else "",
                 ),
                 Cell(
-                    f"{e['ms_per_example']:.2f}"
-                    if e.get("ms_per_example") is not None
-                    else EM_DASH,
+                    f"{e['ms_per_example']:.2f}" if e.get("ms_per_example") is not None else EM_DASH,
                     num=True,
                     best=best["ms_per_example"][i],
                 ),
@@ -1975,9 +1950,7 @@ def _bench_tables(run: Run, bench: dict) -> list[Any]:
                     num=True,
                 ),
                 Cell(
-                    f"{e['examples_per_s']:,.1f}"
-                    if e.get("examples_per_s") is not None
-                    else EM_DASH,
+                    f"{e['examples_per_s']:,.1f}" if e.get("examples_per_s") is not None else EM_DASH,
                     num=True,
                     best=best["examples_per_s"][i],
                 ),
@@ -2095,14 +2068,16 @@ def _recommendation(run: Run, an: Analysis) -> list[Any]:
         facts.append(
             f"Latency: {an.dec.name} takes {ms[an.dec.name]:.2f} ms per example, "
             f"{an.enc.name} {ms[an.enc.name]:.2f} ms: "
-            + (f"the decoder costs {ratio:.1f}\u00d7 the encoder." if ratio >= 1
-               else f"the decoder is {1 / ratio:.1f}\u00d7 faster than the encoder here.")
+            + (
+                f"the decoder costs {ratio:.1f}\u00d7 the encoder."
+                if ratio >= 1
+                else f"the decoder is {1 / ratio:.1f}\u00d7 faster than the encoder here."
+            )
         )
     rare_res = an.enc_dec.get(rare) if rare else None
     if rare_res is not None:
         facts.append(
-            f"Decoder minus encoder on the {rare} tier: {fmt_boot(rare_res)} macro-F1, "
-            f"{noise_word(rare_res)}."
+            f"Decoder minus encoder on the {rare} tier: {fmt_boot(rare_res)} macro-F1, {noise_word(rare_res)}."
         )
     adapters = [s for s in run.ok_systems if _num(s.info.get("adapter_bytes"))]
     if adapters:
@@ -2174,9 +2149,7 @@ def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[SystemRun, Ma
     pick = tuned
     name = Markup("{} ({} + {})").format(tuned.name, backbone, "LoRA" if method == "lora" else method)
     why = Markup("")
-    probe = _best(
-        [s for s in run.ok_systems if s.info.get("kind") == "probe" and s.info.get("backbone") == backbone]
-    )
+    probe = _best([s for s in run.ok_systems if s.info.get("kind") == "probe" and s.info.get("backbone") == backbone])
     diff = None if probe is None else _bootstrap(run, tuned.name, probe.name, an.seed, an.n_boot)
     if diff is not None and not _better(diff):
         pick = probe
@@ -2184,23 +2157,32 @@ def _deployable(run: Run, an: Analysis, tuned: SystemRun) -> tuple[SystemRun, Ma
         why = Markup(
             " It is the frozen probe, not {}: fine-tuning {}, and at serving time both "
             "are one forward pass of the same {}: the probe is the simpler system{}."
-        ).format(tuned.name, _beat_words(run, diff, tuned.name, probe.name, "the probe"), backbone,
-                 ", and better" if _worse(diff) else ", with no measurable loss")
+        ).format(
+            tuned.name,
+            _beat_words(run, diff, tuned.name, probe.name, "the probe"),
+            backbone,
+            ", and better" if _worse(diff) else ", with no measurable loss",
+        )
     baseline = _best([s for s in run.ok_systems if s.info.get("kind") == "baseline"])
     versus = None if baseline is None else _bootstrap(run, pick.name, baseline.name, an.seed, an.n_boot)
     if versus is not None and not _better(versus):
         steps = Markup("")
         if pick is not tuned:  # the probe's step, told as a step towards the baseline
             steps = Markup(" Fine-tuning {} {};").format(
-                tuned.name, _beat_words(run, diff, tuned.name, probe.name, f"its frozen probe {probe.name}"))
+                tuned.name, _beat_words(run, diff, tuned.name, probe.name, f"its frozen probe {probe.name}")
+            )
         return (
             baseline,
             Markup("{} (TF-IDF + logistic regression)").format(baseline.name),
-            steps + Markup(
+            steps
+            + Markup(
                 " {}{} {}: on this data the baseline, the simplest system to "
                 "serve, is the one to deploy until a system beats it."
-            ).format("and " if steps else "", pick.name,
-                     _beat_words(run, versus, pick.name, baseline.name, f"the baseline {baseline.name}")),
+            ).format(
+                "and " if steps else "",
+                pick.name,
+                _beat_words(run, versus, pick.name, baseline.name, f"the baseline {baseline.name}"),
+            ),
         )
     ms = _ms_per_example(run)
     if pick.name in ms:
@@ -2234,8 +2216,11 @@ def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
     baseline = dec_system.info.get("kind") == "baseline"
     cost = Markup("")
     if ratio:
-        cost = (Markup(", at {:.1f}\u00d7 the encoder's latency").format(ratio) if ratio >= 1
-                else Markup(", though it runs {:.1f}\u00d7 faster than the encoder in bench.json").format(1 / ratio))
+        cost = (
+            Markup(", at {:.1f}\u00d7 the encoder's latency").format(ratio)
+            if ratio >= 1
+            else Markup(", though it runs {:.1f}\u00d7 faster than the encoder in bench.json").format(1 / ratio)
+        )
     overall = an.enc_dec.get("all")
     if _better(rare_res) and not baseline:  # a decoder the baseline matches is not worth its cost
         return (
@@ -2247,9 +2232,7 @@ def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
             RULES[1][0],
         )
     rare_words = (
-        Markup("its rare-tier difference is {} ({})").format(
-            noise_word(rare_res), fmt_boot(rare_res)
-        )
+        Markup("its rare-tier difference is {} ({})").format(noise_word(rare_res), fmt_boot(rare_res))
         if rare_res is not None
         else Markup("the rare tier could not be compared (no paired predictions)")
     )
@@ -2268,8 +2251,10 @@ def _decide(run: Run, an: Analysis) -> tuple[Markup, str | None]:
         why = Markup("The decoder does not earn its cost here: {}").format(rare_words)
     else:
         why = Markup("The decoder is not better here: {}").format(rare_words)
-    return (Markup("<strong>Deploy {}.</strong> {}{}.{}{}").format(enc_pick, why, cost, enc_why, provisional),
-            RULES[4][0] if rare_res is not None else None)
+    return (
+        Markup("<strong>Deploy {}.</strong> {}{}.{}{}").format(enc_pick, why, cost, enc_why, provisional),
+        RULES[4][0] if rare_res is not None else None,
+    )
 
 
 def section_next(run: Run, an: Analysis) -> Section:
@@ -2284,18 +2269,16 @@ def section_next(run: Run, an: Analysis) -> Section:
             zero_everywhere &= set(series[series == 0].index)
         if zero_everywhere:
             counts = sorted(run.train_counts.get(c, 0) for c in zero_everywhere)
-            per_tier = [
-                sum(run.tier_of.get(c) == t for c in zero_everywhere) for t in run.tier_names
-            ]
-            where = ", ".join(
-                f"{n} {t}" for t, n in zip(run.tier_names, per_tier, strict=True) if n
-            )
+            per_tier = [sum(run.tier_of.get(c) == t for c in zero_everywhere) for t in run.tier_names]
+            where = ", ".join(f"{n} {t}" for t, n in zip(run.tier_names, per_tier, strict=True) if n)
             every = "in every system" if len(ok) > 1 else f"in {ok[0].name}, the only system"
             if len(zero_everywhere) == 1:
                 found = f"1 class has zero F1 {every} ({where}); its training count is {counts[0]:,}. No method here learns it: it needs"
             else:
-                found = (f"{len(zero_everywhere)} classes have zero F1 {every} ({where}); their training counts run "
-                         f"{fmt_span(counts[0], counts[-1])}. No method here learns them: they need")
+                found = (
+                    f"{len(zero_everywhere)} classes have zero F1 {every} ({where}); their training counts run "
+                    f"{fmt_span(counts[0], counts[-1])}. No method here learns them: they need"
+                )
             items.append(
                 f"{found} more labelled examples, merging into a parent class, or a different signal (e.g. few-shot "
                 "prompting)."
@@ -2305,16 +2288,16 @@ def section_next(run: Run, an: Analysis) -> Section:
                 + ("class" if len(zero_everywhere) == 1 else "classes")
                 + f" (training counts {fmt_span(counts[0], counts[-1])}), by labelling or by augmentation, and "
                 f"rerun {an.best.name}: does macro-F1 on "
-                + ", ".join(f"the {t} tier" for t in run.tier_names if any(run.tier_of.get(c) == t for c in zero_everywhere))
+                + ", ".join(
+                    f"the {t} tier" for t in run.tier_names if any(run.tier_of.get(c) == t for c in zero_everywhere)
+                )
                 + " move?"
             )
         else:
             items.append("Every class with test rows is learned by at least one system.")
         best = an.best
         if best is not None and best.metrics.get("tiers"):
-            worst_tier, stats = max(
-                best.metrics["tiers"].items(), key=lambda kv: kv[1].get("zero_f1_classes") or 0
-            )
+            worst_tier, stats = max(best.metrics["tiers"].items(), key=lambda kv: kv[1].get("zero_f1_classes") or 0)
             if stats.get("zero_f1_classes"):
                 lo, hi = stats.get("train_range") or [None, None]
                 items.append(
@@ -2335,11 +2318,7 @@ def section_next(run: Run, an: Analysis) -> Section:
         )
     if not an.weighting:
         items.append(_missing_pair_advice(run))
-    elif (
-        an.enc
-        and an.dec
-        and not all(any(p["backbone"] == b for p in an.weighting) for b in ("encoder", "decoder"))
-    ):
+    elif an.enc and an.dec and not all(any(p["backbone"] == b for p in an.weighting) for b in ("encoder", "decoder")):
         items.append(_transfer_verdict(an))
     items.extend(_probe_checks(run, an))
     items.extend(_collapse_checks(run))
@@ -2348,9 +2327,7 @@ def section_next(run: Run, an: Analysis) -> Section:
         if s.status != "ok":
             items.append(Markup("Fix and rerun {}: {}").format(s.name, s.note or "failed"))
     if run.bench is None:
-        items.append(
-            Markup("Run {} to add latency and cost.").format(code(f"tailtune bench {run.path}"))
-        )
+        items.append(Markup("Run {} to add latency and cost.").format(code(f"tailtune bench {run.path}")))
     sec.blocks.append(Bullets(items))
 
     cascade = _cascade(run, an)
@@ -2359,29 +2336,24 @@ def section_next(run: Run, an: Analysis) -> Section:
         sec.blocks.append(Heading("A cheap experiment: encoder first, decoder when unsure"))
         sec.blocks.append(table)
         if best_row is None:
-            sec.blocks.append(Para(f"No threshold beats {an.enc.name} alone on macro-F1 here, so routing "
-                                   f"rows to {an.dec.name} is not worth trying on this run."))
+            sec.blocks.append(
+                Para(
+                    f"No threshold beats {an.enc.name} alone on macro-F1 here, so routing "
+                    f"rows to {an.dec.name} is not worth trying on this run."
+                )
+            )
         elif experiment is None:
             experiment = (
                 f"Serve {an.enc.name} and send rows whose confidence is below "
                 f"{best_row['t']:.1f} to {an.dec.name}; tune the threshold on the validation "
                 "split and measure macro-F1 and mean latency on test."
             )
-    if (
-        experiment is None
-        and an.enc
-        and an.dec
-        and not any(p["backbone"] == "decoder" for p in an.weighting)
-    ):
-        experiment = (
-            f"Train {_weighted_name(an.dec.name)} to test whether weighting transfers to the decoder."
-        )
+    if experiment is None and an.enc and an.dec and not any(p["backbone"] == "decoder" for p in an.weighting):
+        experiment = f"Train {_weighted_name(an.dec.name)} to test whether weighting transfers to the decoder."
     if experiment is None and an.best is not None:
         experiment = _rank_experiment(run, an.best)
     if experiment:
-        sec.blocks.append(
-            Para(Markup("<strong>Next experiment.</strong> {}").format(experiment), style="callout")
-        )
+        sec.blocks.append(Para(Markup("<strong>Next experiment.</strong> {}").format(experiment), style="callout"))
     return sec
 
 
@@ -2407,18 +2379,23 @@ def _rank_experiment(run: Run, best: SystemRun) -> str:
 
     kind, method = best.info.get("kind"), best.info.get("method")
     if kind == "finetune" and method in methods.METHODS and "rank" in methods.get(method).uses:
-        return (f"Raise the rank or add target modules on {best.name} and check whether the {tier} tier "
-                "moves outside noise.")
+        return (
+            f"Raise the rank or add target modules on {best.name} and check whether the {tier} tier "
+            "moves outside noise."
+        )
     if kind == "finetune":
-        return (f"Try LoRA on the same backbone against {best.name} ({best.info.get('backbone')}-lora) and "
-                f"check whether the {tier} tier moves outside noise.")
+        return (
+            f"Try LoRA on the same backbone against {best.name} ({best.info.get('backbone')}-lora) and "
+            f"check whether the {tier} tier moves outside noise."
+        )
     have = {s.name.split("@")[0] for s in run.systems}
     missing = [n for n in ("encoder-probe", "encoder-lora") if n not in have]
     if missing:
-        return (f"Add {' and '.join(missing)} and check whether they beat {best.name} on the {tier} tier "
-                "outside noise.")
-    return (f"No backbone here beats {best.name}: try a larger encoder (encoder.name=<folder or hub name>) "
-            "or a longer encoder.max_length, and check the per-class table for classes that need more examples.")
+        return f"Add {' and '.join(missing)} and check whether they beat {best.name} on the {tier} tier outside noise."
+    return (
+        f"No backbone here beats {best.name}: try a larger encoder (encoder.name=<folder or hub name>) "
+        "or a longer encoder.max_length, and check the per-class table for classes that need more examples."
+    )
 
 
 def _probe_checks(run: Run, an: Analysis) -> list[str]:
@@ -2427,19 +2404,14 @@ def _probe_checks(run: Run, an: Analysis) -> list[str]:
     out = []
     ok = run.ok_systems
     for backbone in ("encoder", "decoder"):
-        probes = [
-            s for s in ok if s.info.get("kind") == "probe" and s.info.get("backbone") == backbone
-        ]
-        tuned = [
-            s for s in ok if s.info.get("kind") == "finetune" and s.info.get("backbone") == backbone
-        ]
+        probes = [s for s in ok if s.info.get("kind") == "probe" and s.info.get("backbone") == backbone]
+        tuned = [s for s in ok if s.info.get("kind") == "finetune" and s.info.get("backbone") == backbone]
         if not probes or not tuned:
             continue
         probe, tune = _best(probes), _best(tuned)
         res = _bootstrap(run, tune.name, probe.name, an.seed, an.n_boot)
-        versus = (
-            f"{tune.name} {fmt_metric(tune.macro_f1)} vs {probe.name} {fmt_metric(probe.macro_f1)}"
-            + (f", {fmt_boot(res)} {noise_word(res)}" if res else "")
+        versus = f"{tune.name} {fmt_metric(tune.macro_f1)} vs {probe.name} {fmt_metric(probe.macro_f1)}" + (
+            f", {fmt_boot(res)} {noise_word(res)}" if res else ""
         )
         if _better(res):
             out.append(f"Fine-tuning beats the frozen {backbone} probe: {versus}.")
@@ -2568,8 +2540,11 @@ def section_machine(run: Run) -> Section:
         if s.metrics is None:
             continue
         versions = s.metrics.get("versions") if isinstance(s.metrics, dict) else None
-        text = (", ".join(f"{k} {v}" for k, v in versions.items() if v) if isinstance(versions, dict)
-                else "not recorded (trained before versions were kept)")
+        text = (
+            ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+            if isinstance(versions, dict)
+            else "not recorded (trained before versions were kept)"
+        )
         trained_with.setdefault(text, []).append(s.name)
     for text, names in trained_with.items():
         sub = "all systems" if len(trained_with) == 1 else "used by " + ", ".join(names)
@@ -2592,9 +2567,7 @@ def section_config(run: Run) -> Section:
     if run.config_text is None:
         sec.blocks.append(Para("config.yaml is missing from the run directory.", style="warning"))
     else:
-        sec.blocks.append(
-            Para(Markup("{} exactly as the run saved it:").format(code("config.yaml")))
-        )
+        sec.blocks.append(Para(Markup("{} exactly as the run saved it:").format(code("config.yaml"))))
         sec.blocks.append(Pre(run.config_text))
     return sec
 
@@ -2602,9 +2575,7 @@ def section_config(run: Run) -> Section:
 # ----------------------------------------------------------------------------- entry point
 
 
-def build_report(
-    run_dir: str | Path, out: Path | None = None, *, n_boot: int | None = None
-) -> Path:
+def build_report(run_dir: str | Path, out: Path | None = None, *, n_boot: int | None = None) -> Path:
     """Write the run's HTML report and return its path.
 
     Args:

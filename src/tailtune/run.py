@@ -52,8 +52,16 @@ from tailtune.config import Config, dump
 from tailtune.errors import TailtuneError, first_line
 
 COMPARISON_COLUMNS = [
-    "system", "status", "accuracy", "macro_f1", "weighted_f1", "zero_f1_classes",
-    "trainable_params", "total_params", "train_seconds", "note",
+    "system",
+    "status",
+    "accuracy",
+    "macro_f1",
+    "weighted_f1",
+    "zero_f1_classes",
+    "trainable_params",
+    "total_params",
+    "train_seconds",
+    "note",
 ]
 
 
@@ -157,8 +165,10 @@ def _check_run_dir(out: Path, cfg: Config, *, keep_others: bool = False) -> Conf
         from tailtune.splits import seed_runs
 
         if seed_runs(out):  # run --split-seeds' folder, given without the flag
-            raise TailtuneError(f"{out} holds one run per split seed; add --split-seeds to resume or extend "
-                                "them, or choose another --out")
+            raise TailtuneError(
+                f"{out} holds one run per split seed; add --split-seeds to resume or extend "
+                "them, or choose another --out"
+            )
         raise TailtuneError(f"{out} exists, is not empty and is not a tailtune run directory")
     return None
 
@@ -207,7 +217,10 @@ def _merged_summary(out: Path, summary: dict) -> dict:
     before = run_data(out)
     if before.get("fingerprint") != summary["fingerprint"]:
         return summary
-    return {**summary, **{key: {**before.get(key, {}), **summary.get(key, {})} for key in ("truncation", "model_files")}}
+    return {
+        **summary,
+        **{key: {**before.get(key, {}), **summary.get(key, {})} for key in ("truncation", "model_files")},
+    }
 
 
 def _joined(saved: Config | None, cfg: Config) -> Config:
@@ -253,11 +266,24 @@ def _comparison(out: Path, n_test: int) -> pd.DataFrame:
             rows.append(_row(name, "ok", m, "; ".join(m.get("warnings", []))))
         elif (failed := out / "systems" / f".{name}.failed").is_dir():
             reason = failed / "reason.txt"
-            rows.append(_row(name, "failed", {}, reason.read_text(encoding="utf-8") if reason.exists()
-                             else f"failed; see {failed / 'error.txt'}"))
+            rows.append(
+                _row(
+                    name,
+                    "failed",
+                    {},
+                    reason.read_text(encoding="utf-8") if reason.exists() else f"failed; see {failed / 'error.txt'}",
+                )
+            )
         else:
-            rows.append(_row(name, "missing", {}, f"no finished results in {out / 'systems' / name} (not "
-                             "trained yet, or a file of it deleted or cut); train it with this run's command"))
+            rows.append(
+                _row(
+                    name,
+                    "missing",
+                    {},
+                    f"no finished results in {out / 'systems' / name} (not "
+                    "trained yet, or a file of it deleted or cut); train it with this run's command",
+                )
+            )
     frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     # counts stay whole numbers when a failed system leaves them empty (not 6.0, 10912.0)
     return frame.astype({c: "Int64" for c in ("zero_f1_classes", "trainable_params", "total_params")})
@@ -270,7 +296,9 @@ def read_comparison(run_dir: Path, needs: tuple[str, ...] = ()) -> pd.DataFrame:
     try:
         comparison = pd.read_csv(path)
     except ValueError as exc:  # EmptyDataError and ParserError are ValueErrors
-        raise TailtuneError(f"{path} is damaged ({first_line(exc)}); run the same tailtune run command again to rewrite it") from None
+        raise TailtuneError(
+            f"{path} is damaged ({first_line(exc)}); run the same tailtune run command again to rewrite it"
+        ) from None
     lacking = [c for c in ("system", *needs) if c not in comparison.columns]
     if lacking:
         raise TailtuneError(
@@ -326,8 +354,9 @@ def files_intact(system_dir: Path) -> bool:
         return True
     except (OSError, ValueError):
         return False
-    return all((system_dir / name).is_file() and (system_dir / name).stat().st_size == size
-               for name, size in files.items())
+    return all(
+        (system_dir / name).is_file() and (system_dir / name).stat().st_size == size for name, size in files.items()
+    )
 
 
 FILES = "files.json"  # a system folder's files and their sizes, written last: a deleted or cut file is seen
@@ -480,8 +509,9 @@ def _run(cfg: Config, console, report: bool, named_only: bool, held: contextlib.
         path = build_report(out)
         console.print(f"report: {path}", markup=False)
     elif (out / "report.html").exists():  # `tailtune train`, --no-report: the memo would not show these systems
-        console.print(f"{out / 'report.html'} predates this comparison; rebuild it with: tailtune report {out}",
-                      markup=False)
+        console.print(
+            f"{out / 'report.html'} predates this comparison; rebuild it with: tailtune report {out}", markup=False
+        )
     console.print(f"run directory: {out}  ({time.perf_counter() - started:.0f} s)", markup=False)
     dist.wait_for_everyone()
     return out
@@ -497,8 +527,14 @@ def _finish_system(out: Path, spec, cfg: Config, data, outcome) -> dict:
     test = data.split("test")
     pred = outcome.proba.argmax(axis=1)
     metrics, per_class = metrics_lib.evaluate(
-        test["y"].to_numpy(), pred, labels=data.classes, train_counts=data.train_counts,
-        tiers=data.tiers, tier_names=data.tier_names, n_boot=cfg.eval.n_boot, seed=cfg.eval.seed,
+        test["y"].to_numpy(),
+        pred,
+        labels=data.classes,
+        train_counts=data.train_counts,
+        tiers=data.tiers,
+        tier_names=data.tier_names,
+        n_boot=cfg.eval.n_boot,
+        seed=cfg.eval.seed,
     )
     metrics.update(
         trainable_params=int(outcome.trainable_params),
@@ -512,12 +548,14 @@ def _finish_system(out: Path, spec, cfg: Config, data, outcome) -> dict:
     rundir.write_csv(tmp / "per_class.csv", per_class)
     rundir.write_csv(
         tmp / "predictions.csv",
-        pd.DataFrame({
-            "id": test["id"].to_numpy(),
-            "label": test["label"].to_numpy(),
-            "prediction": np.asarray(data.classes)[pred],
-            "confidence": outcome.proba.max(axis=1).round(6),
-        }),
+        pd.DataFrame(
+            {
+                "id": test["id"].to_numpy(),
+                "label": test["label"].to_numpy(),
+                "prediction": np.asarray(data.classes)[pred],
+                "confidence": outcome.proba.max(axis=1).round(6),
+            }
+        ),
     )
     rundir.write_json(tmp / FILES, _list_files(tmp))
     system_dir = out / "systems" / spec.name
@@ -628,9 +666,9 @@ def _describe(spec, cfg: Config, outcome) -> dict:
         "backbone": spec.slot,
         "backbone_name": backbone_cfg.name if backbone_cfg else None,
         "method": spec.method,
-        "weighting": weighting if spec.kind in ("finetune", "generate") else (
-            "balanced" if spec.kind == "probe" else (cfg.tfidf.class_weight or "none")
-        ),
+        "weighting": weighting
+        if spec.kind in ("finetune", "generate")
+        else ("balanced" if spec.kind == "probe" else (cfg.tfidf.class_weight or "none")),
         "pooling": info.pop("pooling", None),
         "architecture": info.pop("architecture", None),
         "adapter_bytes": info.pop("adapter_bytes", None),
@@ -640,13 +678,8 @@ def _describe(spec, cfg: Config, outcome) -> dict:
 
 
 def _row(name: str, status: str, m: dict, note: str) -> dict:
-    return {
-        "system": name,
-        "status": status,
-        **{k: m.get(k) for k in ("accuracy", "macro_f1", "weighted_f1", "zero_f1_classes",
-                                 "trainable_params", "total_params", "train_seconds")},
-        "note": note,
-    }
+    """A comparison.csv row: the system's name, status and note, its numbers from metrics ``m``."""
+    return {**{k: m.get(k) for k in COMPARISON_COLUMNS}, "system": name, "status": status, "note": note}
 
 
 def _print_data(console, data) -> None:
@@ -667,11 +700,14 @@ def _print_data(console, data) -> None:
             f"({s['dropped']['rare_class_rows']} rows):[/] {escape(names)}"
         )
     for variants in s["possible_duplicate_labels"][:5]:
-        console.print(f"  [yellow]possible duplicate labels (differ only by case/spaces; not merged):[/] {escape(str(variants))}")
+        console.print(
+            f"  [yellow]possible duplicate labels (differ only by case/spaces; not merged):[/] {escape(str(variants))}"
+        )
     for slot, t in s.get("truncation", {}).items():
         over = (
             f"about {t['texts_over']:,} of {t['texts']:,} texts ({100 * t['share']:.1f}%) are longer and will be truncated"
-            if t["texts_over"] else "no text is longer"
+            if t["texts_over"]
+            else "no text is longer"
         )
         console.print(f"  {slot} max_length {t['max_length']} tokens: {over}")
 
@@ -690,8 +726,13 @@ def _print_comparison(console, comparison: pd.DataFrame) -> None:
             table.add_row(escape(r.system), *[f"[red]{escape(r.status)}[/]"] + ["-"] * 5)
             continue
         table.add_row(
-            escape(r.system), f"{r.accuracy:.3f}", f"{r.macro_f1:.3f}", f"{r.weighted_f1:.3f}",
-            str(int(r.zero_f1_classes)), f"{int(r.trainable_params):,}", f"{r.train_seconds:.0f}",
+            escape(r.system),
+            f"{r.accuracy:.3f}",
+            f"{r.macro_f1:.3f}",
+            f"{r.weighted_f1:.3f}",
+            str(int(r.zero_f1_classes)),
+            f"{int(r.trainable_params):,}",
+            f"{r.train_seconds:.0f}",
         )
     console.print(table)
     for note in notes:

@@ -87,9 +87,7 @@ def predict_ray(
         import ray.data
         import ray.exceptions
     except ImportError:
-        raise TailtuneError(
-            f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}"
-        ) from None
+        raise TailtuneError(f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}") from None
 
     input_path, output_dir = Path(input_path).resolve(), Path(output_dir).resolve()
     _, folder = resolve_system(system_dir)
@@ -120,7 +118,11 @@ def predict_ray(
     first = next(frames, None)
     frames.close()
     _, text_col, id_col = input_columns(
-        input_path, first and first[0], text_column, id_column, encoding,
+        input_path,
+        first and first[0],
+        text_column,
+        id_column,
+        encoding,
         scan=text_column is None or id_column is None,
     )
     n_classes = _n_classes(folder)
@@ -147,8 +149,9 @@ def predict_ray(
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         # At least 4 blocks per actor: a Parquet file under ~128 MB was one block, so one actor
         # classified every row whatever --workers said.
-        ds = _read(input_path, [c for c in (text_col, id_col) if c is not None], 4 * workers, codec,
-                   quoting == csv.QUOTE_NONE)
+        ds = _read(
+            input_path, [c for c in (text_col, id_col) if c is not None], 4 * workers, codec, quoting == csv.QUOTE_NONE
+        )
         from ray.data.expressions import monotonically_increasing_id
 
         ds = ds.with_column(ORDER_KEY, monotonically_increasing_id())
@@ -244,15 +247,11 @@ def _check_reachable(address: str) -> None:
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        raise TailtuneError(
-            f"--address must be host:port, ray://host:port or auto, got '{address}'"
-        )
+        raise TailtuneError(f"--address must be host:port, ray://host:port or auto, got '{address}'")
     try:
         socket.create_connection((host, int(port)), timeout=10).close()
     except OSError as exc:
-        raise TailtuneError(
-            f"could not connect to a Ray cluster at '{address}': {exc.strerror or exc}"
-        ) from None
+        raise TailtuneError(f"could not connect to a Ray cluster at '{address}': {exc.strerror or exc}") from None
 
 
 def _quiet_data() -> None:

@@ -70,9 +70,7 @@ class SharedBase:
                     adapter, head, tokenizer = "default", self.model.score, clf.tokenizer_
                 else:
                     adapter = f"system_{len(self.systems)}"  # peft refuses '.' in a name (@dropout=0.1)
-                    self.model.backbone.load_adapter(
-                        str(folders[name] / "adapter"), adapter_name=adapter
-                    )
+                    self.model.backbone.load_adapter(str(folders[name] / "adapter"), adapter_name=adapter)
                     state = load_file(str(folders[name] / "head.safetensors"))
                     # decoder heads are bias-free, like transformers' <Family>ForSequenceClassification.score
                     head = torch.nn.Linear(self.model.score.in_features, len(meta["classes"]), bias="bias" in state)
@@ -100,9 +98,7 @@ class SharedBase:
             self.model.backbone.set_adapter(s["adapter"])
             self.model.score = s["head"]
             self.model.pooling = s["pooling"]
-            logits = run_forward(
-                self.model, s["tokenizer"], ids, s["batch_size"], self.precision, "logits"
-            )
+            logits = run_forward(self.model, s["tokenizer"], ids, s["batch_size"], self.precision, "logits")
         return softmax(logits)
 
 
@@ -141,9 +137,7 @@ class Registry:
             meta = deploy.load_meta(folders[name])
             if meta.get("method") == "lora":
                 bb = meta["backbone"]
-                groups.setdefault(
-                    json.dumps([bb["spec"], bb["path"], bb["model_type"]]), []
-                ).append(name)
+                groups.setdefault(json.dumps([bb["spec"], bb["path"], bb["model_type"]]), []).append(name)
         self.predictors: dict[str, deploy.Predictor] = {}
         self.shared_base: dict[str, dict | None] = dict.fromkeys(names)
         for group in (g for g in groups.values() if len(g) > 1):
@@ -218,8 +212,9 @@ def create_app(
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own 422 echoes the offending input, and a NaN or 1e400 in the body cannot be
         # written back as JSON: that was a 500. Where and what, without the value.
-        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
         return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.get("/health")
@@ -237,14 +232,10 @@ def create_app(
             raise HTTPException(413, f"at most {max_batch} texts per request, got {len(texts)}")
         for i, text in enumerate(texts):
             if len(text) > max_chars:
-                raise HTTPException(
-                    413, f"text {i} has {len(text)} characters; the limit is {max_chars}"
-                )
+                raise HTTPException(413, f"text {i} has {len(text)} characters; the limit is {max_chars}")
         name = registry.default if request.system is None else request.system  # "" is no system's name
         if name not in registry.predictors:
-            raise HTTPException(
-                404, f"unknown system '{name}' (served: {', '.join(registry.predictors)})"
-            )
+            raise HTTPException(404, f"unknown system '{name}' (served: {', '.join(registry.predictors)})")
         classes = registry.predictors[name].classes_
         k = request.top_k or 1
         if k > len(classes):
@@ -261,8 +252,7 @@ def create_app(
                     "label": row_labels[0],
                     "confidence": float(row_conf[0]),
                     "top_k": [
-                        {"label": lab, "confidence": float(c)}
-                        for lab, c in zip(row_labels, row_conf, strict=True)
+                        {"label": lab, "confidence": float(c)} for lab, c in zip(row_labels, row_conf, strict=True)
                     ],
                 }
                 for row_labels, row_conf in zip(labels, confidence, strict=True)

@@ -79,7 +79,8 @@ def check_out(out: Path, cfg: Config | None = None) -> None:
         raise TailtuneError(f"{out} holds a single run, not split seeds; choose another --out")
     # Hidden entries are an interrupted atomic write's temporary files.
     strangers = [
-        p.name for p in out.iterdir()
+        p.name
+        for p in out.iterdir()
         if not (_SEED_DIR.fullmatch(p.name) or p.name in (PER_SEED, SUMMARY) or p.name.startswith("."))
     ]
     if strangers:
@@ -124,16 +125,24 @@ def summarise(frame: pd.DataFrame, reference: str) -> pd.DataFrame:
         # "(2 of 4 finished)", not as if it had run on all of them
         row = {"system": system, "seeds": frame["seed"].nunique(), "finished": len(ok)}
         for m in METRICS:
-            row.update({f"{m}_mean": ok[m].mean(), f"{m}_sd": ok[m].std(ddof=1),
-                        f"{m}_min": ok[m].min(), f"{m}_max": ok[m].max()})
+            row.update(
+                {
+                    f"{m}_mean": ok[m].mean(),
+                    f"{m}_sd": ok[m].std(ddof=1),
+                    f"{m}_min": ok[m].min(),
+                    f"{m}_max": ok[m].max(),
+                }
+            )
         diff = (ok.set_index("seed")["macro_f1"] - ref).dropna()
-        row.update({
-            "reference": reference,
-            "macro_f1_diff_mean": diff.mean() if len(diff) else np.nan,
-            "macro_f1_diff_sd": diff.std(ddof=1) if len(diff) > 1 else np.nan,
-            "seeds_higher": int((diff > 0).sum()),
-            "seeds_paired": len(diff),
-        })
+        row.update(
+            {
+                "reference": reference,
+                "macro_f1_diff_mean": diff.mean() if len(diff) else np.nan,
+                "macro_f1_diff_sd": diff.std(ddof=1) if len(diff) > 1 else np.nan,
+                "seeds_higher": int((diff > 0).sum()),
+                "seeds_paired": len(diff),
+            }
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -163,13 +172,22 @@ def print_summary(console, summary: pd.DataFrame, seeds: list[int]) -> None:
 
     for r in summary.to_dict("records"):
         is_ref = r["system"] == reference
-        diff = "-" if is_ref or not r["seeds_paired"] else f"{r['macro_f1_diff_mean']:+.3f}" + (
-            "" if np.isnan(r["macro_f1_diff_sd"]) else f" ± {r['macro_f1_diff_sd']:.3f}"
+        diff = (
+            "-"
+            if is_ref or not r["seeds_paired"]
+            else f"{r['macro_f1_diff_mean']:+.3f}"
+            + ("" if np.isnan(r["macro_f1_diff_sd"]) else f" ± {r['macro_f1_diff_sd']:.3f}")
         )
         higher = "-" if is_ref or not r["seeds_paired"] else f"{r['seeds_higher']} of {r['seeds_paired']}"
         finished = "" if r["finished"] == r["seeds"] else f" [red]({r['finished']} of {r['seeds']} finished)[/]"
-        table.add_row(escape(r["system"]) + finished, cell(r, "accuracy", 3), cell(r, "macro_f1", 3),
-                      cell(r, "zero_f1_classes", 1), diff, higher)
+        table.add_row(
+            escape(r["system"]) + finished,
+            cell(r, "accuracy", 3),
+            cell(r, "macro_f1", 3),
+            cell(r, "zero_f1_classes", 1),
+            diff,
+            higher,
+        )
     console.print(table)
 
 
@@ -191,7 +209,8 @@ def run_splits(cfg: Config, seeds: list[int], report: bool = True, console=None)
     for i, seed_cfg in enumerate(seed_configs(cfg, seeds), 1):
         if main:
             console.rule(
-                f"[bold]split seed {seed_cfg.data.seed}[/] ({i}/{len(seeds)}) -> {escape(str(seed_cfg.out))}", characters="="
+                f"[bold]split seed {seed_cfg.data.seed}[/] ({i}/{len(seeds)}) -> {escape(str(seed_cfg.out))}",
+                characters="=",
             )
         run_one(seed_cfg, console if main else None, report=report)
     if main:

@@ -22,9 +22,11 @@ def axis_keys() -> list[str]:
     from tailtune.config import MethodConfig
     from tailtune.systems import TRAIN_KEYS
 
-    return [METHOD_AXIS] + [f"method.{f.name}" for f in dataclasses.fields(MethodConfig)] + [
-        f"train.{k}" for k in TRAIN_KEYS
-    ]
+    return (
+        [METHOD_AXIS]
+        + [f"method.{f.name}" for f in dataclasses.fields(MethodConfig)]
+        + [f"train.{k}" for k in TRAIN_KEYS]
+    )
 
 
 def split_values(text: str) -> list[str]:
@@ -94,7 +96,7 @@ def grid_systems(systems: list[str], axes: dict[str, list[str]]) -> list[str]:
     for spec in tuned:
         if spec.overrides:
             raise TailtuneError(f"system '{spec.name}' already has settings; sweep a plain system name")
-        suffix = spec.name[len(f"{spec.slot}-{spec.method}"):]  # "", "-weighted", "-<scheme>"
+        suffix = spec.name[len(f"{spec.slot}-{spec.method}") :]  # "", "-weighted", "-<scheme>"
         for method in axes.get(METHOD_AXIS, [spec.method]):
             # an axis the method does not use (ia3 has no rank) is not crossed with it
             used = [(k, v) for k, v in setting_axes if k in settings_of("finetune", method)]

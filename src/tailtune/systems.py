@@ -97,9 +97,7 @@ def _parse_overrides(name: str, text: str) -> tuple:
     for item in text.split("+"):
         key, sep, value = item.partition("=")
         if not sep or key not in allowed:
-            raise TailtuneError(
-                f"system '{name}': '{item}' must be key=value with key one of {', '.join(allowed)}"
-            )
+            raise TailtuneError(f"system '{name}': '{item}' must be key=value with key one of {', '.join(allowed)}")
         if key in dict(pairs):
             raise TailtuneError(f"system '{name}' sets {key} twice")
         if key == "targets":
@@ -180,9 +178,20 @@ def parse_system(name: str) -> SystemSpec:
                 overrides = _parse_overrides(name, settings) if at else ()
                 _check_uses(name, "finetune", method, overrides)
                 return SystemSpec(name, "finetune", slot, method, scheme, overrides)
-    close = suggest(name, [*BASELINES, *(f"{s}-probe" for s in SLOTS), "decoder-generate",
-                           *(f"{s}-{m}{w}" for s in SLOTS for m in methods.METHODS
-                             for w in ("", "-weighted", *(f"-{n}" for n in weighting.names())))])
+    close = suggest(
+        name,
+        [
+            *BASELINES,
+            *(f"{s}-probe" for s in SLOTS),
+            "decoder-generate",
+            *(
+                f"{s}-{m}{w}"
+                for s in SLOTS
+                for m in methods.METHODS
+                for w in ("", "-weighted", *(f"-{n}" for n in weighting.names()))
+            ),
+        ],
+    )
     raise TailtuneError(
         f"unknown system '{name}'{close}: use tfidf-logreg, <encoder|decoder>-probe, "
         f"<encoder|decoder>-<{'|'.join(methods.METHODS)}>[-weighted|-<scheme>][@key=value+...] or "
@@ -291,7 +300,10 @@ class _bar:
         )
 
         self.progress = Progress(
-            TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn(self.label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
             console=self.console,
         )
         self.progress.start()
@@ -369,9 +381,14 @@ def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path |
     joblib.dump(probe.pipeline_, model_dir / "probe.joblib")
     (model_dir / "tailtune.json").write_text(
         json.dumps(
-            {"kind": "probe", "classes": ctx.data.classes, "backbone": probe.backbone_.describe(),
-             "pooling": probe.pooling_, "max_length": probe.backbone.max_length,
-             "precision": resolve_precision("auto")},
+            {
+                "kind": "probe",
+                "classes": ctx.data.classes,
+                "backbone": probe.backbone_.describe(),
+                "pooling": probe.pooling_,
+                "max_length": probe.backbone.max_length,
+                "precision": resolve_precision("auto"),
+            },
             indent=2,
         )
     )
@@ -380,10 +397,19 @@ def _run_probe(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Path |
         probe.load_encoder(probe.backbone_)
     total = head + count_params(probe.model_.backbone)[1]
     return Outcome(
-        proba, result["seconds"], head, total,
-        {"architecture": probe.backbone_.model_type, "pooling": probe.pooling_, "precision": resolve_precision("auto"),
-         "backbone_name": probe.backbone_.spec, "C": probe.C_, "val_macro_f1": probe.val_macro_f1_,
-         "C_cv_macro_f1": {str(c): round(v, 4) for c, v in getattr(probe, "C_scores_", {}).items()}},
+        proba,
+        result["seconds"],
+        head,
+        total,
+        {
+            "architecture": probe.backbone_.model_type,
+            "pooling": probe.pooling_,
+            "precision": resolve_precision("auto"),
+            "backbone_name": probe.backbone_.spec,
+            "C": probe.C_,
+            "val_macro_f1": probe.val_macro_f1_,
+            "C_cv_macro_f1": {str(c): round(v, 4) for c, v in getattr(probe, "C_scores_", {}).items()},
+        },
     )
 
 
@@ -431,10 +457,15 @@ def _run_finetune(spec: SystemSpec, ctx: Context, model_dir: Path, work_dir: Pat
     clf.save(model_dir)
     warnings = _guards(clf, logits, model_dir, data, probe_val_f1)
     imb = clf.imbalance_
-    for file, values in (("class_weights.json", imb.class_weights), ("logit_offset.json", imb.logit_offset),
-                         ("class_sampling.json", imb.class_sampling)):
+    for file, values in (
+        ("class_weights.json", imb.class_weights),
+        ("logit_offset.json", imb.logit_offset),
+        ("class_sampling.json", imb.class_sampling),
+    ):
         if values is not None:  # what the loss / sampler used, per class
-            (model_dir / file).write_text(json.dumps(dict(zip(data.classes, map(float, values), strict=True)), indent=2))
+            (model_dir / file).write_text(
+                json.dumps(dict(zip(data.classes, map(float, values), strict=True)), indent=2)
+            )
     from tailtune.classifier import softmax
 
     adapter_bytes = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file() and "tokenizer" not in f.parts)
@@ -525,7 +556,8 @@ def _guards(clf, test_logits: np.ndarray, model_dir: Path, data, probe_val_f1) -
         cause = (
             f"its loss (weighting '{clf.weighting}') is not class-balanced like the probe's; "
             "try the -logit_adjusted or -inverse variant"
-            if np.abs(clf.imbalance_.prior_shift(np.bincount(data.y("train"), minlength=len(data.classes)))).max() > 1e-6
+            if np.abs(clf.imbalance_.prior_shift(np.bincount(data.y("train"), minlength=len(data.classes)))).max()
+            > 1e-6
             else "fine-tuning hurt"
         )
         warnings.append(f"val macro-F1 {best:.3f} below its own (class-balanced) probe's {probe_val_f1:.3f}: {cause}")

@@ -67,9 +67,7 @@ def resolve_precision(requested: str) -> str:
     if requested == "fp16" and not cuda:
         raise TailtuneError("precision fp16 needs a CUDA GPU; use fp32 or bf16 (or auto) on CPU")
     if requested == "bf16" and cuda and not gpu_has_bf16():
-        raise TailtuneError(
-            "this GPU does not support bf16 (e.g. a T4); use train.precision=fp16 or auto"
-        )
+        raise TailtuneError("this GPU does not support bf16 (e.g. a T4); use train.precision=fp16 or auto")
     return requested
 
 
@@ -177,8 +175,9 @@ def fit(
         if console is not None:
             callbacks.append(rich_progress(console, plan.total_steps))
         if class_sampling is None:
-            trainer_cls = _length_grouped_trainer([len(ids) for ids in train_ids], plan.per_step, train.seed,
-                                                  run.on_checkpoint)
+            trainer_cls = _length_grouped_trainer(
+                [len(ids) for ids in train_ids], plan.per_step, train.seed, run.on_checkpoint
+            )
         else:
             trainer_cls = _sampling_trainer(y, class_sampling, train.seed, run.on_checkpoint)
         with tempfile.TemporaryDirectory(prefix="tailtune-trainer-") as tmp:
@@ -243,8 +242,9 @@ class StepPlan:
     save_steps: int  # steps between two checkpoints; 0 without a work_dir
 
 
-def step_plan(n_rows: int, train: TrainConfig, backbone: BackboneConfig, processes: int,
-              work_dir: str | Path | None) -> StepPlan:
+def step_plan(
+    n_rows: int, train: TrainConfig, backbone: BackboneConfig, processes: int, work_dir: str | Path | None
+) -> StepPlan:
     """The :class:`StepPlan` for ``n_rows`` training rows shared out to ``processes`` processes."""
     per_step = backbone.batch_size * train.grad_accum * processes
     steps_per_epoch = max(1, math.ceil(n_rows / per_step))
@@ -311,8 +311,9 @@ class Selector:
 
         class Select(TrainerCallback):
             def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-                selector.record(state.global_step, state.epoch, metrics["eval_macro_f1"], metrics["eval_accuracy"],
-                                control)
+                selector.record(
+                    state.global_step, state.epoch, metrics["eval_macro_f1"], metrics["eval_accuracy"], control
+                )
 
             def on_step_end(self, args, state, control, **kwargs):
                 scored = evaluate(state) if evaluate is not None else None
@@ -395,8 +396,9 @@ def resume(work_dir: str | Path | None, key: str, selector: Selector, total_step
     return Resume(folder, saved, writer, started)
 
 
-def fit_key(model, train_ids, y, val_ids, val_y, train: TrainConfig, backbone: BackboneConfig,
-            class_sampling, extra=None) -> str:
+def fit_key(
+    model, train_ids, y, val_ids, val_y, train: TrainConfig, backbone: BackboneConfig, class_sampling, extra=None
+) -> str:
     """What a checkpoint must come from for :func:`fit` to resume it: the rows (token ids and
     labels, in order), the settings, and the trainable parameters' names and shapes (the method
     and its rank); ``extra``, any other setting the caller trains with (JSON). 16 hex digits of SHA-256."""
@@ -455,16 +457,19 @@ def _checkpoint_writer(key: str, processes: int, history: dict, best: dict, star
         if best["state"] is not None:
             save_file(best["state"], folder / BEST_FILE)
         rundir.sync_folder(folder)  # every other file is on disk before the one that marks it complete
-        rundir.write_json(folder / SELECTION_FILE, {
-            "step": state.global_step,
-            "epoch": state.epoch,
-            "done": bool(control.should_training_stop),
-            "fit": key,
-            "processes": processes,
-            "seconds": history.get("seconds_before_resume", 0.0) + time.perf_counter() - started,
-            "best": {k: best[k] for k in ("f1", "step", "bad")},
-            "history": history,
-        })
+        rundir.write_json(
+            folder / SELECTION_FILE,
+            {
+                "step": state.global_step,
+                "epoch": state.epoch,
+                "done": bool(control.should_training_stop),
+                "fit": key,
+                "processes": processes,
+                "seconds": history.get("seconds_before_resume", 0.0) + time.perf_counter() - started,
+                "best": {k: best[k] for k in ("f1", "step", "bad")},
+                "history": history,
+            },
+        )
         for entries in (folder, folder.parent):  # the selection file's rename, the folder itself
             rundir.sync_folder(entries, files=False)
 
@@ -620,8 +625,10 @@ def trainer_class(draw, n_rows: int, seed: int, on_checkpoint=None):
             super()._save_checkpoint(model, trial)
             # The loss logged next is the mean over processes of each one's running sum, so the
             # mean of the sums is what every process puts back on resume.
-            window = {"sum": self.accelerator.gather(self._tr_loss.detach()).mean().item(),
-                      "since": self._globalstep_last_logged}
+            window = {
+                "sum": self.accelerator.gather(self._tr_loss.detach()).mean().item(),
+                "since": self._globalstep_last_logged,
+            }
             self.accelerator.wait_for_everyone()  # every process's RNG state is in the folder
             if not self.args.should_save:
                 return
@@ -652,7 +659,9 @@ def _sampling_trainer(y: np.ndarray, class_sampling: np.ndarray, seed: int, on_c
     weights = torch.as_tensor(np.asarray(class_sampling, dtype=float)[y], dtype=torch.double)
     return trainer_class(
         lambda g: torch.multinomial(weights, len(weights), replacement=True, generator=g).tolist(),
-        len(weights), seed, on_checkpoint,
+        len(weights),
+        seed,
+        on_checkpoint,
     )
 
 

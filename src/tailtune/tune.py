@@ -76,8 +76,8 @@ def search(cfg: Config, specs, ctx, out: Path) -> list[TuneChoice]:
     data = ctx.data
     rows = subset(data.y("train"), cfg.tune.max_rows, cfg.train.seed)
     key = json.dumps(
-        {"rows": int(len(rows)), "epochs": cfg.tune.epochs, "seed": cfg.train.seed,
-         "splits": data.summary["splits"]}, sort_keys=True,
+        {"rows": int(len(rows)), "epochs": cfg.tune.epochs, "seed": cfg.train.seed, "splits": data.summary["splits"]},
+        sort_keys=True,
     )
     if done.get("key") != key:
         done = {"key": key, "trials": {}}
@@ -96,8 +96,13 @@ def search(cfg: Config, specs, ctx, out: Path) -> list[TuneChoice]:
             if name not in done["trials"]:
                 started = time.perf_counter()
                 f1 = _trial(spec, ctx, lr, scheme, rows)
-                done["trials"][name] = {"system": spec.name, "lr": lr, "weighting": scheme,
-                                        "val_macro_f1": f1, "seconds": round(time.perf_counter() - started, 1)}
+                done["trials"][name] = {
+                    "system": spec.name,
+                    "lr": lr,
+                    "weighting": scheme,
+                    "val_macro_f1": f1,
+                    "seconds": round(time.perf_counter() - started, 1),
+                }
                 if is_main():
                     _record(out, key, name, done["trials"][name])
             trial = done["trials"][name]
