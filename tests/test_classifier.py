@@ -85,9 +85,16 @@ def test_decoder_prediction_ignores_extra_left_padding(arch, pooling):
     # the same text padded with 20 extra pad tokens on the left
     padded = tok.pad({"input_ids": [ids]}, padding="max_length", max_length=len(ids) + 20, return_tensors="pt")
     assert padded["input_ids"][0, 0] == tok.pad_token_id and padded["attention_mask"][0, 0] == 0
+    seen = []  # the positions the backbone is given: the tiny models' rotary embeddings barely
+    # move with a constant shift, so equal logits alone did not show that positions skip the padding
+    hook = model.backbone.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True
+    )
     with torch.no_grad():
         a = model(**short)["logits"]
         b = model(**padded)["logits"]
+    hook.remove()
+    assert seen[0][0].tolist() == list(range(len(ids))) and seen[1][0, 20:].tolist() == list(range(len(ids)))
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     # batched with a longer text (so the short one is left-padded) gives the same answer too
     np.testing.assert_allclose(_logits(model, tok, TEXTS[:2], 2)[0], a[0].numpy(), atol=1e-4)
@@ -116,6 +123,15 @@ def test_fit_save_load_gives_identical_predictions(tmp_path, arch, method):
         TrainConfig(epochs=1, lr=1e-2, head_lr=1e-1, precision="fp32", head_init="random"),
         weighting="sqrt_inverse",
     ).fit(TEXTS, labels)
+    # what fit trained, not only what the method's apply marks: the method's parameters and the head
+    trainable = {n: p.numel() for n, p in clf.model_.named_parameters() if p.requires_grad}
+    if method == "lora":
+        assert all("lora_" in n or n.startswith("score.") for n in trainable) and any("lora_A" in n for n in trainable)
+    elif method == "head":
+        assert set(trainable) <= {"score.weight", "score.bias"}
+    else:
+        assert len(trainable) == len(list(clf.model_.parameters()))
+    assert clf.trainable_params_ == sum(trainable.values())
     before = clf.predict_logits(TEXTS)
     clf.save(tmp_path / "model")
     files = {p.name for p in (tmp_path / "model").rglob("*")}

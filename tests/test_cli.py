@@ -58,7 +58,7 @@ def test_smoke_run_writes_the_whole_contract(smoke_run):
     }
     n_test = data["splits"]["test"]
     ok = comparison[comparison["status"] == "ok"]
-    assert len(ok) >= 3
+    assert ok["system"].tolist() == SMOKE_SYSTEMS, comparison[["system", "note"]]  # the smoke preset is seeded
     for name in ok["system"]:
         d = out / "systems" / name
         m = json.loads((d / "metrics.json").read_text())
@@ -101,8 +101,6 @@ def test_finetuned_model_dir_reloads_with_identical_predictions(smoke_run):
 
     out, _ = smoke_run
     d = out / "systems" / "decoder-lora"
-    if not (d / "metrics.json").exists():
-        pytest.skip("decoder-lora failed its guards on the tiny model")
     clf = TextClassifier.load(d / "model")
     preds = pd.read_csv(d / "predictions.csv")
     frame = pd.read_csv(out / "systems" / "tfidf-logreg" / "predictions.csv")
@@ -118,7 +116,7 @@ def test_rerun_resumes_and_other_config_is_refused(smoke_run):
     out, _ = smoke_run
     before = (out / "comparison.csv").read_text()
     again = tailtune("run", "smoke", "--out", out, "--no-report", check=True)
-    assert again.stdout.count("done already") == len(SMOKE_SYSTEMS) or "failed" in before
+    assert again.stdout.count("done already") == len(SMOKE_SYSTEMS)
     assert (out / "comparison.csv").read_text() == before
     refused = tailtune("run", "smoke", "train.epochs=5", "--out", out)
     assert refused.returncode == 2
@@ -203,16 +201,20 @@ def test_usage_errors_click_raises_without_context_name_the_command_help(tmp_pat
     assert not any(tmp_path.iterdir())
 
 
-def test_metrics_differ_between_weighted_and_unweighted_class_weights_saved(smoke_run):
+def test_weighted_system_saves_weights_rarer_classes_weigh_more_and_its_metrics_differ(smoke_run):
     out, _ = smoke_run
     weights = out / "systems" / "encoder-lora-weighted" / "model" / "class_weights.json"
-    if not weights.exists():
-        pytest.skip("encoder-lora-weighted failed its guards on the tiny model")
     w = json.loads(weights.read_text())
     data = json.loads((out / "data.json").read_text())
     counts = np.array([data["train_counts"][c] for c in w])
     values = np.array(list(w.values()))
     assert np.corrcoef(counts, values)[0, 1] < 0  # rarer classes weigh more
+    plain, weighted = (
+        json.loads((out / "systems" / name / "metrics.json").read_text())
+        for name in ("encoder-lora", "encoder-lora-weighted")
+    )
+    assert plain["system"]["weighting"] == "none" and weighted["system"]["weighting"] == "sqrt_inverse"
+    assert plain["macro_f1"] != weighted["macro_f1"]
 
 
 def test_report_numbers_equal_metrics_json(smoke_run):
@@ -224,12 +226,50 @@ def test_report_numbers_equal_metrics_json(smoke_run):
     for heading in ("Systems comparison", "Class weighting", "Per-class analysis", "Latency", "Next steps"):
         assert heading.lower() in html.lower(), heading
     assert html.count("<img") >= 4
+    # each system's numbers in its own row and column of the systems table (anywhere in the page
+    # was too loose: two systems shared an accuracy, and swapped columns passed)
+    table = next(t for t in _html_tables(html) if t[0][:1] == ["system"] and "macro-F1" in t[0])
+    header, rows = table[0], {row[0]: row for row in table[1:]}
     comparison = pd.read_csv(out / "comparison.csv")
+    assert list(rows) == comparison["system"].tolist()
     for name in comparison.loc[comparison["status"] == "ok", "system"]:
         m = json.loads((out / "systems" / name / "metrics.json").read_text())
-        for key in ("accuracy", "macro_f1", "weighted_f1"):
-            assert f"{m[key]:.3f}" in html, (name, key)
+        for key, column in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("weighted_f1", "weighted-F1")):
+            assert rows[name][header.index(column)] == f"{m[key]:.3f}", (name, key)
+        assert rows[name][header.index("zero-F1 classes")] == str(m["zero_f1_classes"]), name
     assert not re.findall(r'(?:src|href)=["\']https?://', html)  # self-contained, offline
+
+
+def _html_tables(html: str) -> list[list[list[str]]]:
+    """Every table of ``html`` as rows of cells; a cell is its first line of text (the value,
+    without the line under it: a CI, "of 12", a system's kind)."""
+    from html.parser import HTMLParser
+
+    class Tables(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.tables.append([])
+            elif tag == "tr" and self.tables:
+                self.tables[-1].append([])
+            elif tag in ("td", "th") and self.tables:
+                self.cell = []
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th") and self.cell is not None:
+                self.tables[-1][-1].append(next((t.strip() for t in self.cell if t.strip()), ""))
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell.append(data)
+
+    parser = Tables()
+    parser.feed(html)
+    return parser.tables
 
 
 def test_ctrl_c_says_whether_the_same_command_resumes(capsys):

@@ -53,8 +53,18 @@ def smoke_run_quietly(out: Path, *overrides: str) -> Path:
 
 
 def train_smoke_run(tmp_path_factory) -> Path:
-    """The smoke preset's run, trained once per session: later calls resume it (finished systems are kept)."""
-    return smoke_run_quietly(tmp_path_factory.getbasetemp() / "smoke-deploy")
+    """The smoke preset's run, trained once per session: later calls resume it (finished systems are kept).
+
+    Its encoder-lora and decoder-lora adapters are trained (some lora_B is not 0), so the reload,
+    merge and export checks built on them can fail: with B = 0 (a system that kept its LP-FT
+    start) an adapter lost or merged wrongly gives the same predictions."""
+    from safetensors.torch import load_file
+
+    out = smoke_run_quietly(tmp_path_factory.getbasetemp() / "smoke-deploy")
+    for name in ("encoder-lora", "decoder-lora"):
+        (weights,) = (out / "systems" / name / "model" / "adapter").glob("*.safetensors")
+        assert max(float(v.abs().max()) for k, v in load_file(weights).items() if "lora_B" in k) > 0, name
+    return out
 
 
 @pytest.fixture(scope="session")
