@@ -95,7 +95,7 @@ def _args(out: Path, backbone: Path, *extra: str, systems: list[str] = SYSTEMS, 
         # 162 rows -> 112 / 25 / 25: 7 global batches of 16 per epoch; 25 validation rows do not
         # fill the last evaluation batch of the two processes, so accelerate pads it.
         "data.max_rows=162",
-        "train.epochs=3",
+        "encoder.epochs=3",  # the smoke preset sets encoder.epochs, which train.epochs does not override
         "train.eval_per_epoch=2",
         "train.early_stopping_patience=100",
         *chosen,
