@@ -214,3 +214,12 @@ def test_a_comma_list_override_refuses_an_empty_or_repeated_name():
     ):
         load_config(None, ["systems=tfidf-logreg, tfidf-logreg"])
     assert load_config(None, ["systems= tfidf-logreg , encoder-probe"]).systems == ["tfidf-logreg", "encoder-probe"]
+
+
+def test_a_backbone_lr_and_epochs_win_over_train_s():
+    from tailtune.config import BackboneConfig, TrainConfig
+
+    train = TrainConfig(lr=1e-3, epochs=3)
+    assert BackboneConfig().effective_lr(train) == 1e-3 and BackboneConfig().effective_epochs(train) == 3
+    own = BackboneConfig(lr=5e-4, epochs=0.5)
+    assert own.effective_lr(train) == 5e-4 and own.effective_epochs(train) == 0.5

@@ -194,3 +194,16 @@ def test_sweep_takes_the_text_column_as_run_does(tmp_path):
     assert result.exit_code == 2, result.output
     assert "text column 'narrative' not found" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_sweep_reads_a_first_positional_with_equals_as_an_axis(tmp_path):
+    """`tailtune sweep method=lora,ia3`: the axis, on the default preset, not a preset of that name."""
+    from test_deploy import cli
+
+    source = tmp_path / "d.csv"
+    source.write_text("body,Issue\nhello,A\n")
+    args = ("--data", source, "--label-column", "Issue", "--text-column", "narrative", "--out", tmp_path / "s")
+    result = cli("sweep", "method=lora,ia3", *args)
+    assert result.exit_code == 2, result.output
+    assert "text column 'narrative' not found" in result.output  # it got as far as the data
+    assert "preset" not in result.output.lower()

@@ -396,7 +396,7 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
         paper = methods.get(self.method).lr
         if paper is not None:
             return paper
-        return self.backbone.lr if self.backbone.lr is not None else self.train.lr
+        return self.backbone.effective_lr(self.train)
 
     # -- building
 

@@ -92,13 +92,18 @@ def _exit_for(exc: BaseException, command: str):
     raise typer.Exit(1) from None
 
 
+def _positionals(config: str | None, rest: list[str] | None) -> tuple[str | None, list[str]]:
+    """(preset or YAML, the other positionals): the first positional is an override, not a
+    preset, when it holds '=' (``tailtune run train.epochs=1``)."""
+    if config is not None and "=" in config:
+        return None, [config, *(rest or [])]
+    return config, list(rest or [])
+
+
 def _config(config: str | None, overrides: list[str], **options):
     from tailtune.config import TEXT_KEYS, load_config
 
-    # The first positional may be an override if no config file/preset is given.
-    if config is not None and "=" in config:
-        overrides = [config, *overrides]
-        config = None
+    config, overrides = _positionals(config, overrides)
     # A path or column name is text as typed, quoted whole so that even one that starts and ends
     # with a quote stays as it is (config.TEXT_KEYS).
     extra = [
@@ -275,9 +280,8 @@ def sweep(
     from tailtune.run import run as run_all
     from tailtune.sweep import parse_args, sweep_config
 
-    if config is not None and "=" in config:
-        items, config = [config, *(items or [])], None
-    axes, overrides = parse_args(items or [])
+    config, items = _positionals(config, items)
+    axes, overrides = parse_args(items)
     cfg = _config(
         config,
         overrides,

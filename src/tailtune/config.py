@@ -91,6 +91,14 @@ class BackboneConfig:
     # lowest adapted layer, which is what makes a 30-layer decoder trainable on a small CPU.
     adapt_layers: int | None = None
 
+    def effective_lr(self, train: TrainConfig) -> float:
+        """The backbone's learning rate in training: its own ``lr``, else ``train.lr``."""
+        return self.lr if self.lr is not None else train.lr
+
+    def effective_epochs(self, train: TrainConfig) -> float:
+        """The backbone's epochs in training: its own ``epochs``, else ``train.epochs``."""
+        return self.epochs if self.epochs is not None else train.epochs
+
 
 @dataclass
 class MethodConfig:

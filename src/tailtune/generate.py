@@ -359,7 +359,7 @@ class GenerativeClassifier:
         val_prompts = encode_prompts(self.tokenizer_, val_texts, self.template, max_length) if has_val else []
         val_y = np.array([index[c] for c in val_labels]) if has_val else None
 
-        lr = self.backbone.lr if self.backbone.lr is not None else self.train.lr
+        lr = self.backbone.effective_lr(self.train)
         trainable = [p for p in self.model_.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_schedule([{"params": trainable, "lr": lr}], self.train, plan.total_steps)
         selector = Selector(self.model_, self.precision_, plan.total_steps, self.train.early_stopping_patience, has_val)
@@ -646,7 +646,7 @@ def run_system(spec, ctx, model_dir: Path, work_dir: Path | None = None):
     if lr is not None:
         bb_cfg = dataclasses.replace(bb_cfg, lr=lr)
     template = prompt_template(ctx.cfg.data.label_column)
-    used_lr = bb_cfg.lr if bb_cfg.lr is not None else train_cfg.lr  # what fit's optimizer uses
+    used_lr = bb_cfg.effective_lr(train_cfg)  # what fit's optimizer uses
     if ctx.console is not None:
         ctx.console.print(
             f"  backbone {bb_cfg.name}, LoRA, label generation, lr {used_lr:g}; prompt {template!r}", markup=False

@@ -146,7 +146,7 @@ def fit(
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("score.")]
     groups = [{"params": head, "lr": train.head_lr}]
     if body:
-        groups.append({"params": body, "lr": backbone.lr if backbone.lr is not None else train.lr})
+        groups.append({"params": body, "lr": backbone.effective_lr(train)})
     optimizer, scheduler = optimizer_and_schedule(groups, train, plan.total_steps)
 
     selector = Selector(model, precision, plan.total_steps, train.early_stopping_patience, val_set is not None)
@@ -248,7 +248,7 @@ def step_plan(
     """The :class:`StepPlan` for ``n_rows`` training rows shared out to ``processes`` processes."""
     per_step = backbone.batch_size * train.grad_accum * processes
     steps_per_epoch = max(1, math.ceil(n_rows / per_step))
-    epochs = backbone.epochs if backbone.epochs is not None else train.epochs
+    epochs = backbone.effective_epochs(train)
     total_steps = max(1, math.ceil(steps_per_epoch * epochs))
     # Rounded up: the Trainer always evaluates at the last step, so rounding down added one more
     # validation pass (evals at 86, 172 and 173 of 173 steps).
