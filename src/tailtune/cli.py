@@ -114,16 +114,39 @@ def _config(config: str | None, overrides: list[str], **options):
     return load_config(config, [*overrides, *extra])
 
 
+# Options several commands take, declared once so their help says the same everywhere.
+
+
+def _config_argument():
+    from tailtune.config import available_presets
+
+    return typer.Argument(None, help=f"Preset name ({', '.join(available_presets())}) or YAML path.")
+
+
+def _overrides_argument(example: str = "train.epochs=3"):
+    return typer.Argument(None, help=f"Dotted overrides, e.g. {example}.")
+
+
+def _data_option():
+    return typer.Option(None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus).")
+
+
+def _label_column_option(default: str = "e.g. Product+Issue"):
+    return typer.Option(None, help=f"Label column, or columns joined by '+' ({default}).")
+
+
+def _text_column_option():
+    return typer.Option(None, help="Text column (default: Consumer complaint narrative).")
+
+
 @app.command()
 @friendly
 def run(
-    config: str = typer.Argument(None, help="Preset name (demo, smoke, cpu-real, cfpb-paper) or YAML path."),
-    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.epochs=3."),
-    data: Path = typer.Option(
-        None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."
-    ),
-    label_column: str = typer.Option(None, help="Label column, or columns joined by '+' (e.g. Product+Issue)."),
-    text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
+    config: str = _config_argument(),
+    overrides: list[str] = _overrides_argument(),
+    data: Path = _data_option(),
+    label_column: str = _label_column_option(),
+    text_column: str = _text_column_option(),
     out: Path = typer.Option(None, "--out", help="Run directory (default from the preset)."),
     systems: str = typer.Option(None, help="Comma-separated systems, e.g. tfidf-logreg,encoder-lora."),
     report: bool = typer.Option(True, help="Write report.html at the end."),
@@ -160,14 +183,12 @@ def run(
 @app.command()
 @friendly
 def train(
-    config: str = typer.Argument(None, help="Preset name or YAML path."),
-    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.epochs=3."),
+    config: str = _config_argument(),
+    overrides: list[str] = _overrides_argument(),
     system: str = typer.Option(..., "--system", help="System(s) to train, comma-separated, e.g. encoder-lora."),
-    data: Path = typer.Option(
-        None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."
-    ),
-    label_column: str = typer.Option(None, help="Label column, or columns joined by '+'."),
-    text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
+    data: Path = _data_option(),
+    label_column: str = _label_column_option(),
+    text_column: str = _text_column_option(),
     out: Path = typer.Option(None, "--out", help="Run directory (default from the preset)."),
     processes: int = typer.Option(1, "--processes", help="Train in N processes on this machine (torchrun)."),
     tune: bool = typer.Option(
@@ -263,15 +284,13 @@ def _exit_if_failed(out: Path, names: list[str], seeds: list[int] | None) -> Non
 @app.command()
 @friendly
 def sweep(
-    config: str = typer.Argument(None, help="Preset name or YAML path."),
+    config: str = _config_argument(),
     items: list[str] = typer.Argument(
         None, help="Axes (method=lora,dora  method.rank=4,16  train.lr=1e-4,1e-3) and plain overrides."
     ),
-    data: Path = typer.Option(
-        None, "--data", help="CSV / TSV / JSONL / JSON / Parquet file (default: built-in demo corpus)."
-    ),
-    label_column: str = typer.Option(None, help="Label column, or columns joined by '+'."),
-    text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
+    data: Path = _data_option(),
+    label_column: str = _label_column_option(),
+    text_column: str = _text_column_option(),
     out: Path = typer.Option(None, "--out", help="Run directory (default: the preset's, plus -sweep)."),
     systems: str = typer.Option(None, help="Comma-separated systems to sweep from (default: the config's)."),
     report: bool = typer.Option(True, help="Write report.html at the end."),
@@ -299,9 +318,9 @@ def data_inspect(
     config: str = typer.Argument(
         None, help="Preset or YAML whose data settings (split, seed, tiers, max_rows) to use; default: demo's."
     ),
-    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. data.seed=1."),
-    label_column: str = typer.Option(None, help="Label column, or columns joined by '+' (default: Issue)."),
-    text_column: str = typer.Option(None, help="Text column (default: Consumer complaint narrative)."),
+    overrides: list[str] = _overrides_argument("data.seed=1"),
+    label_column: str = _label_column_option("default: Issue"),
+    text_column: str = _text_column_option(),
     min_class_count: int = typer.Option(None, help="Classes with fewer rows are dropped (default: 2)."),
     encoding: str = typer.Option(None, help="Text encoding of a CSV / TSV / JSON file (e.g. cp1252)."),
 ):
@@ -347,8 +366,8 @@ def presets():
 @app.command()
 @friendly
 def plan(
-    config: str = typer.Argument(None, help="Preset name or YAML path."),
-    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. encoder.batch_size=32."),
+    config: str = _config_argument(),
+    overrides: list[str] = _overrides_argument("encoder.batch_size=32"),
     methods: str = typer.Option(
         None, help="Comma-separated methods, or generate for decoder-generate (default: every registered method)."
     ),
