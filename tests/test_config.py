@@ -216,7 +216,7 @@ def test_a_comma_list_override_refuses_an_empty_or_repeated_name():
     assert load_config(None, ["systems= tfidf-logreg , encoder-probe"]).systems == ["tfidf-logreg", "encoder-probe"]
 
 
-def test_a_backbone_lr_and_epochs_win_over_train_s():
+def test_a_backbone_s_own_lr_and_epochs_win_over_the_train_section_s():
     from tailtune.config import BackboneConfig, TrainConfig
 
     train = TrainConfig(lr=1e-3, epochs=3)

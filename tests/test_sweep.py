@@ -172,16 +172,21 @@ def test_the_swept_config_is_validated_as_a_whole():
         sweep_config(cfg, axes)
 
 
-def test_sweep_takes_the_text_column_as_run_does(tmp_path):
-    """A review: `sweep --text-column` was "No such option"; only data.text_column=... worked."""
+@pytest.mark.parametrize(
+    "positionals",
+    [("smoke", "method=lora,ia3"), ("method=lora,ia3",)],  # the second: an axis first, on the default preset
+    ids=["preset-then-axis", "axis-first"],
+)
+def test_sweep_takes_the_text_column_as_run_does(tmp_path, positionals):
+    """A review: `sweep --text-column` was "No such option"; only data.text_column=... worked.
+    A first positional holding '=' is an axis, not a preset of that name."""
     from test_deploy import cli
 
     source = tmp_path / "d.csv"
     source.write_text("body,Issue\nhello,A\n")
     result = cli(
         "sweep",
-        "smoke",
-        "method=lora,ia3",
+        *positionals,
         "--data",
         source,
         "--label-column",
@@ -192,18 +197,6 @@ def test_sweep_takes_the_text_column_as_run_does(tmp_path):
         tmp_path / "s",
     )
     assert result.exit_code == 2, result.output
-    assert "text column 'narrative' not found" in result.output
-    assert not (tmp_path / "s").exists()
-
-
-def test_sweep_reads_a_first_positional_with_equals_as_an_axis(tmp_path):
-    """`tailtune sweep method=lora,ia3`: the axis, on the default preset, not a preset of that name."""
-    from test_deploy import cli
-
-    source = tmp_path / "d.csv"
-    source.write_text("body,Issue\nhello,A\n")
-    args = ("--data", source, "--label-column", "Issue", "--text-column", "narrative", "--out", tmp_path / "s")
-    result = cli("sweep", "method=lora,ia3", *args)
-    assert result.exit_code == 2, result.output
     assert "text column 'narrative' not found" in result.output  # it got as far as the data
     assert "preset" not in result.output.lower()
+    assert not (tmp_path / "s").exists()

@@ -117,10 +117,16 @@ def _config(config: str | None, overrides: list[str], **options):
 # Options several commands take, declared once so their help says the same everywhere.
 
 
-def _config_argument():
+@functools.cache
+def _config_help() -> str:
+    """Read the preset folder once for every command's help, not once per command."""
     from tailtune.config import available_presets
 
-    return typer.Argument(None, help=f"Preset name ({', '.join(available_presets())}) or YAML path.")
+    return f"Preset name ({', '.join(available_presets())}) or YAML path."
+
+
+def _config_argument():
+    return typer.Argument(None, help=_config_help())
 
 
 def _overrides_argument(example: str = "train.epochs=3"):
