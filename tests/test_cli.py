@@ -373,3 +373,11 @@ def test_cli_defaults_are_the_librarys():
     predict = inspect.signature(deploy.predict_file).parameters
     for name in ("top_k", "chunk_size", "precision", "encoding"):
         assert options["predict"][name] == predict["k" if name == "top_k" else name].default, name
+
+
+@pytest.mark.parametrize("command", ["run", "train", "sweep", "plan"])
+def test_every_command_taking_a_preset_lists_the_presets_in_its_help(command):
+    from tailtune.config import available_presets
+
+    help_text = tailtune(command, "--help", check=True, columns="200").stdout
+    assert f"Preset name ({', '.join(available_presets())}) or YAML path." in help_text
